@@ -1,0 +1,3 @@
+"""LLM gateway built around a durable task queue."""
+
+__version__ = "0.1.0"

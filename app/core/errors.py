@@ -1,0 +1,112 @@
+"""Domain errors: one tree, raised by services, storage and workers, rendered by the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """Base of every error the domain raises on purpose."""
+
+    code: str = "error"
+
+    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+
+
+class InvalidInput(DomainError):
+    """Something a caller sent is not acceptable."""
+
+    code = "invalid_request"
+
+
+class InvalidId(InvalidInput):
+    """An identifier does not have the expected format."""
+
+    code = "invalid_id"
+
+    def __init__(self, kind: str, value: str, *, param: str = "id") -> None:
+        super().__init__(f"'{value}' is not a valid {kind} id", param=param)
+
+
+class NotFound(DomainError):
+    """A referenced entity does not exist (or is not visible to the caller)."""
+
+    code = "not_found"
+
+    def __init__(self, kind: str, entity_id: object, *, param: str | None = None) -> None:
+        super().__init__(f"{kind} '{entity_id}' not found", param=param)
+        self.kind = kind
+        self.entity_id = entity_id
+
+
+class Conflict(DomainError):
+    """A write collides with the current state."""
+
+    code = "conflict"
+
+
+class DuplicateKey(Conflict):
+    """A unique key (primary or secondary) is already taken."""
+
+    code = "duplicate_key"
+
+
+class StaleVersion(Conflict):
+    """An update was based on a version that is no longer current."""
+
+    code = "stale_version"
+
+    def __init__(self, kind: str, entity_id: object, expected: int) -> None:
+        super().__init__(
+            f"{kind} '{entity_id}' was changed by someone else (expected version {expected})"
+        )
+
+
+class ReferenceViolation(Conflict):
+    """A write would leave a reference dangling, or delete something still referenced."""
+
+    code = "reference_violation"
+
+
+class IllegalTransition(Conflict):
+    """A status change that the transition table does not allow."""
+
+    code = "illegal_transition"
+
+
+class Unauthenticated(DomainError):
+    """No valid credential was presented."""
+
+    code = "unauthenticated"
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but may not do this."""
+
+    code = "permission_denied"
+
+
+class RateLimited(DomainError):
+    """Too many requests or tokens in the current window."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after
+
+
+class BudgetExceeded(DomainError):
+    """A hard budget limit would be crossed."""
+
+    code = "budget_exceeded"
+
+
+class Unavailable(DomainError):
+    """A dependency (database, broker, upstream) cannot be reached right now."""
+
+    code = "unavailable"

@@ -1,0 +1,37 @@
+"""Identifier generation and validation rules shared by the domains."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from app.core.errors import InvalidId
+
+SLUG_MAX = 50
+_SLUG = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,48}[a-zA-Z0-9])?$")
+_PREFIXED = re.compile(r"^(?P<prefix>[a-z]+)-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+
+
+def new_id(prefix: str) -> str:
+    """A fresh `<prefix>-<uuid4>` identifier, e.g. `op-3f2a…`."""
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+def is_slug(value: str) -> bool:
+    """Whether `value` is a slug: alphanumerics and inner hyphens, at most 50 characters."""
+    return bool(_SLUG.match(value))
+
+
+def check_slug(kind: str, value: str, *, param: str = "id") -> str:
+    """Return `value` if it is a valid slug, else raise `InvalidId`."""
+    if not is_slug(value):
+        raise InvalidId(kind, value, param=param)
+    return value
+
+
+def check_prefixed(kind: str, prefix: str, value: str, *, param: str = "id") -> str:
+    """Return `value` if it is `<prefix>-<uuid>`, else raise `InvalidId`."""
+    match = _PREFIXED.match(value)
+    if match is None or match.group("prefix") != prefix:
+        raise InvalidId(kind, value, param=param)
+    return value

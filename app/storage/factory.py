@@ -1,0 +1,21 @@
+"""The one place that turns settings into a storage backend (no silent fallback)."""
+
+from __future__ import annotations
+
+from app.config import Settings, StorageBackend
+from app.storage.memory import MemoryStorage, MemoryStore
+from app.storage.protocol import Storage
+from app.storage.sql import SqlStorage, make_engine
+
+
+def build_storage(settings: Settings, *, memory_store: MemoryStore | None = None) -> Storage:
+    """The backend `STORAGE_BACKEND` names; Postgres that is down stays down, never memory."""
+    if settings.STORAGE_BACKEND is StorageBackend.MEMORY:
+        return MemoryStorage(memory_store)
+    engine = make_engine(
+        settings.DATABASE_URL,
+        pool_size=settings.DB_POOL_SIZE,
+        max_overflow=settings.DB_MAX_OVERFLOW,
+        connect_timeout=settings.DB_CONNECT_TIMEOUT,
+    )
+    return SqlStorage(engine)

@@ -1,0 +1,212 @@
+"""What both backends derive from the table metadata: keys, constraints, rows, order, cursors."""
+
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from functools import cache
+from typing import Any, TypeVar
+
+import orjson
+import pydantic
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import SQLModel
+
+from app.core.errors import InvalidInput
+from app.storage.entity import Entity
+
+E = TypeVar("E", bound=Entity)
+
+
+def json_dumps(value: Any) -> str:
+    """The JSON text both backends store (so both accept and refuse the same values)."""
+    return orjson.dumps(value).decode()
+
+
+def json_loads(text: str | bytes) -> Any:
+    return orjson.loads(text)
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A reference from `table.column` to `target_table.target_column`."""
+
+    table: str
+    column: str
+    target_table: str
+    target_column: str
+    on_delete: str  # CASCADE | SET NULL | RESTRICT
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """Everything generic code needs to know about one entity's table."""
+
+    entity: type[Entity]
+    table: sa.Table
+    name: str
+    pk: str
+    columns: frozenset[str]
+    json_columns: frozenset[str]
+    nullable: frozenset[str]
+    unique: tuple[tuple[str, ...], ...]
+    references: tuple[ForeignKey, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.entity.__name__
+
+
+@cache
+def table_info(entity: type[Entity]) -> TableInfo:
+    table = entity.__table__  # type: ignore[attr-defined]
+    assert isinstance(table, sa.Table), f"{entity.__name__} is not a table entity"
+    (pk_col,) = table.primary_key.columns
+    unique: list[tuple[str, ...]] = [(pk_col.name,)]
+    for constraint in table.constraints:
+        if isinstance(constraint, sa.UniqueConstraint):
+            unique.append(tuple(c.name for c in constraint.columns))
+    for index in table.indexes:
+        if index.unique:
+            unique.append(tuple(c.name for c in index.columns))
+    for column in table.columns:
+        if column.unique and (column.name,) not in unique:
+            unique.append((column.name,))
+    references = tuple(
+        ForeignKey(
+            table=table.name,
+            column=fk.parent.name,
+            target_table=fk.column.table.name,
+            target_column=fk.column.name,
+            on_delete=(fk.ondelete or "RESTRICT").upper(),
+        )
+        for fk in table.foreign_keys
+    )
+    return TableInfo(
+        entity=entity,
+        table=table,
+        name=table.name,
+        pk=pk_col.name,
+        columns=frozenset(c.name for c in table.columns),
+        json_columns=frozenset(c.name for c in table.columns if isinstance(c.type, JSONB)),
+        nullable=frozenset(c.name for c in table.columns if c.nullable),
+        unique=tuple(dict.fromkeys(unique)),
+        references=references,
+    )
+
+
+@cache
+def entity_for_table(name: str) -> type[Entity]:
+    """The entity class mapped to table `name`."""
+    for mapper in SQLModel._sa_registry.mappers:  # noqa: SLF001
+        if getattr(mapper.class_, "__tablename__", None) == name:
+            return mapper.class_  # type: ignore[no-any-return]
+    raise LookupError(f"no entity is mapped to table {name!r}")
+
+
+def referencing(table: str) -> list[ForeignKey]:
+    """Every reference, in any table, that points at `table`."""
+    found: list[ForeignKey] = []
+    for other in SQLModel.metadata.tables.values():
+        for fk in other.foreign_keys:
+            if fk.column.table.name == table:
+                found.append(
+                    ForeignKey(
+                        table=other.name,
+                        column=fk.parent.name,
+                        target_table=table,
+                        target_column=fk.column.name,
+                        on_delete=(fk.ondelete or "RESTRICT").upper(),
+                    )
+                )
+    return found
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def to_row(entity: Entity) -> dict[str, Any]:
+    """Validate `entity` against its declared types and return its column values.
+
+    Both backends store exactly this (JSON columns through `json_dumps`), so a value one
+    refuses the other refuses too.
+    """
+    cls = type(entity)
+    info = table_info(cls)
+    try:
+        checked = cls.model_validate({name: getattr(entity, name) for name in info.columns})
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"{info.kind}.{field}: {first['msg']}", param=field) from exc
+    return {name: _plain(getattr(checked, name)) for name in info.columns}
+
+
+def from_row(entity: type[E], row: Any) -> E:
+    """Build a fresh entity from stored column values."""
+    return entity.model_validate(dict(row))
+
+
+# ---- ordering and cursors -------------------------------------------------------------
+
+
+def parse_order(info: TableInfo, order_by: tuple[str, ...] | list[str]) -> list[tuple[str, bool]]:
+    """`["-created_at"]` → `[("created_at", True), (pk, False)]`; the key makes order total."""
+    keys: list[tuple[str, bool]] = []
+    for spec in order_by:
+        desc = spec.startswith("-")
+        name = spec.lstrip("-+")
+        check_column(info, name)
+        if name in info.json_columns:
+            raise ValueError(f"cannot order {info.kind} by JSON column {name!r}")
+        keys.append((name, desc))
+    if info.pk not in {name for name, _ in keys}:
+        keys.append((info.pk, keys[-1][1] if keys else False))
+    return keys
+
+
+def check_column(info: TableInfo, name: str) -> None:
+    if name not in info.columns:
+        raise ValueError(f"{info.kind} has no column {name!r}")
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"t": value.isoformat()}
+    if isinstance(value, Decimal):
+        return {"d": str(value)}
+    return _plain(value)
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "t" in value:
+            return datetime.fromisoformat(value["t"])
+        if "d" in value:
+            return Decimal(value["d"])
+    return value
+
+
+def encode_cursor(keys: list[tuple[str, bool]], row: dict[str, Any]) -> str:
+    """An opaque token holding the ordering and the last row's sort values."""
+    payload = {"k": [[n, d] for n, d in keys], "v": [_encode_value(row[n]) for n, _ in keys]}
+    return base64.urlsafe_b64encode(orjson.dumps(payload)).decode().rstrip("=")
+
+
+def decode_cursor(keys: list[tuple[str, bool]], cursor: str) -> list[Any]:
+    """The sort values stored in `cursor`; refuses a cursor made for another ordering."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        payload = orjson.loads(base64.urlsafe_b64decode(padded))
+        stored = [(str(n), bool(d)) for n, d in payload["k"]]
+        values = [_decode_value(v) for v in payload["v"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput("the pagination cursor is malformed", param="after") from exc
+    if stored != keys or len(values) != len(keys):
+        raise InvalidInput("the pagination cursor belongs to another ordering", param="after")
+    return values

@@ -1,0 +1,178 @@
+"""The storage protocol in domain terms: repositories over entities, and a unit of work."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+from app.storage.entity import Entity
+
+E = TypeVar("E", bound=Entity)
+
+
+class Op(StrEnum):
+    """Comparison operators a condition can use."""
+
+    EQ = "eq"
+    NE = "ne"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    IN = "in"
+    IS_NULL = "is_null"
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """One condition on a column: `Where("status", Op.EQ, "pending")`."""
+
+    field: str
+    op: Op
+    value: Any = None
+
+    @classmethod
+    def eq(cls, field: str, value: Any) -> Where:
+        return cls(field, Op.EQ, value)
+
+    @classmethod
+    def ne(cls, field: str, value: Any) -> Where:
+        return cls(field, Op.NE, value)
+
+    @classmethod
+    def lt(cls, field: str, value: Any) -> Where:
+        return cls(field, Op.LT, value)
+
+    @classmethod
+    def le(cls, field: str, value: Any) -> Where:
+        return cls(field, Op.LE, value)
+
+    @classmethod
+    def gt(cls, field: str, value: Any) -> Where:
+        return cls(field, Op.GT, value)
+
+    @classmethod
+    def ge(cls, field: str, value: Any) -> Where:
+        return cls(field, Op.GE, value)
+
+    @classmethod
+    def in_(cls, field: str, values: Sequence[Any]) -> Where:
+        return cls(field, Op.IN, tuple(values))
+
+    @classmethod
+    def is_null(cls, field: str, null: bool = True) -> Where:
+        return cls(field, Op.IS_NULL, null)
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[E]):
+    """One page of a `find`: the items, and the cursor of the next page (None on the last)."""
+
+    items: list[E] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+class Repository(Protocol[E]):
+    """Reads and writes of one entity type inside a unit of work; it never commits."""
+
+    async def get(self, entity_id: Any) -> E | None:
+        """The entity with this primary key, or None."""
+        ...
+
+    async def get_many(self, ids: Sequence[Any]) -> list[E]:
+        """The entities with these primary keys that exist, in the order asked."""
+        ...
+
+    async def add(self, entity: E) -> E:
+        """Insert a new entity; a taken unique key raises `DuplicateKey`."""
+        ...
+
+    async def update(self, entity: E) -> E:
+        """Write `entity` if its version is current, returning it with the next version.
+
+        A stale version raises `StaleVersion`, a missing row `NotFound`.
+        """
+        ...
+
+    async def delete(self, entity_id: Any) -> bool:
+        """Remove the entity (and what cascades from it); False when it did not exist."""
+        ...
+
+    async def delete_where(self, *where: Where) -> int:
+        """Remove every entity matching all conditions; returns how many."""
+        ...
+
+    async def find(
+        self,
+        *where: Where,
+        order_by: Sequence[str] = (),
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> Page[E]:
+        """Entities matching all conditions, ordered (`-field` for descending, primary key last).
+
+        With `limit`, the page carries a cursor; passing it back as `after` continues after the
+        last item seen, with no gaps or repeats even when rows are inserted meanwhile.
+        """
+        ...
+
+    async def count(self, *where: Where) -> int:
+        """How many entities match all conditions."""
+        ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction: repositories share it; nothing is visible to others until `commit`.
+
+    Leaving the `async with` block without committing rolls back. After a unique or
+    reference violation the transaction can only be rolled back.
+    """
+
+    def repo(self, entity_type: type[E]) -> Repository[E]:
+        """The repository of `entity_type` bound to this transaction."""
+        ...
+
+    def on_commit(self, callback: Callable[[], Any]) -> None:
+        """Run `callback` after a successful commit (e.g. send the jobs it created)."""
+        ...
+
+    async def commit(self) -> None:
+        """Make every write of this unit visible, then run the after-commit callbacks."""
+        ...
+
+    async def rollback(self) -> None:
+        """Discard every write of this unit."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+
+class Storage(Protocol):
+    """A configured backend: makes units of work, reports health, releases its resources."""
+
+    name: str
+
+    def unit_of_work(self) -> UnitOfWork:
+        """A new unit of work (use it with `async with`)."""
+        ...
+
+    async def check(self) -> None:
+        """Raise `Unavailable` if the backend cannot serve requests."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and pools."""
+        ...
