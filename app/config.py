@@ -57,6 +57,27 @@ class Settings(BaseSettings):
 
     MAX_REQUEST_BYTES: int = Field(default=10 * 1024 * 1024, ge=1024)
 
+    # An API key with exactly this secret and admin rights is ensured at start-up (compose, CI).
+    ADMIN_API_KEY: SecretStr | None = None
+
+    # The job engine.
+    JOB_MAX_ATTEMPTS: int = Field(default=3, ge=1, le=100)
+    JOB_LEASE_SECONDS: float = Field(default=6.0, gt=0)
+    JOB_HEARTBEAT_SECONDS: float | None = Field(default=None, gt=0)
+    JOB_RETRY_BASE_SECONDS: float = Field(default=1.0, ge=0)
+    JOB_RETRY_MAX_SECONDS: float = Field(default=300.0, ge=0)
+    JOB_RESEND_AFTER_SECONDS: float = Field(default=3.0, gt=0)
+    JOB_RETENTION_SECONDS: float = Field(default=7 * 24 * 3600.0, gt=0)
+    SWEEP_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
+    PURGE_INTERVAL_SECONDS: float = Field(default=300.0, gt=0)
+    WORKER_THREADS: int = Field(default=8, ge=1, le=256)
+    WORKER_PROCESSES: int = Field(default=1, ge=1, le=64)
+    LONG_POLL_MAX_SECONDS: float = Field(default=30.0, ge=0)
+
+    # The built-in mock provider (a model's parameters may override these).
+    MOCK_LATENCY_MS: float = Field(default=0.0, ge=0)
+    MOCK_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
+
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         memory = self.STORAGE_BACKEND is StorageBackend.MEMORY

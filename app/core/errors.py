@@ -110,3 +110,15 @@ class Unavailable(DomainError):
     """A dependency (database, broker, upstream) cannot be reached right now."""
 
     code = "unavailable"
+
+
+class Transient(DomainError):
+    """A failure worth retrying: a timeout, a dropped connection, a 429 or a 5xx upstream."""
+
+    code = "transient_failure"
+
+
+class Cancelled(DomainError):
+    """The job was cancelled (or its lease lost) while it ran; stop without writing a result."""
+
+    code = "cancelled"

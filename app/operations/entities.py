@@ -71,7 +71,9 @@ class Operation(Entity, table=True):
     lease_owner: str | None = text(None, max_length=128)
     lease_token: str | None = text(None, max_length=64)
     lease_expires_at: datetime | None = instant()
+    # Last hand-over to the broker, and how many times it was sent (the sweeper re-sends).
     enqueued_at: datetime | None = instant()
+    send_count: int = 0
     run_after: datetime | None = instant()
     started_at: datetime | None = instant()
     finished_at: datetime | None = instant()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from functools import cache
 from typing import Any, TypeVar
@@ -178,6 +178,8 @@ def check_column(info: TableInfo, name: str) -> None:
 def _encode_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"t": value.isoformat()}
+    if isinstance(value, date):
+        return {"D": value.isoformat()}
     if isinstance(value, Decimal):
         return {"d": str(value)}
     return _plain(value)
@@ -189,6 +191,8 @@ def _decode_value(value: Any) -> Any:
             return datetime.fromisoformat(value["t"])
         if "d" in value:
             return Decimal(value["d"])
+        if "D" in value:
+            return date.fromisoformat(value["D"])
     return value
 
 

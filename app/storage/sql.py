@@ -63,19 +63,20 @@ def make_engine(
     )
 
 
-def _translate(exc: sa_exc.SQLAlchemyError, info: TableInfo) -> DomainError:
+def _translate(exc: sa_exc.SQLAlchemyError, info: TableInfo | None) -> DomainError:
     """Map a driver error to the domain error the memory backend raises for the same cause."""
+    kind = info.kind if info is not None else "transaction"
     orig = getattr(exc, "orig", None)
     state = getattr(orig, "sqlstate", None)
     detail = str(getattr(getattr(orig, "diag", None), "message_detail", "") or orig or exc)
     if state == "23505":
-        return DuplicateKey(f"{info.kind} already exists: {detail}")
+        return DuplicateKey(f"{kind} already exists: {detail}")
     if state == "23503":
-        return ReferenceViolation(f"{info.kind}: {detail}")
+        return ReferenceViolation(f"{kind}: {detail}")
     if state is not None and state.startswith(("22", "23")):
-        return InvalidInput(f"{info.kind}: {detail}")
+        return InvalidInput(f"{kind}: {detail}")
     if isinstance(exc, sa_exc.StatementError) and isinstance(orig, TypeError | ValueError):
-        return InvalidInput(f"{info.kind}: {orig}")
+        return InvalidInput(f"{kind}: {orig}")
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
         return Unavailable(f"database unavailable: {type(orig or exc).__name__}")
     raise exc
@@ -148,8 +149,8 @@ class SqlUnitOfWork:
         if conn is not None:
             try:
                 await conn.commit()
-            except sa_exc.IntegrityError as exc:
-                raise DuplicateKey(f"commit refused: {exc.orig}") from exc
+            except sa_exc.SQLAlchemyError as exc:
+                raise _translate(exc, info=None) from exc
             finally:
                 await conn.close()
         callbacks, self._callbacks = self._callbacks, []
@@ -173,6 +174,9 @@ class SqlUnitOfWork:
         except sa_exc.SQLAlchemyError as exc:
             self._failed = True
             raise _translate(exc, info) from exc
+        except (TypeError, ValueError) as exc:  # a JSON value the serializer refuses
+            self._failed = True
+            raise InvalidInput(f"{info.kind}: {exc}") from exc
         except OSError as exc:
             self._failed = True
             raise Unavailable(f"database unreachable: {exc}") from exc

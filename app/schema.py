@@ -1,0 +1,47 @@
+"""The whole schema: importing this registers every table in `SQLModel.metadata`."""
+
+from __future__ import annotations
+
+from app.access.entities import ApiKey, Team, TeamMember, User
+from app.credentials.entities import StoredCredential
+from app.evals.entities import TestCase, TestCaseResult
+from app.experiments.entities import Experiment, ExperimentRecord
+from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
+from app.logs.entities import ExecutionLog
+from app.models.entities import Model
+from app.operations.entities import Operation
+from app.prompts.entities import Prompt, PromptVersion
+from app.settings.entities import AppConfiguration
+from app.storage.entity import Entity
+from app.usage.entities import Budget, UsageRecord, UsageRollup
+from app.webhooks.entities import Webhook, WebhookDelivery
+from app.workflows.entities import ExternalApi, Workflow
+
+# Every table entity, each after the tables it references.
+ENTITIES: tuple[type[Entity], ...] = (
+    Operation,
+    User,
+    Team,
+    TeamMember,
+    ApiKey,
+    StoredCredential,
+    Model,
+    Prompt,
+    PromptVersion,
+    Workflow,
+    ExternalApi,
+    KnowledgeBase,
+    KnowledgeDocument,
+    KnowledgeChunk,
+    AppConfiguration,
+    ExecutionLog,
+    UsageRecord,
+    UsageRollup,
+    Budget,
+    Experiment,
+    ExperimentRecord,
+    TestCase,
+    TestCaseResult,
+    Webhook,
+    WebhookDelivery,
+)

@@ -1,0 +1,94 @@
+"""Shared fixtures: settings and the real PostgreSQL and Redis servers the suite runs against."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+import redis
+
+from app.storage.protocol import Storage
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _admin_url(url: str) -> tuple[str, str]:
+    """The URL of the server's `postgres` database, and the name of the database in `url`."""
+    base, _, name = url.rpartition("/")
+    return f"{base}/postgres", name.split("?")[0]
+
+
+def ensure_database(url: str, *, fresh: bool = False) -> None:
+    """Create the database named in `url` (dropping it first when `fresh`)."""
+    admin, name = _admin_url(url)
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+            if fresh:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is required for this test and is not reachable at {admin}: {exc}. "
+            "Start it (see README, 'Tests') or set TEST_DATABASE_URL.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    """A migrated test database on the real server (created once per run)."""
+    from app.storage.migrate import upgrade_to_head
+
+    ensure_database(TEST_DATABASE_URL, fresh=True)
+    upgrade_to_head(TEST_DATABASE_URL)
+    return TEST_DATABASE_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A database on the real Redis server, flushed before and after the run."""
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis is required for this test and is not reachable at {TEST_REDIS_URL}: {exc}",
+            pytrace=False,
+        )
+    client.flushdb()
+    yield TEST_REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+def truncate_all(database_url: str) -> None:
+    """Empty every table of the schema (fast enough to run before each test)."""
+    from app.schema import ENTITIES
+    from app.storage.mapping import table_info
+
+    names = ", ".join(f'"{table_info(e).name}"' for e in ENTITIES)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {names} CASCADE")
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    """Each test using it runs once on memory and once on an emptied PostgreSQL database."""
+    from app.storage.memory import MemoryStorage
+    from app.storage.sql import SqlStorage, make_engine
+
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    database_url = request.getfixturevalue("database_url")
+    truncate_all(database_url)
+    backend = SqlStorage(make_engine(database_url, pool_size=20, max_overflow=20))
+    yield backend
+    await backend.close()
