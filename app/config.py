@@ -6,7 +6,7 @@ import secrets
 from enum import StrEnum
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     MOCK_LATENCY_MS: float = Field(default=0.0, ge=0)
     MOCK_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
 
+    # Memory storage forgets everything on exit, so a key that dies with the process is enough.
+    _ephemeral_key: str = PrivateAttr(default_factory=lambda: secrets.token_urlsafe(32))
+
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         memory = self.STORAGE_BACKEND is StorageBackend.MEMORY
@@ -115,7 +118,5 @@ class Settings(BaseSettings):
     def secret_keys(self) -> list[str]:
         """The encryption keys, newest first (an ephemeral one when memory storage has none)."""
         if self.SECRET_KEY is None:
-            if not hasattr(self, "_ephemeral_key"):
-                object.__setattr__(self, "_ephemeral_key", secrets.token_urlsafe(32))
-            return [self._ephemeral_key]  # type: ignore[attr-defined, no-any-return]
+            return [self._ephemeral_key]
         return [k.strip() for k in self.SECRET_KEY.get_secret_value().split(",") if k.strip()]

@@ -30,7 +30,9 @@ def ensure_database(url: str, *, fresh: bool = False) -> None:
         with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
             if fresh:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:

@@ -9,7 +9,9 @@ from app.core.errors import InvalidId
 
 SLUG_MAX = 50
 _SLUG = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,48}[a-zA-Z0-9])?$")
-_PREFIXED = re.compile(r"^(?P<prefix>[a-z]+)-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+_PREFIXED = re.compile(
+    r"^(?P<prefix>[a-z]+)-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+)
 
 
 def new_id(prefix: str) -> str:

@@ -50,7 +50,9 @@ def text(
 ) -> Any:
     """A string column: VARCHAR(n) when bounded, TEXT otherwise."""
     sa_type: Any = sa.String(max_length) if max_length else sa.Text
-    return Field(default=default, max_length=max_length, sa_type=sa_type, index=index, unique=unique)
+    return Field(
+        default=default, max_length=max_length, sa_type=sa_type, index=index, unique=unique
+    )
 
 
 def choice(enum_cls: type[enum.Enum], default: Any = ..., *, index: bool = False) -> Any:

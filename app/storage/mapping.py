@@ -102,9 +102,9 @@ def table_info(entity: type[Entity]) -> TableInfo:
 @cache
 def entity_for_table(name: str) -> type[Entity]:
     """The entity class mapped to table `name`."""
-    for mapper in SQLModel._sa_registry.mappers:  # noqa: SLF001
+    for mapper in SQLModel._sa_registry.mappers:
         if getattr(mapper.class_, "__tablename__", None) == name:
-            return mapper.class_  # type: ignore[no-any-return]
+            return mapper.class_
     raise LookupError(f"no entity is mapped to table {name!r}")
 
 

@@ -287,9 +287,9 @@ class MemoryUnitOfWork:
         for row in committed:
             if row[info.pk] not in staged and _matches(row, where):
                 yield row
-        for row in staged.values():
-            if row is not None and _matches(row, where):
-                yield row
+        for mine in staged.values():
+            if mine is not None and _matches(mine, where):
+                yield mine
 
     def _check_unique(self, info: TableInfo, row: Row) -> None:
         table = self._committed(info)
@@ -306,7 +306,9 @@ class MemoryUnitOfWork:
                     holders = table.lookup(cols, values)
             holders = {h for h in holders if h not in staged}
             holders |= {
-                k for k, r in staged.items() if r is not None and tuple(r[c] for c in cols) == values
+                k
+                for k, r in staged.items()
+                if r is not None and tuple(r[c] for c in cols) == values
             }
             holders.discard(key)
             if holders:
@@ -465,7 +467,9 @@ class MemoryRepository(Generic[E]):
             raise ValueError("cursor pagination needs sort columns that cannot be null")
         rows = sorted(self._uow._rows(self._info, conds), key=_sort_key(keys))
         if after is not None:
-            start = _sort_key(keys)({n: v for (n, _), v in zip(keys, decode_cursor(keys, after), strict=True)})
+            start = _sort_key(keys)(
+                {n: v for (n, _), v in zip(keys, decode_cursor(keys, after), strict=True)}
+            )
             sort = _sort_key(keys)
             rows = [r for r in rows if start < sort(r)]
         next_cursor = None
@@ -478,4 +482,3 @@ class MemoryRepository(Generic[E]):
         self._uow._usable()
         conds = _normalise(where, self._info)
         return sum(1 for _ in self._uow._rows(self._info, conds))
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self
+from typing import Any, Generic, Self, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -170,7 +170,7 @@ class SqlUnitOfWork:
         try:
             if self._conn is None:
                 self._conn = await self._engine.connect()
-            return await self._conn.execute(statement)
+            return cast(sa.CursorResult[Any], await self._conn.execute(statement))
         except sa_exc.SQLAlchemyError as exc:
             self._failed = True
             raise _translate(exc, info) from exc
@@ -182,7 +182,7 @@ class SqlUnitOfWork:
             raise Unavailable(f"database unreachable: {exc}") from exc
 
 
-def _condition(info: TableInfo, cond: Where) -> sa.ColumnElement[bool]:
+def _condition(info: TableInfo, cond: Where) -> Any:
     check_column(info, cond.field)
     if cond.field in info.json_columns and cond.op is not Op.IS_NULL:
         raise ValueError(f"cannot filter {info.kind} on JSON column {cond.field!r}")
@@ -227,7 +227,9 @@ class SqlRepository(Generic[E]):
         self._pk = self._table.c[self._info.pk]
 
     async def get(self, entity_id: Any) -> E | None:
-        result = await self._uow._execute(sa.select(self._table).where(self._pk == entity_id), self._info)
+        result = await self._uow._execute(
+            sa.select(self._table).where(self._pk == entity_id), self._info
+        )
         row = result.mappings().first()
         return None if row is None else from_row(self._type, row)
 
@@ -259,7 +261,9 @@ class SqlRepository(Generic[E]):
         result = await self._uow._execute(statement, self._info)
         stored = result.mappings().first()
         if stored is None:
-            exists = await self._uow._execute(sa.select(self._pk).where(self._pk == key), self._info)
+            exists = await self._uow._execute(
+                sa.select(self._pk).where(self._pk == key), self._info
+            )
             if exists.first() is None:
                 raise NotFound(self._info.kind, key)
             raise StaleVersion(self._info.kind, key, expected)

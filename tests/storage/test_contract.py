@@ -78,7 +78,9 @@ async def test_update_bumps_version_and_refuses_a_stale_one(
         added = await create(uow, entity)
         await uow.commit()
     key = getattr(added, table_info(entity).pk)
-    fresh = build(entity, **{fk.column: getattr(added, fk.column) for fk in table_info(entity).references})
+    fresh = build(
+        entity, **{fk.column: getattr(added, fk.column) for fk in table_info(entity).references}
+    )
     changed = added.model_copy()
     for name in table_info(entity).columns:
         if name in {table_info(entity).pk, "created_at", "updated_at", "version"}:
@@ -172,7 +174,9 @@ async def test_concurrent_updates_of_one_version_let_exactly_one_win(storage: St
         return attempts
 
     readers: list[int] = []
-    outcomes = await asyncio.gather(writer(10, readers), writer(20, readers), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        writer(10, readers), writer(20, readers), return_exceptions=True
+    )
     winners = [o for o in outcomes if isinstance(o, int)]
     losers = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(winners) == 1 and len(losers) == 1
@@ -277,7 +281,9 @@ async def test_a_unit_that_hit_a_constraint_must_be_rolled_back(storage: Storage
 
 
 @pytest.mark.parametrize("entity", WITH_REFERENCES, ids=lambda e: e.__name__)
-async def test_a_reference_to_a_missing_row_is_refused(storage: Storage, entity: type[Entity]) -> None:
+async def test_a_reference_to_a_missing_row_is_refused(
+    storage: Storage, entity: type[Entity]
+) -> None:
     info = table_info(entity)
     async with storage.unit_of_work() as uow:
         added = await create(uow, entity)
@@ -328,10 +334,7 @@ def test_every_reference_has_an_explicit_rule() -> None:
 async def test_find_applies_each_kind_of_filter(storage: Storage) -> None:
     await add_ops(
         storage,
-        [
-            op(n, lease_expires_at=BASE_INSTANT if n % 4 == 0 else None)
-            for n in range(1, 21)
-        ],
+        [op(n, lease_expires_at=BASE_INSTANT if n % 4 == 0 else None) for n in range(1, 21)],
     )
 
     async def ids(*where: Where) -> list[str]:
@@ -391,7 +394,9 @@ async def test_nulls_sort_last_ascending_and_first_descending(storage: Storage) 
 
 
 @pytest.mark.parametrize("order", [["created_at"], ["-created_at"], ["-attempts", "created_at"]])
-async def test_cursor_pages_cover_every_row_exactly_once(storage: Storage, order: list[str]) -> None:
+async def test_cursor_pages_cover_every_row_exactly_once(
+    storage: Storage, order: list[str]
+) -> None:
     await add_ops(storage, [op(n) for n in range(1, 48)])
     seen: list[str] = []
     cursor: str | None = None
@@ -439,7 +444,9 @@ async def test_a_cursor_for_another_ordering_or_garbage_is_refused(storage: Stor
         page = await uow.repo(Operation).find(order_by=["created_at"], limit=2)
         assert page.next_cursor is not None
         with pytest.raises(InvalidInput):
-            await uow.repo(Operation).find(order_by=["-created_at"], limit=2, after=page.next_cursor)
+            await uow.repo(Operation).find(
+                order_by=["-created_at"], limit=2, after=page.next_cursor
+            )
         with pytest.raises(InvalidInput):
             await uow.repo(Operation).find(order_by=["created_at"], limit=2, after="not a cursor")
 
@@ -528,8 +535,9 @@ def test_memory_backend_threads_writing_at_once_lose_nothing() -> None:
                         current = await uow.repo(Operation).get("op-0001")
                         assert current is not None
                         current.attempts += 1
-                        await uow.repo(Operation).update(current)
                         try:
+                            # Another thread may win before the update or before the commit.
+                            await uow.repo(Operation).update(current)
                             await uow.commit()
                             break
                         except StaleVersion:

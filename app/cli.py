@@ -1,0 +1,182 @@
+"""The `gateway` command: the all-in-one dev process, the API, the worker, migrations."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from app import __version__
+from app.config import ProcessRole, Settings
+from app.core.middleware import RequestIdFilter
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+class BadSettings(Exception):
+    """The environment describes a setup the settings refuse; the message says what to change."""
+
+
+def describe(error: ValidationError) -> str:
+    """The validators' sentences, one per line, prefixed by the field when there is one."""
+    lines = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in item["loc"])
+        lines.append(f"{field}: {message}" if field else message)
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and `.env`), with the command's own choices on top."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise BadSettings(describe(exc)) from exc
+
+
+def _log_config(settings: Settings) -> dict[str, Any]:
+    """uvicorn's logging, plus a root handler whose lines carry the request id."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    config["formatters"]["app"] = {"format": LOG_FORMAT}
+    config["handlers"]["app"] = {
+        "class": "logging.StreamHandler",
+        "formatter": "app",
+        "filters": ["request_id"],
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["app"], "level": settings.LOG_LEVEL.upper()}
+    return config
+
+
+def _process_runner(name: str) -> Any:
+    """A runner from `workers/` (dev, worker), resolved by name: `app/` never imports it."""
+    return importlib.import_module(f"workers.{name}")
+
+
+def _serve(
+    settings: Settings,
+    host: str | None,
+    port: int | None,
+    workers: int = 1,
+    app: Any = None,
+) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    options: dict[str, Any] = {
+        "host": host or settings.HOST,
+        "port": port or settings.PORT,
+        "log_level": settings.LOG_LEVEL.lower(),
+        "log_config": _log_config(settings),
+    }
+    if workers == 1:
+        uvicorn.run(app or create_app(settings), **options)
+    else:
+        # Each uvicorn worker is a new process that builds its own app from the environment.
+        os.environ["PROCESS_ROLE"] = settings.PROCESS_ROLE.value
+        uvicorn.run("app.main:create_app", factory=True, workers=workers, **options)
+    return 0
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    """API, worker and periodic jobs in one process (memory storage and fakeredis by default)."""
+    settings = load_settings(PROCESS_ROLE=ProcessRole.DEV)
+    app = _process_runner("dev").build_dev_app(settings)
+    return _serve(settings, args.host, args.port, app=app)
+
+
+def run_api(args: argparse.Namespace) -> int:
+    """The HTTP API alone; workers run as separate `gateway worker` processes."""
+    settings = load_settings(PROCESS_ROLE=ProcessRole.API)
+    return _serve(settings, args.host, args.port, args.workers)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Dramatiq worker processes running jobs from the queues (all of them by default)."""
+    settings = load_settings(PROCESS_ROLE=ProcessRole.WORKER)
+    runner = _process_runner("main")
+    return int(
+        runner.run_worker(
+            settings, processes=args.processes, threads=args.threads, queues=args.queues
+        )
+    )
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the database at DATABASE_URL to the latest schema."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from app.storage.migrate import upgrade_to_head
+
+    settings = load_settings()
+    where = make_url(settings.DATABASE_URL).render_as_string(hide_password=True)
+    print(f"Migrating {where} to the latest schema...")
+    try:
+        upgrade_to_head(settings.DATABASE_URL)
+    except (OperationalError, psycopg.OperationalError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"gateway migrate: cannot reach the database at {where}: {reason}", file=sys.stderr)
+        return 1
+    print("Done.")
+    return 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="LLM gateway. Settings come from the environment (see README, 'Settings').",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=run.__doc__, description=run.__doc__)
+        sub.set_defaults(run=run)
+        return sub
+
+    for name, run in (("dev", run_dev), ("api", run_api)):
+        sub = command(name, run)
+        sub.add_argument("--host", help="interface to bind (default: HOST)")
+        sub.add_argument("--port", type=_positive, help="port to bind (default: PORT)")
+        if name == "api":
+            sub.add_argument(
+                "--workers", type=_positive, default=1, help="uvicorn worker processes"
+            )
+    worker = command("worker", run_worker)
+    worker.add_argument("--processes", type=_positive, help="default: WORKER_PROCESSES")
+    worker.add_argument("--threads", type=_positive, help="default: WORKER_THREADS")
+    worker.add_argument(
+        "--queues", nargs="+", metavar="QUEUE", help="only these queues (default: all)"
+    )
+    command("migrate", run_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gateway` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except BadSettings as exc:
+        print(f"gateway {args.command}: invalid settings:\n{exc}", file=sys.stderr)
+        return 2

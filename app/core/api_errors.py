@@ -1,0 +1,193 @@
+"""Render every error the API answers with as the OpenAI error body."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import (
+    BudgetExceeded,
+    Cancelled,
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Transient,
+    Unauthenticated,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+# Looked up along the error's MRO, so a subclass (DuplicateKey, InvalidId…) inherits its family's.
+DOMAIN_STATUS: dict[type[DomainError], tuple[int, str]] = {
+    InvalidInput: (400, "invalid_request_error"),
+    Unauthenticated: (401, "authentication_error"),
+    BudgetExceeded: (402, "insufficient_quota"),
+    PermissionDenied: (403, "permission_error"),
+    NotFound: (404, "not_found_error"),
+    Conflict: (409, "invalid_request_error"),
+    Cancelled: (409, "invalid_request_error"),
+    RateLimited: (429, "rate_limit_error"),
+    Transient: (502, "api_error"),
+    Unavailable: (503, "service_unavailable_error"),
+}
+
+# Codes for HTTP errors raised by the framework rather than the domain.
+_HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
+_MAX_LISTED_ERRORS = 3
+
+
+def error_type(status: int) -> str:
+    """The OpenAI error type that clients expect for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status == 503:
+        return "service_unavailable_error"
+    if status >= 500:
+        return "api_error"
+    return "invalid_request_error"
+
+
+def error_body(
+    message: str, type_: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """A JSON response carrying the OpenAI error body."""
+    body = error_body(message, type_ or error_type(status), param=param, code=code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _domain_status(exc: DomainError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in DOMAIN_STATUS:
+            return DOMAIN_STATUS[cls]
+    return 500, "api_error"
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DomainError)
+    status, type_ = _domain_status(exc)
+    headers = None
+    if isinstance(exc, RateLimited):
+        # `retry-after` must be whole seconds; the OpenAI SDK prefers the precise `-ms` variant.
+        headers = {
+            "retry-after": str(max(1, math.ceil(exc.retry_after))),
+            "retry-after-ms": str(max(0, round(exc.retry_after * 1000))),
+        }
+    if status >= 500:
+        logger.warning("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+    return error_response(
+        status, exc.message, type_=type_, param=exc.param, code=exc.code, headers=headers
+    )
+
+
+def _field(loc: Sequence[Any]) -> str | None:
+    """`("body", "messages", 0, "content")` → `"messages.0.content"`."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if not errors:
+        return error_response(400, "Invalid request.", code="invalid_request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return error_response(
+            400,
+            f"We could not parse the JSON body of your request ({detail}). "
+            "Send valid JSON with `Content-Type: application/json`.",
+            code="json_parse_error",
+        )
+    described = []
+    for error in errors[:_MAX_LISTED_ERRORS]:
+        field = _field(error.get("loc", ()))
+        described.append(f"{field or 'request body'}: {error.get('msg', 'invalid value')}")
+    if len(errors) > _MAX_LISTED_ERRORS:
+        described.append(f"and {len(errors) - _MAX_LISTED_ERRORS} more")
+    return error_response(
+        400,
+        "Invalid request: " + "; ".join(described),
+        param=_field(first.get("loc", ())),
+        code=str(first.get("type", "invalid_request")),
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    if status in (204, 304) or status < 200:
+        return Response(status_code=status, headers=exc.headers)
+    try:
+        default_detail = HTTPStatus(status).phrase
+    except ValueError:
+        default_detail = ""
+    if exc.detail != default_detail:
+        message = str(exc.detail)
+    elif status == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif status == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = default_detail or f"HTTP error {status}"
+    code = _HTTP_CODES.get(status) or default_detail.lower().replace(" ", "_").replace("-", "_")
+    return error_response(status, message, code=code or None, headers=exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this response is sent, so the server logs the error again;
+    # this line is the one that carries the request id.
+    request_id = getattr(request.state, "request_id", None)
+    logger.error(
+        "unhandled error on %s %s (request id %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,
+    )
+    message = "The server had an error while processing your request."
+    if request_id:
+        message += f" Please include the request id {request_id} if you report it."
+    headers = {"x-request-id": request_id} if request_id else None
+    return error_response(500, message, type_="api_error", code="internal_error", headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error the app answers with an OpenAI error body."""
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

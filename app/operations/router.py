@@ -1,0 +1,124 @@
+"""Endpoints to poll, list, cancel and retry jobs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Query
+
+from app.access.deps import AdminDep, PrincipalDep, ServicesDep
+from app.access.service import Principal
+from app.core.errors import InvalidInput
+from app.operations.entities import OperationKind, OperationStatus
+from app.operations.schemas import OperationList, OperationRead
+from app.operations.service import Owner
+
+router = APIRouter(tags=["operations"])
+admin_router = APIRouter(prefix="/admin", tags=["admin: operations"])
+
+MAX_IDS = 100
+
+
+def owner_of(principal: Principal) -> Owner:
+    return Owner(key_id=principal.key_id, team_id=principal.team_id, admin=False)
+
+
+@router.get("/v1/operations/{operation_id}", response_model=OperationRead)
+async def get_operation(
+    operation_id: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    wait: float = Query(default=0, ge=0, description="Seconds to wait for the job to finish."),
+) -> OperationRead:
+    """A job's status and, once finished, its result or error."""
+    owner = owner_of(principal)
+    if wait > 0:
+        timeout = min(wait, services.settings.LONG_POLL_MAX_SECONDS)
+        operation = await services.operations.wait(operation_id, owner=owner, timeout=timeout)
+    else:
+        operation = await services.operations.get(operation_id, owner=owner)
+    return OperationRead.of(operation)
+
+
+@router.get("/v1/operations", response_model=OperationList)
+async def list_operations(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ids: str | None = Query(default=None, description="Comma-separated operation ids."),
+    status: OperationStatus | None = None,
+    kind: OperationKind | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> OperationList:
+    """The caller's jobs: by ids, or filtered and paged newest first."""
+    owner = owner_of(principal)
+    if ids is not None:
+        wanted = [i.strip() for i in ids.split(",") if i.strip()]
+        if not wanted or len(wanted) > MAX_IDS:
+            raise InvalidInput(f"ids must list 1 to {MAX_IDS} operation ids", param="ids")
+        found = await services.operations.get_many(wanted, owner=owner)
+        return OperationList(data=[OperationRead.of(o) for o in found], has_more=False)
+    page = await services.operations.list(
+        owner=owner,
+        status=status,
+        kind=kind,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        after=after,
+    )
+    return OperationList(
+        data=[OperationRead.of(o) for o in page.items],
+        has_more=page.next_cursor is not None,
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.delete("/v1/operations/{operation_id}", response_model=OperationRead)
+async def cancel_operation(
+    operation_id: str, principal: PrincipalDep, services: ServicesDep
+) -> OperationRead:
+    """Cancel a pending or running job; a running worker stops at its next checkpoint."""
+    operation = await services.operations.cancel(operation_id, owner=owner_of(principal))
+    return OperationRead.of(operation)
+
+
+@admin_router.get("/operations", response_model=OperationList)
+async def admin_list_operations(
+    admin: AdminDep,
+    services: ServicesDep,
+    status: OperationStatus | None = None,
+    kind: OperationKind | None = None,
+    owner_key_id: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = None,
+) -> OperationList:
+    """Every owner's jobs, filtered and paged newest first."""
+    owner = Owner(key_id=owner_key_id, admin=owner_key_id is None)
+    page = await services.operations.list(
+        owner=owner,
+        status=status,
+        kind=kind,
+        created_after=created_after,
+        created_before=created_before,
+        all_owners=owner_key_id is None,
+        limit=limit,
+        after=after,
+    )
+    return OperationList(
+        data=[OperationRead.of(o) for o in page.items],
+        has_more=page.next_cursor is not None,
+        next_cursor=page.next_cursor,
+    )
+
+
+@admin_router.post("/operations/{operation_id}/retry", response_model=OperationRead)
+async def admin_retry_operation(
+    operation_id: str, admin: AdminDep, services: ServicesDep
+) -> OperationRead:
+    """Send a failed job again with a fresh set of attempts."""
+    return OperationRead.of(await services.operations.retry(operation_id))

@@ -1,0 +1,467 @@
+"""Running jobs: claim with a lease, heartbeat, write the outcome only while holding the lease.
+
+Also the sweeper, which recovers what crashes and lost messages leave behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from app.core.clock import utcnow
+from app.core.errors import Cancelled, DomainError, StaleVersion, Transient
+from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.service import count_child_finished, mark_unsent
+from app.operations.transitions import TERMINAL, move
+from app.queue.port import JobQueue
+from app.storage.protocol import Storage, UnitOfWork, Where
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["JobContext"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class JobTimings:
+    """How the engine paces leases, retries, re-sends and retention (seconds)."""
+
+    lease: float = 6.0
+    heartbeat: float = 2.0
+    retry_base: float = 1.0
+    retry_max: float = 300.0
+    resend_after: float = 3.0
+    retention: float = 7 * 24 * 3600.0
+    sweep_batch: int = 500
+
+
+@dataclass
+class Claim:
+    """A worker's hold on a running job: the token it must show to write the outcome."""
+
+    operation_id: str
+    token: str
+    attempt: int
+    lost: bool = False
+
+
+@dataclass
+class SweepReport:
+    recovered: int = 0
+    exhausted: int = 0
+    resent: int = 0
+    purged: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class JobContext:
+    """What a handler sees of its job: the input, cancellation checkpoints, progress."""
+
+    def __init__(self, runner: OperationRunner, operation: Operation, claim: Claim) -> None:
+        self._runner = runner
+        self.operation = operation
+        self.claim = claim
+
+    @property
+    def attempt(self) -> int:
+        return self.claim.attempt
+
+    async def checkpoint(self) -> None:
+        """Raise `Cancelled` if the job was cancelled or its lease lost; call between steps."""
+        if self.claim.lost:
+            raise Cancelled(f"operation '{self.operation.id}' lost its lease")
+        async with self._runner.storage.unit_of_work() as uow:
+            current = await uow.repo(Operation).get(self.operation.id)
+        if not _holds(current, self.claim):
+            self.claim.lost = True
+            raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+
+    async def set_progress(self, **progress: Any) -> None:
+        """Record how far a multi-step job has come (visible to pollers)."""
+        await self._runner._write(self.claim, lambda op: op.progress.update(progress))
+
+
+def _holds(operation: Operation | None, claim: Claim) -> bool:
+    return (
+        operation is not None
+        and operation.status == OperationStatus.RUNNING
+        and operation.lease_token == claim.token
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Timeouts, dropped connections, 429 and 5xx are worth another attempt; the rest are not."""
+    if isinstance(exc, Transient):
+        return True
+    if isinstance(exc, DomainError):
+        return False
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code == 429 or exc.response.status_code >= 500
+    return isinstance(exc, TimeoutError | ConnectionError | httpx.TransportError | OSError)
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """An error's type and a message safe to store (our own errors speak; others are named)."""
+    if isinstance(exc, DomainError):
+        return exc.code, exc.message
+    if isinstance(exc, httpx.HTTPStatusError):
+        return "upstream_error", f"upstream answered HTTP {exc.response.status_code}"
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timeout", "the job timed out"
+    if isinstance(exc, ConnectionError | httpx.TransportError | OSError):
+        return "connection_error", f"connection failed ({type(exc).__name__})"
+    return "internal_error", f"the job failed with an internal error ({type(exc).__name__})"
+
+
+class OperationRunner:
+    """Executes jobs of every kind through their handlers, and sweeps up after crashes."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        queue: JobQueue,
+        handlers: Mapping[OperationKind, Handler],
+        *,
+        worker_id: str | None = None,
+        timings: JobTimings | None = None,
+    ) -> None:
+        self.storage = storage
+        self.queue = queue
+        self.handlers = dict(handlers)
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self.timings = timings or JobTimings()
+
+    # ---- execution -------------------------------------------------------------------------
+
+    async def execute(self, operation_id: str) -> bool:
+        """Run the job if it can be claimed; False when another delivery already has it."""
+        claimed = await self.claim(operation_id)
+        if claimed is None:
+            return False
+        operation, claim = claimed
+        handler = self.handlers.get(OperationKind(operation.kind))
+        if handler is None:
+            await self._finish_failed(
+                claim, "unsupported", f"no worker handles jobs of kind {operation.kind}"
+            )
+            return True
+        work = asyncio.ensure_future(handler(JobContext(self, operation, claim)))
+        beat = asyncio.ensure_future(self._heartbeat(claim, work))
+        try:
+            result = await work
+        except Cancelled:
+            log.info("job %s stopped: cancelled or lease lost", operation_id)
+            return True
+        except asyncio.CancelledError:
+            if not claim.lost:
+                raise  # the worker is shutting down; the lease runs out and the job is recovered
+            log.info("job %s stopped: cancelled or lease lost", operation_id)
+            return True
+        except Exception as exc:
+            await self._attempt_failed(claim, exc)
+            return True
+        finally:
+            beat.cancel()
+            if not work.done():
+                work.cancel()
+        await self._complete(claim, result)
+        return True
+
+    async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:
+        """Move a pending job to running under a fresh lease, or None if it is not pending."""
+        now = utcnow()
+        try:
+            async with self.storage.unit_of_work() as uow:
+                repo = uow.repo(Operation)
+                operation = await repo.get(operation_id)
+                if operation is None or operation.status != OperationStatus.PENDING:
+                    return None
+                if operation.attempts >= operation.max_attempts:
+                    await self._exhaust(uow, operation, "out of attempts before it could run")
+                    await uow.commit()
+                    return None
+                move(operation, OperationStatus.RUNNING)
+                token = uuid.uuid4().hex
+                operation.attempts += 1
+                operation.lease_owner = self.worker_id
+                operation.lease_token = token
+                operation.lease_expires_at = now + timedelta(seconds=self.timings.lease)
+                operation.started_at = operation.started_at or now
+                operation.attempt_log = [
+                    *operation.attempt_log,
+                    {
+                        "attempt": operation.attempts,
+                        "worker": self.worker_id,
+                        "started_at": now.isoformat(),
+                    },
+                ]
+                operation = await repo.update(operation)
+                await uow.commit()
+        except StaleVersion:
+            return None  # another worker claimed it first
+        return operation, Claim(operation.id, token, operation.attempts)
+
+    async def _heartbeat(self, claim: Claim, work: asyncio.Future[Any]) -> None:
+        """Extend the lease while the handler runs; stop the handler if the job went away."""
+        while not work.done():
+            await asyncio.sleep(self.timings.heartbeat)
+
+            def extend(op: Operation) -> None:
+                op.lease_expires_at = utcnow() + timedelta(seconds=self.timings.lease)
+
+            try:
+                held = await self._write(claim, extend)
+            except Exception:
+                log.exception("heartbeat of job %s failed; will try again", claim.operation_id)
+                continue
+            if not held:
+                claim.lost = True
+                work.cancel()
+                return
+
+    async def _write(self, claim: Claim, change: Callable[[Operation], Any]) -> bool:
+        """Apply `change` to the job while the claim still holds; False if it no longer does."""
+        while True:
+            try:
+                async with self.storage.unit_of_work() as uow:
+                    operation = await uow.repo(Operation).get(claim.operation_id)
+                    if not _holds(operation, claim):
+                        return False
+                    assert operation is not None
+                    change(operation)
+                    await uow.repo(Operation).update(operation)
+                    await uow.commit()
+                    return True
+            except StaleVersion:
+                continue
+
+    async def _finish(self, claim: Claim, change: Callable[[UnitOfWork, Operation], Any]) -> bool:
+        """Write a final outcome in one unit of work, retried on version races."""
+        while True:
+            try:
+                async with self.storage.unit_of_work() as uow:
+                    operation = await uow.repo(Operation).get(claim.operation_id)
+                    if not _holds(operation, claim):
+                        log.info(
+                            "job %s: outcome dropped, lease no longer held", claim.operation_id
+                        )
+                        return False
+                    assert operation is not None
+                    await change(uow, operation)
+                    await uow.commit()
+                    return True
+            except StaleVersion:
+                continue
+
+    def _close_attempt(self, operation: Operation, outcome: str, error: str | None = None) -> None:
+        now = utcnow()
+        log_entries = [dict(entry) for entry in operation.attempt_log]
+        if log_entries:
+            log_entries[-1].update(finished_at=now.isoformat(), outcome=outcome)
+            if error is not None:
+                log_entries[-1]["error"] = error
+        operation.attempt_log = log_entries
+        operation.lease_owner = operation.lease_token = None
+        operation.lease_expires_at = None
+
+    async def _complete(self, claim: Claim, result: Any) -> bool:
+        async def change(uow: UnitOfWork, operation: Operation) -> None:
+            move(operation, OperationStatus.COMPLETED)
+            self._close_attempt(operation, "completed")
+            operation.result = result
+            operation.error_type = operation.error_message = None
+            operation.finished_at = utcnow()
+            await uow.repo(Operation).update(operation)
+            if operation.parent_id:
+                await count_child_finished(uow, operation.parent_id, OperationStatus.COMPLETED)
+
+        return await self._finish(claim, change)
+
+    async def _finish_failed(self, claim: Claim, error_type: str, message: str) -> bool:
+        async def change(uow: UnitOfWork, operation: Operation) -> None:
+            self._close_attempt(operation, "failed", message)
+            await self._fail(uow, operation, error_type, message)
+
+        return await self._finish(claim, change)
+
+    async def _attempt_failed(self, claim: Claim, exc: Exception) -> bool:
+        error_type, message = describe(exc)
+        transient = is_transient(exc)
+        if not isinstance(exc, DomainError):
+            log.warning("job %s attempt %d failed: %r", claim.operation_id, claim.attempt, exc)
+
+        async def change(uow: UnitOfWork, operation: Operation) -> None:
+            self._close_attempt(operation, "failed", f"{error_type}: {message}")
+            operation.attempt_log[-1]["transient"] = transient
+            if not transient or operation.attempts >= operation.max_attempts:
+                if transient:
+                    message_ = f"{message} (gave up after {operation.attempts} attempts)"
+                else:
+                    message_ = message
+                await self._fail(uow, operation, error_type, message_)
+                return
+            delay = self.backoff(operation.attempts)
+            move(operation, OperationStatus.PENDING)
+            operation.error_type, operation.error_message = error_type, message
+            operation.run_after = utcnow() + timedelta(seconds=delay)
+            operation.enqueued_at = operation.run_after
+            operation.send_count += 1
+            await uow.repo(Operation).update(operation)
+            self._send_after_commit(uow, operation, delay)
+
+        return await self._finish(claim, change)
+
+    async def _fail(
+        self, uow: UnitOfWork, operation: Operation, error_type: str, message: str
+    ) -> None:
+        move(operation, OperationStatus.FAILED)
+        operation.error_type, operation.error_message = error_type, message
+        operation.finished_at = utcnow()
+        operation.lease_owner = operation.lease_token = None
+        operation.lease_expires_at = None
+        await uow.repo(Operation).update(operation)
+        if operation.parent_id:
+            await count_child_finished(uow, operation.parent_id, OperationStatus.FAILED)
+
+    async def _exhaust(self, uow: UnitOfWork, operation: Operation, why: str) -> None:
+        await self._fail(
+            uow,
+            operation,
+            "max_attempts_exceeded",
+            f"gave up after {operation.attempts} of {operation.max_attempts} attempts: {why}",
+        )
+
+    def backoff(self, attempts: int) -> float:
+        """Exponential backoff with jitter: about base·2^(n-1), capped, between half and full."""
+        ceiling = min(self.timings.retry_max, self.timings.retry_base * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _send_after_commit(self, uow: UnitOfWork, operation: Operation, delay: float = 0) -> None:
+        async def send() -> None:
+            try:
+                await self.queue.send(operation.id, OperationKind(operation.kind), delay=delay)
+            except Exception:
+                log.warning("broker unreachable; job %s left for the sweeper", operation.id)
+                await mark_unsent(self.storage, operation.id)
+
+        uow.on_commit(send)
+
+    # ---- sweeping ----------------------------------------------------------------------------
+
+    async def sweep(self) -> SweepReport:
+        """Recover jobs whose lease expired and re-send jobs whose message may be lost."""
+        report = SweepReport()
+        now = utcnow()
+        async with self.storage.unit_of_work() as uow:
+            expired = await uow.repo(Operation).find(
+                Where.eq("status", OperationStatus.RUNNING),
+                Where.lt("lease_expires_at", now),
+                order_by=["created_at"],
+                limit=self.timings.sweep_batch,
+            )
+        for operation in expired.items:
+            try:
+                outcome = await self._recover(operation.id)
+            except Exception as exc:
+                report.errors.append(f"{operation.id}: {exc!r}")
+                continue
+            if outcome == "recovered":
+                report.recovered += 1
+            elif outcome == "exhausted":
+                report.exhausted += 1
+        report.resent = await self._resend_unsent(report)
+        return report
+
+    async def _recover(self, operation_id: str) -> str | None:
+        while True:
+            try:
+                async with self.storage.unit_of_work() as uow:
+                    operation = await uow.repo(Operation).get(operation_id)
+                    now = utcnow()
+                    if (
+                        operation is None
+                        or operation.status != OperationStatus.RUNNING
+                        or operation.lease_expires_at is None
+                        or operation.lease_expires_at >= now
+                    ):
+                        return None
+                    worker = operation.lease_owner
+                    self._close_attempt(operation, "lost", f"worker {worker} stopped responding")
+                    if operation.attempts >= operation.max_attempts:
+                        await self._exhaust(uow, operation, "its worker kept disappearing")
+                        await uow.commit()
+                        return "exhausted"
+                    move(operation, OperationStatus.PENDING)
+                    operation.enqueued_at = now
+                    operation.run_after = None
+                    operation.send_count += 1
+                    await uow.repo(Operation).update(operation)
+                    self._send_after_commit(uow, operation)
+                    await uow.commit()
+                    return "recovered"
+            except StaleVersion:
+                continue
+
+    async def _resend_unsent(self, report: SweepReport) -> int:
+        now = utcnow()
+        stale_before = now - timedelta(seconds=self.timings.resend_after)
+        async with self.storage.unit_of_work() as uow:
+            repo = uow.repo(Operation)
+            never = await repo.find(
+                Where.eq("status", OperationStatus.PENDING),
+                Where.is_null("enqueued_at"),
+                order_by=["created_at"],
+                limit=self.timings.sweep_batch,
+            )
+            stale = await repo.find(
+                Where.eq("status", OperationStatus.PENDING),
+                Where.lt("enqueued_at", stale_before),
+                order_by=["created_at"],
+                limit=self.timings.sweep_batch,
+            )
+        due = list(never.items)
+        for operation in stale.items:
+            # Back off per job: a long backlog must not be re-sent on every tick.
+            assert operation.enqueued_at is not None
+            wait = self.timings.resend_after * 2 ** min(max(operation.send_count - 1, 0), 6)
+            if operation.enqueued_at + timedelta(seconds=wait) <= now:
+                due.append(operation)
+        resent = 0
+        for operation in due:
+            if operation.run_after is not None and operation.run_after > now:
+                continue
+            try:
+                # The row is committed already, so sending first cannot race a missing row.
+                await self.queue.send(operation.id, OperationKind(operation.kind))
+            except Exception as exc:
+                report.errors.append(f"broker unreachable: {type(exc).__name__}")
+                break  # the broker is down: the rest wait for the next tick
+            resent += 1
+            try:
+                async with self.storage.unit_of_work() as uow:
+                    operation.enqueued_at = now
+                    operation.send_count += 1
+                    await uow.repo(Operation).update(operation)
+                    await uow.commit()
+            except StaleVersion:
+                pass  # it moved on meanwhile (claimed, cancelled): the send was a harmless extra
+        return resent
+
+    async def purge_finished(self) -> int:
+        """Delete finished top-level jobs (and their children) older than the retention."""
+        cutoff = utcnow() - timedelta(seconds=self.timings.retention)
+        async with self.storage.unit_of_work() as uow:
+            removed = await uow.repo(Operation).delete_where(
+                Where.in_("status", list(TERMINAL)),
+                Where.lt("finished_at", cutoff),
+                Where.is_null("parent_id"),
+            )
+            await uow.commit()
+        return removed

@@ -1,0 +1,81 @@
+"""Operations as clients read them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from app.operations.entities import Operation, OperationKind, OperationStatus
+
+
+class OperationError(BaseModel):
+    type: str
+    message: str
+
+
+class ChildCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class OperationRead(BaseModel):
+    """A job's public state: never its lease or internal bookkeeping."""
+
+    id: str
+    object: Literal["operation"] = "operation"
+    kind: OperationKind
+    status: OperationStatus
+    result: Any = None
+    error: OperationError | None = None
+    progress: dict[str, Any] = {}
+    attempts: int
+    max_attempts: int
+    attempt_log: list[dict[str, Any]] = []
+    parent_id: str | None = None
+    children: ChildCounts | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    metadata: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, op: Operation) -> OperationRead:
+        error = None
+        if op.error_type and op.status in (OperationStatus.FAILED, OperationStatus.CANCELLED):
+            error = OperationError(type=op.error_type, message=op.error_message or "")
+        children = None
+        if op.children_total:
+            children = ChildCounts(
+                total=op.children_total,
+                completed=op.children_completed,
+                failed=op.children_failed,
+                cancelled=op.children_cancelled,
+            )
+        return cls(
+            id=op.id,
+            kind=op.kind,
+            status=op.status,
+            result=op.result,
+            error=error,
+            progress=op.progress,
+            attempts=op.attempts,
+            max_attempts=op.max_attempts,
+            attempt_log=op.attempt_log,
+            parent_id=op.parent_id,
+            children=children,
+            created_at=op.created_at,
+            started_at=op.started_at,
+            finished_at=op.finished_at,
+            metadata=op.meta,
+        )
+
+
+class OperationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OperationRead]
+    has_more: bool
+    next_cursor: str | None = None

@@ -1,0 +1,370 @@
+"""Submitting, reading, cancelling and retrying jobs: the client side of the job engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from app.core.clock import utcnow
+from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
+from app.core.ids import check_prefixed, new_id
+from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.transitions import TERMINAL, move
+from app.queue.names import QUEUES
+from app.queue.port import JobQueue
+from app.storage.protocol import Page, Storage, UnitOfWork, Where
+
+log = logging.getLogger(__name__)
+
+OPERATION_ID_PREFIX = "op"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who submits or reads jobs: an API key and its team; administrators see every job."""
+
+    key_id: str | None
+    team_id: str | None = None
+    admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """One child job of a fan-out."""
+
+    kind: OperationKind
+    input: dict[str, Any]
+    meta: dict[str, Any] | None = None
+
+
+def request_hash(kind: OperationKind, payload: dict[str, Any]) -> str:
+    """A fingerprint of what was asked, to tell a retried request from a different one."""
+    canonical = orjson.dumps({"kind": kind.value, "input": payload}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def check_operation_id(value: str) -> str:
+    return check_prefixed("operation", OPERATION_ID_PREFIX, value)
+
+
+class OperationService:
+    """Jobs as clients see them: durable on accept, sent after commit, scoped to their owner."""
+
+    def __init__(self, storage: Storage, queue: JobQueue, *, max_attempts: int = 3) -> None:
+        self._storage = storage
+        self._queue = queue
+        self._max_attempts = max_attempts
+
+    # ---- submit ----------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        *,
+        kind: OperationKind,
+        input: dict[str, Any],
+        owner: Owner,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> tuple[Operation, bool]:
+        """Commit a pending job and send it; returns the job and whether it is new.
+
+        The same `idempotency_key` with the same input returns the first job; with a different
+        input it is a `Conflict`.
+        """
+        digest = request_hash(kind, input)
+        if idempotency_key is not None:
+            existing = await self._find_idempotent(owner, idempotency_key, digest)
+            if existing is not None:
+                return existing, False
+        operation = self._new(kind, input, owner, max_attempts, meta)
+        operation.idempotency_key = idempotency_key
+        operation.request_hash = digest
+        try:
+            async with self._storage.unit_of_work() as uow:
+                await uow.repo(Operation).add(operation)
+                self._send_after_commit(uow, [operation])
+                await uow.commit()
+        except DuplicateKey:
+            if idempotency_key is None:
+                raise
+            # Someone submitted the same key at the same moment; theirs won.
+            existing = await self._find_idempotent(owner, idempotency_key, digest)
+            if existing is None:
+                raise
+            return existing, False
+        return operation, True
+
+    async def submit_parent(
+        self,
+        *,
+        kind: OperationKind,
+        input: dict[str, Any],
+        owner: Owner,
+        children: Sequence[ChildSpec],
+        meta: dict[str, Any] | None = None,
+    ) -> Operation:
+        """Commit a parent with its children in one transaction and send the children.
+
+        The parent runs while its children do and finishes when the last one finishes.
+        """
+        if not children:
+            raise InvalidInput("a parent operation needs at least one child", param="children")
+        now = utcnow()
+        parent = self._new(kind, input, owner, 1, meta)
+        parent.status = OperationStatus.RUNNING
+        parent.started_at = now
+        parent.enqueued_at = None
+        parent.send_count = 0
+        parent.children_total = len(children)
+        kids = [self._new(c.kind, c.input, owner, None, c.meta) for c in children]
+        for kid in kids:
+            kid.parent_id = parent.id
+        async with self._storage.unit_of_work() as uow:
+            await uow.repo(Operation).add(parent)
+            for kid in kids:
+                await uow.repo(Operation).add(kid)
+            self._send_after_commit(uow, kids)
+            await uow.commit()
+        return parent
+
+    def _new(
+        self,
+        kind: OperationKind,
+        payload: dict[str, Any],
+        owner: Owner,
+        max_attempts: int | None,
+        meta: dict[str, Any] | None,
+    ) -> Operation:
+        now = utcnow()
+        return Operation(
+            id=new_id(OPERATION_ID_PREFIX),
+            kind=kind,
+            status=OperationStatus.PENDING,
+            queue=QUEUES.get(kind, "none"),
+            owner_key_id=owner.key_id,
+            owner_team_id=owner.team_id,
+            input=payload,
+            max_attempts=max_attempts or self._max_attempts,
+            # Counted as sent now: the send follows the commit, and a failed send clears it.
+            enqueued_at=now,
+            send_count=1,
+            meta=meta or {},
+            created_at=now,
+            updated_at=now,
+        )
+
+    def _send_after_commit(self, uow: UnitOfWork, operations: list[Operation]) -> None:
+        async def send() -> None:
+            for operation in operations:
+                try:
+                    await self._queue.send(operation.id, OperationKind(operation.kind))
+                except Exception:
+                    # The job is committed: the sweeper sends it once the broker is back.
+                    log.warning("broker unreachable; job %s left for the sweeper", operation.id)
+                    await mark_unsent(self._storage, operation.id)
+
+        uow.on_commit(send)
+
+    async def _find_idempotent(self, owner: Owner, key: str, digest: str) -> Operation | None:
+        async with self._storage.unit_of_work() as uow:
+            page = await uow.repo(Operation).find(
+                Where.eq("owner_key_id", owner.key_id), Where.eq("idempotency_key", key), limit=1
+            )
+        if not page.items:
+            return None
+        existing = page.items[0]
+        if existing.request_hash != digest:
+            raise Conflict(
+                f"Idempotency-Key '{key}' was already used with a different request",
+                param="Idempotency-Key",
+            )
+        return existing
+
+    # ---- read --------------------------------------------------------------------------------
+
+    async def get(self, operation_id: str, *, owner: Owner) -> Operation:
+        """The job, if it exists and the owner may see it (else `NotFound`, never a hint)."""
+        check_operation_id(operation_id)
+        async with self._storage.unit_of_work() as uow:
+            operation = await uow.repo(Operation).get(operation_id)
+        if operation is None or not self._visible(operation, owner):
+            raise NotFound("operation", operation_id)
+        return operation
+
+    async def get_many(self, ids: Sequence[str], *, owner: Owner) -> list[Operation]:
+        """The visible jobs among `ids`, in the order asked; unknown ids are left out."""
+        for operation_id in ids:
+            check_operation_id(operation_id)
+        async with self._storage.unit_of_work() as uow:
+            found = await uow.repo(Operation).get_many(list(dict.fromkeys(ids)))
+        return [o for o in found if self._visible(o, owner)]
+
+    async def wait(self, operation_id: str, *, owner: Owner, timeout: float) -> Operation:  # noqa: ASYNC109
+        """The job once finished, or as it stands after `timeout` seconds (long poll)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        delay = 0.02
+        while True:
+            operation = await self.get(operation_id, owner=owner)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if operation.status in TERMINAL or remaining <= 0:
+                return operation
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 0.25)
+
+    async def list(
+        self,
+        *,
+        owner: Owner,
+        status: OperationStatus | None = None,
+        kind: OperationKind | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        parent_id: str | None = None,
+        all_owners: bool = False,
+        limit: int = 20,
+        after: str | None = None,
+    ) -> Page[Operation]:
+        """A page of jobs, newest first, filtered; `all_owners` only for administrators."""
+        where: list[Where] = []
+        if not (all_owners and owner.admin):
+            where.append(Where.eq("owner_key_id", owner.key_id))
+        if status is not None:
+            where.append(Where.eq("status", status))
+        if kind is not None:
+            where.append(Where.eq("kind", kind))
+        if created_after is not None:
+            where.append(Where.ge("created_at", created_after))
+        if created_before is not None:
+            where.append(Where.lt("created_at", created_before))
+        if parent_id is not None:
+            where.append(Where.eq("parent_id", parent_id))
+        async with self._storage.unit_of_work() as uow:
+            return await uow.repo(Operation).find(
+                *where, order_by=["-created_at"], limit=limit, after=after
+            )
+
+    @staticmethod
+    def _visible(operation: Operation, owner: Owner) -> bool:
+        return owner.admin or operation.owner_key_id == owner.key_id
+
+    # ---- cancel and retry ------------------------------------------------------------------
+
+    async def cancel(self, operation_id: str, *, owner: Owner) -> Operation:
+        """Cancel a pending or running job (and its unfinished children); finished jobs stay."""
+        operation = await self.get(operation_id, owner=owner)
+        while True:
+            try:
+                async with self._storage.unit_of_work() as uow:
+                    operation = await cancel_in(uow, operation_id)
+                    await uow.commit()
+                return operation
+            except StaleVersion:
+                continue
+
+    async def retry(self, operation_id: str) -> Operation:
+        """Return a failed job to pending with a fresh set of attempts, and send it."""
+        check_operation_id(operation_id)
+        async with self._storage.unit_of_work() as uow:
+            operation = await uow.repo(Operation).get(operation_id)
+            if operation is None:
+                raise NotFound("operation", operation_id)
+            move(operation, OperationStatus.PENDING)
+            now = utcnow()
+            operation.max_attempts = operation.attempts + self._max_attempts
+            operation.error_type = operation.error_message = None
+            operation.finished_at = operation.run_after = None
+            operation.enqueued_at = now
+            operation.send_count += 1
+            operation = await uow.repo(Operation).update(operation)
+            self._send_after_commit(uow, [operation])
+            await uow.commit()
+        return operation
+
+
+async def mark_unsent(storage: Storage, operation_id: str) -> None:
+    """Record that a committed job's message did not reach the broker (the sweeper sends it)."""
+    try:
+        async with storage.unit_of_work() as uow:
+            current = await uow.repo(Operation).get(operation_id)
+            if current is not None and current.status == OperationStatus.PENDING:
+                current.enqueued_at = None
+                await uow.repo(Operation).update(current)
+                await uow.commit()
+    except Exception:  # the sweeper's stale-send rule covers this too
+        log.exception("could not mark job %s as unsent", operation_id)
+
+
+async def cancel_in(uow: UnitOfWork, operation_id: str) -> Operation:
+    """Inside `uow`: cancel the job and its unfinished children, counting them on the parent."""
+    repo = uow.repo(Operation)
+    operation = await repo.get(operation_id)
+    if operation is None:
+        raise NotFound("operation", operation_id)
+    if operation.status in TERMINAL:
+        if operation.status == OperationStatus.CANCELLED:
+            return operation
+        raise Conflict(
+            f"operation '{operation_id}' already {operation.status.value}; it cannot be cancelled"
+        )
+    now = utcnow()
+    move(operation, OperationStatus.CANCELLED)
+    operation.finished_at = now
+    operation.lease_expires_at = None
+    operation.error_type, operation.error_message = "cancelled", "cancelled by request"
+    if operation.children_total:
+        children = await repo.find(
+            Where.eq("parent_id", operation.id),
+            Where.in_("status", [OperationStatus.PENDING, OperationStatus.RUNNING]),
+        )
+        for child in children.items:
+            move(child, OperationStatus.CANCELLED)
+            child.finished_at = now
+            child.lease_expires_at = None
+            await repo.update(child)
+            operation.children_cancelled += 1
+    operation = await repo.update(operation)
+    if operation.parent_id is not None:
+        await count_child_finished(uow, operation.parent_id, OperationStatus.CANCELLED)
+    return operation
+
+
+async def count_child_finished(uow: UnitOfWork, parent_id: str, outcome: OperationStatus) -> None:
+    """Inside `uow`: count a finished child on its parent; the last one finishes the parent.
+
+    The parent's version makes siblings that finish at once serialise (a `StaleVersion` means
+    the caller retries its whole unit of work).
+    """
+    repo = uow.repo(Operation)
+    parent = await repo.get(parent_id)
+    if parent is None:
+        return
+    if outcome == OperationStatus.COMPLETED:
+        parent.children_completed += 1
+    elif outcome == OperationStatus.FAILED:
+        parent.children_failed += 1
+    else:
+        parent.children_cancelled += 1
+    done = parent.children_completed + parent.children_failed + parent.children_cancelled
+    parent.progress = {"completed": done, "total": parent.children_total}
+    if done >= parent.children_total and parent.status == OperationStatus.RUNNING:
+        move(parent, OperationStatus.COMPLETED)
+        parent.finished_at = utcnow()
+        parent.result = {
+            "total": parent.children_total,
+            "completed": parent.children_completed,
+            "failed": parent.children_failed,
+            "cancelled": parent.children_cancelled,
+        }
+    await repo.update(parent)
+
+
+def lease_deadline(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)

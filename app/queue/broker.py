@@ -1,0 +1,48 @@
+"""Building the Dramatiq broker that `BROKER` names (before any actor module is imported)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import AsyncIO
+
+from app.config import BrokerKind, Settings
+from app.queue.names import ALL_QUEUES
+
+_fake_servers: dict[str, Any] = {}
+
+
+def fake_redis_client(name: str = "default") -> redis.Redis:
+    """A client of this process's in-memory Redis stand-in (one server per name)."""
+    import fakeredis
+
+    server = _fake_servers.setdefault(name, fakeredis.FakeServer())
+    return fakeredis.FakeRedis(server=server)
+
+
+def build_broker(settings: Settings, *, middleware: list[Any] | None = None) -> dramatiq.Broker:
+    """The broker for `settings.BROKER`, with the AsyncIO middleware and every queue declared."""
+    broker: dramatiq.Broker
+    if settings.BROKER is BrokerKind.STUB:
+        broker = StubBroker()
+    elif settings.BROKER is BrokerKind.FAKEREDIS:
+        broker = RedisBroker(client=fake_redis_client(), namespace="gateway")  # type: ignore[no-untyped-call]
+    elif settings.BROKER is BrokerKind.REDIS:
+        client = redis.Redis.from_url(
+            settings.REDIS_URL, socket_connect_timeout=2.0, socket_timeout=10.0
+        )
+        broker = RedisBroker(client=client, namespace="gateway")  # type: ignore[no-untyped-call]
+    else:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker = RabbitmqBroker(url=settings.RABBITMQ_URL)
+    broker.add_middleware(AsyncIO())
+    for extra in middleware or []:
+        broker.add_middleware(extra)
+    for queue in ALL_QUEUES:
+        broker.declare_queue(queue)
+    return broker

@@ -1,0 +1,25 @@
+"""Sets the process's Dramatiq broker from settings; must run before actors are imported."""
+
+from __future__ import annotations
+
+import dramatiq
+
+from app.config import Settings
+from app.queue.broker import build_broker
+from workers import runtime
+from workers.middleware import Periodic
+
+_broker: dramatiq.Broker | None = None
+
+
+def setup_broker(settings: Settings) -> dramatiq.Broker:
+    """Build the broker `BROKER` names, with periodic jobs, and make it the global one."""
+    global _broker
+    _broker = build_broker(settings, middleware=[Periodic()])
+    dramatiq.set_broker(_broker)
+    return _broker
+
+
+def ensure_broker() -> dramatiq.Broker:
+    """The broker set up by the runner, or one built from the environment (`dramatiq` CLI)."""
+    return _broker or setup_broker(runtime.settings())

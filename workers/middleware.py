@@ -1,0 +1,53 @@
+"""Runs the periodic jobs on the worker's event loop for as long as the worker runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Future
+from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import get_event_loop_thread
+
+from workers import runtime
+
+log = logging.getLogger(__name__)
+
+
+class Periodic(dramatiq.Middleware):
+    """Starts the periodic loop after the worker boots and stops it before shutdown."""
+
+    def __init__(self) -> None:
+        self._stop: asyncio.Event | None = None
+        self._future: Future[Any] | None = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        thread = get_event_loop_thread()
+        if thread is None:
+            raise RuntimeError("the AsyncIO middleware must come before Periodic")
+
+        async def run() -> None:
+            self._stop = asyncio.Event()
+            await runtime.get_runtime().periodic.run_forever(self._stop)
+
+        self._future = asyncio.run_coroutine_threadsafe(run(), thread.loop)
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        thread = get_event_loop_thread()
+        if thread is None or self._stop is None:
+            return
+        thread.loop.call_soon_threadsafe(self._stop.set)
+        if self._future is not None:
+            try:
+                self._future.result(timeout=5)
+            except Exception:
+                log.exception("the periodic loop did not stop cleanly")
+
+        async def close() -> None:
+            await runtime.get_runtime().close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(close(), thread.loop).result(timeout=5)
+        except Exception:
+            log.exception("closing the worker runtime failed")

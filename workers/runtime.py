@@ -1,0 +1,103 @@
+"""The worker's composition root: storage, queue, services and the job runner of one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+
+from app.config import BrokerKind, ProcessRole, Settings, StorageBackend
+from app.operations.runner import OperationRunner
+from app.queue.periodic import LocalTickLock, PeriodicRunner, PeriodicTask, RedisTickLock
+from app.queue.port import DramatiqQueue
+from app.services import Services, build_handlers, build_services, job_timings
+from app.storage.factory import build_storage
+from app.storage.memory import MemoryStore
+from app.storage.protocol import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What actors and periodic jobs of this process use."""
+
+    settings: Settings
+    services: Services
+    runner: OperationRunner
+    periodic: PeriodicRunner
+    redis: Any = None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.services.storage.close()
+
+
+_settings: Settings | None = None
+_memory_store: MemoryStore | None = None
+_storage: Storage | None = None
+_runtime: Runtime | None = None
+
+
+def configure(
+    settings: Settings, *, memory_store: MemoryStore | None = None, storage: Storage | None = None
+) -> None:
+    """Set what the runtime is built from (the dev runner shares its memory store this way)."""
+    global _settings, _memory_store, _storage, _runtime
+    _settings, _memory_store, _storage, _runtime = settings, memory_store, storage, None
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings(PROCESS_ROLE=ProcessRole(os.environ.get("PROCESS_ROLE", "worker")))
+    return _settings
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, built on first use inside the worker's event loop."""
+    global _runtime
+    if _runtime is None:
+        _runtime = _build(settings())
+    return _runtime
+
+
+def _build(config: Settings) -> Runtime:
+    asyncio.get_running_loop()  # engines bind to the loop that first uses them: the worker's
+    storage = _storage or build_storage(config, memory_store=_memory_store)
+    queue = DramatiqQueue(dramatiq.get_broker())
+    services = build_services(config, storage, queue)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}"
+    runner = OperationRunner(
+        storage,
+        queue,
+        build_handlers(services),
+        worker_id=worker_id,
+        timings=job_timings(config),
+    )
+    redis_client = None
+    lock: LocalTickLock | RedisTickLock
+    if config.BROKER is BrokerKind.REDIS and config.STORAGE_BACKEND is StorageBackend.POSTGRES:
+        import redis.asyncio as aioredis
+
+        redis_client = aioredis.Redis.from_url(config.REDIS_URL, socket_connect_timeout=2)
+        lock = RedisTickLock(redis_client, worker_id)
+    else:
+        lock = LocalTickLock()  # one process holds everything: memory storage or fakeredis
+    tasks = [
+        PeriodicTask("sweep", config.SWEEP_INTERVAL_SECONDS, runner.sweep),
+        PeriodicTask("purge", config.PURGE_INTERVAL_SECONDS, runner.purge_finished),
+    ]
+    return Runtime(
+        settings=config,
+        services=services,
+        runner=runner,
+        periodic=PeriodicRunner(tasks, lock),
+        redis=redis_client,
+    )
