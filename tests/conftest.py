@@ -11,8 +11,9 @@ import redis
 
 from app.storage.protocol import Storage
 
+# One database per test session, so two sessions on one server never disturb each other.
 TEST_DATABASE_URL = os.environ.get(
-    "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
+    "TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:5432/gateway_test_{os.getpid()}"
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -43,14 +44,22 @@ def ensure_database(url: str, *, fresh: bool = False) -> None:
         )
 
 
+def drop_database(url: str) -> None:
+    admin, name = _admin_url(url)
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
-def database_url() -> str:
-    """A migrated test database on the real server (created once per run)."""
+def database_url() -> Iterator[str]:
+    """A migrated test database on the real server (created once per run, dropped after)."""
     from app.storage.migrate import upgrade_to_head
 
     ensure_database(TEST_DATABASE_URL, fresh=True)
     upgrade_to_head(TEST_DATABASE_URL)
-    return TEST_DATABASE_URL
+    yield TEST_DATABASE_URL
+    if "TEST_DATABASE_URL" not in os.environ:
+        drop_database(TEST_DATABASE_URL)
 
 
 @pytest.fixture(scope="session")

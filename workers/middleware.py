@@ -10,6 +10,7 @@ from typing import Any
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 
+from app.gateway.chat import ensure_builtin_models
 from workers import runtime
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,12 @@ class Periodic(dramatiq.Middleware):
 
         async def run() -> None:
             self._stop = asyncio.Event()
-            await runtime.get_runtime().periodic.run_forever(self._stop)
+            current = runtime.get_runtime()
+            try:
+                await ensure_builtin_models(current.services.storage)
+            except Exception:
+                log.exception("could not ensure the built-in models; continuing")
+            await current.periodic.run_forever(self._stop)
 
         self._future = asyncio.run_coroutine_threadsafe(run(), thread.loop)
 

@@ -260,11 +260,13 @@ class MemoryUnitOfWork:
             return staged[key]
         return self._committed(info).rows.get(key)
 
-    def _stage(self, info: TableInfo, key: Any, row: Row | None) -> None:
+    def _stage(self, info: TableInfo, key: Any, row: Row | None, seen: Row | None) -> None:
+        """Stage `row` (None: deleted), decided on `seen`; commit refuses if `seen` went stale."""
         staged = self._staged.setdefault(info.name, {})
         if (info.name, key) not in self._based_on:
-            committed = self._committed(info).rows.get(key)
-            self._based_on[(info.name, key)] = None if committed is None else committed["version"]
+            # The version the decision was made on, not the one committed now: another unit
+            # may have committed in between, and its write must not be silently overwritten.
+            self._based_on[(info.name, key)] = None if seen is None else seen["version"]
         staged[key] = row
 
     def _rows(self, info: TableInfo, where: Sequence[Where]) -> Iterator[Row]:
@@ -334,7 +336,7 @@ class MemoryUnitOfWork:
         row = self._current(info, key)
         if row is None:
             return False
-        self._stage(info, key, None)
+        self._stage(info, key, None, row)
         for fk in referencing(info.name):
             child = table_info(entity_for_table(fk.table))
             for child_row in list(self._rows(child, [Where.eq(fk.column, key)])):
@@ -342,7 +344,7 @@ class MemoryUnitOfWork:
                 if fk.on_delete == "CASCADE":
                     self._delete(child, child_key)
                 elif fk.on_delete == "SET NULL":
-                    self._stage(child, child_key, {**child_row, fk.column: None})
+                    self._stage(child, child_key, {**child_row, fk.column: None}, child_row)
                 else:
                     raise self._fail(
                         ReferenceViolation(
@@ -422,7 +424,7 @@ class MemoryRepository(Generic[E]):
             raise self._uow._fail(DuplicateKey(f"{self._info.kind} '{key}' already exists"))
         self._uow._check_unique(self._info, row)
         self._uow._check_references(self._info, row)
-        self._uow._stage(self._info, key, row)
+        self._uow._stage(self._info, key, row, None)
         return self._load(row)
 
     async def update(self, entity: E) -> E:
@@ -439,7 +441,7 @@ class MemoryRepository(Generic[E]):
         row["created_at"] = current["created_at"]
         self._uow._check_unique(self._info, row)
         self._uow._check_references(self._info, row)
-        self._uow._stage(self._info, key, row)
+        self._uow._stage(self._info, key, row, current)
         return self._load(row)
 
     async def delete(self, entity_id: Any) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,7 +21,7 @@ from app.storage.migrate import (
     downgrade_to_base,
     upgrade_to_head,
 )
-from tests.conftest import TEST_DATABASE_URL, ensure_database
+from tests.conftest import TEST_DATABASE_URL, drop_database, ensure_database
 
 pytestmark = pytest.mark.postgres
 
@@ -33,11 +35,12 @@ def _sibling_database(url: str, name: str) -> str:
 
 
 @pytest.fixture
-def migrations_url() -> str:
+def migrations_url() -> Iterator[str]:
     """An empty database of its own, so these tests never disturb the shared test database."""
-    url = _sibling_database(TEST_DATABASE_URL, "gateway_migrations_test")
+    url = _sibling_database(TEST_DATABASE_URL, f"gateway_migrations_test_{os.getpid()}")
     ensure_database(url, fresh=True)
-    return url
+    yield url
+    drop_database(url)
 
 
 def tables(url: str) -> set[str]:

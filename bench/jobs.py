@@ -1,0 +1,478 @@
+"""Throughput, latency and crash recovery of the job engine, against a raw Dramatiq baseline.
+
+Run `python -m bench.jobs`. It uses only loopback services: a fresh PostgreSQL database
+(`gateway_bench_jobs`, created, migrated and dropped at the end) and Redis database 14 (flushed at
+start and end). Every process it starts runs in its own session and is killed on the way out.
+
+1. raw Dramatiq: N no-op messages, then N one-INSERT messages, drained by 2 processes x 8 threads
+2. end to end: `gateway api` + `gateway worker --processes 2 --threads 8`, async chat completions
+   submitted over HTTP until every operation row is completed
+3. poll latency: GET /v1/operations/{id} at a fixed rate against completed jobs
+4. recovery: SIGKILL the worker process holding a running job's lease; time until it completes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from app.storage.migrate import upgrade_to_head
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/gateway_bench_jobs"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+PORT = 8791
+BASE = f"http://127.0.0.1:{PORT}"
+ADMIN_KEY = "gw-bench-admin-key-0123456789abcdef"
+RAW_JOBS = 3000
+E2E_JOBS = 2000
+WARMUP_JOBS = 16
+CONCURRENCY = 32
+POLL_RATE = 200  # requests per second
+POLL_SECONDS = 10.0
+RECOVERY_LATENCY_MS = 3000
+RECOVERY_LEASE_SECONDS = 6
+CHAT = {"model": "mock", "messages": [{"role": "user", "content": "Say hello to the bench."}]}
+
+GATEWAY_ENV = {
+    "STORAGE_BACKEND": "postgres",
+    "DATABASE_URL": DATABASE_URL,
+    "REDIS_URL": REDIS_URL,
+    "BROKER": "redis",
+    "SECRET_KEY": "bench-secret-xxxxxxxx",
+    "ADMIN_API_KEY": ADMIN_KEY,
+    "MOCK_LATENCY_MS": "0",
+    "LOG_LEVEL": "WARNING",
+}
+
+
+# ---- processes, database, redis --------------------------------------------------------------
+
+
+class Processes:
+    """Subprocesses started in their own session, logged to files, killed group by group."""
+
+    def __init__(self) -> None:
+        self.logs = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+        """SIGTERM the process's group, then SIGKILL it if it lingers."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # children left behind by a dead leader too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(2)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc, grace=3.0)
+        self.procs.clear()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def admin_url() -> tuple[str, str]:
+    parsed = make_url(DATABASE_URL)
+    admin = parsed.set(drivername="postgresql", database="postgres")
+    return admin.render_as_string(hide_password=False), str(parsed.database)
+
+
+def recreate_database() -> str:
+    admin, name = admin_url()
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        ident = sql.Identifier(name)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+        return str(conn.info.parameter_status("server_version"))
+
+
+def drop_database() -> None:
+    admin, name = admin_url()
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        ident = sql.Identifier(name)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.01) -> float:
+    """Poll `check` until true; returns the seconds it took, raises after `timeout`."""
+    began = time.perf_counter()
+    while not check():
+        if time.perf_counter() - began > timeout:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(every)
+    return time.perf_counter() - began
+
+
+def percentile_ms(values: Sequence[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] * 1000 if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+
+# ---- 1. raw Dramatiq ---------------------------------------------------------------------------
+
+
+def raw_dramatiq(procs: Processes, db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, float]:
+    from bench import _raw_actors as raw
+
+    db.execute(f"CREATE TABLE {raw.TABLE} (id bigserial PRIMARY KEY, n int NOT NULL)")
+    env = {"RAW_BENCH_REDIS_URL": REDIS_URL, "RAW_BENCH_DSN": DATABASE_URL}
+    argv = [str(BIN / "dramatiq"), "bench._raw_actors", "--processes", "2", "--threads", "8"]
+    worker = procs.start("raw-worker", argv, env)
+    try:
+        wait_for("raw workers to boot", lambda: int(r.get(raw.BOOTED) or 0) >= 2, 30)
+        results = {}
+        for name, actor in (("noop", raw.noop), ("insert", raw.insert)):
+            # Warm up: one message per thread opens connections; then measure from zero.
+            for i in range(16):
+                actor.send(i)
+            wait_for("raw warm-up", lambda: int(r.get(raw.DONE) or 0) >= 16, 30)
+            r.delete(raw.DONE)
+            began = time.perf_counter()
+            for i in range(RAW_JOBS):
+                actor.send(i)
+            wait_for(
+                f"raw {name} drain",
+                lambda: int(r.get(raw.DONE) or 0) >= RAW_JOBS,
+                60,
+                every=0.002,
+            )
+            seconds = time.perf_counter() - began
+            r.delete(raw.DONE)
+            results[name] = RAW_JOBS / seconds
+            print(f"  raw {name:<6}: {RAW_JOBS} jobs in {seconds:.2f} s = {results[name]:,.0f}/s")
+        rows = db.execute(f"SELECT count(*) FROM {raw.TABLE}").fetchone()
+        print(f"  rows inserted by the insert actor: {rows[0] if rows else 0} (incl. 16 warm-up)")
+        return results
+    finally:
+        procs.stop(worker)
+
+
+# ---- 2. end to end -----------------------------------------------------------------------------
+
+
+def counts(db: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = db.execute("SELECT status, count(*) FROM operations GROUP BY status").fetchall()
+    return {str(status): int(n) for status, n in rows}
+
+
+async def submit_many(client: httpx.AsyncClient, n: int) -> tuple[list[str], list[float], float]:
+    """Submit `n` async chat completions, `CONCURRENCY` at a time; ids, latencies, first send."""
+    ids: list[str] = []
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    first = time.perf_counter()
+
+    async def one_worker() -> None:
+        while not queue.empty():
+            queue.get_nowait()
+            began = time.perf_counter()
+            response = await client.post("/v1/chat/completions?async=true", json=CHAT)
+            latencies.append(time.perf_counter() - began)
+            if response.status_code != 202:
+                raise RuntimeError(f"submit answered {response.status_code}: {response.text}")
+            ids.append(response.json()["operation_id"])
+
+    await asyncio.gather(*(one_worker() for _ in range(CONCURRENCY)))
+    return ids, latencies, first
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=BASE,
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=30,
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+    )
+
+
+def end_to_end(db: psycopg.Connection[Any]) -> dict[str, Any]:
+    async def warmup() -> None:
+        async with client() as http:
+            await submit_many(http, WARMUP_JOBS)
+
+    asyncio.run(warmup())
+    wait_for("warm-up jobs", lambda: counts(db).get("completed", 0) >= WARMUP_JOBS, 60, every=0.05)
+
+    target = WARMUP_JOBS + E2E_JOBS
+    done_at: list[float] = []
+
+    async def run() -> tuple[list[str], list[float], float, float]:
+        async with client() as http:
+            ids, latencies, first = await submit_many(http, E2E_JOBS)
+        submitted = time.perf_counter()
+        return ids, latencies, first, submitted
+
+    ids, latencies, first, submitted = asyncio.run(run())
+
+    def all_done() -> bool:
+        now = counts(db)
+        if now.get("failed", 0):
+            raise RuntimeError(f"some jobs failed: {now}")
+        if now.get("completed", 0) >= target:
+            done_at.append(time.perf_counter())
+            return True
+        return False
+
+    wait_for("every job to complete", all_done, 120, every=0.02)
+    seconds = done_at[0] - first
+    return {
+        "ids": ids,
+        "submit_seconds": submitted - first,
+        "submit_p50": percentile_ms(latencies, 50),
+        "submit_p99": percentile_ms(latencies, 99),
+        "seconds": seconds,
+        "rate": E2E_JOBS / seconds,
+    }
+
+
+# ---- 3. poll latency ---------------------------------------------------------------------------
+
+
+async def poll_latency(ids: Sequence[str]) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    total = int(POLL_RATE * POLL_SECONDS)
+
+    async with client() as http:
+        # One warm-up request per connection-ish, not measured.
+        await asyncio.gather(*(http.get(f"/v1/operations/{i}") for i in ids[:16]))
+        start = time.perf_counter()
+
+        async def one(k: int) -> None:
+            nonlocal errors
+            delay = start + k / POLL_RATE - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            began = time.perf_counter()
+            response = await http.get(f"/v1/operations/{ids[k % len(ids)]}")
+            latencies.append(time.perf_counter() - began)
+            if response.status_code != 200 or response.json().get("status") != "completed":
+                errors += 1
+
+        await asyncio.gather(*(one(k) for k in range(total)))
+    return latencies, errors
+
+
+# ---- 4. recovery -------------------------------------------------------------------------------
+
+
+def recovery(procs: Processes, db: psycopg.Connection[Any]) -> dict[str, Any]:
+    env = {
+        **GATEWAY_ENV,
+        "MOCK_LATENCY_MS": str(RECOVERY_LATENCY_MS),
+        "JOB_LEASE_SECONDS": str(RECOVERY_LEASE_SECONDS),
+    }
+    argv = [str(BIN / "gateway"), "worker", "--processes", "1", "--threads", "8"]
+    leaders = [procs.start(f"recovery-worker-{k}", argv, env) for k in (1, 2)]
+    wait_for("recovery workers to fork", lambda: all(children(p.pid) for p in leaders), 30)
+    worker_pids = {leader.pid: children(leader.pid)[0] for leader in leaders}
+    time.sleep(3.0)  # importing the app and booting the Dramatiq worker; no signal to wait on
+
+    async def submit_one() -> str:
+        async with client() as http:
+            ids, _, _ = await submit_many(http, 1)
+        return ids[0]
+
+    def row(op_id: str) -> tuple[str, str | None, int]:
+        found = db.execute(
+            "SELECT status, lease_owner, attempts FROM operations WHERE id = %s", (op_id,)
+        ).fetchone()
+        assert found is not None
+        return str(found[0]), found[1], int(found[2])
+
+    op_id = asyncio.run(submit_one())
+    wait_for("the job to run", lambda: row(op_id)[0] == "running", 30)
+    _, owner, _ = row(op_id)
+    assert owner is not None
+    pid = int(owner.rsplit("-", 1)[1])
+    if pid not in worker_pids.values():
+        raise RuntimeError(f"lease owner {owner} is none of the worker processes {worker_pids}")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.perf_counter()
+
+    seen: dict[str, float] = {}
+    new_owner: list[str | None] = []
+
+    def completed() -> bool:
+        status, lease_owner, _ = row(op_id)
+        if status == "pending" and "pending" not in seen:
+            seen["pending"] = time.perf_counter() - killed
+        if status == "running" and lease_owner != owner and "running" not in seen:
+            seen["running"] = time.perf_counter() - killed
+            new_owner.append(lease_owner)
+        return status == "completed"
+
+    seconds = wait_for("the killed job to complete", completed, 60, every=0.02)
+    _, _, attempts = row(op_id)
+    leader_of_killed = next(lead for lead, child in worker_pids.items() if child == pid)
+    killed_leader = next(p for p in leaders if p.pid == leader_of_killed)
+    return {
+        "seconds": seconds,
+        "owner": owner,
+        "new_owner": new_owner[0] if new_owner else None,
+        "requeued_after": seen.get("pending"),
+        "reclaimed_after": seen.get("running"),
+        "attempts": attempts,
+        "killed_leader_exit": killed_leader.poll(),
+    }
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    began = time.perf_counter()
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+        version = recreate_database()
+    except (redis.RedisError, psycopg.OperationalError) as exc:
+        print(f"PostgreSQL or Redis is not reachable: {exc}", file=sys.stderr)
+        return 1
+    r.flushdb()
+    procs = Processes()
+    summary: list[tuple[str, str, str]] = []
+    try:
+        upgrade_to_head(DATABASE_URL)
+        print(
+            f"python {platform.python_version()}, postgres {version}, {os.cpu_count()} CPUs, "
+            f"logs in {procs.logs}"
+        )
+        with psycopg.connect(DATABASE_URL, autocommit=True) as db:
+            print("\n1. raw Dramatiq (2 processes x 8 threads)")
+            raw = raw_dramatiq(procs, db, r)
+            summary.append(("raw dramatiq no-op", f"{raw['noop']:,.0f} jobs/s", ""))
+            summary.append(("raw dramatiq + 1 INSERT", f"{raw['insert']:,.0f} jobs/s", ""))
+
+            print("\n2. end to end (gateway api + gateway worker --processes 2 --threads 8)")
+            api = procs.start(
+                "api", [str(BIN / "gateway"), "api", "--port", str(PORT)], GATEWAY_ENV
+            )
+            worker_argv = [str(BIN / "gateway"), "worker", "--processes", "2", "--threads", "8"]
+            workers = procs.start("worker", worker_argv, GATEWAY_ENV)
+
+            def ready() -> bool:
+                if api.poll() is not None:
+                    raise RuntimeError(f"the API exited; see {procs.logs}/api.log")
+                try:
+                    return httpx.get(f"{BASE}/ready", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for("/ready", ready, 30, every=0.1)
+            e2e = end_to_end(db)
+            ratio = e2e["rate"] / raw["insert"]
+            print(
+                f"  {E2E_JOBS} jobs: submitted in {e2e['submit_seconds']:.2f} s, all completed "
+                f"{e2e['seconds']:.2f} s after the first submit = {e2e['rate']:,.0f} jobs/s"
+            )
+            print(
+                f"  submit latency p50 {e2e['submit_p50']:.1f} ms, p99 {e2e['submit_p99']:.1f} ms"
+                f" (concurrency {CONCURRENCY})"
+            )
+            print(f"  ratio to raw + INSERT: {ratio:.0%} (target >= 30 %)")
+            summary.append(("end-to-end", f"{e2e['rate']:,.0f} jobs/s", ""))
+            summary.append(("end-to-end / raw+INSERT", f"{ratio:.0%}", ok(ratio >= 0.30)))
+            summary.append(
+                (
+                    "submit latency p50 / p99",
+                    f"{e2e['submit_p50']:.1f} / {e2e['submit_p99']:.1f} ms",
+                    "",
+                )
+            )
+
+            print(f"\n3. poll latency ({POLL_RATE} req/s for {POLL_SECONDS:g} s)")
+            latencies, errors = asyncio.run(poll_latency(e2e["ids"]))
+            p50, p99 = percentile_ms(latencies, 50), percentile_ms(latencies, 99)
+            print(
+                f"  {len(latencies)} requests, {errors} errors: p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+                " (target p99 <= 10 ms)"
+            )
+            summary.append(("poll latency p50 / p99", f"{p50:.1f} / {p99:.1f} ms", ok(p99 <= 10)))
+
+            print(
+                f"\n4. recovery after SIGKILL (2 x `gateway worker --processes 1`, "
+                f"MOCK_LATENCY_MS={RECOVERY_LATENCY_MS}, "
+                f"JOB_LEASE_SECONDS={RECOVERY_LEASE_SECONDS})"
+            )
+            procs.stop(workers)
+            rec = recovery(procs, db)
+            print(
+                f"  killed {rec['owner']}; back to pending after {fmt(rec['requeued_after'])}, "
+                f"re-claimed by {rec['new_owner']} after {fmt(rec['reclaimed_after'])}, "
+                f"completed after {rec['seconds']:.2f} s (attempts={rec['attempts']}; "
+                f"killed worker's parent exit code: {rec['killed_leader_exit']})"
+            )
+            summary.append(
+                ("recovery after SIGKILL", f"{rec['seconds']:.2f} s", ok(rec["seconds"] <= 10))
+            )
+    finally:
+        procs.stop_all()
+        with contextlib.suppress(Exception):
+            r.flushdb()
+        with contextlib.suppress(Exception):
+            drop_database()
+    print("\nsummary")
+    width = max(len(name) for name, _, _ in summary)
+    for name, value, verdict in summary:
+        print(f"  {name:<{width}}  {value:>18}  {verdict}")
+    print(f"\ntotal {time.perf_counter() - began:.1f} s")
+    return 0
+
+
+def ok(passed: bool) -> str:
+    return "ok" if passed else "MISSED"
+
+
+def fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f} s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The job promises with real processes: workers on real Redis and PostgreSQL, and `gateway dev`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from app.config import Settings
+from app.main import create_app
+from app.operations.entities import OperationKind
+from app.operations.service import OperationService, Owner
+from app.queue.broker import build_broker
+from app.queue.port import DramatiqQueue
+from app.storage.sql import SqlStorage, make_engine
+from tests.conftest import truncate_all
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_KEY = "gw-test-admin-key-0123456789abcdefghij"
+OWNER = Owner(key_id="admin")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def env_for(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+    env.update(
+        STORAGE_BACKEND="postgres",
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        BROKER="redis",
+        SECRET_KEY="test-secret-key-for-processes",
+        ADMIN_API_KEY=ADMIN_KEY,
+        JOB_LEASE_SECONDS="2",
+        JOB_RESEND_AFTER_SECONDS="2",
+        SWEEP_INTERVAL_SECONDS="0.5",
+        LOG_LEVEL="WARNING",
+    )
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """Subprocesses started by a test, each in its own session, all killed at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.logs = logs
+
+    def start(
+        self, args: list[str], env: dict[str, str], *, pipe: bool = False
+    ) -> subprocess.Popen[bytes]:
+        # Logs go to files (a pipe nobody reads would fill up and stall the process).
+        out = subprocess.PIPE if pipe else (self.logs / f"{len(self.started)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.started.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.started:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+    for log in sorted(tmp_path.glob("*.log")):
+        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture
+def clean(database_url: str, redis_url: str) -> tuple[str, str]:
+    truncate_all(database_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    return database_url, redis_url
+
+
+@pytest.fixture
+async def submitter(clean: tuple[str, str]) -> AsyncIterator[OperationService]:
+    database_url, redis_url = clean
+    settings = Settings(**env_for(database_url, redis_url, PROCESS_ROLE="api"))  # type: ignore[arg-type]
+    storage = SqlStorage(make_engine(database_url))
+    yield OperationService(storage, DramatiqQueue(build_broker(settings)))
+    await storage.close()
+
+
+def statuses(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT status, count(*) FROM operations GROUP BY status").fetchall()
+    return {status: count for status, count in rows}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def test_killing_a_worker_mid_run_loses_no_job_and_writes_each_result_once(
+    clean: tuple[str, str], submitter: OperationService, processes: Processes
+) -> None:
+    database_url, redis_url = clean
+    env = env_for(database_url, redis_url, MOCK_LATENCY_MS="200")
+    workers = [
+        processes.start(["worker", "--processes", "1", "--threads", "8"], env) for _ in range(2)
+    ]
+    ids = [
+        (await submitter.submit(kind=OperationKind.CHAT_COMPLETION, input=chat(i), owner=OWNER))[
+            0
+        ].id
+        for i in range(200)
+    ]
+    await asyncio.to_thread(
+        wait_until, lambda: statuses(database_url).get("completed", 0) >= 20, 60
+    )
+    processes.kill(workers[0])
+    killed_at = time.monotonic()
+    await asyncio.to_thread(
+        wait_until, lambda: statuses(database_url).get("completed", 0) == 200, 60
+    )
+    recovery = time.monotonic() - killed_at
+    assert recovery < 2 + 20, f"took {recovery:.1f} s after the kill"
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT id, attempts, attempt_log, result FROM operations WHERE id = ANY(%s)", (ids,)
+        ).fetchall()
+    assert len(rows) == 200
+    lost = 0
+    for _, attempts, log, result in rows:
+        outcomes = [entry["outcome"] for entry in log]
+        assert outcomes.count("completed") == 1, outcomes
+        assert outcomes[-1] == "completed" and attempts == len(log)
+        assert result["object"] == "chat.completion"
+        lost += outcomes.count("lost")
+    assert lost >= 1, "the killed worker held no job: the test proved nothing"
+
+
+def chat(i: int) -> dict[str, object]:
+    return {"model": "mock", "messages": [{"role": "user", "content": f"job {i}"}]}
+
+
+def test_a_job_accepted_while_the_broker_is_down_completes_once_it_is_back(
+    clean: tuple[str, str], processes: Processes, tmp_path: Path
+) -> None:
+    tmp_path = tmp_path / "redis"
+    tmp_path.mkdir()
+    database_url, _ = clean
+    port = free_port()
+    broker_url = f"redis://127.0.0.1:{port}/0"
+    server_args = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    server_args += ["--dir", str(tmp_path)]
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(server_args, stdout=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: _pings(broker_url), 10)
+        return server
+
+    server = start_redis()
+    env = env_for(database_url, broker_url)
+    processes.start(["worker", "--processes", "1", "--threads", "4"], env)
+    server.terminate()
+    server.wait(timeout=10)
+    settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
+    with httpx_client(settings) as client:
+        response = client.post(
+            "/v1/chat/completions?async=true",
+            json=chat(1),
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        assert response.status_code == 202, response.text
+        operation_id = response.json()["operation_id"]
+        assert statuses(database_url) == {"pending": 1}
+        server = start_redis()
+        try:
+            wait_until(lambda: statuses(database_url) == {"completed": 1}, 40)
+            polled = client.get(
+                f"/v1/operations/{operation_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+            )
+            assert polled.json()["status"] == "completed"
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.2).ping())
+    except redis.RedisError:
+        return False
+
+
+def httpx_client(settings: Settings) -> Any:
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(settings))
+
+
+def test_periodic_jobs_run_once_per_tick_across_two_workers(
+    clean: tuple[str, str], processes: Processes
+) -> None:
+    database_url, redis_url = clean
+    env = env_for(database_url, redis_url, SWEEP_INTERVAL_SECONDS="0.25")
+    for _ in range(2):
+        processes.start(["worker", "--processes", "1", "--threads", "2"], env)
+    client = redis.Redis.from_url(redis_url)
+    key = "gateway:periodic:sweep:runs"
+    wait_until(lambda: client.llen(key) >= 1, 30)
+    time.sleep(3)
+    runs = [entry.decode().split(":", 1) for entry in client.lrange(key, 0, -1)]
+    ticks = [int(tick) for tick, _ in runs]
+    assert len(ticks) == len(set(ticks)), "a tick ran twice"
+    assert len(ticks) >= 8, f"only {len(ticks)} runs in about 3 s at 4 per second"
+    span = max(ticks) - min(ticks) + 1
+    assert len(ticks) >= 0.8 * span, "ticks were skipped"
+    assert len({owner for _, owner in runs}) >= 1
+
+
+def test_gateway_dev_answers_an_async_chat_completion_end_to_end(processes: Processes) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+    proc = processes.start(["dev", "--port", str(port)], env, pipe=True)
+    assert proc.stdout is not None
+    key = None
+    deadline = time.monotonic() + 30
+    while key is None and time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        match = re.search(r"(gw-[A-Za-z0-9_-]+)", line)
+        key = match.group(1) if match else None
+    assert key, "gateway dev printed no API key"
+    headers = {"Authorization": f"Bearer {key}"}
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _answers(f"{base}/health"), 20)
+    accepted = httpx.post(
+        f"{base}/v1/chat/completions?async=true", json=chat(7), headers=headers, timeout=10
+    )
+    assert accepted.status_code == 202
+    operation_id = accepted.json()["operation_id"]
+    done = httpx.get(f"{base}/v1/operations/{operation_id}?wait=10", headers=headers, timeout=15)
+    body = done.json()
+    assert body["status"] == "completed", body
+    assert body["result"]["choices"][0]["message"]["content"] == "Mock reply to: job 7"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
