@@ -19,7 +19,6 @@ class BrokerKind(StrEnum):
     REDIS = "redis"
     FAKEREDIS = "fakeredis"
     STUB = "stub"
-    RABBITMQ = "rabbitmq"
 
 
 class ProcessRole(StrEnum):
@@ -49,7 +48,6 @@ class Settings(BaseSettings):
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     BROKER: BrokerKind = BrokerKind.FAKEREDIS
-    RABBITMQ_URL: str = "amqp://guest:guest@127.0.0.1:5672/"
 
     # Encrypts stored provider credentials and webhook secrets. Comma-separate several keys to
     # rotate: the first encrypts, all decrypt.
@@ -90,7 +88,7 @@ class Settings(BaseSettings):
                 f"{self.PROCESS_ROLE.value}` cannot share it with the other processes: use "
                 "`gateway dev` (API and worker in one process) or set STORAGE_BACKEND=postgres."
             )
-        if memory and self.BROKER in (BrokerKind.REDIS, BrokerKind.RABBITMQ):
+        if memory and self.BROKER is BrokerKind.REDIS:
             raise ValueError(
                 f"STORAGE_BACKEND=memory with BROKER={self.BROKER.value} would let workers of "
                 "other processes receive jobs whose rows they cannot see: set BROKER=fakeredis "

@@ -31,15 +31,11 @@ def build_broker(settings: Settings, *, middleware: list[Any] | None = None) -> 
         broker = StubBroker()
     elif settings.BROKER is BrokerKind.FAKEREDIS:
         broker = RedisBroker(client=fake_redis_client(), namespace="gateway")  # type: ignore[no-untyped-call]
-    elif settings.BROKER is BrokerKind.REDIS:
+    else:
         client = redis.Redis.from_url(
             settings.REDIS_URL, socket_connect_timeout=2.0, socket_timeout=10.0
         )
         broker = RedisBroker(client=client, namespace="gateway")  # type: ignore[no-untyped-call]
-    else:
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
-        broker = RabbitmqBroker(url=settings.RABBITMQ_URL)
     broker.add_middleware(AsyncIO())
     for extra in middleware or []:
         broker.add_middleware(extra)
