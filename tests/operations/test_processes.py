@@ -147,9 +147,8 @@ async def test_killing_a_worker_mid_run_loses_no_job_and_writes_each_result_once
 ) -> None:
     database_url, redis_url = clean
     env = env_for(database_url, redis_url, MOCK_LATENCY_MS="200")
-    workers = [
-        processes.start(["worker", "--processes", "1", "--threads", "8"], env) for _ in range(2)
-    ]
+    for _ in range(2):
+        processes.start(["worker", "--processes", "1", "--threads", "8"], env)
     ids = [
         (await submitter.submit(kind=OperationKind.CHAT_COMPLETION, input=chat(i), owner=OWNER))[
             0
@@ -159,7 +158,9 @@ async def test_killing_a_worker_mid_run_loses_no_job_and_writes_each_result_once
     await asyncio.to_thread(
         wait_until, lambda: statuses(database_url).get("completed", 0) >= 20, 60
     )
-    processes.kill(workers[0])
+    # Kill the worker process that holds a running job right now (lease owner: host-pid).
+    owner = await asyncio.to_thread(running_lease_owner, database_url)
+    os.kill(int(owner.rsplit("-", 1)[1]), signal.SIGKILL)
     killed_at = time.monotonic()
     await asyncio.to_thread(
         wait_until, lambda: statuses(database_url).get("completed", 0) == 200, 60
@@ -179,6 +180,22 @@ async def test_killing_a_worker_mid_run_loses_no_job_and_writes_each_result_once
         assert result["object"] == "chat.completion"
         lost += outcomes.count("lost")
     assert lost >= 1, "the killed worker held no job: the test proved nothing"
+
+
+def running_lease_owner(database_url: str) -> str:
+    found: list[str] = []
+
+    def running() -> bool:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT lease_owner FROM operations WHERE status = 'running' LIMIT 1"
+            ).fetchone()
+        if row and row[0]:
+            found.append(row[0])
+        return bool(found)
+
+    wait_until(running, 30, interval=0.02)
+    return found[0]
 
 
 def chat(i: int) -> dict[str, object]:
