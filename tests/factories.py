@@ -10,8 +10,6 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
-
 from app.storage.entity import Entity
 from app.storage.mapping import entity_for_table, table_info
 from app.storage.protocol import UnitOfWork
@@ -111,7 +109,3 @@ async def create(uow: UnitOfWork, entity: type[E], **overrides: Any) -> E:
 def comparable(entity: Entity) -> dict[str, Any]:
     """The stored fields of an entity, for equality checks across backends."""
     return {name: getattr(entity, name) for name in table_info(type(entity)).columns}
-
-
-def column_type(entity: type[Entity], name: str) -> sa.types.TypeEngine[Any]:
-    return table_info(entity).table.c[name].type

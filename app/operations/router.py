@@ -69,11 +69,7 @@ async def list_operations(
         limit=limit,
         after=after,
     )
-    return OperationList(
-        data=[OperationRead.of(o) for o in page.items],
-        has_more=page.next_cursor is not None,
-        next_cursor=page.next_cursor,
-    )
+    return OperationList.of_page(page)
 
 
 @router.delete("/v1/operations/{operation_id}", response_model=OperationRead)
@@ -109,11 +105,7 @@ async def admin_list_operations(
         limit=limit,
         after=after,
     )
-    return OperationList(
-        data=[OperationRead.of(o) for o in page.items],
-        has_more=page.next_cursor is not None,
-        next_cursor=page.next_cursor,
-    )
+    return OperationList.of_page(page)
 
 
 @admin_router.post("/operations/{operation_id}/retry", response_model=OperationRead)

@@ -7,7 +7,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -364,7 +364,3 @@ async def count_child_finished(uow: UnitOfWork, parent_id: str, outcome: Operati
             "cancelled": parent.children_cancelled,
         }
     await repo.update(parent)
-
-
-def lease_deadline(seconds: float) -> datetime:
-    return utcnow() + timedelta(seconds=seconds)
