@@ -13,6 +13,7 @@ from app.config import Settings
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from app.core.redis import build_redis
 from app.gateway.chat import ensure_builtin_models
 from app.gateway.router import router as chat_router
 from app.operations.router import admin_router as operations_admin_router
@@ -57,7 +58,9 @@ def create_app(
             else:
                 app.state.storage = storage
             jobs = queue or DramatiqQueue(build_broker(settings))
-            app.state.services = build_services(settings, app.state.storage, jobs)
+            redis = build_redis(settings)
+            stack.push_async_callback(redis.aclose)
+            app.state.services = build_services(settings, app.state.storage, jobs, redis)
             try:
                 await bootstrap(app.state.services)
             except Unavailable as exc:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
 from app.access.service import ApiKeyService
 from app.config import Settings
+from app.core.events import EventSink, NullSink
 from app.gateway.chat import ChatService
 from app.gateway.mock import MockBehaviour
 from app.gateway.schemas import ChatCompletionRequest
@@ -23,12 +26,17 @@ class Services:
     settings: Settings
     storage: Storage
     queue: JobQueue
+    # Counters, caches, locks and invalidation messages (the in-process stand-in in dev mode).
+    redis: aioredis.Redis
+    events: EventSink
     operations: OperationService
     chat: ChatService
     keys: ApiKeyService
 
 
-def build_services(settings: Settings, storage: Storage, queue: JobQueue) -> Services:
+def build_services(
+    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
+) -> Services:
     mock = MockBehaviour(
         latency_ms=settings.MOCK_LATENCY_MS, failure_rate=settings.MOCK_FAILURE_RATE
     )
@@ -36,6 +44,8 @@ def build_services(settings: Settings, storage: Storage, queue: JobQueue) -> Ser
         settings=settings,
         storage=storage,
         queue=queue,
+        redis=redis,
+        events=NullSink(),
         operations=OperationService(storage, queue, max_attempts=settings.JOB_MAX_ATTEMPTS),
         chat=ChatService(storage, mock_defaults=mock),
         keys=ApiKeyService(storage),

@@ -7,11 +7,11 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 import dramatiq
 
 from app.config import BrokerKind, ProcessRole, Settings, StorageBackend
+from app.core.redis import build_redis
 from app.operations.runner import OperationRunner
 from app.queue.periodic import LocalTickLock, PeriodicRunner, PeriodicTask, RedisTickLock
 from app.queue.port import DramatiqQueue
@@ -31,11 +31,9 @@ class Runtime:
     services: Services
     runner: OperationRunner
     periodic: PeriodicRunner
-    redis: Any = None
 
     async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
+        await self.services.redis.aclose()
         await self.services.storage.close()
 
 
@@ -72,7 +70,8 @@ def _build(config: Settings) -> Runtime:
     asyncio.get_running_loop()  # engines bind to the loop that first uses them: the worker's
     storage = _storage or build_storage(config, memory_store=_memory_store)
     queue = DramatiqQueue(dramatiq.get_broker())
-    services = build_services(config, storage, queue)
+    redis_client = build_redis(config)
+    services = build_services(config, storage, queue, redis_client)
     worker_id = f"{socket.gethostname()}-{os.getpid()}"
     runner = OperationRunner(
         storage,
@@ -81,12 +80,8 @@ def _build(config: Settings) -> Runtime:
         worker_id=worker_id,
         timings=job_timings(config),
     )
-    redis_client = None
     lock: LocalTickLock | RedisTickLock
     if config.BROKER is BrokerKind.REDIS and config.STORAGE_BACKEND is StorageBackend.POSTGRES:
-        import redis.asyncio as aioredis
-
-        redis_client = aioredis.Redis.from_url(config.REDIS_URL, socket_connect_timeout=2)
         lock = RedisTickLock(redis_client, worker_id)
     else:
         lock = LocalTickLock()  # one process holds everything: memory storage or fakeredis
@@ -99,5 +94,4 @@ def _build(config: Settings) -> Runtime:
         services=services,
         runner=runner,
         periodic=PeriodicRunner(tasks, lock),
-        redis=redis_client,
     )

@@ -16,12 +16,18 @@ from app.queue.names import ALL_QUEUES
 _fake_servers: dict[str, Any] = {}
 
 
-def fake_redis_client(name: str = "default") -> redis.Redis:
-    """A client of this process's in-memory Redis stand-in (one server per name)."""
+def fake_redis_server(name: str = "default") -> Any:
+    """This process's in-memory Redis stand-in (one server per name)."""
     import fakeredis
 
-    server = _fake_servers.setdefault(name, fakeredis.FakeServer())
-    return fakeredis.FakeRedis(server=server)
+    return _fake_servers.setdefault(name, fakeredis.FakeServer())
+
+
+def fake_redis_client(name: str = "default") -> redis.Redis:
+    """A client of this process's in-memory Redis stand-in."""
+    import fakeredis
+
+    return fakeredis.FakeRedis(server=fake_redis_server(name))
 
 
 def build_broker(settings: Settings, *, middleware: list[Any] | None = None) -> dramatiq.Broker:

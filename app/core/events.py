@@ -1,0 +1,20 @@
+"""The seam through which any domain emits an event inside its own unit of work."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from app.storage.protocol import UnitOfWork
+
+
+class EventSink(Protocol):
+    """Records an event in `uow`, so it commits (or rolls back) with the change that caused it."""
+
+    async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None: ...
+
+
+class NullSink:
+    """Drops every event: for services built without a subscriber of events."""
+
+    async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None:
+        return None
