@@ -53,7 +53,9 @@ class _Table:
         self.indexes = {cols: {} for cols in keys}
 
     def put(self, key: Any, row: Row | None) -> None:
-        old = self.rows.pop(key, None)
+        # Replace in place rather than pop and re-insert: readers outside the lock must never
+        # see a committed row missing for an instant.
+        old = self.rows.get(key)
         for cols, index in self.indexes.items():
             if old is not None:
                 bucket = index.get(tuple(old[c] for c in cols))
@@ -65,6 +67,8 @@ class _Table:
                 index.setdefault(tuple(row[c] for c in cols), set()).add(key)
         if row is not None:
             self.rows[key] = row
+        elif old is not None:
+            del self.rows[key]
 
     def lookup(self, cols: tuple[str, ...], values: tuple[Any, ...]) -> set[Any]:
         index = self.indexes.get(cols)

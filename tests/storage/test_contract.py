@@ -232,6 +232,34 @@ async def test_rollback_discards_every_write(storage: Storage) -> None:
         assert await uow.repo(Operation).get("op-0002") is None
 
 
+async def test_a_unit_that_reads_before_it_writes_still_rolls_back_every_write(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work() as uow:
+        existing = await uow.repo(Operation).get("op-0001")  # the first statement only reads
+        assert existing is not None
+        existing.attempts = 42
+        await uow.repo(Operation).update(existing)
+        await uow.repo(Operation).add(op(2))
+        await uow.rollback()
+    async with storage.unit_of_work() as uow:
+        kept = await uow.repo(Operation).get("op-0001")
+        assert kept is not None and kept.attempts == 1
+        assert await uow.repo(Operation).count() == 1
+
+
+async def test_a_unit_that_reads_before_it_writes_commits_every_write(storage: Storage) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work() as uow:
+        assert await uow.repo(Operation).count() == 1
+        await uow.repo(Operation).add(op(2))
+        assert await uow.repo(Operation).count() == 2
+        await uow.commit()
+    async with storage.unit_of_work() as uow:
+        assert await uow.repo(Operation).count() == 2
+
+
 async def test_leaving_without_commit_rolls_back(storage: Storage) -> None:
     async with storage.unit_of_work() as uow:
         await uow.repo(Operation).add(op(1))
