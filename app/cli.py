@@ -113,6 +113,68 @@ def run_worker(args: argparse.Namespace) -> int:
     )
 
 
+def run_create_key(args: argparse.Namespace) -> int:
+    """Print a new API key with admin rights (for a fresh install); it is shown only once."""
+    import asyncio
+
+    from app.access.commands import CannotCreateKey, create_admin_key
+    from app.core.errors import Unavailable
+
+    settings = load_settings()
+    try:
+        secret = asyncio.run(create_admin_key(settings, name=args.name))
+    except CannotCreateKey as exc:
+        print(f"gateway create-key: {exc}", file=sys.stderr)
+        return 2
+    except Unavailable as exc:
+        print(f"gateway create-key: {exc.message}", file=sys.stderr)
+        return 1
+    print(secret)
+    return 0
+
+
+def run_seed(args: argparse.Namespace) -> int:
+    """Add the demo credential, mock models and sample prompts that are missing (idempotent)."""
+    import asyncio
+
+    from app.core.errors import Unavailable
+    from app.seed import CannotSeed, seed_database
+
+    try:
+        report = asyncio.run(seed_database(load_settings()))
+    except CannotSeed as exc:
+        print(f"gateway seed: {exc}", file=sys.stderr)
+        return 2
+    except Unavailable as exc:
+        print(f"gateway seed: {exc.message}", file=sys.stderr)
+        return 1
+    print("Created: " + ", ".join(report.created) if report.created else "Nothing to add.")
+    return 0
+
+
+def run_rotate_secrets(args: argparse.Namespace) -> int:
+    """Re-encrypt every stored credential with the first key of SECRET_KEY."""
+    import asyncio
+
+    from app.core.crypto import UndecryptableSecret
+    from app.core.errors import Unavailable
+    from app.credentials.commands import CannotRotate, rotate_secrets
+
+    try:
+        count = asyncio.run(rotate_secrets(load_settings()))
+    except CannotRotate as exc:
+        print(f"gateway rotate-secrets: {exc}", file=sys.stderr)
+        return 2
+    except UndecryptableSecret as exc:
+        print(f"gateway rotate-secrets: {exc}; keep the old key in SECRET_KEY", file=sys.stderr)
+        return 1
+    except Unavailable as exc:
+        print(f"gateway rotate-secrets: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"Re-encrypted {count} credential secret(s) with the newest key.")
+    return 0
+
+
 def run_migrate(args: argparse.Namespace) -> int:
     """Upgrade the database at DATABASE_URL to the latest schema."""
     import psycopg
@@ -169,6 +231,10 @@ def _parser() -> argparse.ArgumentParser:
         "--queues", nargs="+", metavar="QUEUE", help="only these queues (default: all)"
     )
     command("migrate", run_migrate)
+    create_key = command("create-key", run_create_key)
+    create_key.add_argument("--name", default="Administrator", help="the key's name")
+    command("seed", run_seed)
+    command("rotate-secrets", run_rotate_secrets)
     return parser
 
 

@@ -6,7 +6,7 @@ import secrets
 from enum import StrEnum
 from typing import Self
 
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,10 +15,21 @@ class StorageBackend(StrEnum):
     POSTGRES = "postgres"
 
 
+class CacheBackendKind(StrEnum):
+    NONE = "none"
+    MEMORY = "memory"
+    REDIS = "redis"
+
+
 class BrokerKind(StrEnum):
     REDIS = "redis"
     FAKEREDIS = "fakeredis"
     STUB = "stub"
+
+
+class JwtAlgorithm(StrEnum):
+    HS256 = "HS256"
+    RS256 = "RS256"
 
 
 class ProcessRole(StrEnum):
@@ -58,6 +69,27 @@ class Settings(BaseSettings):
     # An API key with exactly this secret and admin rights is ensured at start-up (compose, CI).
     ADMIN_API_KEY: SecretStr | None = None
 
+    # The administrator user created on first start; without a password one is generated and
+    # printed once.
+    ADMIN_USERNAME: str = Field(default="admin", min_length=3, max_length=100)
+    ADMIN_DEFAULT_PASSWORD: SecretStr | None = None
+    # Session tokens of signed-in users: HS256 signs with a key derived from SECRET_KEY; RS256
+    # signs with JWT_PRIVATE_KEY (PEM) and also accepts the keys of JWT_JWKS (a JSON JWKS
+    # document, e.g. the previous key during a rotation).
+    JWT_ALGORITHM: JwtAlgorithm = JwtAlgorithm.HS256
+    JWT_PRIVATE_KEY: SecretStr | None = None
+    JWT_JWKS: str | None = None
+    JWT_TTL_SECONDS: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _coherent_sessions(self) -> Self:
+        if self.JWT_ALGORITHM is JwtAlgorithm.RS256 and self.JWT_PRIVATE_KEY is None:
+            raise ValueError(
+                "JWT_ALGORITHM=RS256 signs session tokens with JWT_PRIVATE_KEY: set it to an RSA "
+                "private key in PEM format, or use JWT_ALGORITHM=HS256."
+            )
+        return self
+
     # The job engine.
     JOB_MAX_ATTEMPTS: int = Field(default=3, ge=1, le=100)
     JOB_LEASE_SECONDS: float = Field(default=6.0, gt=0)
@@ -75,6 +107,85 @@ class Settings(BaseSettings):
     # The built-in mock provider (a model's parameters may override these).
     MOCK_LATENCY_MS: float = Field(default=0.0, ge=0)
     MOCK_FAILURE_RATE: float = Field(default=0.0, ge=0, le=1)
+
+    # Upstream calls (a model's `timeout_s`, `max_retries` and `backoff_ms` parameters override).
+    UPSTREAM_TIMEOUT_SECONDS: float = Field(default=60.0, gt=0)
+    UPSTREAM_CONNECT_TIMEOUT_SECONDS: float = Field(default=5.0, gt=0)
+    UPSTREAM_MAX_RETRIES: int = Field(default=1, ge=0, le=10)
+    UPSTREAM_MAX_CONNECTIONS: int = Field(default=200, ge=1)
+    # A circuit breaker per upstream model opens after this many consecutive failures and lets
+    # one trial call through after the cool-down.
+    BREAKER_FAILURE_THRESHOLD: int = Field(default=5, ge=1)
+    BREAKER_COOLDOWN_SECONDS: float = Field(default=30.0, ge=0)
+    # How long a process trusts a resolved model or chain before reading it again.
+    ROUTE_CACHE_SECONDS: float = Field(default=2.0, ge=0)
+
+    # Accounting. Default rate limits of every key (unset: unlimited); a key's or team's own
+    # `rate_limits` take precedence.
+    RATE_LIMIT_REQUESTS_PER_MINUTE: int | None = Field(default=None, ge=0)
+    RATE_LIMIT_TOKENS_PER_MINUTE: int | None = Field(default=None, ge=0)
+    RATE_LIMIT_REQUESTS_PER_DAY: int | None = Field(default=None, ge=0)
+    RATE_LIMIT_TOKENS_PER_DAY: int | None = Field(default=None, ge=0)
+    # Reserved for a call that sets no max_tokens (tokens and maximum cost at admission).
+    METERING_DEFAULT_MAX_OUTPUT_TOKENS: int = Field(default=4096, ge=1)
+    # How long a process trusts its cached key limits and budgets before reading them again.
+    METERING_CACHE_SECONDS: float = Field(default=2.0, ge=0)
+    USAGE_FLUSH_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
+    USAGE_FLUSH_MAX_RECORDS: int = Field(default=200, ge=1, le=5000)
+    # Defaults of the app configuration keys retention.usage_days, retention.logs_days and
+    # logging.log_request_bodies.
+    USAGE_RETENTION_DAYS: int = Field(default=30, ge=3)
+    LOG_RETENTION_DAYS: int = Field(default=30, ge=1)
+    LOG_REQUEST_BODIES: bool = False
+    BUDGET_RESET_INTERVAL_SECONDS: float = Field(default=60.0, gt=0)
+    ACCOUNTING_INTERVAL_SECONDS: float = Field(default=3600.0, gt=0)
+
+    # The Batch API. A file is kept whole in the database; an upload is also bounded by
+    # MAX_REQUEST_BYTES, so keep this a little below it.
+    FILE_MAX_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
+    BATCH_MAX_REQUESTS: int = Field(default=50_000, ge=1)
+
+    # The response cache: `none`, `memory` (per process) or `redis` (shared; the in-process
+    # stand-in under `gateway dev`). Off by default: with it, equal requests get equal answers.
+    CACHE_BACKEND: CacheBackendKind = CacheBackendKind.NONE
+    CACHE_TTL_SECONDS: float = Field(default=3600.0, gt=0)
+    CACHE_MAX_ENTRIES: int = Field(default=10_000, ge=1)  # memory backend, exact entries
+    # Longest wait on the cache store before answering without it (never fail a request on it).
+    CACHE_TIMEOUT_SECONDS: float = Field(default=0.5, gt=0)
+    # Semantic cache: an embedding model id turns it on; a hit needs this cosine similarity.
+    CACHE_SEMANTIC_MODEL: str | None = None
+    CACHE_SEMANTIC_THRESHOLD: float = Field(default=0.95, gt=0, le=1)
+    CACHE_SEMANTIC_MAX_ENTRIES: int = Field(default=500, ge=1, le=100_000)
+
+    # Calls to user-configured URLs (webhooks and later features) refuse loopback, private and
+    # other internal addresses, except these comma-separated host names or CIDR ranges.
+    OUTBOUND_ALLOWED_HOSTS: str = ""
+
+    # Webhooks: seconds before each delivery attempt (the first is usually 0).
+    WEBHOOK_RETRY_SCHEDULE: str = "0,5,300,1800,7200,18000,36000,50400,72000,86400"
+    WEBHOOK_TIMEOUT_SECONDS: float = Field(default=15.0, gt=0, le=60)
+    # A subscription whose deliveries keep failing this long is disabled and flagged.
+    WEBHOOK_DISABLE_AFTER_SECONDS: float = Field(default=5 * 24 * 3600.0, gt=0)
+    # After a secret rotation, the old secret keeps signing for this long.
+    WEBHOOK_ROTATION_OVERLAP_SECONDS: float = Field(default=24 * 3600.0, ge=0)
+
+    @field_validator("WEBHOOK_RETRY_SCHEDULE")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",")]
+        except ValueError:
+            delays = []
+        if not delays or any(d < 0 for d in delays) or len(delays) > 50:
+            raise ValueError(
+                "WEBHOOK_RETRY_SCHEDULE must list 1 to 50 comma-separated delays in seconds, "
+                "e.g. 0,5,300,1800."
+            )
+        return value
+
+    def webhook_retry_schedule(self) -> list[float]:
+        """Seconds to wait before each delivery attempt."""
+        return [float(part) for part in self.WEBHOOK_RETRY_SCHEDULE.split(",")]
 
     # Memory storage forgets everything on exit, so a key that dies with the process is enough.
     _ephemeral_key: str = PrivateAttr(default_factory=lambda: secrets.token_urlsafe(32))

@@ -10,20 +10,34 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.config import Settings
+from app.access.bootstrap import bootstrap_access, start_access, stop_access
+from app.access.router import admin_router as access_admin_router
+from app.access.router import auth_router
+from app.access.teams import ADMIN_TEAM_ID
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.redis import build_redis
 from app.gateway.chat import ensure_builtin_models
+from app.batches.router import router as batches_router
+from app.credentials.router import admin_router as credentials_admin_router
+from app.gateway.router import admin_router as chains_admin_router
 from app.gateway.router import router as chat_router
+from app.models.router import admin_router as models_admin_router
+from app.models.router import router as models_router
 from app.operations.router import admin_router as operations_admin_router
 from app.operations.router import router as operations_router
+from app.webhooks.router import router as webhooks_admin_router
+from app.prompts.router import admin_router as prompts_admin_router
 from app.queue.broker import build_broker
 from app.queue.port import DramatiqQueue, JobQueue
 from app.services import Services, build_services
+from app.settings.router import router as settings_admin_router
 from app.storage.factory import build_storage
 from app.storage.protocol import Storage
 from app.system.router import router as system_router
+from app.logs.router import admin_router as logs_admin_router
+from app.usage.router import budgets_router, usage_router
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +45,18 @@ ADMIN_KEY_ID = "admin"
 
 
 async def bootstrap(services: Services) -> None:
-    """What every install has: the built-in models, and the ADMIN_API_KEY key when set."""
+    """What every install has: the built-in models, the administrators team and first user, and
+    the ADMIN_API_KEY key when set."""
     await ensure_builtin_models(services.storage)
+    await bootstrap_access(services)
     secret = services.settings.ADMIN_API_KEY
     if secret is not None:
         await services.keys.ensure_key(
-            key_id=ADMIN_KEY_ID, name="Administrator", secret=secret.get_secret_value(), admin=True
+            key_id=ADMIN_KEY_ID,
+            name="Administrator",
+            secret=secret.get_secret_value(),
+            admin=True,
+            team_id=ADMIN_TEAM_ID,
         )
 
 
@@ -61,6 +81,12 @@ def create_app(
             redis = build_redis(settings)
             stack.push_async_callback(redis.aclose)
             app.state.services = build_services(settings, app.state.storage, jobs, redis)
+            # Runs before Redis and storage close: buffered usage and logs are sent first.
+            stack.push_async_callback(app.state.services.metering.close)
+            stack.push_async_callback(app.state.services.outbound.aclose)
+            await start_access(app.state.services)
+            stack.push_async_callback(stop_access, app.state.services)
+            stack.push_async_callback(app.state.services.chat.close)
             try:
                 await bootstrap(app.state.services)
             except Unavailable as exc:
@@ -80,7 +106,20 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(system_router)
+    app.include_router(auth_router)
+    app.include_router(access_admin_router)
+    app.include_router(settings_admin_router)
     app.include_router(chat_router)
+    app.include_router(chains_admin_router)
     app.include_router(operations_router)
     app.include_router(operations_admin_router)
+    app.include_router(webhooks_admin_router)
+    app.include_router(models_router)
+    app.include_router(models_admin_router)
+    app.include_router(credentials_admin_router)
+    app.include_router(prompts_admin_router)
+    app.include_router(batches_router)
+    app.include_router(usage_router)
+    app.include_router(budgets_router)
+    app.include_router(logs_admin_router)
     return app

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from app.access.entities import ApiKey, Team, TeamMember, User
+from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
 from app.evals.entities import TestCase, TestCaseResult
 from app.experiments.entities import Experiment, ExperimentRecord
+from app.gateway.entities import ModelChain
 from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
 from app.logs.entities import ExecutionLog
 from app.models.entities import Model
@@ -26,6 +28,7 @@ ENTITIES: tuple[type[Entity], ...] = (
     ApiKey,
     StoredCredential,
     Model,
+    ModelChain,
     Prompt,
     PromptVersion,
     Workflow,
@@ -44,4 +47,6 @@ ENTITIES: tuple[type[Entity], ...] = (
     TestCaseResult,
     Webhook,
     WebhookDelivery,
+    StoredFile,
+    Batch,
 )

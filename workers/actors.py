@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
 
 from app.operations.entities import OperationKind
-from app.queue.names import ACTORS, QUEUES
+from app.queue.names import ACTORS, QUEUES, USAGE_ACTOR, USAGE_QUEUE
 from workers import runtime
 from workers.broker import ensure_broker
 
@@ -70,7 +72,33 @@ async def deliver_webhook(operation_id: str) -> None:
     await runtime.get_runtime().runner.execute(operation_id)
 
 
-ALL = (complete_chat, run_workflow, run_experiment_batch, run_tests, deliver_webhook)
+@dramatiq.actor(
+    actor_name=ACTORS[OperationKind.EMBEDDING],
+    queue_name=QUEUES[OperationKind.EMBEDDING],
+    max_retries=0,
+    time_limit=TIME_LIMIT_MS,
+)
+async def create_embeddings(operation_id: str) -> None:
+    """Run one embeddings job."""
+    await runtime.get_runtime().runner.execute(operation_id)
+
+
+# No job row records a batch, so Dramatiq retries it; writing a batch twice is a no-op.
+@dramatiq.actor(actor_name=USAGE_ACTOR, queue_name=USAGE_QUEUE, max_retries=20, min_backoff=1000)
+async def record_usage_batch(batch: dict[str, Any]) -> None:
+    """Insert one batch of usage records and execution logs."""
+    await runtime.get_runtime().services.accounting.usage.write_batch(batch)
+
+
+ALL = (
+    complete_chat,
+    run_workflow,
+    run_experiment_batch,
+    run_tests,
+    deliver_webhook,
+    create_embeddings,
+    record_usage_batch,
+)
 
 
 def bind(broker: dramatiq.Broker) -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app.config import Settings, StorageBackend
 from app.main import create_app
 from app.queue.port import DramatiqQueue
+from app.seed import seed_services
 from app.services import Services
 from app.storage.factory import build_storage
 from app.storage.memory import MemoryStore
@@ -57,6 +58,9 @@ def build_dev_app(settings: Settings) -> FastAPI:
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
         try:
             async with inner(app_):
+                if store is not None:
+                    # Memory starts empty every time: demo data makes it answer out of the box.
+                    await seed_services(app_.state.services)
                 await announce_key(app_.state.services)
                 with in_process_worker(settings, broker):
                     yield

@@ -19,6 +19,7 @@ from app.services import Services, build_handlers, build_services, job_timings
 from app.storage.factory import build_storage
 from app.storage.memory import MemoryStore
 from app.storage.protocol import Storage
+from app.usage.wiring import accounting_tasks
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class Runtime:
     periodic: PeriodicRunner
 
     async def close(self) -> None:
+        await self.services.metering.close()  # buffered usage and logs go out first
+        await self.services.outbound.aclose()
+        await self.services.chat.close()
         await self.services.redis.aclose()
         await self.services.storage.close()
 
@@ -79,6 +83,7 @@ def _build(config: Settings) -> Runtime:
         build_handlers(services),
         worker_id=worker_id,
         timings=job_timings(config),
+        events=services.events,
     )
     lock: LocalTickLock | RedisTickLock
     if config.BROKER is BrokerKind.REDIS and config.STORAGE_BACKEND is StorageBackend.POSTGRES:
@@ -88,6 +93,8 @@ def _build(config: Settings) -> Runtime:
     tasks = [
         PeriodicTask("sweep", config.SWEEP_INTERVAL_SECONDS, runner.sweep),
         PeriodicTask("purge", config.PURGE_INTERVAL_SECONDS, runner.purge_finished),
+        PeriodicTask("batches", config.SWEEP_INTERVAL_SECONDS, services.batches.process_due),
+        *accounting_tasks(services.accounting, config),
     ]
     return Runtime(
         settings=config,

@@ -1,17 +1,23 @@
-"""Authentication dependencies: every /v1 route needs a key, every /admin route an admin key."""
+"""Authentication dependencies: every /v1 route needs a key, every /admin route an admin key
+or an administrator's session token."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.access.entities import User
 from app.access.service import Principal
+from app.access.tokens import TokenClaims, looks_like_token
 from app.core.errors import PermissionDenied, Unauthenticated
 from app.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # `async def` although it awaits nothing: FastAPI runs a plain `def` dependency in a thread
+    # pool, which costs more than the rest of a small request.
     services: Services = request.app.state.services
     return services
 
@@ -40,11 +46,42 @@ async def get_principal(request: Request, services: ServicesDep) -> Principal:
     return principal
 
 
-async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-    if not principal.admin:
-        raise PermissionDenied("this route requires an API key with admin rights")
+async def require_admin(request: Request, services: ServicesDep) -> Principal:
+    credential = _presented_key(request)
+    if credential is None:
+        raise Unauthenticated(
+            "an admin API key or an administrator's session token is required: send "
+            "'Authorization: Bearer <key or token>'"
+        )
+    if looks_like_token(credential):
+        principal = await services.users.admin_principal(credential)
+    else:
+        principal = await services.keys.authenticate(credential)
+        if not principal.admin:
+            raise PermissionDenied("this route requires an API key with admin rights")
+    request.state.principal = principal
     return principal
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A signed-in user and the token they presented."""
+
+    user: User
+    claims: TokenClaims
+
+
+async def get_session(request: Request, services: ServicesDep) -> Session:
+    token = _presented_key(request)
+    if token is None or not looks_like_token(token):
+        raise Unauthenticated(
+            "a session token is required: sign in at /auth/login and send "
+            "'Authorization: Bearer <access_token>'"
+        )
+    user, claims = await services.users.session(token)
+    return Session(user, claims)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
+SessionDep = Annotated[Session, Depends(get_session)]

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.errors import (
     BudgetExceeded,
     Cancelled,
+    CircuitOpen,
     Conflict,
     DomainError,
     InvalidInput,
@@ -25,6 +26,9 @@ from app.core.errors import (
     Transient,
     Unauthenticated,
     Unavailable,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,9 @@ DOMAIN_STATUS: dict[type[DomainError], tuple[int, str]] = {
     RateLimited: (429, "rate_limit_error"),
     Transient: (502, "api_error"),
     Unavailable: (503, "service_unavailable_error"),
+    UpstreamRateLimited: (429, "rate_limit_error"),
+    UpstreamTimeout: (504, "api_error"),
+    CircuitOpen: (503, "service_unavailable_error"),
 }
 
 # Codes for HTTP errors raised by the framework rather than the domain.
@@ -87,22 +94,33 @@ def error_response(
 
 
 def _domain_status(exc: DomainError) -> tuple[int, str]:
+    if isinstance(exc, UpstreamRejected):
+        return exc.status, error_type(exc.status)
     for cls in type(exc).__mro__:
         if cls in DOMAIN_STATUS:
             return DOMAIN_STATUS[cls]
     return 500, "api_error"
 
 
+def domain_status(exc: DomainError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of a domain error (also for errors sent in a stream)."""
+    return _domain_status(exc)
+
+
 async def _domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DomainError)
     status, type_ = _domain_status(exc)
     headers = None
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | UpstreamRateLimited):
         # `retry-after` must be whole seconds; the OpenAI SDK prefers the precise `-ms` variant.
         headers = {
             "retry-after": str(max(1, math.ceil(exc.retry_after))),
             "retry-after-ms": str(max(0, round(exc.retry_after * 1000))),
         }
+        # The gateway's own limits also say which limit was hit (`x-ratelimit-*`).
+        extra = exc.details.get("headers")
+        if isinstance(extra, dict):
+            headers.update({str(k): str(v) for k, v in extra.items()})
     if status >= 500:
         logger.warning("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
     return error_response(

@@ -10,13 +10,13 @@ from app.config import Settings
 from app.storage.protocol import Storage
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     """The storage backend the lifespan opened."""
     storage: Storage = request.app.state.storage
     return storage

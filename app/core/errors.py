@@ -122,3 +122,51 @@ class Cancelled(DomainError):
     """The job was cancelled (or its lease lost) while it ran; stop without writing a result."""
 
     code = "cancelled"
+
+
+class UpstreamRejected(DomainError):
+    """An upstream provider refused the request for good (a 4xx other than 429)."""
+
+    code = "upstream_rejected"
+
+    def __init__(self, message: str, *, status: int, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.status = status
+
+
+class UpstreamRateLimited(Transient):
+    """An upstream provider answered 429."""
+
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(Transient):
+    """An upstream provider failed (5xx) or could not be reached."""
+
+    code = "upstream_error"
+
+
+class UpstreamTimeout(Transient):
+    """An upstream provider did not answer in time."""
+
+    code = "upstream_timeout"
+
+
+class CircuitOpen(Transient):
+    """Every upstream that could answer is shut off by its circuit breaker for now."""
+
+    code = "circuit_open"
+
+
+class RetryLater(Transient):
+    """A failure whose next attempt is due after a delay the job chose (a delivery schedule)."""
+
+    code = "retry_later"
+
+    def __init__(self, message: str, *, retry_after: float, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after

@@ -10,12 +10,20 @@ from app.config import BrokerKind, Settings
 def build_redis(settings: Settings) -> aioredis.Redis:
     """An asyncio client of the Redis the broker uses (the in-process stand-in unless `redis`)."""
     if settings.BROKER is BrokerKind.REDIS:
-        return aioredis.Redis.from_url(
-            settings.REDIS_URL, socket_connect_timeout=2.0, socket_timeout=5.0
+        # A blocking pool waits (up to `timeout`) for a free connection under a burst of
+        # concurrent requests; the default pool raises "Too many connections" past 100.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL,
+            max_connections=100,
+            timeout=5.0,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
         )
+        return aioredis.Redis(connection_pool=pool)
     import fakeredis
 
     from app.queue.broker import fake_redis_server
 
     # Same server as the fakeredis broker, so one-process mode sees one Redis, as production does.
-    return fakeredis.FakeAsyncRedis(server=fake_redis_server())
+    # In-process connections cost nothing; the default cap of 100 would fail bursts of requests.
+    return fakeredis.FakeAsyncRedis(server=fake_redis_server(), max_connections=10_000)

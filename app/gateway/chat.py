@@ -1,43 +1,461 @@
-"""Chat completions: one code path for the direct call and the job."""
+"""Chat completions and embeddings: resolve → route → call the provider → build the response.
+
+Each step is its own method so that access checks, usage accounting and caching can wrap them;
+the direct API call and the job share every one of them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from app.core.errors import DuplicateKey, InvalidInput, NotFound
-from app.credentials.entities import Provider
-from app.gateway.mock import MockBehaviour, MockProvider
-from app.gateway.schemas import ChatCompletionRequest
-from app.models.entities import Model
+from app.core.errors import (
+    DomainError,
+    DuplicateKey,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from app.credentials.entities import Provider, StoredCredential
+from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks
+from app.gateway.entities import ModelChain
+from app.gateway.providers.anthropic import AnthropicProvider
+from app.gateway.providers.base import JSON, ChatProvider, Upstream
+from app.gateway.providers.http import HttpPool
+from app.gateway.providers.mock import MockBehaviour, MockProvider
+from app.gateway.providers.openai import AzureOpenAIProvider, OpenAIProvider
+from app.gateway.routing import CircuitBreakers, Route, Step, run_route
+from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.models.entities import Model, ModelKind
 from app.storage.protocol import Storage
+
+# Model parameters that act as defaults of the request's own (the request wins).
+SAMPLING_DEFAULTS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+    "response_format",
+)
+
+
+class RevealedSecret(Protocol):
+    """What `CredentialService.reveal` returns: how to reach a provider, secret in clear."""
+
+    @property
+    def secret(self) -> str | None: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    @property
+    def api_version(self) -> str | None: ...
+    @property
+    def header_name(self) -> str | None: ...
+    @property
+    def header_value_template(self) -> str | None: ...
+
+
+class CredentialSource(Protocol):
+    async def reveal(self, credential_id: str) -> RevealedSecret: ...
+
+
+class PromptExpander(Protocol):
+    async def expand_messages(self, messages: list[JSON]) -> list[JSON]: ...
+
+
+@dataclass(frozen=True)
+class _EnvCredential:
+    provider: Provider
+    secret: str | None = field(repr=False)
+    endpoint: str | None
+    api_version: str | None
+    header_name: str | None
+    header_value_template: str | None
+
+
+class EnvCredentials:
+    """Reads credentials whose secret lives in an environment variable (no decryption here)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    async def reveal(self, credential_id: str) -> RevealedSecret:
+        async with self._storage.unit_of_work() as uow:
+            stored = await uow.repo(StoredCredential).get(credential_id)
+        if stored is None:
+            raise NotFound("credential", credential_id)
+        if stored.env_var is None and stored.secret_encrypted is not None:
+            raise Unavailable(f"credential '{credential_id}' cannot be read by this process")
+        return _EnvCredential(
+            provider=stored.provider,
+            secret=os.environ.get(stored.env_var) if stored.env_var else None,
+            endpoint=stored.endpoint,
+            api_version=stored.api_version,
+            header_name=stored.header_name,
+            header_value_template=stored.header_value_template,
+        )
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    max_retries: int = 1
+    max_connections: int = 200
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 30.0
+    route_cache_seconds: float = 2.0
+
+
+@dataclass
+class ChatAnswer:
+    """A completion and the model that produced it."""
+
+    model_id: str
+    body: JSON
+    # What the response cache did (None when caching is off); its headers go to the client.
+    cache: CacheLookup | None = None
+
+    @property
+    def usage(self) -> JSON:
+        usage: JSON = self.body.get("usage") or {}
+        return usage
+
+
+@dataclass
+class ChatStream:
+    """A started stream: the model that answers, and its chunks (usage is set once known)."""
+
+    model_id: str
+    chunks: AsyncIterator[JSON]
+    usage: JSON | None = None
+    cache: CacheLookup | None = None
+
+
+@dataclass
+class _Cached:
+    expires: float
+    route: Route
+    kind: ModelKind
 
 
 class ChatService:
-    """Resolves the model and calls its provider."""
+    """Resolves the model or chain a client named, and calls its providers."""
 
-    def __init__(self, storage: Storage, *, mock_defaults: MockBehaviour | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        mock_defaults: MockBehaviour | None = None,
+        upstream: UpstreamSettings | None = None,
+        credentials: CredentialSource | None = None,
+        prompts: PromptExpander | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._storage = storage
-        self._mock = MockProvider()
-        self._mock_defaults = mock_defaults or MockBehaviour()
-
-    async def resolve_model(self, model_id: str) -> Model:
-        """The enabled model `model_id`; unknown or disabled is `NotFound` (never a fallback)."""
-        async with self._storage.unit_of_work() as uow:
-            model = await uow.repo(Model).get(model_id)
-        if model is None or not model.enabled:
-            raise NotFound("model", model_id, param="model")
-        return model
-
-    async def complete(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        """An OpenAI `chat.completion` object for `request`."""
-        model = await self.resolve_model(request.model)
-        if model.provider == Provider.MOCK:
-            behaviour = MockBehaviour.from_parameters(model.parameters, self._mock_defaults)
-            return await self._mock.chat(request, model_id=model.id, behaviour=behaviour)
-        raise InvalidInput(
-            f"model '{model.id}' uses provider '{model.provider}', which this gateway cannot call",
-            param="model",
+        self._config = upstream or UpstreamSettings()
+        self.credentials: CredentialSource = credentials or EnvCredentials(storage)
+        self.prompts = prompts
+        self._clock = clock
+        self._pool = HttpPool(max_connections=self._config.max_connections)
+        self.mock = MockProvider(mock_defaults)
+        openai = OpenAIProvider(self._pool)
+        self.providers: dict[Provider, ChatProvider] = {
+            Provider.MOCK: self.mock,
+            Provider.OPENAI: openai,
+            Provider.CUSTOM: openai,
+            Provider.ANTHROPIC: AnthropicProvider(self._pool),
+            Provider.AZURE_OPENAI: AzureOpenAIProvider(self._pool),
+        }
+        self.breakers = CircuitBreakers(
+            threshold=self._config.breaker_threshold,
+            cooldown=self._config.breaker_cooldown,
+            clock=clock,
         )
+        self._routes: dict[str, _Cached] = {}
+        # Set by the composition root when CACHE_BACKEND is on.
+        self.cache: ResponseCache | None = None
+
+    async def close(self) -> None:
+        """Close the upstream connection pools."""
+        await self._pool.close()
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Forget cached routes (all, or the one for `name`) after a model or chain changed."""
+        if name is None:
+            self._routes.clear()
+        else:
+            self._routes.pop(name, None)
+
+    # --- resolve ----------------------------------------------------------------------------
+
+    async def resolve(self, name: str, *, kind: ModelKind = ModelKind.CHAT) -> Route:
+        """The route for the model or chain `name`; unknown or disabled is `NotFound`."""
+        cached = self._routes.get(name)
+        now = self._clock()
+        if cached is None or cached.expires <= now:
+            route, route_kind = await self._load_route(name)
+            cached = _Cached(now + self._config.route_cache_seconds, route, route_kind)
+            if self._config.route_cache_seconds > 0:
+                self._routes[name] = cached
+        if cached.kind is not kind:
+            raise InvalidInput(
+                f"model '{name}' is a {cached.kind.value} model and cannot serve this endpoint",
+                param="model",
+            )
+        return cached.route
+
+    async def resolve_model(self, model_id: str) -> Route:
+        """Kept for callers that only check that a chat model exists."""
+        return await self.resolve(model_id)
+
+    async def _load_route(self, name: str) -> tuple[Route, ModelKind]:
+        async with self._storage.unit_of_work() as uow:
+            model = await uow.repo(Model).get(name)
+            chain = None if model is not None else await uow.repo(ModelChain).get(name)
+            if chain is not None and chain.enabled:
+                ids = [str(s.get("model_id")) for s in chain.steps]
+                models = {m.id: m for m in await uow.repo(Model).get_many(ids)}
+        if model is not None:
+            if not model.enabled:
+                raise NotFound("model", name, param="model")
+            step = Step(
+                upstream=await self._upstream(model),
+                max_retries=int(model.parameters.get("max_retries", self._config.max_retries)),
+                backoff_ms=int(model.parameters.get("backoff_ms", 200)),
+            )
+            return Route(name=name, steps=(step,)), model.kind
+        if chain is None or not chain.enabled:
+            raise NotFound("model", name, param="model")
+        steps: list[Step] = []
+        kinds: set[ModelKind] = set()
+        for raw in chain.steps:
+            target = models.get(str(raw.get("model_id")))
+            # A disabled or removed model drops out of the chain; the chain itself stays usable.
+            if target is None or not target.enabled:
+                continue
+            kinds.add(target.kind)
+            steps.append(
+                Step(
+                    upstream=await self._upstream(target),
+                    max_retries=int(raw.get("max_retries") or 0),
+                    backoff_ms=int(raw.get("backoff_ms") or 0),
+                    latency_threshold_ms=raw.get("latency_threshold_ms"),
+                )
+            )
+        if not steps:
+            raise NotFound("model", name, param="model")
+        if len(kinds) > 1:
+            raise InvalidInput(f"chain '{name}' mixes chat and embedding models", param="model")
+        return Route(name=name, steps=tuple(steps), chain=True), kinds.pop()
+
+    async def _upstream(self, model: Model) -> Upstream:
+        if model.provider not in self.providers:
+            raise InvalidInput(
+                f"model '{model.id}' uses provider '{model.provider}', which cannot serve chat "
+                "or embeddings",
+                param="model",
+            )
+        parameters = model.parameters
+        secret = endpoint = api_version = header_name = header_template = None
+        if model.credential_id is not None:
+            revealed = await self.credentials.reveal(model.credential_id)
+            secret, endpoint, api_version = revealed.secret, revealed.endpoint, revealed.api_version
+            header_name, header_template = revealed.header_name, revealed.header_value_template
+        base_url = parameters.get("base_url") or endpoint
+        if model.provider is Provider.AZURE_OPENAI and not base_url:
+            raise Unavailable(f"model '{model.id}' has no Azure endpoint configured")
+        return Upstream(
+            model_id=model.id,
+            provider=model.provider,
+            provider_model=model.provider_model,
+            base_url=base_url,
+            secret=secret,
+            api_version=parameters.get("api_version") or api_version,
+            header_name=header_name,
+            header_value_template=header_template,
+            parameters=parameters,
+            timeout=float(parameters.get("timeout_s", self._config.timeout)),
+            connect_timeout=self._config.connect_timeout,
+            config_version=model.config_version,
+        )
+
+    # --- prepare ----------------------------------------------------------------------------
+
+    async def prepare(self, request: ChatCompletionRequest) -> JSON:
+        """The request as an OpenAI body (without `model`), prompt references rendered."""
+        request.check()
+        body = request.model_dump(
+            exclude_none=True, by_alias=True, exclude={"model", "stream", "stream_options"}
+        )
+        if request.has_prompt_references():
+            if self.prompts is None:
+                raise InvalidInput("stored prompts are not available", param="messages")
+            body["messages"] = await self.prompts.expand_messages(body["messages"])
+        return body
+
+    @staticmethod
+    def _with_defaults(upstream: Upstream, body: JSON) -> JSON:
+        parameters = upstream.parameters
+        if not parameters:
+            return body
+        merged = {k: parameters[k] for k in SAMPLING_DEFAULTS if k in parameters}
+        merged.update(body)
+        system = parameters.get("system_prompt")
+        messages = merged.get("messages") or []
+        if system and not any(m.get("role") in ("system", "developer") for m in messages):
+            merged["messages"] = [{"role": "system", "content": system}, *messages]
+        return merged
+
+    # --- call -------------------------------------------------------------------------------
+
+    async def call(self, route: Route, body: JSON) -> ChatAnswer:
+        """The first answer along `route`."""
+
+        async def attempt(upstream: Upstream) -> JSON:
+            provider = self.providers[upstream.provider]
+            return await provider.chat(upstream, self._with_defaults(upstream, body))
+
+        step, answer = await run_route(route, attempt, self.breakers)
+        return ChatAnswer(model_id=step.upstream.model_id, body=answer)
+
+    @staticmethod
+    def build_response(answer: ChatAnswer) -> ChatAnswer:
+        """The answer as the client sees it: `model` is the gateway model that answered."""
+        answer.body["model"] = answer.model_id
+        answer.body.setdefault("object", "chat.completion")
+        return answer
+
+    async def complete(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        tenant: str | None = None,
+        cache_control: CacheControl | None = None,
+    ) -> ChatAnswer:
+        """An OpenAI `chat.completion` for `request`, from the cache when it holds one.
+
+        `tenant` (see `cache.tenant_of`) scopes cached answers; without it nothing is cached.
+        """
+        route = await self.resolve(request.model)
+        body = await self.prepare(request)
+        lookup = await self._cache_lookup(route, body, tenant, cache_control)
+        if lookup is not None and lookup.response is not None:
+            model_id = str(lookup.response.get("model", route.name))
+            return ChatAnswer(model_id, lookup.response, lookup)
+        answer = self.build_response(await self.call(route, body))
+        if lookup is not None and self.cache is not None:
+            await self.cache.store(lookup, answer.body)
+            answer.cache = lookup
+        return answer
+
+    async def _cache_lookup(
+        self, route: Route, body: JSON, tenant: str | None, control: CacheControl | None
+    ) -> CacheLookup | None:
+        if self.cache is None or tenant is None:
+            return None
+        # Every model the route may call, at its configuration: a change to any is a new key.
+        version = ",".join(
+            f"{s.upstream.model_id}:{s.upstream.config_version}" for s in route.steps
+        )
+        return await self.cache.lookup(
+            body, model=route.name, config_version=version, tenant=tenant, control=control
+        )
+
+    # --- stream -----------------------------------------------------------------------------
+
+    async def open_stream(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        tenant: str | None = None,
+        cache_control: CacheControl | None = None,
+    ) -> ChatStream:
+        """A stream whose first chunk has arrived, so failures before it can still fall back.
+
+        A cached completion is replayed as chunks; a streamed answer is not stored.
+        """
+        route = await self.resolve(request.model)
+        body = await self.prepare(request)
+        lookup = await self._cache_lookup(route, body, tenant, cache_control)
+        if lookup is not None and lookup.response is not None:
+            cached = lookup.response
+
+            async def replay() -> AsyncIterator[JSON]:
+                for chunk in completion_chunks(cached, include_usage=request.wants_usage_chunk()):
+                    yield chunk
+
+            model_id = str(cached.get("model", route.name))
+            return ChatStream(model_id, replay(), cached.get("usage"), lookup)
+
+        async def attempt(upstream: Upstream) -> tuple[AsyncIterator[JSON], JSON]:
+            provider = self.providers[upstream.provider]
+            chunks = provider.stream(upstream, self._with_defaults(upstream, body))
+            return chunks, await anext(chunks)
+
+        step, (chunks, first) = await run_route(route, attempt, self.breakers)
+        stream = ChatStream(model_id=step.upstream.model_id, chunks=chunks, cache=lookup)
+        stream.chunks = self._relay(stream, first, chunks, request.wants_usage_chunk())
+        return stream
+
+    async def _relay(
+        self, stream: ChatStream, first: JSON, chunks: AsyncIterator[JSON], include_usage: bool
+    ) -> AsyncIterator[JSON]:
+        model_id = stream.model_id
+        try:
+            chunk: JSON | None = first
+            while chunk is not None:
+                chunk["model"] = model_id
+                usage = chunk.get("usage")
+                if usage:
+                    stream.usage = usage
+                if chunk.get("choices"):
+                    if usage and not include_usage:
+                        del chunk["usage"]
+                    yield chunk
+                elif usage and include_usage:
+                    yield chunk
+                chunk = await anext(chunks, None)
+        except DomainError as exc:
+            if isinstance(exc, UpstreamUnavailable | UpstreamTimeout):
+                self.breakers.failure(model_id)
+            raise
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest) -> tuple[str, JSON]:
+        """The model that answered, and an OpenAI embeddings `list` object."""
+        route = await self.resolve(request.model, kind=ModelKind.EMBEDDING)
+        inputs = request.inputs()
+
+        async def attempt(upstream: Upstream) -> Any:
+            provider = self.providers[upstream.provider]
+            return await provider.embed(upstream, inputs, request.dimensions)
+
+        step, result = await run_route(route, attempt, self.breakers)
+        data = []
+        for index, vector in enumerate(result.vectors):
+            value: list[float] | str = vector
+            if request.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        model_id = step.upstream.model_id
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return model_id, {"object": "list", "data": data, "model": model_id, "usage": usage}
 
 
 BUILTIN_MODELS: tuple[Model, ...] = (
@@ -48,6 +466,14 @@ BUILTIN_MODELS: tuple[Model, ...] = (
         provider=Provider.MOCK,
         provider_model="mock",
         context_window=128_000,
+    ),
+    Model(
+        id="mock-embedding",
+        name="Mock embeddings",
+        description="Built-in offline embeddings: a hashed bag of words, 256 dimensions.",
+        kind=ModelKind.EMBEDDING,
+        provider=Provider.MOCK,
+        provider_model="mock-embedding",
     ),
 )
 

@@ -1,20 +1,26 @@
-"""Chat completion requests and responses in the OpenAI wire format."""
+"""Chat completion, embedding and chain requests and responses in the OpenAI wire format."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from app.core.errors import InvalidInput
+
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class ChatMessage(BaseModel):
-    """One message of a conversation."""
+    """One message of a conversation (or a reference to a stored prompt, with `prompt_id`)."""
 
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -24,9 +30,53 @@ class ChatMessage(BaseModel):
         return " ".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: FunctionName
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions` with OpenAI's parameter ranges."""
 
+    # Parameters we do not know are passed on to OpenAI-compatible upstreams unchanged.
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=200)
@@ -35,14 +85,66 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
     stream: bool | None = None
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
+
+    def check(self) -> None:
+        """Rules that span several fields; each failure names the field to fix."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidInput(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidInput("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise InvalidInput("tool_choice requires tools", param="tool_choice")
+        if (
+            self.response_format is not None
+            and self.response_format.type == "json_schema"
+            and self.response_format.json_schema is None
+        ):
+            raise InvalidInput(
+                "response_format of type json_schema requires json_schema",
+                param="response_format.json_schema",
+            )
+        if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
+            raise InvalidInput("stop takes up to 4 non-empty sequences", param="stop")
+
+    def wants_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def has_prompt_references(self) -> bool:
+        return any(getattr(m, "prompt_id", None) for m in self.messages)
+
+
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`."""
+
+    model: str = Field(min_length=1, max_length=200)
+    input: (
+        Annotated[str, StringConstraints(min_length=1)]
+        | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, le=8192)
+    user: str | None = Field(default=None, max_length=256)
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 class OperationAccepted(BaseModel):
@@ -51,3 +153,53 @@ class OperationAccepted(BaseModel):
     operation_id: str
     status: str
     object: Literal["operation"] = "operation"
+
+
+class ChainStep(BaseModel):
+    """One step of a chain: a model, how often to retry it, and when to give up waiting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(min_length=1, max_length=64)
+    max_retries: int = Field(default=0, ge=0, le=10)
+    backoff_ms: int = Field(default=200, ge=0, le=60_000)
+    # Past this, the step is abandoned for the next one (ignored on the last step).
+    latency_threshold_ms: int | None = Field(default=None, ge=1, le=600_000)
+
+
+ChainId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+
+
+class ChainCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: ChainId
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = None
+    steps: list[ChainStep] = Field(min_length=1, max_length=10)
+    enabled: bool = True
+
+
+class ChainUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = None
+    steps: list[ChainStep] | None = Field(default=None, min_length=1, max_length=10)
+    enabled: bool | None = None
+
+
+class ChainRead(BaseModel):
+    id: str
+    object: Literal["model_chain"] = "model_chain"
+    name: str
+    description: str | None
+    steps: list[ChainStep]
+    enabled: bool
+    created_at: int
+    updated_at: int
+
+
+class ChainList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ChainRead]

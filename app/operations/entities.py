@@ -28,6 +28,7 @@ class OperationKind(StrEnum):
     TEST_CASE_RUN = "test_case_run"
     WEBHOOK_DELIVERY = "webhook_delivery"
     BATCH = "batch"  # an OpenAI-style batch: a parent whose children do the work
+    EMBEDDING = "embedding"  # one embeddings call (a line of an embeddings batch)
 
 
 class OperationStatus(StrEnum):

@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 
 from app.core.clock import utcnow
-from app.core.errors import Cancelled, DomainError, StaleVersion, Transient
+from app.core.errors import Cancelled, DomainError, RetryLater, StaleVersion, Transient
+from app.core.events import EventSink
 from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.events import emit_finished
 from app.operations.service import count_child_finished, mark_unsent
 from app.operations.transitions import TERMINAL, move
 from app.queue.port import JobQueue
@@ -131,8 +133,10 @@ class OperationRunner:
         *,
         worker_id: str | None = None,
         timings: JobTimings | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self.storage = storage
+        self.events = events
         self.queue = queue
         self.handlers = dict(handlers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
@@ -279,8 +283,11 @@ class OperationRunner:
             operation.error_type = operation.error_message = None
             operation.finished_at = utcnow()
             await uow.repo(Operation).update(operation)
+            await emit_finished(self.events, uow, operation)
             if operation.parent_id:
-                await count_child_finished(uow, operation.parent_id, OperationStatus.COMPLETED)
+                await count_child_finished(
+                    uow, operation.parent_id, OperationStatus.COMPLETED, events=self.events
+                )
 
         return await self._finish(claim, change)
 
@@ -307,7 +314,10 @@ class OperationRunner:
                     message_ = message
                 await self._fail(uow, operation, error_type, message_)
                 return
-            delay = self.backoff(operation.attempts)
+            if isinstance(exc, RetryLater):
+                delay = exc.retry_after  # the job keeps its own schedule (webhook deliveries)
+            else:
+                delay = self.backoff(operation.attempts)
             move(operation, OperationStatus.PENDING)
             operation.error_type, operation.error_message = error_type, message
             operation.run_after = utcnow() + timedelta(seconds=delay)
@@ -327,8 +337,11 @@ class OperationRunner:
         operation.lease_owner = operation.lease_token = None
         operation.lease_expires_at = None
         await uow.repo(Operation).update(operation)
+        await emit_finished(self.events, uow, operation)
         if operation.parent_id:
-            await count_child_finished(uow, operation.parent_id, OperationStatus.FAILED)
+            await count_child_finished(
+                uow, operation.parent_id, OperationStatus.FAILED, events=self.events
+            )
 
     async def _exhaust(self, uow: UnitOfWork, operation: Operation, why: str) -> None:
         await self._fail(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,8 +14,10 @@ import orjson
 
 from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
+from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
 from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
 from app.queue.names import QUEUES
 from app.queue.port import JobQueue
@@ -57,10 +59,20 @@ def check_operation_id(value: str) -> str:
 class OperationService:
     """Jobs as clients see them: durable on accept, sent after commit, scoped to their owner."""
 
-    def __init__(self, storage: Storage, queue: JobQueue, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        queue: JobQueue,
+        *,
+        max_attempts: int = 3,
+        events: EventSink | None = None,
+    ) -> None:
         self._storage = storage
         self._queue = queue
         self._max_attempts = max_attempts
+        # Where `operation.cancelled` goes; set after construction when the sink itself
+        # submits jobs through this service (webhook deliveries).
+        self.events = events
 
     # ---- submit ----------------------------------------------------------------------------
 
@@ -110,10 +122,13 @@ class OperationService:
         owner: Owner,
         children: Sequence[ChildSpec],
         meta: dict[str, Any] | None = None,
+        attach: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
     ) -> Operation:
         """Commit a parent with its children in one transaction and send the children.
 
         The parent runs while its children do and finishes when the last one finishes.
+        `attach` writes, in the same transaction, what the caller keeps about the parent (a
+        batch row pointing at it), so neither exists without the other.
         """
         if not children:
             raise InvalidInput("a parent operation needs at least one child", param="children")
@@ -131,9 +146,28 @@ class OperationService:
             await uow.repo(Operation).add(parent)
             for kid in kids:
                 await uow.repo(Operation).add(kid)
+            if attach is not None:
+                await attach(uow, parent)
             self._send_after_commit(uow, kids)
             await uow.commit()
         return parent
+
+    async def submit_in(
+        self,
+        uow: UnitOfWork,
+        *,
+        kind: OperationKind,
+        input: dict[str, Any],
+        owner: Owner,
+        max_attempts: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Operation:
+        """Inside the caller's `uow`: add a pending job, sent once that unit commits."""
+        operation = self._new(kind, input, owner, max_attempts, meta)
+        operation.request_hash = request_hash(kind, input)
+        await uow.repo(Operation).add(operation)
+        self._send_after_commit(uow, [operation])
+        return operation
 
     def _new(
         self,
@@ -263,7 +297,7 @@ class OperationService:
         while True:
             try:
                 async with self._storage.unit_of_work() as uow:
-                    operation = await cancel_in(uow, operation_id)
+                    operation = await cancel_in(uow, operation_id, events=self.events)
                     await uow.commit()
                 return operation
             except StaleVersion:
@@ -302,7 +336,9 @@ async def mark_unsent(storage: Storage, operation_id: str) -> None:
         log.exception("could not mark job %s as unsent", operation_id)
 
 
-async def cancel_in(uow: UnitOfWork, operation_id: str) -> Operation:
+async def cancel_in(
+    uow: UnitOfWork, operation_id: str, *, events: EventSink | None = None
+) -> Operation:
     """Inside `uow`: cancel the job and its unfinished children, counting them on the parent."""
     repo = uow.repo(Operation)
     operation = await repo.get(operation_id)
@@ -331,12 +367,21 @@ async def cancel_in(uow: UnitOfWork, operation_id: str) -> Operation:
             await repo.update(child)
             operation.children_cancelled += 1
     operation = await repo.update(operation)
+    await emit_finished(events, uow, operation)
     if operation.parent_id is not None:
-        await count_child_finished(uow, operation.parent_id, OperationStatus.CANCELLED)
+        await count_child_finished(
+            uow, operation.parent_id, OperationStatus.CANCELLED, events=events
+        )
     return operation
 
 
-async def count_child_finished(uow: UnitOfWork, parent_id: str, outcome: OperationStatus) -> None:
+async def count_child_finished(
+    uow: UnitOfWork,
+    parent_id: str,
+    outcome: OperationStatus,
+    *,
+    events: EventSink | None = None,
+) -> None:
     """Inside `uow`: count a finished child on its parent; the last one finishes the parent.
 
     The parent's version makes siblings that finish at once serialise (a `StaleVersion` means
@@ -363,4 +408,5 @@ async def count_child_finished(uow: UnitOfWork, parent_id: str, outcome: Operati
             "failed": parent.children_failed,
             "cancelled": parent.children_cancelled,
         }
+        await emit_finished(events, uow, parent)
     await repo.update(parent)

@@ -10,6 +10,7 @@ QUEUES: dict[OperationKind, str] = {
     OperationKind.EXPERIMENT_BATCH: "experiments",
     OperationKind.TEST_CASE_RUN: "evals",
     OperationKind.WEBHOOK_DELIVERY: "webhooks",
+    OperationKind.EMBEDDING: "embeddings",
 }
 
 ACTORS: dict[OperationKind, str] = {
@@ -18,6 +19,11 @@ ACTORS: dict[OperationKind, str] = {
     OperationKind.EXPERIMENT_BATCH: "experiments.run_batch",
     OperationKind.TEST_CASE_RUN: "evals.run_tests",
     OperationKind.WEBHOOK_DELIVERY: "webhooks.deliver",
+    OperationKind.EMBEDDING: "embeddings.create",
 }
 
-ALL_QUEUES: tuple[str, ...] = tuple(QUEUES.values())
+# Not a job kind: batches of usage records and execution logs, inserted by one actor.
+USAGE_QUEUE = "usage"
+USAGE_ACTOR = "usage.record_batch"
+
+ALL_QUEUES: tuple[str, ...] = (*QUEUES.values(), USAGE_QUEUE)

@@ -1,0 +1,252 @@
+"""Request and response shapes of sign-in and the users, teams and API keys admin API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from app.access.entities import (
+    ApiKey,
+    ApiKeyStatus,
+    Team,
+    TeamMember,
+    TeamRole,
+    TeamStatus,
+    User,
+    UserStatus,
+)
+from app.access.permissions import KeyPermissions
+from app.access.service import effective_status
+from app.storage.protocol import Page
+
+Username = Annotated[str, Field(min_length=3, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")]
+Password = Annotated[str, Field(min_length=8, max_length=1024)]
+Name = Annotated[str, Field(min_length=1, max_length=100)]
+Description = Annotated[str, Field(max_length=2000)]
+# Limits are read by the rate limiter; here they only have to be non-negative whole numbers.
+RateLimits = dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[int, Field(ge=0)]]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- sign-in ---------------------------------------------------------------------------------
+
+
+class LoginRequest(_Input):
+    username: str = Field(min_length=1, max_length=100)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenRead(BaseModel):
+    """A session token: send it as `Authorization: Bearer <access_token>`."""
+
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    expires_at: datetime
+
+
+# -- users -----------------------------------------------------------------------------------
+
+
+class UserCreate(_Input):
+    username: Username
+    password: Password
+    is_admin: bool = False
+
+
+class UserUpdate(_Input):
+    password: Password | None = None
+    is_admin: bool | None = None
+    status: UserStatus | None = None
+
+
+class UserRead(BaseModel):
+    id: str
+    object: Literal["user"] = "user"
+    username: str
+    status: UserStatus
+    is_admin: bool
+    last_login_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, user: User) -> UserRead:
+        return cls.model_validate(user.model_dump(exclude={"password_hash", "version"}))
+
+
+class UserList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UserRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[User]) -> UserList:
+        return cls(
+            data=[UserRead.of(u) for u in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )
+
+
+# -- teams -----------------------------------------------------------------------------------
+
+
+class TeamCreate(_Input):
+    name: Name
+    description: Description | None = None
+
+
+class TeamUpdate(_Input):
+    name: Name | None = None
+    description: Description | None = None
+
+
+class TeamRead(BaseModel):
+    id: str
+    object: Literal["team"] = "team"
+    name: str
+    description: str | None
+    status: TeamStatus
+    builtin: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, team: Team) -> TeamRead:
+        return cls.model_validate(team.model_dump(exclude={"version"}))
+
+
+class TeamList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TeamRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[Team]) -> TeamList:
+        return cls(
+            data=[TeamRead.of(t) for t in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )
+
+
+class MemberCreate(_Input):
+    user_id: str = Field(min_length=1, max_length=64)
+    role: TeamRole = TeamRole.MEMBER
+
+
+class MemberUpdate(_Input):
+    role: TeamRole
+
+
+class MemberRead(BaseModel):
+    object: Literal["team.member"] = "team.member"
+    team_id: str
+    user_id: str
+    role: TeamRole
+    created_at: datetime
+
+    @classmethod
+    def of(cls, member: TeamMember) -> MemberRead:
+        return cls.model_validate(member.model_dump(exclude={"id", "version"}))
+
+
+class MemberList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MemberRead]
+
+
+# -- API keys --------------------------------------------------------------------------------
+
+
+class ApiKeyCreate(_Input):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    description: Description | None = None
+    team_id: str | None = Field(default=None, max_length=64)
+    permissions: KeyPermissions = KeyPermissions()
+    rate_limits: RateLimits = {}
+    expires_at: AwareDatetime | None = None
+
+
+class ApiKeyUpdate(_Input):
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    description: Description | None = None
+    team_id: str | None = Field(default=None, max_length=64)
+    permissions: KeyPermissions | None = None
+    rate_limits: RateLimits | None = None
+    expires_at: AwareDatetime | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the request set; `null` clears description, team and expiry."""
+        changes = self.model_dump(exclude_unset=True)
+        for required in ("name", "permissions", "rate_limits"):
+            if required in changes and changes[required] is None:
+                del changes[required]
+        return changes
+
+
+class ApiKeyRead(BaseModel):
+    """An API key as administrators see it: never its secret nor the secret's hash."""
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    description: str | None
+    # The first characters of the secret, to recognise a key in a list.
+    key_prefix: str
+    status: ApiKeyStatus
+    team_id: str | None
+    permissions: KeyPermissions
+    rate_limits: dict[str, Any]
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    created_by: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, key: ApiKey) -> ApiKeyRead:
+        return cls(
+            id=key.id,
+            name=key.name,
+            description=key.description,
+            key_prefix=key.key_prefix,
+            status=effective_status(key),
+            team_id=key.team_id,
+            permissions=KeyPermissions.from_stored(key.permissions),
+            rate_limits=key.rate_limits,
+            expires_at=key.expires_at,
+            last_used_at=key.last_used_at,
+            created_by=key.created_by,
+            created_at=key.created_at,
+            updated_at=key.updated_at,
+        )
+
+
+class ApiKeyCreated(ApiKeyRead):
+    """The new key with its secret, shown this once only."""
+
+    key: str
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[ApiKey]) -> ApiKeyList:
+        return cls(
+            data=[ApiKeyRead.of(k) for k in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )

@@ -1,0 +1,402 @@
+"""The one HTTP client for user-configured URLs, guarded against server-side request forgery.
+
+Every connection, redirect hops included, goes through `GuardedBackend.connect_tcp`: it resolves
+the host, refuses any address that is not publicly routable (unless an operator allowed it), and
+connects to the very address it checked, so a second DNS answer cannot point elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import httpx
+
+from app.core.errors import InvalidInput, Transient
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+DEFAULT_TIMEOUT = 15.0
+MAX_REDIRECTS = 5
+
+# Hosts that answer with cloud credentials; they resolve to refused addresses anyway, but a
+# resolver on such a host may answer otherwise, so they are refused by name too.
+METADATA_HOSTS = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2"}
+)
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class ForbiddenDestination(InvalidInput):
+    """A URL whose host is, or resolves to, an address the gateway must not call."""
+
+    code = "forbidden_destination"
+
+
+class OutboundFailed(Transient):
+    """The remote end could not be reached in time, or broke the connection."""
+
+    code = "outbound_failed"
+
+
+def parse_host_address(host: str) -> IPAddress | None:
+    """The address `host` spells, in any form a C resolver accepts, or None for a name.
+
+    Accepts dotted IPv4 with one to four parts, each decimal, octal (leading 0) or hex (0x),
+    as `inet_aton` does, and IPv6 with or without brackets or a zone.
+    """
+    candidate = host.strip().rstrip(".").strip("[]")
+    if not candidate:
+        return None
+    if ":" in candidate:
+        try:
+            return ipaddress.IPv6Address(candidate.split("%", 1)[0])
+        except ValueError:
+            return None
+    parts = candidate.split(".")
+    if len(parts) > 4:
+        return None
+    numbers: list[int] = []
+    for part in parts:
+        try:
+            if part.lower().startswith("0x"):
+                numbers.append(int(part[2:] or "0", 16))
+            elif len(part) > 1 and part.startswith("0"):
+                numbers.append(int(part, 8))
+            else:
+                if not part.isdigit():
+                    return None
+                numbers.append(int(part, 10))
+        except ValueError:
+            return None
+    # The last part fills every byte the earlier parts left (127.1 is 127.0.0.1).
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
+        return None
+    value = 0
+    for n in head:
+        value = value << 8 | n
+    value = value << 8 * (4 - len(head)) | last
+    return ipaddress.IPv4Address(value)
+
+
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why the gateway refuses to call `address`, or None if it is publicly routable."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address.teredo is not None:
+            embedded = address.teredo[1]
+        if embedded is None and address in NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return forbidden_reason(embedded)
+    if address in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_multicast:
+        return "a multicast address"
+    if isinstance(address, ipaddress.IPv6Address) and address in ipaddress.ip_network("fc00::/7"):
+        return "a unique-local address"
+    if address.is_private:
+        return "a private address"
+    if address.is_reserved or not address.is_global:
+        return "a reserved address"
+    return None
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    """What an operator allows beyond public addresses: host names and address ranges."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, entries: str | Iterable[str]) -> OutboundPolicy:
+        """From `localhost,10.0.0.0/8,192.168.1.7` (names, addresses or CIDR ranges)."""
+        items = entries.split(",") if isinstance(entries, str) else list(entries)
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for raw in items:
+            entry = raw.strip().lower()
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                hosts.add(entry.rstrip("."))
+        return cls(frozenset(hosts), tuple(networks))
+
+    def allows_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def allows_address(self, address: IPAddress) -> bool:
+        return any(address.version == n.version and address in n for n in self.networks)
+
+    def check_address(self, host: str, address: IPAddress) -> None:
+        """Raise `ForbiddenDestination` unless `address` (of `host`) may be called."""
+        if self.allows_host(host) or self.allows_address(address):
+            return
+        reason = forbidden_reason(address)
+        if reason is not None:
+            shown = host if host.strip("[]") == str(address) else f"{host} ({address})"
+            raise ForbiddenDestination(f"refusing to call {shown}: {reason}", param="url")
+
+    def check_url(self, url: str) -> httpx.URL:
+        """A parsed http(s) URL, refused early when its host is a forbidden literal address.
+
+        Host names are checked again, with their addresses, when a connection is opened.
+        """
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise InvalidInput(f"'{url}' is not a valid URL", param="url") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise InvalidInput("the URL must start with http:// or https://", param="url")
+        if parsed.userinfo:
+            raise InvalidInput("the URL must not carry a user name or password", param="url")
+        host = parsed.host
+        if host.lower().rstrip(".") in METADATA_HOSTS and not self.allows_host(host):
+            raise ForbiddenDestination(
+                f"refusing to call {host}: a cloud metadata host", param="url"
+            )
+        address = parse_host_address(host)
+        if address is not None:
+            self.check_address(host, address)
+        return parsed
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for `host` (without blocking the loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Opens TCP connections only to checked addresses, and to exactly those addresses."""
+
+    def __init__(self, policy: OutboundPolicy, resolver: Resolver) -> None:
+        self._policy = policy
+        self._resolver = resolver
+        self._inner = httpcore.AnyIOBackend()
+
+    async def checked_addresses(self, host: str, port: int) -> list[IPAddress]:
+        """The addresses of `host`, all of them allowed, or `ForbiddenDestination`."""
+        if host.lower().rstrip(".") in METADATA_HOSTS and not self._policy.allows_host(host):
+            raise ForbiddenDestination(
+                f"refusing to call {host}: a cloud metadata host", param="url"
+            )
+        literal = parse_host_address(host)
+        if literal is not None:
+            found = [literal]
+        else:
+            try:
+                answers = await self._resolver(host, port)
+            except OSError as exc:
+                raise OutboundFailed(f"could not resolve {host}") from exc
+            found = [parse_host_address(a) or ipaddress.ip_address(a) for a in answers]
+            if not found:
+                raise OutboundFailed(f"could not resolve {host}")
+        # Every answer is checked: one private address among public ones is refused too.
+        for address in found:
+            self._policy.check_address(host, address)
+        return found
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await self.checked_addresses(host, port)
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(address.ipv4_mapped or address)
+                    if isinstance(address, ipaddress.IPv6Address)
+                    else str(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise ForbiddenDestination("refusing to call a unix socket", param="url")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _GuardedTransport(httpx.AsyncHTTPTransport):
+    def __init__(self, backend: GuardedBackend, limits: httpx.Limits) -> None:
+        super().__init__(trust_env=False, limits=limits)
+        # httpx takes no network backend, so its pool is rebuilt with ours (same settings).
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend,
+        )
+
+
+@dataclass(frozen=True)
+class OutboundResponse:
+    """What came back: status, headers, at most the bounded number of body bytes."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    body: bytes
+    truncated: bool
+    elapsed_ms: float
+    url: str
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+class OutboundClient:
+    """HTTP requests to user-configured URLs: guarded, bounded in size and in total time."""
+
+    def __init__(
+        self,
+        policy: OutboundPolicy | None = None,
+        *,
+        resolver: Resolver | None = None,
+        max_connections: int = 100,
+        user_agent: str = "llm-gateway",
+    ) -> None:
+        self.policy = policy or OutboundPolicy()
+        self._backend = GuardedBackend(self.policy, resolver or system_resolver)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
+        self._client = httpx.AsyncClient(
+            transport=_GuardedTransport(self._backend, limits),
+            trust_env=False,
+            follow_redirects=False,
+            # Raw bytes only: a small compressed body must not expand past the size bound.
+            headers={"user-agent": user_agent, "accept-encoding": "identity"},
+        )
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+        follow_redirects: bool = False,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        truncate: bool = False,
+    ) -> OutboundResponse:
+        """Send one request (following at most 5 checked redirects when asked).
+
+        Raises `ForbiddenDestination` for a refused host on any hop, `OutboundFailed` for
+        timeouts and connection failures (`timeout` bounds the whole exchange), and
+        `OutboundFailed` for a body over `max_response_bytes` unless `truncate` keeps its start.
+        """
+        target = self.policy.check_url(url)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                for _ in range(MAX_REDIRECTS + 1):
+                    response = await self._send(
+                        method, target, content, headers, timeout, max_response_bytes, truncate
+                    )
+                    location = response.headers.get("location")
+                    if not (follow_redirects and response.status_code in REDIRECTS and location):
+                        break
+                    target = self.policy.check_url(str(target.join(location)))
+                    if response.status_code in (301, 302, 303) and method != "HEAD":
+                        method, content = "GET", None
+                else:
+                    raise OutboundFailed(f"more than {MAX_REDIRECTS} redirects from {url}")
+        except TimeoutError as exc:
+            raise OutboundFailed(f"no complete answer within {timeout:g} s") from exc
+        except httpx.TimeoutException as exc:
+            raise OutboundFailed(f"no complete answer within {timeout:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise OutboundFailed(f"connection failed ({type(exc).__name__})") from exc
+        return OutboundResponse(
+            status_code=response.status_code,
+            headers=response.headers,
+            body=response.body,
+            truncated=response.truncated,
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+            url=str(target),
+        )
+
+    async def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout: float,  # noqa: ASYNC109
+        limit: int,
+        truncate: bool,
+    ) -> OutboundResponse:
+        request = self._client.build_request(
+            method, url, content=content, headers=headers, timeout=timeout
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            body = bytearray()
+            truncated = False
+            async for chunk in response.aiter_raw():
+                body.extend(chunk)
+                if len(body) > limit:
+                    if not truncate:
+                        raise OutboundFailed(f"the response is larger than {limit} bytes")
+                    del body[limit:]
+                    truncated = True
+                    break
+        finally:
+            await response.aclose()
+        return OutboundResponse(
+            status_code=response.status_code,
+            headers=dict(response.headers),
+            body=bytes(body),
+            truncated=truncated,
+            elapsed_ms=0.0,
+            url=str(url),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})

@@ -1,0 +1,80 @@
+"""`/admin/credentials`: manage provider credentials and test them; secrets go in, never out."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from app.access.deps import AdminDep, ServicesDep
+from app.core.schemas import Deleted
+from app.credentials.entities import Provider
+from app.credentials.schemas import (
+    ConnectionTestRead,
+    CredentialCreate,
+    CredentialList,
+    CredentialRead,
+    CredentialUpdate,
+)
+
+admin_router = APIRouter(prefix="/admin/credentials", tags=["admin: credentials"])
+
+
+@admin_router.post("", response_model=CredentialRead, status_code=201)
+async def create_credential(
+    body: CredentialCreate, admin: AdminDep, services: ServicesDep
+) -> CredentialRead:
+    """Store a credential; its secret is encrypted and never shown again."""
+    return CredentialRead.of(await services.credentials.create(body))
+
+
+@admin_router.get("", response_model=CredentialList)
+async def list_credentials(
+    admin: AdminDep,
+    services: ServicesDep,
+    provider: Provider | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> CredentialList:
+    """Credentials ordered by id."""
+    page = await services.credentials.list(provider=provider, limit=limit, after=after)
+    return CredentialList.of_page(page)
+
+
+@admin_router.get("/{credential_id}", response_model=CredentialRead)
+async def get_credential(
+    credential_id: str, admin: AdminDep, services: ServicesDep
+) -> CredentialRead:
+    """One credential (whether it has a secret, never the secret)."""
+    return CredentialRead.of(await services.credentials.get(credential_id))
+
+
+@admin_router.patch("/{credential_id}", response_model=CredentialRead)
+async def update_credential(
+    credential_id: str, body: CredentialUpdate, admin: AdminDep, services: ServicesDep
+) -> CredentialRead:
+    """Change a credential; a field sent as null is cleared, a field left out is kept."""
+    return CredentialRead.of(await services.credentials.update(credential_id, body))
+
+
+@admin_router.delete(
+    "/{credential_id}",
+    response_model=Deleted,
+    responses={409: {"description": "A model still uses the credential"}},
+)
+async def delete_credential(credential_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
+    """Delete a credential that no model uses."""
+    await services.credentials.delete(credential_id)
+    return Deleted(id=credential_id, object="credential")
+
+
+@admin_router.post("/{credential_id}/test", response_model=ConnectionTestRead)
+async def test_credential(
+    credential_id: str, admin: AdminDep, services: ServicesDep
+) -> ConnectionTestRead:
+    """Call the provider's model list with the credential and report how it went."""
+    result = await services.credentials.test(credential_id)
+    return ConnectionTestRead(
+        ok=result.ok,
+        status_code=result.status_code,
+        latency_ms=result.latency_ms,
+        error=result.error,
+    )

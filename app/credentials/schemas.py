@@ -1,0 +1,180 @@
+"""Credentials as the admin API accepts and shows them: the secret goes in, never out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Self
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from app.credentials.entities import Provider, StoredCredential
+from app.storage.protocol import Page
+
+CREDENTIAL_ID = r"^[A-Za-z0-9_-]{1,50}$"
+ENV_VAR_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$"
+SECRET_MARK = "{secret}"
+MAX_SECRET_LENGTH = 16_384
+
+
+def _check_endpoint(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _check_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not 1 <= len(value.get_secret_value()) <= MAX_SECRET_LENGTH:
+        raise ValueError(f"must be 1 to {MAX_SECRET_LENGTH} characters")
+    return value
+
+
+def _check_template(value: str | None) -> str | None:
+    if value is not None and SECRET_MARK not in value:
+        raise ValueError(f"must contain {SECRET_MARK}, where the secret goes")
+    return value
+
+
+def masked_endpoint(endpoint: str | None) -> str | None:
+    """The endpoint with any password in its URL replaced, so it can be shown and logged."""
+    if endpoint is None:
+        return None
+    parts = urlsplit(endpoint)
+    if parts.password is None:
+        return endpoint
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+class CredentialCreate(BaseModel):
+    """A new credential: a secret to encrypt, or the name of an env var holding it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=CREDENTIAL_ID, description="1-50 letters, digits, _ or -")
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    provider: Provider
+    secret: SecretStr | None = Field(default=None, description="Stored encrypted; never shown.")
+    env_var: str | None = Field(
+        default=None,
+        pattern=ENV_VAR_NAME,
+        description="Read the secret from this environment variable instead of storing it.",
+    )
+    endpoint: str | None = Field(default=None, max_length=2000)
+    api_version: str | None = Field(default=None, min_length=1, max_length=32)
+    region: str | None = Field(default=None, min_length=1, max_length=64)
+    header_name: str | None = Field(default=None, pattern=HEADER_NAME)
+    header_value_template: str | None = Field(default=None, max_length=200)
+    enabled: bool = True
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+    _secret = field_validator("secret")(_check_secret)
+    _template = field_validator("header_value_template")(_check_template)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.secret is not None and self.env_var is not None:
+            raise ValueError("give either secret or env_var, not both")
+        return self
+
+
+class CredentialUpdate(BaseModel):
+    """Changes to a credential; a field sent as null clears it, a field left out is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    secret: SecretStr | None = None
+    env_var: str | None = Field(default=None, pattern=ENV_VAR_NAME)
+    endpoint: str | None = Field(default=None, max_length=2000)
+    api_version: str | None = Field(default=None, min_length=1, max_length=32)
+    region: str | None = Field(default=None, min_length=1, max_length=64)
+    header_name: str | None = Field(default=None, pattern=HEADER_NAME)
+    header_value_template: str | None = Field(default=None, max_length=200)
+    enabled: bool | None = None
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+    _secret = field_validator("secret")(_check_secret)
+    _template = field_validator("header_value_template")(_check_template)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.secret is not None and self.env_var is not None:
+            raise ValueError("give either secret or env_var, not both")
+        if "name" in self.model_fields_set and self.name is None:
+            raise ValueError("name cannot be null")
+        if "enabled" in self.model_fields_set and self.enabled is None:
+            raise ValueError("enabled cannot be null")
+        return self
+
+
+class CredentialRead(BaseModel):
+    """A credential as shown: whether it has a secret and where it lives, never the secret."""
+
+    id: str
+    object: Literal["credential"] = "credential"
+    name: str
+    provider: Provider
+    has_secret: bool
+    secret_source: Literal["encrypted", "env_var"] | None
+    env_var: str | None
+    endpoint: str | None
+    api_version: str | None
+    region: str | None
+    header_name: str | None
+    header_value_template: str | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, credential: StoredCredential) -> CredentialRead:
+        source: Literal["encrypted", "env_var"] | None = None
+        if credential.secret_encrypted is not None:
+            source = "encrypted"
+        elif credential.env_var is not None:
+            source = "env_var"
+        return cls(
+            id=credential.id,
+            name=credential.name,
+            provider=credential.provider,
+            has_secret=source is not None,
+            secret_source=source,
+            env_var=credential.env_var,
+            endpoint=masked_endpoint(credential.endpoint),
+            api_version=credential.api_version,
+            region=credential.region,
+            header_name=credential.header_name,
+            header_value_template=credential.header_value_template,
+            enabled=credential.enabled,
+            created_at=credential.created_at,
+            updated_at=credential.updated_at,
+        )
+
+
+class CredentialList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CredentialRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[StoredCredential]) -> CredentialList:
+        return cls(
+            data=[CredentialRead.of(c) for c in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )
+
+
+class ConnectionTestRead(BaseModel):
+    """The outcome of one test request to the provider with the credential."""
+
+    ok: bool
+    status_code: int | None
+    latency_ms: float
+    error: str | None

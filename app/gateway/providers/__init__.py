@@ -1,0 +1,1 @@
+"""Provider adapters: mock, OpenAI-compatible, Anthropic Messages and Azure OpenAI."""

@@ -1,0 +1,81 @@
+"""`/v1/models` for clients, and `/admin/models` to manage the registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from app.access.deps import AdminDep, PrincipalDep, ServicesDep
+from app.access.permissions import Resource
+from app.core.schemas import Deleted
+from app.credentials.entities import Provider
+from app.models.schemas import (
+    ModelCreate,
+    ModelList,
+    ModelRead,
+    ModelUpdate,
+    OpenAIModel,
+    OpenAIModelList,
+)
+
+router = APIRouter(tags=["models"])
+admin_router = APIRouter(prefix="/admin/models", tags=["admin: models"])
+
+
+@router.get("/v1/models", response_model=OpenAIModelList)
+async def list_models(principal: PrincipalDep, services: ServicesDep) -> OpenAIModelList:
+    """The models this gateway serves (enabled ones only)."""
+    models = [
+        m for m in await services.models.list_enabled() if principal.can_use(Resource.MODELS, m.id)
+    ]
+    return OpenAIModelList(data=[OpenAIModel.of(m) for m in models])
+
+
+@router.get("/v1/models/{model_id}", response_model=OpenAIModel)
+async def retrieve_model(
+    model_id: str, principal: PrincipalDep, services: ServicesDep
+) -> OpenAIModel:
+    """One enabled model; an unknown or disabled one is a 404."""
+    model = await services.models.get_enabled(model_id)
+    principal.ensure_can_use(Resource.MODELS, model.id, param="model")
+    return OpenAIModel.of(model)
+
+
+@admin_router.post("", response_model=ModelRead, status_code=201)
+async def create_model(body: ModelCreate, admin: AdminDep, services: ServicesDep) -> ModelRead:
+    """Register a model."""
+    return ModelRead.of(await services.models.create(body))
+
+
+@admin_router.get("", response_model=ModelList)
+async def admin_list_models(
+    admin: AdminDep,
+    services: ServicesDep,
+    provider: Provider | None = None,
+    enabled: bool | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> ModelList:
+    """Every model, enabled or not, ordered by id."""
+    page = await services.models.list(provider=provider, enabled=enabled, limit=limit, after=after)
+    return ModelList.of_page(page)
+
+
+@admin_router.get("/{model_id}", response_model=ModelRead)
+async def get_model(model_id: str, admin: AdminDep, services: ServicesDep) -> ModelRead:
+    """One model with its configuration and prices."""
+    return ModelRead.of(await services.models.get(model_id))
+
+
+@admin_router.patch("/{model_id}", response_model=ModelRead)
+async def update_model(
+    model_id: str, body: ModelUpdate, admin: AdminDep, services: ServicesDep
+) -> ModelRead:
+    """Change a model; fields left out are kept."""
+    return ModelRead.of(await services.models.update(model_id, body))
+
+
+@admin_router.delete("/{model_id}", response_model=Deleted)
+async def delete_model(model_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
+    """Delete a model."""
+    await services.models.delete(model_id)
+    return Deleted(id=model_id, object="model")

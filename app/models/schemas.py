@@ -1,0 +1,162 @@
+"""Models as the admin API and `/v1/models` show them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+from app.core.ids import SLUG_MAX, is_slug
+from app.credentials.entities import Provider
+from app.models.entities import Model, ModelKind
+from app.storage.protocol import Page
+
+# Shown as a JSON number: a client reading a price expects one, and six places fit a float.
+Price = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=18, decimal_places=6),
+    PlainSerializer(float, return_type=float, when_used="json"),
+]
+
+
+def _slug(value: str) -> str:
+    if not is_slug(value):
+        raise ValueError(
+            f"must be 1 to {SLUG_MAX} letters, digits and inner hyphens (e.g. 'gpt-4o-mini')"
+        )
+    return value
+
+
+class ModelParameters(BaseModel):
+    """Default request parameters; the known ones are range-checked, others are kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    system_prompt: str | None = None
+    timeout_ms: int | None = Field(default=None, ge=1)
+    max_retries: int | None = Field(default=None, ge=0, le=20)
+    # The built-in mock provider's behaviour.
+    mock_latency_ms: float | None = Field(default=None, ge=0, le=600_000)
+    mock_failure_rate: float | None = Field(default=None, ge=0, le=1)
+    mock_failure: Literal["transient", "permanent", "timeout", "rate_limit"] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ModelCreate(BaseModel):
+    """A new model: the name clients use, and where requests for it go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    kind: ModelKind = ModelKind.CHAT
+    provider: Provider
+    provider_model: str = Field(min_length=1, max_length=200)
+    credential_id: str | None = Field(default=None, max_length=50)
+    parameters: ModelParameters = Field(default_factory=ModelParameters)
+    context_window: int | None = Field(default=None, ge=1)
+    input_price_per_million: Price = Decimal(0)
+    output_price_per_million: Price = Decimal(0)
+    enabled: bool = True
+
+    _id = field_validator("id")(_slug)
+
+
+class ModelUpdate(BaseModel):
+    """Changes to a model; `parameters` replaces the whole object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    kind: ModelKind | None = None
+    provider: Provider | None = None
+    provider_model: str | None = Field(default=None, min_length=1, max_length=200)
+    credential_id: str | None = Field(default=None, max_length=50)
+    parameters: ModelParameters | None = None
+    context_window: int | None = Field(default=None, ge=1)
+    input_price_per_million: Price | None = None
+    output_price_per_million: Price | None = None
+    enabled: bool | None = None
+
+    @model_validator(mode="after")
+    def _not_null(self) -> Self:
+        nullable = {"description", "credential_id", "context_window"}
+        for name in self.model_fields_set - nullable:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class ModelRead(BaseModel):
+    """A model as administrators see it."""
+
+    id: str
+    name: str
+    description: str | None
+    kind: ModelKind
+    provider: Provider
+    provider_model: str
+    credential_id: str | None
+    parameters: dict[str, Any]
+    context_window: int | None
+    input_price_per_million: Price
+    output_price_per_million: Price
+    enabled: bool
+    config_version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, model: Model) -> ModelRead:
+        return cls.model_validate(model, from_attributes=True)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[Model]) -> ModelList:
+        return cls(
+            data=[ModelRead.of(m) for m in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )
+
+
+class OpenAIModel(BaseModel):
+    """OpenAI's model object."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+    @classmethod
+    def of(cls, model: Model) -> OpenAIModel:
+        return cls(id=model.id, created=int(model.created_at.timestamp()), owned_by=model.provider)
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

@@ -1,0 +1,181 @@
+"""The model registry: the names clients call, where they go, and what they cost."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Callable
+
+from app.core.clock import utcnow
+from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from app.credentials.entities import Provider, StoredCredential
+from app.gateway.entities import ModelChain
+from app.models.entities import Model
+from app.models.schemas import ModelCreate, ModelUpdate
+from app.storage.protocol import Page, Storage, UnitOfWork, Where
+
+log = logging.getLogger(__name__)
+
+# A change to any of these changes the answers the model gives, so cached ones must not be reused.
+ANSWER_FIELDS = ("kind", "provider", "provider_model", "credential_id", "parameters")
+_LISTED_MAX = 1000
+_SHOWN_IN_CONFLICT = 5
+
+
+class ModelNotFound(NotFound):
+    """A model that does not exist or is disabled, worded as OpenAI words it."""
+
+    code = "model_not_found"
+
+    def __init__(self, model_id: str, *, param: str | None = "model") -> None:
+        super().__init__("model", model_id, param=param)
+        self.message = f"The model '{model_id}' does not exist or is not enabled."
+
+
+class ModelService:
+    """Create, change and list models; resolve the enabled ones clients may call."""
+
+    def __init__(
+        self, storage: Storage, *, on_change: Callable[[str | None], None] | None = None
+    ) -> None:
+        self._storage = storage
+        # Told the id of every model that changed, so routes cached in memory are dropped.
+        self._on_change = on_change or (lambda model_id: None)
+
+    async def create(self, data: ModelCreate) -> Model:
+        """Register a model; its credential must exist and be for the same provider."""
+        model = Model(
+            id=data.id,
+            name=data.name or data.id,
+            description=data.description,
+            kind=data.kind,
+            provider=data.provider,
+            provider_model=data.provider_model,
+            credential_id=data.credential_id,
+            parameters=data.parameters.as_dict(),
+            context_window=data.context_window,
+            input_price_per_million=data.input_price_per_million,
+            output_price_per_million=data.output_price_per_million,
+            enabled=data.enabled,
+        )
+        try:
+            async with self._storage.unit_of_work() as uow:
+                await self._check_credential(uow, model)
+                if await uow.repo(ModelChain).get(model.id) is not None:
+                    # Clients name chains and models in the same `model` field.
+                    raise Conflict(
+                        f"a chain named '{model.id}' exists; a model needs its own name",
+                        param="id",
+                    )
+                await uow.repo(Model).add(model)
+                uow.on_commit(lambda: self._on_change(model.id))
+                await uow.commit()
+        except DuplicateKey as exc:
+            raise Conflict(f"model '{data.id}' already exists", param="id") from exc
+        log.info("model %s created (provider %s)", model.id, model.provider.value)
+        return model
+
+    async def get(self, model_id: str) -> Model:
+        """The model `model_id`, enabled or not, or `NotFound`."""
+        async with self._storage.unit_of_work() as uow:
+            model = await uow.repo(Model).get(model_id)
+        if model is None:
+            raise NotFound("model", model_id)
+        return model
+
+    async def get_enabled(self, model_id: str, *, param: str | None = "model") -> Model:
+        """The enabled model `model_id`; unknown or disabled is `ModelNotFound` (no fallback)."""
+        async with self._storage.unit_of_work() as uow:
+            model = await uow.repo(Model).get(model_id)
+        if model is None or not model.enabled:
+            raise ModelNotFound(model_id, param=param)
+        return model
+
+    async def list(
+        self,
+        *,
+        provider: Provider | None = None,
+        enabled: bool | None = None,
+        limit: int = 20,
+        after: str | None = None,
+    ) -> Page[Model]:
+        """Models ordered by id, a page at a time."""
+        where = []
+        if provider is not None:
+            where.append(Where.eq("provider", provider))
+        if enabled is not None:
+            where.append(Where.eq("enabled", enabled))
+        async with self._storage.unit_of_work() as uow:
+            return await uow.repo(Model).find(*where, order_by=["id"], limit=limit, after=after)
+
+    async def list_enabled(self) -> builtins.list[Model]:
+        """Every enabled model, ordered by id (what `/v1/models` lists)."""
+        async with self._storage.unit_of_work() as uow:
+            page = await uow.repo(Model).find(
+                Where.eq("enabled", True), order_by=["id"], limit=_LISTED_MAX
+            )
+        return page.items
+
+    async def update(self, model_id: str, changes: ModelUpdate) -> Model:
+        """Apply the fields given; `config_version` moves when the answers could change."""
+        values = changes.model_dump(exclude_unset=True, exclude={"parameters"})
+        if changes.parameters is not None:
+            values["parameters"] = changes.parameters.as_dict()
+        async with self._storage.unit_of_work() as uow:
+            repo = uow.repo(Model)
+            model = await repo.get(model_id)
+            if model is None:
+                raise NotFound("model", model_id)
+            changed = {n for n, v in values.items() if getattr(model, n) != v}
+            for name in changed:
+                setattr(model, name, values[name])
+            if changed & {"provider", "credential_id"}:
+                await self._check_credential(uow, model)
+            if changed & set(ANSWER_FIELDS):
+                model.config_version += 1
+            model.updated_at = utcnow()
+            model = await repo.update(model)
+            uow.on_commit(lambda: self._on_change(model_id))
+            await uow.commit()
+        log.info("model %s updated (%s)", model_id, ", ".join(sorted(changed)) or "no change")
+        return model
+
+    async def delete(self, model_id: str) -> None:
+        """Delete a model (refused with `Conflict` while something still refers to it)."""
+        async with self._storage.unit_of_work() as uow:
+            chains = await uow.repo(ModelChain).find(order_by=["id"])
+            users = [
+                c.id for c in chains.items if any(s.get("model_id") == model_id for s in c.steps)
+            ]
+            if users:
+                shown = ", ".join(f"'{c}'" for c in users[:_SHOWN_IN_CONFLICT])
+                raise Conflict(
+                    f"model '{model_id}' is a step of chain(s) {shown}: change them first",
+                    param="id",
+                )
+            if not await uow.repo(Model).delete(model_id):
+                raise NotFound("model", model_id)
+            uow.on_commit(lambda: self._on_change(model_id))
+            await uow.commit()
+        log.info("model %s deleted", model_id)
+
+    @staticmethod
+    async def _check_credential(uow: UnitOfWork, model: Model) -> None:
+        if model.credential_id is None:
+            if model.provider is not Provider.MOCK:
+                raise InvalidInput(
+                    f"a model of provider '{model.provider.value}' needs a credential_id",
+                    param="credential_id",
+                )
+            return
+        credential = await uow.repo(StoredCredential).get(model.credential_id)
+        if credential is None:
+            raise InvalidInput(
+                f"credential '{model.credential_id}' does not exist", param="credential_id"
+            )
+        if credential.provider != model.provider:
+            raise InvalidInput(
+                f"credential '{credential.id}' is for provider '{credential.provider.value}', "
+                f"not '{model.provider.value}'",
+                param="credential_id",
+            )

@@ -1,0 +1,131 @@
+"""`/admin/prompts`: prompts, their versions and labels, and a render preview."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from app.access.deps import AdminDep, ServicesDep
+from app.core.schemas import Deleted
+from app.prompts.schemas import (
+    LABEL_PATTERN,
+    LabelMove,
+    PromptCreate,
+    PromptList,
+    PromptRead,
+    PromptUpdate,
+    PromptVersionList,
+    PromptVersionRead,
+    RenderRead,
+    RenderRequest,
+)
+
+admin_router = APIRouter(prefix="/admin/prompts", tags=["admin: prompts"])
+
+LabelPath = Annotated[str, Path(pattern=LABEL_PATTERN)]
+VersionPath = Annotated[int, Path(ge=1)]
+
+
+@admin_router.post("", response_model=PromptRead, status_code=201)
+async def create_prompt(body: PromptCreate, admin: AdminDep, services: ServicesDep) -> PromptRead:
+    """Create a prompt; its content becomes version 1."""
+    return PromptRead.of(await services.prompts.create(body))
+
+
+@admin_router.get("", response_model=PromptList)
+async def list_prompts(
+    admin: AdminDep,
+    services: ServicesDep,
+    enabled: bool | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> PromptList:
+    """Prompts ordered by id."""
+    return PromptList.of_page(
+        await services.prompts.list(enabled=enabled, limit=limit, after=after)
+    )
+
+
+@admin_router.get("/{prompt_id}", response_model=PromptRead)
+async def get_prompt(prompt_id: str, admin: AdminDep, services: ServicesDep) -> PromptRead:
+    """A prompt at its current version."""
+    return PromptRead.of(await services.prompts.get(prompt_id))
+
+
+@admin_router.patch("/{prompt_id}", response_model=PromptRead)
+async def update_prompt(
+    prompt_id: str, body: PromptUpdate, admin: AdminDep, services: ServicesDep
+) -> PromptRead:
+    """Change a prompt; new content is saved as a new version."""
+    return PromptRead.of(await services.prompts.update(prompt_id, body))
+
+
+@admin_router.delete("/{prompt_id}", response_model=Deleted)
+async def delete_prompt(prompt_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
+    """Delete a prompt and every version of it."""
+    await services.prompts.delete(prompt_id)
+    return Deleted(id=prompt_id, object="prompt")
+
+
+@admin_router.get("/{prompt_id}/versions", response_model=PromptVersionList)
+async def list_prompt_versions(
+    prompt_id: str,
+    admin: AdminDep,
+    services: ServicesDep,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> PromptVersionList:
+    """The versions kept, newest first."""
+    page, labels = await services.prompts.list_versions(prompt_id, limit=limit, after=after)
+    return PromptVersionList(
+        data=[PromptVersionRead.of(v, labels) for v in page.items],
+        has_more=page.next_cursor is not None,
+        next_cursor=page.next_cursor,
+    )
+
+
+@admin_router.get("/{prompt_id}/versions/{version}", response_model=PromptVersionRead)
+async def get_prompt_version(
+    prompt_id: str, version: VersionPath, admin: AdminDep, services: ServicesDep
+) -> PromptVersionRead:
+    """One version of a prompt."""
+    stored, labels = await services.prompts.get_version(prompt_id, version)
+    return PromptVersionRead.of(stored, labels)
+
+
+@admin_router.post("/{prompt_id}/versions/{version}/restore", response_model=PromptRead)
+async def restore_prompt_version(
+    prompt_id: str, version: VersionPath, admin: AdminDep, services: ServicesDep
+) -> PromptRead:
+    """Save an older version's content as a new version."""
+    return PromptRead.of(await services.prompts.restore(prompt_id, version))
+
+
+@admin_router.put("/{prompt_id}/labels/{label}", response_model=PromptRead)
+async def set_prompt_label(
+    prompt_id: str, label: LabelPath, body: LabelMove, admin: AdminDep, services: ServicesDep
+) -> PromptRead:
+    """Point a label (e.g. `production`) at a version."""
+    return PromptRead.of(await services.prompts.set_label(prompt_id, label, body.version))
+
+
+@admin_router.delete("/{prompt_id}/labels/{label}", response_model=PromptRead)
+async def remove_prompt_label(
+    prompt_id: str, label: LabelPath, admin: AdminDep, services: ServicesDep
+) -> PromptRead:
+    """Remove a label."""
+    return PromptRead.of(await services.prompts.remove_label(prompt_id, label))
+
+
+@admin_router.post("/{prompt_id}/render", response_model=RenderRead)
+async def render_prompt(
+    prompt_id: str, body: RenderRequest, admin: AdminDep, services: ServicesDep
+) -> RenderRead:
+    """Render a version (`production` unless a label or version is given) with variables."""
+    rendered = await services.prompts.render(
+        prompt_id, body.variables, label=body.label, version=body.version
+    )
+    return RenderRead(
+        prompt_id=rendered.prompt_id, version=rendered.version, rendered=rendered.text
+    )

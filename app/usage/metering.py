@@ -1,0 +1,684 @@
+"""The facade the chat path calls: admit a call, then settle or release it.
+
+`admit` checks the rate limits of the key and its team and reserves the call's estimated
+tokens and maximum cost against every applicable budget, all in one Lua script, so the
+limits hold across every API process and concurrent calls cannot overshoot a hard budget
+by more than one call's maximum cost. `settle` corrects the reservations with the real
+counts and queues the usage record and execution log; `release` gives a call's
+reservations back when no upstream call was made.
+
+Rate limits use fixed windows (a minute and a UTC day), one counter per window: one
+INCRBY per limit and exact counts, at the price of allowing up to twice a limit across
+a window boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from redis.exceptions import RedisError
+
+from app.access.entities import ApiKey, Team
+from app.core.clock import utcnow
+from app.core.errors import (
+    BudgetExceeded,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unavailable,
+)
+from app.core.ids import new_id
+from app.credentials.entities import Provider
+from app.logs.entities import ExecutionLog, ExecutionStatus, ExecutionType
+from app.models.entities import Model
+from app.storage.protocol import Storage
+from app.usage.budgets import BudgetService, applies, committed_usage, counter_key, counter_ttl
+from app.usage.entities import Budget, UsageRecord, UsageStatus, UsageType
+from app.usage.limits import MINUTE, RateLimits
+from app.usage.pricing import model_cost_micros
+from app.usage.recorder import AccountingBuffer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# KEYS: the rate counters, then the budget counters. ARGV[1]: how many rate counters; then
+# per rate counter: limit, amount, ttl in ms; then per budget counter: limit, amount.
+# Returns {1, rate values...} when admitted, {0, i, value} when rate counter i is full,
+# {2, j, value} when budget j would be crossed, {3, j...} when budget counters are missing.
+_ADMIT = """
+local n_rate = tonumber(ARGV[1])
+local n = #KEYS
+local missing = {}
+for j = n_rate + 1, n do
+  if redis.call('EXISTS', KEYS[j]) == 0 then missing[#missing + 1] = j - n_rate end
+end
+if #missing > 0 then
+  table.insert(missing, 1, 3)
+  return missing
+end
+local values = {}
+for i = 1, n_rate do
+  local limit = tonumber(ARGV[3 * i - 1])
+  local amount = tonumber(ARGV[3 * i])
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if current + amount > limit then return {0, i, current} end
+end
+local base = 1 + 3 * n_rate
+for j = 1, n - n_rate do
+  local limit = tonumber(ARGV[base + 2 * j - 1])
+  local amount = tonumber(ARGV[base + 2 * j])
+  local current = tonumber(redis.call('GET', KEYS[n_rate + j]))
+  if current >= limit or current + amount > limit then return {2, j, current} end
+end
+for i = 1, n_rate do
+  values[i] = redis.call('INCRBY', KEYS[i], ARGV[3 * i])
+  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1]) end
+end
+for j = 1, n - n_rate do
+  redis.call('INCRBY', KEYS[n_rate + j], ARGV[base + 2 * j])
+end
+table.insert(values, 1, 1)
+return values
+"""
+
+# Adds ARGV[i] to KEYS[i] when the counter still exists (an expired window stays expired).
+_ADJUST = """
+for i = 1, #KEYS do
+  local delta = tonumber(ARGV[i])
+  if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('INCRBY', KEYS[i], delta)
+  end
+end
+return 1
+"""
+
+_REBUILD_ATTEMPTS = 3
+
+_DEFAULT_KEYS = {
+    "requests_per_minute": "rate_limit.requests_per_minute",
+    "tokens_per_minute": "rate_limit.tokens_per_minute",
+    "requests_per_day": "rate_limit.requests_per_day",
+    "tokens_per_day": "rate_limit.tokens_per_day",
+}
+
+
+class ConfigLookup(Protocol):
+    """Reads one application setting by key (None when it is not set)."""
+
+    def __call__(self, key: str) -> Awaitable[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a call is made for, when there is no request principal (a job's owner)."""
+
+    key_id: str | None
+    team_id: str | None
+
+
+class _Principal(Protocol):
+    @property
+    def key_id(self) -> str | None: ...
+
+    @property
+    def team_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    key: str
+    dimension: str  # "requests" or "tokens"
+    limit: int
+    amount: int
+    reset_at: float  # unix seconds
+
+
+@dataclass
+class Admission:
+    """An admitted call: its reservations, and the rate-limit headers to answer with."""
+
+    key_id: str | None
+    team_id: str | None
+    model_id: str
+    model: Model
+    reserved_tokens: int
+    reserved_cost_micros: int
+    headers: dict[str, str]
+    rate_keys: list[tuple[str, str]]  # (counter key, dimension)
+    budget_keys: list[str]
+    started: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UsageOutcome:
+    """How an admitted call ended (success or upstream error)."""
+
+    status: UsageStatus = UsageStatus.SUCCESS
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_ms: int | None = None  # measured from admission when not given
+    cache_hit: bool = False
+    operation_id: str | None = None
+    model_id: str | None = None  # the model that answered, when a fallback did
+    provider: str | None = None
+    error: str | None = None
+    usage_type: UsageType = UsageType.CHAT_COMPLETION
+    is_async: bool = False
+    # Kept in the execution log only when the application configuration allows bodies
+    # (JSON values, or a pydantic model, dumped only then).
+    request_body: Any = None
+    response_body: Any = None
+    workflow_steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringOptions:
+    default_limits: RateLimits = field(default_factory=RateLimits)
+    default_max_output_tokens: int = 4096
+    cache_seconds: float = 2.0
+    log_bodies: bool = False
+
+
+class _Expiring:
+    """One value refreshed at most every `ttl` seconds."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._values: dict[str, tuple[float, Any]] = {}
+
+    def get(self, key: str) -> Any:
+        hit = self._values.get(key)
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            return None
+        return hit[1]
+
+    def put(self, key: str, value: Any) -> None:
+        if len(self._values) > 10_000:
+            self._values.clear()
+        self._values[key] = (time.monotonic(), value)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
+_EXECUTION_TYPES = {
+    UsageType.CHAT_COMPLETION: ExecutionType.CHAT_COMPLETION,
+    UsageType.EMBEDDING: ExecutionType.EMBEDDING,
+    UsageType.WORKFLOW: ExecutionType.WORKFLOW,
+}
+
+
+class Metering:
+    """Rate limits, budget reservations and usage recording around one upstream call."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        redis: Any,
+        budgets: BudgetService,
+        buffer: AccountingBuffer,
+        options: MeteringOptions,
+        *,
+        config: ConfigLookup | None = None,
+    ) -> None:
+        self._storage = storage
+        self._redis = redis
+        self._budgets = budgets
+        self.buffer = buffer
+        self._options = options
+        self.config = config
+        self._admit_script = redis.register_script(_ADMIT)
+        self._adjust_script = redis.register_script(_ADJUST)
+        self._limits = _Expiring(options.cache_seconds)
+        self._budget_cache = _Expiring(options.cache_seconds)
+
+    def forget_budgets(self) -> None:
+        """Drop the cached budgets (this process changed one)."""
+        self._budget_cache.clear()
+
+    async def admit(
+        self,
+        principal: _Principal,
+        model: Model | str,
+        estimated_input_tokens: int,
+        max_output_tokens: int | None,
+    ) -> Admission:
+        """Check the rate limits and reserve tokens and maximum cost; raises when refused.
+
+        `model` is the model (or its id) that will answer first; a fallback's price is
+        reconciled at `settle`.
+        """
+        if isinstance(model, str):
+            model = await self._model(model)
+        output = max_output_tokens
+        if output is None:
+            output = self._options.default_max_output_tokens
+        tokens = max(0, estimated_input_tokens) + max(0, output)
+        cost = model_cost_micros(model, max(0, estimated_input_tokens), max(0, output))
+        now = time.time()
+        counters = await self._counters(principal, tokens, now)
+        budgets = [
+            b
+            for b in await self._enabled_budgets()
+            if applies(b, key_id=principal.key_id, team_id=principal.team_id, model_id=model.id)
+        ]
+        at = utcnow()
+        budget_keys = [counter_key(b, at) for b in budgets]
+        keys = [c.key for c in counters] + budget_keys
+        args: list[int] = [len(counters)]
+        for c in counters:
+            args += [c.limit, c.amount, int((c.reset_at - now) * 1000) + 1000]
+        for b in budgets:
+            args += [b.hard_limit_micros, cost]
+        result = await self._run_admit(keys, args, budgets, at)
+        if result[0] == 0:
+            self._refuse_rate(counters[int(result[1]) - 1], int(result[2]), counters, now)
+        if result[0] == 2:
+            budget = budgets[int(result[1]) - 1]
+            raise BudgetExceeded(
+                f"budget '{budget.name}' ({budget.scope.value}, {budget.period.value}) has "
+                f"no room for this request: {int(result[2])} of "
+                f"{budget.hard_limit_micros} micro-dollars used, this request may cost up "
+                f"to {cost}",
+                budget_id=budget.id,
+            )
+        values = [int(v) for v in result[1:]]
+        return Admission(
+            key_id=principal.key_id,
+            team_id=principal.team_id,
+            model_id=model.id,
+            model=model,
+            reserved_tokens=tokens,
+            reserved_cost_micros=cost,
+            headers=_headers(counters, values, now),
+            rate_keys=[(c.key, c.dimension) for c in counters],
+            budget_keys=budget_keys,
+        )
+
+    async def _run_admit(
+        self, keys: list[str], args: list[int], budgets: list[Budget], at: datetime
+    ) -> list[Any]:
+        if not keys:
+            return [1]  # no limit and no budget applies: nothing to count
+        try:
+            for _ in range(_REBUILD_ATTEMPTS):
+                result: list[Any] = await self._admit_script(keys=keys, args=args)
+                if result[0] != 3:
+                    return result
+                await self._rebuild([budgets[int(j) - 1] for j in result[1:]], at)
+        except RedisError as exc:
+            raise Unavailable(f"rate limits and budgets cannot be checked: {exc}") from exc
+        raise Unavailable("budget counters could not be rebuilt; try again")
+
+    async def _rebuild(self, budgets: list[Budget], at: datetime) -> None:
+        """Recreate missing budget counters from the recorded spend of the current period."""
+        async with self._storage.unit_of_work() as uow:
+            fresh = await uow.repo(Budget).get_many([b.id for b in budgets])
+        by_id = {b.id: b for b in fresh}
+        for budget in budgets:
+            current = by_id.get(budget.id, budget)
+            ttl = counter_ttl(current, at)
+            await self._redis.set(
+                counter_key(current, at), committed_usage(current, at), nx=True, ex=ttl
+            )
+
+    def _refuse_rate(
+        self, counter: _Counter, value: int, counters: list[_Counter], now: float
+    ) -> None:
+        retry_after = max(0.0, counter.reset_at - now)
+        window = "minute" if counter.reset_at - now <= MINUTE else "day"
+        if counter.amount > counter.limit:
+            message = (
+                f"this request may use {counter.amount} tokens, more than the limit of "
+                f"{counter.limit} tokens per {window}: lower max_tokens or the input"
+            )
+        else:
+            message = (
+                f"rate limit reached: {counter.limit} {counter.dimension} per {window}; "
+                f"try again in {math.ceil(retry_after)} s"
+            )
+        values = [value if c is counter else 0 for c in counters]
+        raise RateLimited(
+            message,
+            retry_after=retry_after,
+            headers=_headers(counters, values, now, refused=counter),
+        )
+
+    async def _counters(self, principal: _Principal, tokens: int, now: float) -> list[_Counter]:
+        scopes: list[tuple[str, str, RateLimits]] = []
+        own = getattr(principal, "rate_limits", None)
+        if isinstance(own, Mapping):
+            key_limits = RateLimits.from_json(dict(own))
+        elif principal.key_id is not None:
+            key_limits = await self._key_limits(principal.key_id)
+        else:
+            key_limits = RateLimits()
+        own_limits = key_limits.over(await self._default_limits())
+        if principal.key_id is not None:
+            scopes.append(("key", principal.key_id, own_limits))
+        if principal.team_id is not None:
+            scopes.append(("team", principal.team_id, await self._team_limits(principal.team_id)))
+        counters = []
+        for scope, scope_id, limits in scopes:
+            for dimension, window, limit in limits.windows():
+                bucket = int(now // window)
+                counters.append(
+                    _Counter(
+                        key=f"gateway:rl:{scope}:{scope_id}:{dimension}:{window}:{bucket}",
+                        dimension=dimension,
+                        limit=limit,
+                        amount=1 if dimension == "requests" else tokens,
+                        reset_at=(bucket + 1) * window,
+                    )
+                )
+        return counters
+
+    async def _key_limits(self, key_id: str) -> RateLimits:
+        cached = self._limits.get(f"key:{key_id}")
+        if cached is None:
+            async with self._storage.unit_of_work() as uow:
+                key = await uow.repo(ApiKey).get(key_id)
+            cached = RateLimits.from_json(key.rate_limits if key is not None else None)
+            self._limits.put(f"key:{key_id}", cached)
+        limits: RateLimits = cached
+        return limits
+
+    async def _default_limits(self) -> RateLimits:
+        """The limits of a key without its own: app configuration, else the settings."""
+        cached = self._limits.get("defaults")
+        if cached is None:
+            cached = self._options.default_limits
+            if self.config is not None:
+                try:
+                    values = {name: await self.config(key) for name, key in _DEFAULT_KEYS.items()}
+                except Exception:
+                    log.warning("app configuration unavailable; default limits from settings")
+                else:
+                    if any(v is not None for v in values.values()):
+                        # 0 stands for "unlimited" in the app configuration.
+                        cached = RateLimits.from_json({k: v for k, v in values.items() if v})
+            self._limits.put("defaults", cached)
+        limits: RateLimits = cached
+        return limits
+
+    async def _team_limits(self, team_id: str) -> RateLimits:
+        cached = self._limits.get(f"team:{team_id}")
+        if cached is None:
+            async with self._storage.unit_of_work() as uow:
+                team = await uow.repo(Team).get(team_id)
+            # Teams carry a `rate_limits` object like keys once the access schema has it.
+            cached = RateLimits.from_json(getattr(team, "rate_limits", None))
+            self._limits.put(f"team:{team_id}", cached)
+        limits: RateLimits = cached
+        return limits
+
+    async def _model(self, model_id: str) -> Model:
+        """The model's prices (cached: they change rarely, and a stale price is reconciled)."""
+        cached = self._limits.get(f"model:{model_id}")
+        if cached is None:
+            async with self._storage.unit_of_work() as uow:
+                found = await uow.repo(Model).get(model_id)
+            # An unknown model (removed meanwhile) is priced at zero rather than failing the call.
+            cached = found or Model(
+                id=model_id, name=model_id, provider=Provider.MOCK, provider_model=""
+            )
+            self._limits.put(f"model:{model_id}", cached)
+        model: Model = cached
+        return model
+
+    async def _enabled_budgets(self) -> list[Budget]:
+        cached = self._budget_cache.get("enabled")
+        if cached is None:
+            cached = await self._budgets.enabled()
+            self._budget_cache.put("enabled", cached)
+        budgets: list[Budget] = cached
+        return budgets
+
+    async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
+        """Correct the reservations with the real counts and queue the record and the log.
+
+        Settling (or releasing) an admission a second time does nothing.
+        """
+        if admission.finished:
+            return
+        admission.finished = True
+        model = admission.model
+        if outcome.model_id is not None and outcome.model_id != model.id:
+            model = await self._model(outcome.model_id)
+        cost = (
+            0
+            if outcome.cache_hit
+            else model_cost_micros(model, outcome.input_tokens, outcome.output_tokens)
+        )
+        tokens = outcome.input_tokens + outcome.output_tokens
+        await self._adjust(
+            admission, tokens - admission.reserved_tokens, 0, cost - admission.reserved_cost_micros
+        )
+        latency = outcome.latency_ms
+        if latency is None:
+            latency = int((time.monotonic() - admission.started) * 1000)
+        record = UsageRecord(
+            id=new_id("usage"),
+            usage_type=outcome.usage_type,
+            api_key_id=admission.key_id,
+            team_id=admission.team_id,
+            model_id=model.id,
+            provider=outcome.provider or str(model.provider),
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            cost_micros=cost,
+            latency_ms=latency,
+            status=outcome.status,
+            cache_hit=outcome.cache_hit,
+            operation_id=outcome.operation_id,
+            error=outcome.error,
+        )
+        bodies = await self._log_bodies()
+        success = outcome.status is UsageStatus.SUCCESS
+        entry = ExecutionLog(
+            id=new_id("log"),
+            execution_type=_EXECUTION_TYPES.get(outcome.usage_type, ExecutionType.MODEL),
+            resource_id=model.id,
+            resource_name=model.name,
+            status=ExecutionStatus.SUCCESS if success else ExecutionStatus.FAILED,
+            input=_jsonable(outcome.request_body) if bodies else None,
+            output=_jsonable(outcome.response_body) if bodies else None,
+            error=outcome.error,
+            cost_micros=cost,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            execution_time_ms=latency,
+            api_key_id=admission.key_id,
+            team_id=admission.team_id,
+            operation_id=outcome.operation_id,
+            is_async=outcome.is_async,
+            workflow_steps=list(outcome.workflow_steps) if bodies else [],
+        )
+        self.buffer.add(record, entry)
+
+    async def release(self, admission: Admission) -> None:
+        """Give back everything `admission` reserved (no upstream call was made)."""
+        if admission.finished:
+            return
+        admission.finished = True
+        await self._adjust(
+            admission, -admission.reserved_tokens, -1, -admission.reserved_cost_micros
+        )
+
+    async def _adjust(
+        self, admission: Admission, token_delta: int, request_delta: int, cost_delta: int
+    ) -> None:
+        keys, deltas = [], []
+        for key, dimension in admission.rate_keys:
+            delta = token_delta if dimension == "tokens" else request_delta
+            if delta:
+                keys.append(key)
+                deltas.append(delta)
+        if cost_delta:
+            keys += admission.budget_keys
+            deltas += [cost_delta] * len(admission.budget_keys)
+        if not keys:
+            return
+        try:
+            await self._adjust_script(keys=keys, args=deltas)
+        except RedisError:
+            # The call already happened; its record still counts once batches are written.
+            log.warning("could not correct rate-limit and budget counters", exc_info=True)
+
+    async def _log_bodies(self) -> bool:
+        if self.config is not None:
+            try:
+                value = await self.config("logging.log_request_bodies")
+            except Exception:
+                log.warning("app configuration unavailable; bodies are not logged", exc_info=True)
+                return False
+            if value is not None:
+                return bool(value)
+        return self._options.log_bodies
+
+    @asynccontextmanager
+    async def metered(
+        self,
+        principal: _Principal,
+        model: Model | str,
+        estimated_input_tokens: int,
+        max_output_tokens: int | None,
+        **outcome: Any,
+    ) -> AsyncIterator[MeteredCall]:
+        """`admit`, then `settle` with what the block reported through `call.done(...)`.
+
+        A block that fails with an upstream error settles it as an error; one that fails
+        before any upstream call (bad input, unknown model) or is cancelled releases the
+        reservations. `outcome` holds fields common to both (operation id, usage type...).
+        """
+        admission = await self.admit(principal, model, estimated_input_tokens, max_output_tokens)
+        call = MeteredCall(admission, outcome)
+        try:
+            yield call
+        except BaseException as exc:
+            await self.fail(admission, exc, **outcome)
+            raise
+        if call.outcome is None:
+            await self.release(admission)
+        else:
+            await self.settle(admission, call.outcome)
+
+    async def fail(self, admission: Admission, exc: BaseException, **outcome: Any) -> None:
+        """End an admitted call that raised: an upstream error is recorded, anything else
+        (bad input, unknown model, cancellation) made no upstream call and is released."""
+        if isinstance(exc, DomainError) and not isinstance(exc, _NO_CALL_MADE):
+            error = f"{exc.code}: {exc.message}"
+            await self.settle(
+                admission, UsageOutcome(status=UsageStatus.ERROR, error=error, **outcome)
+            )
+        else:
+            await self.release(admission)
+
+    async def stream(
+        self,
+        admission: Admission,
+        chunks: AsyncIterator[T],
+        usage: Callable[[], dict[str, Any] | None],
+        **outcome: Any,
+    ) -> AsyncIterator[T]:
+        """Relay `chunks`, then settle with `usage()` (the stream's OpenAI usage object).
+
+        A stream cut short (client gone, upstream failure) still counts what it used.
+        """
+        status = UsageStatus.SUCCESS
+        error: str | None = None
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except BaseException as exc:
+            if not usage():
+                await self.fail(admission, exc, **outcome)
+                raise
+            status, error = UsageStatus.ERROR, f"stream interrupted: {type(exc).__name__}"
+            raise
+        finally:
+            if not admission.finished:
+                used = usage() or {}
+                await self.settle(
+                    admission,
+                    UsageOutcome(
+                        status=status,
+                        error=error,
+                        input_tokens=int(used.get("prompt_tokens") or 0),
+                        output_tokens=int(used.get("completion_tokens") or 0),
+                        **outcome,
+                    ),
+                )
+
+    async def close(self) -> None:
+        """Send the buffered records and logs (graceful shutdown)."""
+        await self.buffer.close()
+
+
+# Errors raised before any upstream call: nothing was spent.
+_NO_CALL_MADE = (InvalidInput, NotFound, PermissionDenied, RateLimited, BudgetExceeded)
+
+
+class MeteredCall:
+    """The call inside `Metering.metered`: its rate-limit headers, and how it ended."""
+
+    def __init__(self, admission: Admission, common: dict[str, Any]) -> None:
+        self.admission = admission
+        self.outcome: UsageOutcome | None = None
+        self._common = common
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.admission.headers
+
+    def done(self, **outcome: Any) -> None:
+        """Record how the call ended (`UsageOutcome` fields); settled when the block exits."""
+        self.outcome = UsageOutcome(**{**self._common, **outcome})
+
+    def done_with_usage(self, usage: dict[str, Any] | None, **outcome: Any) -> None:
+        """`done` from an OpenAI `usage` object (`prompt_tokens`, `completion_tokens`)."""
+        usage = usage or {}
+        self.done(
+            input_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            **outcome,
+        )
+
+
+def _jsonable(body: Any) -> Any:
+    """A body as JSON values; a request model is dumped only when its body is logged."""
+    dump = getattr(body, "model_dump", None)
+    return dump(mode="json", exclude_none=True, by_alias=True) if callable(dump) else body
+
+
+def _headers(
+    counters: list[_Counter], values: list[int], now: float, *, refused: _Counter | None = None
+) -> dict[str, str]:
+    """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}` of the tightest counter."""
+    headers: dict[str, str] = {}
+    for dimension in ("requests", "tokens"):
+        tightest: tuple[int, _Counter] | None = None
+        for counter, value in zip(counters, values, strict=True):
+            if counter.dimension != dimension:
+                continue
+            remaining = 0 if counter is refused else max(0, counter.limit - value)
+            if tightest is None or remaining < tightest[0]:
+                tightest = (remaining, counter)
+        if tightest is None:
+            continue
+        remaining, counter = tightest
+        headers[f"x-ratelimit-limit-{dimension}"] = str(counter.limit)
+        headers[f"x-ratelimit-remaining-{dimension}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{dimension}"] = f"{max(0, math.ceil(counter.reset_at - now))}s"
+    return headers

@@ -1,0 +1,117 @@
+"""Builds the accounting services of one process and names their periodic jobs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import Settings
+from app.core.errors import NotFound
+from app.core.events import EventSink
+from app.logs.service import LogService
+from app.queue.periodic import PeriodicTask
+from app.storage.protocol import Storage
+from app.usage.budgets import BudgetService
+from app.usage.limits import RateLimits
+from app.usage.metering import ConfigLookup, Metering, MeteringOptions
+from app.usage.recorder import AccountingBuffer, Batch, BatchSender
+from app.usage.service import UsageService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Accounting:
+    """The metering facade and the services behind the admin API and periodic jobs."""
+
+    metering: Metering
+    usage: UsageService
+    budgets: BudgetService
+    logs: LogService
+
+
+class DirectSender:
+    """Writes each batch in this process: for set-ups without a queue worker (tests)."""
+
+    def __init__(self, usage: UsageService) -> None:
+        self._usage = usage
+
+    async def send(self, batch: Batch) -> None:
+        await self._usage.write_batch(batch)
+
+
+def build_accounting(
+    settings: Settings,
+    storage: Storage,
+    redis: Any,
+    events: EventSink,
+    *,
+    sender: BatchSender | None = None,
+    config: ConfigLookup | None = None,
+) -> Accounting:
+    """The accounting services; batches go to `sender`, or are written in-process without one."""
+    budgets = BudgetService(storage, events)
+    usage = UsageService(storage, budgets)
+    buffer = AccountingBuffer(
+        sender or DirectSender(usage),
+        interval=settings.USAGE_FLUSH_INTERVAL_SECONDS,
+        max_records=settings.USAGE_FLUSH_MAX_RECORDS,
+    )
+    options = MeteringOptions(
+        default_limits=RateLimits(
+            requests_per_minute=settings.RATE_LIMIT_REQUESTS_PER_MINUTE,
+            tokens_per_minute=settings.RATE_LIMIT_TOKENS_PER_MINUTE,
+            requests_per_day=settings.RATE_LIMIT_REQUESTS_PER_DAY,
+            tokens_per_day=settings.RATE_LIMIT_TOKENS_PER_DAY,
+        ),
+        default_max_output_tokens=settings.METERING_DEFAULT_MAX_OUTPUT_TOKENS,
+        cache_seconds=settings.METERING_CACHE_SECONDS,
+        log_bodies=settings.LOG_REQUEST_BODIES,
+    )
+    metering = Metering(storage, redis, budgets, buffer, options, config=config)
+    return Accounting(metering=metering, usage=usage, budgets=budgets, logs=LogService(storage))
+
+
+async def _days(accounting: Accounting, key: str, default: int) -> int:
+    lookup = accounting.metering.config
+    if lookup is not None:
+        try:
+            value = await lookup(key)
+        except Exception:
+            log.warning("app configuration unavailable; %s defaults to %d", key, default)
+            return default
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def accounting_tasks(accounting: Accounting, settings: Settings) -> list[PeriodicTask]:
+    """Budget resets, usage roll-ups with retention, and log retention."""
+
+    async def purge_usage() -> None:
+        days = await _days(accounting, "retention.usage_days", settings.USAGE_RETENTION_DAYS)
+        await accounting.usage.purge_expired(days)
+
+    async def purge_logs() -> None:
+        days = await _days(accounting, "retention.logs_days", settings.LOG_RETENTION_DAYS)
+        await accounting.logs.purge_expired(days)
+
+    return [
+        PeriodicTask(
+            "budgets.reset", settings.BUDGET_RESET_INTERVAL_SECONDS, accounting.budgets.reset_due
+        ),
+        PeriodicTask("usage.rollup", settings.ACCOUNTING_INTERVAL_SECONDS, purge_usage),
+        PeriodicTask("logs.retention", settings.ACCOUNTING_INTERVAL_SECONDS, purge_logs),
+    ]
+
+
+async def app_config_value(services: Any, key: str) -> Any:
+    """`services.config.get(key)` once the app configuration service exists; None if unset."""
+    config = getattr(services, "config", None)
+    if config is None:
+        return None
+    try:
+        return await config.get(key)
+    except NotFound:
+        return None

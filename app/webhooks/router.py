@@ -1,0 +1,156 @@
+"""Admin endpoints for webhook subscriptions, their delivery log and replay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query
+from pydantic import AwareDatetime
+
+from app.access.deps import AdminDep, ServicesDep
+from app.webhooks import catalogue
+from app.webhooks.entities import DeliveryStatus
+from app.webhooks.schemas import (
+    DeliveryList,
+    DeliveryRead,
+    EventType,
+    EventTypeList,
+    ReplayRange,
+    ReplayResult,
+    WebhookCreate,
+    WebhookDeleted,
+    WebhookList,
+    WebhookRead,
+    WebhookUpdate,
+    WebhookWithSecret,
+)
+
+router = APIRouter(prefix="/admin/webhooks", tags=["admin: webhooks"])
+
+
+@router.post("", response_model=WebhookWithSecret, status_code=201)
+async def create_webhook(
+    body: WebhookCreate, admin: AdminDep, services: ServicesDep
+) -> WebhookWithSecret:
+    """Subscribe a URL to events; the response shows the signing secret, once."""
+    webhook, secret = await services.webhooks.create(
+        url=body.url,
+        name=body.name,
+        description=body.description,
+        events=body.events,
+        headers=body.headers,
+        enabled=body.enabled,
+        secret=body.secret,
+    )
+    return WebhookWithSecret.with_secret(webhook, secret)
+
+
+@router.get("", response_model=WebhookList)
+async def list_webhooks(
+    admin: AdminDep,
+    services: ServicesDep,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> WebhookList:
+    """Every subscription, newest first."""
+    return WebhookList.of_page(await services.webhooks.list_webhooks(limit=limit, after=after))
+
+
+@router.get("/event-types", response_model=EventTypeList)
+async def list_event_types(admin: AdminDep) -> EventTypeList:
+    """The event types a subscription can name."""
+    return EventTypeList(
+        data=[EventType(name=n, description=d) for n, d in catalogue.EVENT_TYPES.items()]
+    )
+
+
+@router.get("/{webhook_id}", response_model=WebhookRead)
+async def get_webhook(webhook_id: str, admin: AdminDep, services: ServicesDep) -> WebhookRead:
+    """One subscription (without its secret)."""
+    return WebhookRead.of(await services.webhooks.get(webhook_id))
+
+
+@router.patch("/{webhook_id}", response_model=WebhookRead)
+async def update_webhook(
+    webhook_id: str, body: WebhookUpdate, admin: AdminDep, services: ServicesDep
+) -> WebhookRead:
+    """Change the fields given; `enabled: true` also re-enables a disabled subscription."""
+    changes: dict[str, Any] = body.model_dump(exclude_unset=True)
+    for field in ("url", "name", "events", "headers", "enabled"):
+        if field in changes and changes[field] is None:
+            changes.pop(field)  # null means "leave as is" for fields that cannot be empty
+    return WebhookRead.of(await services.webhooks.update(webhook_id, **changes))
+
+
+@router.delete("/{webhook_id}", response_model=WebhookDeleted)
+async def delete_webhook(webhook_id: str, admin: AdminDep, services: ServicesDep) -> WebhookDeleted:
+    """Remove a subscription and its delivery log."""
+    await services.webhooks.delete(webhook_id)
+    return WebhookDeleted(id=webhook_id)
+
+
+@router.post("/{webhook_id}/rotate-secret", response_model=WebhookWithSecret)
+async def rotate_secret(
+    webhook_id: str, admin: AdminDep, services: ServicesDep
+) -> WebhookWithSecret:
+    """A new signing secret (shown once); the old one keeps signing during the overlap."""
+    webhook, secret = await services.webhooks.rotate_secret(webhook_id)
+    return WebhookWithSecret.with_secret(webhook, secret)
+
+
+@router.post("/{webhook_id}/ping", response_model=DeliveryRead, status_code=202)
+async def ping_webhook(webhook_id: str, admin: AdminDep, services: ServicesDep) -> DeliveryRead:
+    """Send a `webhook.ping` test event to this subscription."""
+    return DeliveryRead.of(await services.webhooks.ping(webhook_id))
+
+
+@router.get("/{webhook_id}/deliveries", response_model=DeliveryList)
+async def list_deliveries(
+    webhook_id: str,
+    admin: AdminDep,
+    services: ServicesDep,
+    status: DeliveryStatus | None = None,
+    event_type: str | None = None,
+    created_after: AwareDatetime | None = None,
+    created_before: AwareDatetime | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+) -> DeliveryList:
+    """The delivery log of a subscription, newest first."""
+    page = await services.webhooks.list_deliveries(
+        webhook_id,
+        status=status,
+        event_type=event_type,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        after=after,
+    )
+    return DeliveryList.of_page(page)
+
+
+@router.get("/{webhook_id}/deliveries/{delivery_id}", response_model=DeliveryRead)
+async def get_delivery(
+    webhook_id: str, delivery_id: str, admin: AdminDep, services: ServicesDep
+) -> DeliveryRead:
+    """One delivery with every attempt."""
+    return DeliveryRead.of(await services.webhooks.get_delivery(webhook_id, delivery_id))
+
+
+@router.post(
+    "/{webhook_id}/deliveries/{delivery_id}/replay", response_model=DeliveryRead, status_code=202
+)
+async def replay_delivery(
+    webhook_id: str, delivery_id: str, admin: AdminDep, services: ServicesDep
+) -> DeliveryRead:
+    """Send a delivery again with the same `webhook-id`, on a fresh retry schedule."""
+    return DeliveryRead.of(await services.webhooks.replay(webhook_id, delivery_id))
+
+
+@router.post("/{webhook_id}/replay", response_model=ReplayResult, status_code=202)
+async def replay_failed(
+    webhook_id: str, body: ReplayRange, admin: AdminDep, services: ServicesDep
+) -> ReplayResult:
+    """Replay every failed or exhausted delivery created in a range (up to 1000 per call)."""
+    ids = await services.webhooks.replay_failed(webhook_id, since=body.since, until=body.until)
+    return ReplayResult(replayed=len(ids), delivery_ids=ids)

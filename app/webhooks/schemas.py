@@ -1,0 +1,195 @@
+"""Webhook subscriptions and deliveries as administrators send and read them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from app.storage.protocol import Page
+from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048, description="Where deliveries are POSTed (http or https).")
+    name: str | None = Field(default=None, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    events: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Event types, `<group>.*` or `*`; empty means every event.",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Sent with each delivery.")
+    enabled: bool = True
+    secret: str | None = Field(
+        default=None, description="A `whsec_<base64>` secret to use instead of a generated one."
+    )
+
+
+class WebhookUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, max_length=2048)
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    events: list[str] | None = Field(default=None, max_length=100)
+    headers: dict[str, str] | None = None
+    enabled: bool | None = None
+
+
+class WebhookRead(BaseModel):
+    """A subscription; never its secret."""
+
+    id: str
+    object: Literal["webhook"] = "webhook"
+    name: str
+    description: str | None
+    url: str
+    events: list[str]
+    headers: dict[str, str]
+    enabled: bool
+    status: WebhookStatus
+    disabled_reason: str | None
+    failure_count: int
+    failing_since: datetime | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    previous_secret_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, webhook: Webhook) -> WebhookRead:
+        return cls(
+            id=webhook.id,
+            name=webhook.name,
+            description=webhook.description,
+            url=webhook.url,
+            events=webhook.events,
+            headers=webhook.headers,
+            enabled=webhook.status == WebhookStatus.ACTIVE,
+            status=webhook.status,
+            disabled_reason=webhook.disabled_reason,
+            failure_count=webhook.failure_count,
+            failing_since=webhook.failing_since,
+            last_success_at=webhook.last_success_at,
+            last_failure_at=webhook.last_failure_at,
+            previous_secret_expires_at=webhook.previous_secret_expires_at,
+            created_at=webhook.created_at,
+            updated_at=webhook.updated_at,
+        )
+
+
+class WebhookWithSecret(WebhookRead):
+    """A subscription right after creation or rotation: the only time its secret is shown."""
+
+    secret: str
+
+    @classmethod
+    def with_secret(cls, webhook: Webhook, secret: str) -> WebhookWithSecret:
+        return cls(**WebhookRead.of(webhook).model_dump(), secret=secret)
+
+
+class WebhookList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[Webhook]) -> WebhookList:
+        return cls(
+            data=[WebhookRead.of(w) for w in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )
+
+
+class WebhookDeleted(BaseModel):
+    id: str
+    object: Literal["webhook"] = "webhook"
+    deleted: Literal[True] = True
+
+
+class EventType(BaseModel):
+    name: str
+    description: str
+
+
+class EventTypeList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventType]
+
+
+class DeliveryRead(BaseModel):
+    """One event sent to one subscription, with every attempt."""
+
+    id: str
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    webhook_id: str
+    event_id: str
+    event_type: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    completed_at: datetime | None
+    response_status: int | None
+    response_excerpt: str | None
+    error: str | None
+    attempt_log: list[dict[str, Any]]
+    payload: dict[str, Any]
+    operation_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> DeliveryRead:
+        return cls(
+            id=delivery.id,
+            webhook_id=delivery.webhook_id,
+            event_id=delivery.event_id,
+            event_type=delivery.event_type,
+            status=delivery.status,
+            attempts=delivery.attempts,
+            next_attempt_at=delivery.next_attempt_at,
+            last_attempt_at=delivery.last_attempt_at,
+            completed_at=delivery.completed_at,
+            response_status=delivery.response_status,
+            response_excerpt=delivery.response_excerpt,
+            error=delivery.error,
+            attempt_log=delivery.attempt_log,
+            payload=delivery.payload,
+            operation_id=delivery.operation_id,
+            created_at=delivery.created_at,
+        )
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeliveryRead]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of_page(cls, page: Page[WebhookDelivery]) -> DeliveryList:
+        return cls(
+            data=[DeliveryRead.of(d) for d in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )
+
+
+class ReplayRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: AwareDatetime = Field(description="Replay failed deliveries created at or after this.")
+    until: AwareDatetime | None = Field(default=None, description="…and before this.")
+
+
+class ReplayResult(BaseModel):
+    object: Literal["webhook.replay"] = "webhook.replay"
+    replayed: int
+    delivery_ids: list[str]

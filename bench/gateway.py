@@ -1,0 +1,91 @@
+"""Latency the gateway adds over its upstream, and its throughput against a bare passthrough.
+
+Run `python -m bench.gateway`. Three processes on loopback: a raw mock OpenAI upstream
+(bench.raw_upstream), a bare async passthrough proxy (bench.passthrough) and the gateway with
+one uvicorn worker (bench.gateway_server). Targets: added p50 <= 1 ms, p99 <= 5 ms at one
+connection; throughput >= 50 % of the passthrough at 32 connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import orjson
+import uvloop
+
+from bench.gateway_server import ADMIN
+from bench.http_clients import free_port, run
+
+BODY = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hello there"}]})
+SEQUENTIAL, CONCURRENT, CONNECTIONS = 2000, 6000, 32
+
+
+def start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True)
+
+
+def wait_for(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+async def measure(urls: dict[str, str]) -> None:
+    headers = {"content-type": "application/json", "authorization": f"Bearer {ADMIN}"}
+    results: dict[tuple[str, int], tuple[float, float, float]] = {}
+    for concurrency, total in ((1, SEQUENTIAL), (CONNECTIONS, CONCURRENT)):
+        for name, url in urls.items():
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def call(url: str = url, session: aiohttp.ClientSession = session) -> bytes:
+                    async with session.post(url, data=BODY, headers=headers) as response:
+                        assert response.status == 200, await response.text()
+                        return await response.read()
+
+                results[name, concurrency] = await run(call, concurrency, total)
+    print(f"{'target':<12} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for (name, conns), (rps, p50, p99) in results.items():
+        print(f"{name:<12} {conns:>5} {rps:>8.0f} {p50:>8.2f} {p99:>8.2f}")
+    direct = results["upstream", 1]
+    for name in ("passthrough", "gateway"):
+        _, p50, p99 = results[name, 1]
+        print(f"added by {name:<12} p50 {p50 - direct[1]:.2f} ms   p99 {p99 - direct[2]:.2f} ms")
+    ratio = results["gateway", CONNECTIONS][0] / results["passthrough", CONNECTIONS][0]
+    print(f"gateway throughput at {CONNECTIONS} connections: {ratio:.0%} of the passthrough")
+
+
+def main() -> None:
+    ports = {name: free_port() for name in ("upstream", "passthrough", "gateway")}
+    upstream = f"http://127.0.0.1:{ports['upstream']}"
+    processes = [
+        start("bench.raw_upstream", str(ports["upstream"])),
+        start("bench.passthrough", str(ports["passthrough"]), upstream),
+        start("bench.gateway_server", str(ports["gateway"]), upstream),
+    ]
+    try:
+        for port in ports.values():
+            wait_for(port)
+        urls = {
+            name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()
+        }
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(measure(urls))
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""No event lost: real worker processes on Redis and PostgreSQL, one killed mid-delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+import redis
+
+from app.config import Settings
+from app.core.crypto import SecretBox
+from app.core.outbound import OutboundClient, OutboundPolicy
+from app.operations.service import OperationService
+from app.queue.broker import build_broker
+from app.queue.port import DramatiqQueue
+from app.storage.sql import SqlStorage, make_engine
+from app.webhooks.service import WebhookConfig, WebhookService
+from tests.conftest import truncate_all
+from tests.operations.test_processes import Processes, env_for, wait_until
+from tests.webhooks.receiver import Received, Reply, ThreadedReceiver, verify
+
+pytestmark = pytest.mark.slow
+
+EVENTS = 150
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+    for log in sorted(tmp_path.glob("*.log")):
+        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture
+def clean(database_url: str, redis_url: str) -> tuple[str, str]:
+    truncate_all(database_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    return database_url, redis_url
+
+
+def worker_env(database_url: str, redis_url: str) -> dict[str, str]:
+    return env_for(
+        database_url,
+        redis_url,
+        OUTBOUND_ALLOWED_HOSTS="127.0.0.1",
+        WEBHOOK_RETRY_SCHEDULE="0,0.5,1,1,1,1,1,1",
+        WEBHOOK_TIMEOUT_SECONDS="5",
+    )
+
+
+@pytest.fixture
+async def webhooks(clean: tuple[str, str]) -> AsyncIterator[WebhookService]:
+    database_url, redis_url = clean
+    env = worker_env(database_url, redis_url)
+    settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
+    storage = SqlStorage(make_engine(database_url))
+    operations = OperationService(storage, DramatiqQueue(build_broker(settings)))
+    client = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
+    service = WebhookService(
+        storage,
+        operations,
+        SecretBox(settings.secret_keys()),
+        client,
+        WebhookConfig(schedule=tuple(settings.webhook_retry_schedule())),
+    )
+    operations.events = service
+    yield service
+    await client.aclose()
+    await storage.close()
+
+
+def delivery_statuses(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM webhook_deliveries GROUP BY status"
+        ).fetchall()
+    return {status: count for status, count in rows}
+
+
+def running_delivery_owner(database_url: str) -> str:
+    found: list[str] = []
+
+    def running() -> bool:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT lease_owner FROM operations WHERE status = 'running' "
+                "AND kind = 'webhook_delivery' LIMIT 1"
+            ).fetchone()
+        if row and row[0]:
+            found.append(row[0])
+        return bool(found)
+
+    wait_until(running, 30, interval=0.01)
+    return found[0]
+
+
+async def test_killing_a_worker_mid_delivery_loses_no_event(
+    clean: tuple[str, str], webhooks: WebhookService, processes: Processes
+) -> None:
+    database_url, redis_url = clean
+
+    async def slow_ok(request: Received) -> Reply:
+        await asyncio.sleep(0.1)
+        return 200, b"ok"
+
+    with ThreadedReceiver(slow_ok) as receiver:
+        _, secret = await webhooks.create(url=receiver.url)
+        event_ids = []
+        storage = webhooks._storage
+        for n in range(EVENTS):
+            async with storage.unit_of_work() as uow:
+                await webhooks.record(uow, "api_key.created", {"n": n})
+                await uow.commit()
+        with psycopg.connect(database_url) as conn:
+            event_ids = [r[0] for r in conn.execute("SELECT event_id FROM webhook_deliveries")]
+        assert len(event_ids) == EVENTS
+
+        env = worker_env(database_url, redis_url)
+        for _ in range(2):
+            processes.start(["worker", "--processes", "1", "--threads", "4"], env)
+        await asyncio.to_thread(
+            wait_until, lambda: delivery_statuses(database_url).get("succeeded", 0) >= 10, 60
+        )
+        owner = await asyncio.to_thread(running_delivery_owner, database_url)
+        os.kill(int(owner.rsplit("-", 1)[1]), signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(
+            wait_until, lambda: delivery_statuses(database_url) == {"succeeded": EVENTS}, 90
+        )
+        recovery = time.monotonic() - killed_at
+        received = list(receiver.requests)
+
+    assert recovery < 60
+    seen = {r.headers["webhook-id"] for r in received}
+    assert seen == set(event_ids), "an event was never delivered"
+    for request in received:
+        verify(secret, request.headers, request.body)
+    # Duplicates are allowed (at least once); a receiver dedupes them by webhook-id.
+    by_id: dict[str, set[bytes]] = {}
+    for request in received:
+        by_id.setdefault(request.headers["webhook-id"], set()).add(
+            orjson.dumps(orjson.loads(request.body)["data"])
+        )
+    assert all(len(bodies) == 1 for bodies in by_id.values())
+    with psycopg.connect(database_url) as conn:
+        lost = conn.execute(
+            "SELECT count(*) FROM operations WHERE kind = 'webhook_delivery' "
+            "AND attempt_log::text LIKE '%\"lost\"%'"
+        ).fetchone()
+    assert lost is not None and lost[0] >= 1, "the killed worker held no delivery: proved nothing"
