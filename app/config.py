@@ -83,6 +83,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent_sessions(self) -> Self:
+        password = self.ADMIN_DEFAULT_PASSWORD
+        if password is not None and len(password.get_secret_value()) < 8:
+            raise ValueError(
+                "ADMIN_DEFAULT_PASSWORD must be at least 8 characters long (or leave it unset to "
+                "have a password generated and printed on first start)."
+            )
         if self.JWT_ALGORITHM is JwtAlgorithm.RS256 and self.JWT_PRIVATE_KEY is None:
             raise ValueError(
                 "JWT_ALGORITHM=RS256 signs session tokens with JWT_PRIVATE_KEY: set it to an RSA "

@@ -66,6 +66,8 @@ class Team(Entity, table=True):
     status: TeamStatus = choice(TeamStatus, TeamStatus.ACTIVE)
     # Teams the gateway creates itself (the administrators team) cannot be deleted.
     builtin: bool = False
+    # Limits shared by all the team's keys, in the keys' format (read by app/usage/limits.py).
+    rate_limits: dict[str, Any] = json_object()
 
 
 class TeamMember(Entity, table=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import APIRouter, Query, Response
 
 from app.access.deps import AdminDep, ServicesDep, SessionDep
@@ -12,6 +14,7 @@ from app.access.schemas import (
     ApiKeyList,
     ApiKeyRead,
     ApiKeyUpdate,
+    LimitName,
     LoginRequest,
     MemberCreate,
     MemberList,
@@ -31,6 +34,11 @@ from app.core.clock import utcnow
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"])
 admin_router = APIRouter(prefix="/admin", tags=["admin: access"])
+
+
+def limits(values: Mapping[LimitName, int]) -> dict[str, int]:
+    return {str(name): value for name, value in values.items()}
+
 
 # -- sign-in ---------------------------------------------------------------------------------
 
@@ -107,7 +115,9 @@ async def delete_user(user_id: str, admin: AdminDep, services: ServicesDep) -> R
 @admin_router.post("/teams", response_model=TeamRead, status_code=201)
 async def create_team(body: TeamCreate, admin: AdminDep, services: ServicesDep) -> TeamRead:
     """Create a team."""
-    team = await services.teams.create_team(name=body.name, description=body.description)
+    team = await services.teams.create_team(
+        name=body.name, description=body.description, rate_limits=limits(body.rate_limits)
+    )
     return TeamRead.of(team)
 
 
@@ -134,10 +144,11 @@ async def get_team(team_id: str, admin: AdminDep, services: ServicesDep) -> Team
 async def update_team(
     team_id: str, body: TeamUpdate, admin: AdminDep, services: ServicesDep
 ) -> TeamRead:
-    """Rename or re-describe a team."""
+    """Change a team's name, description or rate limits."""
     changes = body.model_dump(exclude_unset=True)
-    if changes.get("name", "") is None:
-        del changes["name"]
+    for required in ("name", "rate_limits"):
+        if required in changes and changes[required] is None:
+            del changes[required]
     return TeamRead.of(await services.teams.update_team(team_id, changes))
 
 
@@ -204,7 +215,7 @@ async def create_key(body: ApiKeyCreate, admin: AdminDep, services: ServicesDep)
         description=body.description,
         team_id=body.team_id,
         permissions=body.permissions,
-        rate_limits=body.rate_limits,
+        rate_limits=limits(body.rate_limits),
         expires_at=body.expires_at,
         created_by=admin.key_id,
     )

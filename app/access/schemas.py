@@ -25,8 +25,18 @@ Username = Annotated[str, Field(min_length=3, max_length=100, pattern=r"^[A-Za-z
 Password = Annotated[str, Field(min_length=8, max_length=1024)]
 Name = Annotated[str, Field(min_length=1, max_length=100)]
 Description = Annotated[str, Field(max_length=2000)]
-# Limits are read by the rate limiter; here they only have to be non-negative whole numbers.
-RateLimits = dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[int, Field(ge=0)]]
+# The spellings the rate limiter reads (app/usage/limits.py), LiteLLM's short ones included.
+LimitName = Literal[
+    "requests_per_minute",
+    "tokens_per_minute",
+    "requests_per_day",
+    "tokens_per_day",
+    "rpm",
+    "tpm",
+    "rpd",
+    "tpd",
+]
+RateLimits = dict[LimitName, Annotated[int, Field(ge=0)]]
 
 
 class _Input(BaseModel):
@@ -101,11 +111,14 @@ class UserList(BaseModel):
 class TeamCreate(_Input):
     name: Name
     description: Description | None = None
+    # Shared by all the team's keys, on top of each key's own limits.
+    rate_limits: RateLimits = {}
 
 
 class TeamUpdate(_Input):
     name: Name | None = None
     description: Description | None = None
+    rate_limits: RateLimits | None = None
 
 
 class TeamRead(BaseModel):
@@ -115,6 +128,7 @@ class TeamRead(BaseModel):
     description: str | None
     status: TeamStatus
     builtin: bool
+    rate_limits: dict[str, Any]
     created_at: datetime
     updated_at: datetime
 

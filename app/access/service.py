@@ -309,7 +309,9 @@ class ApiKeyService:
         The background `last_used_at` writer may bump the version between read and write, so a
         stale version is retried on a fresh read rather than answered with a conflict.
         """
-        for attempt in range(_WRITE_ATTEMPTS):
+        attempts = 0
+        while True:
+            attempts += 1
             try:
                 async with self._storage.unit_of_work() as uow:
                     key = await self._load(uow, key_id)
@@ -318,12 +320,11 @@ class ApiKeyService:
                         return key
                     await uow.commit()
             except StaleVersion:
-                if attempt == _WRITE_ATTEMPTS - 1:
+                if attempts >= _WRITE_ATTEMPTS:
                     raise
                 continue
             await self._bus.publish(KEYS_TOPIC, changed.key_prefix)
             return changed
-        raise AssertionError("unreachable")
 
     async def _load(self, uow: UnitOfWork, key_id: str) -> ApiKey:
         key = await uow.repo(ApiKey).get(key_id)

@@ -41,10 +41,21 @@ class TeamService:
                 pass  # another process created it at the same moment
             return team
 
-    async def create_team(self, *, name: str, description: str | None = None) -> Team:
+    async def create_team(
+        self,
+        *,
+        name: str,
+        description: str | None = None,
+        rate_limits: Mapping[str, int] | None = None,
+    ) -> Team:
         async with self._storage.unit_of_work() as uow:
             team = await uow.repo(Team).add(
-                Team(id=new_id("team"), name=name, description=description)
+                Team(
+                    id=new_id("team"),
+                    name=name,
+                    description=description,
+                    rate_limits=dict(rate_limits or {}),
+                )
             )
             await uow.commit()
         return team
@@ -63,10 +74,10 @@ class TeamService:
             )
 
     async def update_team(self, team_id: str, changes: Mapping[str, Any]) -> Team:
-        """Rename or re-describe a team (given fields only)."""
+        """Change a team's name, description or rate limits (given fields only)."""
         async with self._storage.unit_of_work() as uow:
             team = await _load(uow, team_id)
-            for name in ("name", "description"):
+            for name in ("name", "description", "rate_limits"):
                 if name in changes:
                     setattr(team, name, changes[name])
             team = await uow.repo(Team).update(team)

@@ -9,6 +9,9 @@ from app.core.errors import InvalidId
 
 SLUG_MAX = 50
 _SLUG = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,48}[a-zA-Z0-9])?$")
+# Model names as providers spell them: `gpt-4.1-mini`, `llama3.1:8b`, `claude_3_5`.
+MODEL_NAME_MAX = 64
+_MODEL_NAME = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9._:-]{0,62}[a-zA-Z0-9])?$")
 _PREFIXED = re.compile(
     r"^(?P<prefix>[a-z]+)-(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
@@ -22,6 +25,11 @@ def new_id(prefix: str) -> str:
 def is_slug(value: str) -> bool:
     """Whether `value` is a slug: alphanumerics and inner hyphens, at most 50 characters."""
     return bool(_SLUG.match(value))
+
+
+def is_model_name(value: str) -> bool:
+    """Whether `value` can name a model: alphanumerics with inner `.`, `_`, `:` and `-`."""
+    return bool(_MODEL_NAME.match(value))
 
 
 def check_slug(kind: str, value: str, *, param: str = "id") -> str:

@@ -171,7 +171,9 @@ class CredentialService:
                 await self._bump_models(uow, credential_id)
             uow.on_commit(lambda: self._on_change(None))
             await uow.commit()
-        log.info("credential %s updated (%s)", credential_id, ", ".join(changes.model_fields_set))
+        log.info(
+            "credential %s updated (%s)", credential_id, ", ".join(sorted(changes.model_fields_set))
+        )
         return credential
 
     async def delete(self, credential_id: str) -> None:

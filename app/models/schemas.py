@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.core.ids import SLUG_MAX, is_slug
+from app.core.ids import MODEL_NAME_MAX, is_model_name
 from app.credentials.entities import Provider
 from app.models.entities import Model, ModelKind
 from app.storage.protocol import Page
@@ -29,9 +29,10 @@ Price = Annotated[
 
 
 def _slug(value: str) -> str:
-    if not is_slug(value):
+    if not is_model_name(value):
         raise ValueError(
-            f"must be 1 to {SLUG_MAX} letters, digits and inner hyphens (e.g. 'gpt-4o-mini')"
+            f"must be 1 to {MODEL_NAME_MAX} letters and digits, with '.', '_', ':' or '-' "
+            "inside (e.g. 'gpt-4.1-mini')"
         )
     return value
 

@@ -417,8 +417,7 @@ class Metering:
         if cached is None:
             async with self._storage.unit_of_work() as uow:
                 team = await uow.repo(Team).get(team_id)
-            # Teams carry a `rate_limits` object like keys once the access schema has it.
-            cached = RateLimits.from_json(getattr(team, "rate_limits", None))
+            cached = RateLimits.from_json(team.rate_limits if team is not None else None)
             self._limits.put(f"team:{team_id}", cached)
         limits: RateLimits = cached
         return limits

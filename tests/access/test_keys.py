@@ -70,6 +70,7 @@ async def test_bad_key_input_is_400_naming_the_field(client: httpx.AsyncClient) 
         ({"name": "x", "expires_at": past}, "expires_at"),
         ({"name": "x", "permissions": {"models": "some"}}, "permissions.models"),
         ({"name": "x", "rate_limits": {"requests_per_minute": -1}}, "rate_limits"),
+        ({"name": "x", "rate_limits": {"requests_per_hour": 5}}, "rate_limits"),
         ({"name": ""}, "name"),
         ({"name": "x", "team_id": "team-nope"}, "team_id"),
     ]

@@ -77,3 +77,21 @@ async def test_team_input_is_validated(client: httpx.AsyncClient) -> None:
     team_id = renamed.json()["id"]
     patched = await client.patch(f"/admin/teams/{team_id}", json={"name": "New"}, headers=ADMIN)
     assert patched.json()["name"] == "New"
+
+
+async def test_a_team_carries_rate_limits_for_all_its_keys(client: httpx.AsyncClient) -> None:
+    created = await client.post(
+        "/admin/teams", json={"name": "Limited", "rate_limits": {"rpm": 10}}, headers=ADMIN
+    )
+    assert created.json()["rate_limits"] == {"rpm": 10}
+    team_id = created.json()["id"]
+    changed = await client.patch(
+        f"/admin/teams/{team_id}",
+        json={"rate_limits": {"tokens_per_day": 5000}},
+        headers=ADMIN,
+    )
+    assert changed.json()["rate_limits"] == {"tokens_per_day": 5000}
+    typo = await client.patch(
+        f"/admin/teams/{team_id}", json={"rate_limits": {"rpx": 1}}, headers=ADMIN
+    )
+    assert typo.status_code == 400 and typo.json()["error"]["param"].startswith("rate_limits")

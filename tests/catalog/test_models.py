@@ -71,6 +71,15 @@ async def test_invalid_models_are_400_naming_the_field(
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("name", ["gpt-4.1-mini", "llama3.1:8b", "claude_3_5"])
+async def test_model_ids_may_be_spelled_as_providers_spell_them(
+    client: httpx.AsyncClient, name: str
+) -> None:
+    response = await add_model(client, id=name)
+    assert response.status_code == 201, response.text
+    assert (await client.get(f"/admin/models/{name}")).status_code == 200
+
+
 async def test_a_credential_of_another_provider_is_refused(client: httpx.AsyncClient) -> None:
     await add_credential(client, "anth", "anthropic")
     response = await add_model(

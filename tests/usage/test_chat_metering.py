@@ -140,9 +140,9 @@ async def test_a_rate_limit_holds_across_two_api_processes_on_real_redis(
         pytest.skip("two API processes share PostgreSQL; memory storage lives in one process")
     await add_priced_model(storage)
     settings = Settings(
-        STORAGE_BACKEND="postgres",  # type: ignore[arg-type]
-        PROCESS_ROLE="api",  # type: ignore[arg-type]
-        BROKER="redis",  # type: ignore[arg-type]
+        STORAGE_BACKEND="postgres",
+        PROCESS_ROLE="api",
+        BROKER="redis",
         REDIS_URL=redis_url,
         DATABASE_URL=database_url,
         SECRET_KEY="usage-tests-secret-key-0123456789",

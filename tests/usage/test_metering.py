@@ -9,11 +9,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.access.entities import ApiKey
-from app.core.errors import BudgetExceeded, RateLimited
+from app.core.errors import BudgetExceeded, InvalidInput, RateLimited, UpstreamUnavailable
+from app.credentials.entities import Provider
 from app.models.entities import Model
 from app.storage.protocol import Storage
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus
-from app.usage.metering import UsageOutcome
+from app.usage.metering import Caller, UsageOutcome
 from app.usage.pricing import cost_micros
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
@@ -89,10 +90,8 @@ async def test_a_team_limit_is_shared_by_the_keys_of_the_team(
 ) -> None:
     from app.access.entities import Team
 
-    if "rate_limits" not in Team.model_fields:
-        pytest.skip("teams have no rate_limits column in this schema")
     async with storage.unit_of_work() as uow:
-        await uow.repo(Team).add(Team(id="team-rl", name="t", rate_limits={"rpm": 2}))  # type: ignore[call-arg]
+        await uow.repo(Team).add(Team(id="team-rl", name="t", rate_limits={"rpm": 2}))
         await uow.commit()
     await accounting.metering.admit(Principal("key-1", "team-rl"), model, 1, 1)
     await accounting.metering.admit(Principal("key-2", "team-rl"), model, 1, 1)
@@ -227,3 +226,36 @@ async def test_two_processes_sharing_redis_hold_one_rate_limit(
     for process, client in zip(processes, clients, strict=True):
         await process.metering.close()
         await client.aclose()
+
+
+async def test_metered_records_an_upstream_failure_and_releases_a_refused_request(
+    accounting: Accounting, model: Model, storage: Storage
+) -> None:
+    await set_limits(storage, "key-m", {"requests_per_minute": 1})
+    principal = Principal("key-m")
+    with pytest.raises(InvalidInput):
+        async with accounting.metering.metered(principal, model.id, 5, 5):
+            raise InvalidInput("bad", param="messages")  # before any upstream call
+    with pytest.raises(UpstreamUnavailable):
+        async with accounting.metering.metered(principal, model.id, 5, 5, operation_id="op-9"):
+            raise UpstreamUnavailable("upstream 503")
+    await accounting.metering.buffer.flush()
+    (record,) = await all_records(storage)
+    assert record.status is UsageStatus.ERROR and record.operation_id == "op-9"
+    assert record.error is not None and "upstream 503" in record.error
+    with pytest.raises(RateLimited):  # the failed call counted, the refused one did not
+        await accounting.metering.admit(principal, model, 1, 1)
+
+
+async def test_a_fallback_model_is_charged_at_its_own_price(
+    accounting: Accounting, model: Model, storage: Storage
+) -> None:
+    cheap = Model(id="cheap", name="Cheap", provider=Provider.MOCK, provider_model="mock")
+    async with storage.unit_of_work() as uow:
+        await uow.repo(Model).add(cheap)
+        await uow.commit()
+    async with accounting.metering.metered(Caller(None, None), model.id, 10, 10) as call:
+        call.done(input_tokens=1000, output_tokens=1000, model_id="cheap")
+    await accounting.metering.buffer.flush()
+    (record,) = await all_records(storage)
+    assert record.model_id == "cheap" and record.cost_micros == 0

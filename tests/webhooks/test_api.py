@@ -205,3 +205,22 @@ async def test_a_ping_is_delivered_by_the_workers_handler_and_logged(
         f"/admin/webhooks/{created['id']}/deliveries/{delivery['id']}/replay", headers=AUTH
     )
     assert replay.status_code == 202 and replay.json()["status"] == "pending"
+
+
+async def test_cancelling_a_job_through_the_api_records_an_operation_cancelled_delivery(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    created = await create(client, events=["operation.cancelled"])
+    accepted = await client.post(
+        "/v1/chat/completions?async=true",
+        json={"model": "mock", "messages": [{"role": "user", "content": "hi"}]},
+        headers=AUTH,
+    )
+    assert accepted.status_code == 202, accepted.text
+    operation_id = accepted.json()["operation_id"]
+    assert (await client.delete(f"/v1/operations/{operation_id}", headers=AUTH)).status_code == 200
+    log = await client.get(f"/admin/webhooks/{created['id']}/deliveries", headers=AUTH)
+    (delivery,) = log.json()["data"]
+    assert delivery["event_type"] == "operation.cancelled"
+    assert delivery["payload"]["data"]["operation"]["id"] == operation_id
+    assert delivery["payload"]["data"]["operation"]["status"] == "cancelled"

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -17,7 +18,8 @@ import redis
 from app.config import Settings
 from app.core.crypto import SecretBox
 from app.core.outbound import OutboundClient, OutboundPolicy
-from app.operations.service import OperationService
+from app.operations.entities import OperationKind
+from app.operations.service import OperationService, Owner
 from app.queue.broker import build_broker
 from app.queue.port import DramatiqQueue
 from app.storage.sql import SqlStorage, make_engine
@@ -29,6 +31,7 @@ from tests.webhooks.receiver import Received, Reply, ThreadedReceiver, verify
 pytestmark = pytest.mark.slow
 
 EVENTS = 150
+JOBS = 5
 
 
 @pytest.fixture
@@ -57,8 +60,15 @@ def worker_env(database_url: str, redis_url: str) -> dict[str, str]:
     )
 
 
+@dataclass
+class Emitter:
+    storage: SqlStorage
+    operations: OperationService
+    webhooks: WebhookService
+
+
 @pytest.fixture
-async def webhooks(clean: tuple[str, str]) -> AsyncIterator[WebhookService]:
+async def emitter(clean: tuple[str, str]) -> AsyncIterator[Emitter]:
     database_url, redis_url = clean
     env = worker_env(database_url, redis_url)
     settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
@@ -73,7 +83,7 @@ async def webhooks(clean: tuple[str, str]) -> AsyncIterator[WebhookService]:
         WebhookConfig(schedule=tuple(settings.webhook_retry_schedule())),
     )
     operations.events = service
-    yield service
+    yield Emitter(storage, operations, service)
     await client.aclose()
     await storage.close()
 
@@ -104,7 +114,7 @@ def running_delivery_owner(database_url: str) -> str:
 
 
 async def test_killing_a_worker_mid_delivery_loses_no_event(
-    clean: tuple[str, str], webhooks: WebhookService, processes: Processes
+    clean: tuple[str, str], emitter: Emitter, processes: Processes
 ) -> None:
     database_url, redis_url = clean
 
@@ -113,16 +123,24 @@ async def test_killing_a_worker_mid_delivery_loses_no_event(
         return 200, b"ok"
 
     with ThreadedReceiver(slow_ok) as receiver:
-        _, secret = await webhooks.create(url=receiver.url)
-        event_ids = []
-        storage = webhooks._storage
+        _, secret = await emitter.webhooks.create(url=receiver.url)
         for n in range(EVENTS):
-            async with storage.unit_of_work() as uow:
-                await webhooks.record(uow, "api_key.created", {"n": n})
+            async with emitter.storage.unit_of_work() as uow:
+                await emitter.webhooks.record(uow, "api_key.created", {"n": n})
                 await uow.commit()
         with psycopg.connect(database_url) as conn:
             event_ids = [r[0] for r in conn.execute("SELECT event_id FROM webhook_deliveries")]
         assert len(event_ids) == EVENTS
+        # Jobs finished by the workers emit `operation.*` events through their runner.
+        chat = {"model": "mock", "messages": [{"role": "user", "content": "hi"}]}
+        jobs = [
+            (
+                await emitter.operations.submit(
+                    kind=OperationKind.CHAT_COMPLETION, input=chat, owner=Owner(key_id="k")
+                )
+            )[0].id
+            for _ in range(JOBS)
+        ]
 
         env = worker_env(database_url, redis_url)
         for _ in range(2):
@@ -134,14 +152,22 @@ async def test_killing_a_worker_mid_delivery_loses_no_event(
         os.kill(int(owner.rsplit("-", 1)[1]), signal.SIGKILL)
         killed_at = time.monotonic()
         await asyncio.to_thread(
-            wait_until, lambda: delivery_statuses(database_url) == {"succeeded": EVENTS}, 90
+            wait_until,
+            lambda: delivery_statuses(database_url) == {"succeeded": EVENTS + JOBS},
+            90,
         )
         recovery = time.monotonic() - killed_at
         received = list(receiver.requests)
 
     assert recovery < 60
     seen = {r.headers["webhook-id"] for r in received}
-    assert seen == set(event_ids), "an event was never delivered"
+    assert set(event_ids) <= seen, "an event was never delivered"
+    finished = {
+        orjson.loads(r.body)["data"]["operation"]["id"]
+        for r in received
+        if orjson.loads(r.body)["type"].startswith("operation.")
+    }
+    assert finished == set(jobs)
     for request in received:
         verify(secret, request.headers, request.body)
     # Duplicates are allowed (at least once); a receiver dedupes them by webhook-id.
