@@ -174,6 +174,8 @@ class Settings(BaseSettings):
     WEBHOOK_DISABLE_AFTER_SECONDS: float = Field(default=5 * 24 * 3600.0, gt=0)
     # After a secret rotation, the old secret keeps signing for this long.
     WEBHOOK_ROTATION_OVERLAP_SECONDS: float = Field(default=24 * 3600.0, ge=0)
+    # Finished deliveries (and their attempt logs) older than this are removed.
+    WEBHOOK_DELIVERY_RETENTION_SECONDS: float = Field(default=30 * 24 * 3600.0, gt=0)
 
     @field_validator("WEBHOOK_RETRY_SCHEDULE")
     @classmethod

@@ -154,6 +154,7 @@ def build_services(
             timeout=settings.WEBHOOK_TIMEOUT_SECONDS,
             disable_after=settings.WEBHOOK_DISABLE_AFTER_SECONDS,
             rotation_overlap=settings.WEBHOOK_ROTATION_OVERLAP_SECONDS,
+            retention=settings.WEBHOOK_DELIVERY_RETENTION_SECONDS,
         ),
     )
     # The sink submits delivery jobs through `operations`, which emits through the sink.

@@ -93,6 +93,11 @@ def _build(config: Settings) -> Runtime:
     tasks = [
         PeriodicTask("sweep", config.SWEEP_INTERVAL_SECONDS, runner.sweep),
         PeriodicTask("purge", config.PURGE_INTERVAL_SECONDS, runner.purge_finished),
+        PeriodicTask(
+            "purge-webhook-deliveries",
+            config.PURGE_INTERVAL_SECONDS,
+            services.webhooks.purge_deliveries,
+        ),
         PeriodicTask("batches", config.SWEEP_INTERVAL_SECONDS, services.batches.process_due),
         *accounting_tasks(services.accounting, config),
     ]

@@ -18,7 +18,9 @@ import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "gateway:invalidate"
+# Pub/sub channels are server-wide, unlike keys: the database number keeps installs that share
+# one Redis server (on different databases) from clearing each other's caches.
+CHANNEL = "gateway:invalidate:db{db}"
 ALL = "*"
 # How long a cached entry may be served when no invalidation message can reach this process.
 UNSUBSCRIBED_TTL = 1.0
@@ -36,6 +38,8 @@ class InvalidationBus:
         # `shared=False`: this process is the only one using the data (one-process dev mode,
         # unit tests), so dispatching locally reaches every cache and nothing needs listening.
         self._redis = redis if shared else None
+        db = redis.connection_pool.connection_kwargs.get("db", 0) if redis is not None else 0
+        self.channel = CHANNEL.format(db=db)
         self._handlers: dict[str, list[Handler]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -55,7 +59,7 @@ class InvalidationBus:
         if self._redis is None:
             return
         try:
-            await self._redis.publish(CHANNEL, f"{topic}:{item}")
+            await self._redis.publish(self.channel, f"{topic}:{item}")
         except Exception as exc:  # redis down: the others' short fallback lifetime still holds
             log.warning("cannot publish an invalidation of %s: %s", topic, exc)
 
@@ -98,7 +102,7 @@ class InvalidationBus:
         assert self._redis is not None
         pubsub = self._redis.pubsub()
         try:
-            await pubsub.subscribe(CHANNEL)
+            await pubsub.subscribe(self.channel)
             last_heard = time.monotonic()
             while not self._stopping:
                 message: dict[str, Any] | None = await pubsub.get_message(timeout=1.0)

@@ -76,6 +76,7 @@ class WebhookConfig:
     timeout: float = 15.0
     disable_after: float = 5 * 24 * 3600.0
     rotation_overlap: float = 24 * 3600.0
+    retention: float = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,22 @@ class WebhookService:
         delivery.operation_id = (await self._submit(uow, delivery)).id
         return await uow.repo(WebhookDelivery).update(delivery)
 
+    async def purge_deliveries(self) -> int:
+        """Remove finished deliveries older than the retention; returns how many."""
+        cutoff = utcnow() - timedelta(seconds=self.config.retention)
+        async with self._storage.unit_of_work() as uow:
+            removed = await uow.repo(WebhookDelivery).delete_where(
+                Where.in_(
+                    "status",
+                    [DeliveryStatus.SUCCEEDED, DeliveryStatus.FAILED, DeliveryStatus.EXHAUSTED],
+                ),
+                # A failed delivery with a retry still to come is not finished.
+                Where.is_null("next_attempt_at"),
+                Where.lt("created_at", cutoff),
+            )
+            await uow.commit()
+        return removed
+
     # ---- delivering (the `webhook_delivery` job) -------------------------------------------
 
     async def deliver(
@@ -470,9 +487,12 @@ class WebhookService:
             raise DeliveryAbandoned(reason)
         outcome = await self._attempt(webhook, delivery)
         retry_in = self._next_delay(attempt, max_attempts) if outcome.retryable else None
-        delivery = await self._record(
-            delivery, webhook, outcome, attempt=attempt, retry_in=retry_in
-        )
+        try:
+            delivery = await self._record(
+                delivery, webhook, outcome, attempt=attempt, retry_in=retry_in
+            )
+        except NotFound:
+            return {"skipped": "the webhook was deleted during the attempt"}
         if outcome.succeeded:
             return {"delivery_id": delivery.id, "status_code": outcome.status_code}
         message = outcome.error or f"the endpoint answered HTTP {outcome.status_code}"

@@ -22,11 +22,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 @pytest.fixture
 async def app() -> AsyncIterator[FastAPI]:
-    settings = Settings(
-        BROKER="stub",  # type: ignore[arg-type]
-        ADMIN_API_KEY=ADMIN,  # type: ignore[arg-type]
-        OUTBOUND_ALLOWED_HOSTS="127.0.0.1",
-    )
+    settings = Settings(BROKER="stub", ADMIN_API_KEY=ADMIN, OUTBOUND_ALLOWED_HOSTS="127.0.0.1")
     storage = MemoryStorage()
     application = create_app(settings, storage=storage, queue=RecordingQueue(storage))
     async with application.router.lifespan_context(application):

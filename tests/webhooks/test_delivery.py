@@ -394,3 +394,23 @@ async def test_finished_jobs_emit_operation_events_but_deliveries_do_not(
     completed = next(orjson.loads(r.body) for r in receiver.requests if done.id in r.body.decode())
     assert completed["data"]["operation"]["result"] == {"echo": {}}
     assert len(await rig.deliveries(webhook.id)) == 3  # none about the delivery jobs themselves
+
+
+async def test_finished_deliveries_older_than_the_retention_are_purged(
+    storage: Storage, receiver: Receiver
+) -> None:
+    rig = make_rig(storage, retention=0.2)
+    receiver.respond = answers((200, b""))
+    try:
+        webhook, _ = await rig.webhooks.create(url=receiver.url)
+        await rig.emit("api_key.created", {"n": "old"})
+        await rig.drain()
+        await asyncio.sleep(0.3)
+        await rig.emit("api_key.created", {"n": "unsent"})
+        assert await rig.webhooks.purge_deliveries() == 1
+        await asyncio.sleep(0.3)
+        assert await rig.webhooks.purge_deliveries() == 0  # still pending: kept
+    finally:
+        await rig.client.aclose()
+    (left,) = await rig.deliveries(webhook.id)
+    assert left.payload["data"] == {"n": "unsent"} and left.status == DeliveryStatus.PENDING
