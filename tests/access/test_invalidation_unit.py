@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import redis.asyncio as aioredis
+
 from app.core.invalidation import UNSUBSCRIBED_TTL, InvalidatedCache, InvalidationBus
 
 
@@ -23,3 +25,9 @@ async def test_without_a_confirmed_subscription_entries_live_one_second() -> Non
     assert shared.ttl(30.0) == UNSUBSCRIBED_TTL
     alone = InvalidationBus(None, shared=False)  # one process: every change is seen here
     assert alone.ttl(30.0) == 30.0
+
+
+def test_installs_on_different_redis_databases_do_not_share_a_channel() -> None:
+    first = InvalidationBus(aioredis.Redis.from_url("redis://127.0.0.1:6379/3"))
+    second = InvalidationBus(aioredis.Redis.from_url("redis://127.0.0.1:6379/4"))
+    assert first.channel != second.channel

@@ -213,7 +213,8 @@ async def test_failed_attempts_follow_the_schedule_with_the_same_webhook_id(
     assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
     gaps = [b.at - a.at for a, b in zip(receiver.requests, receiver.requests[1:], strict=False)]
     for gap, planned in zip(gaps, (0.3, 0.6, 0.9), strict=True):
-        assert planned - 0.05 <= gap < planned + 0.25, gaps
+        # Never early; late only by the time a loaded machine takes to run the job.
+        assert planned - 0.05 <= gap < planned + 1.0, gaps
     (delivery,) = await rig.deliveries(webhook.id)
     assert delivery.status == DeliveryStatus.SUCCEEDED and delivery.attempts == 4
     assert [e["status_code"] for e in delivery.attempt_log] == [500, 502, 503, 204]
@@ -282,7 +283,7 @@ async def test_a_slow_endpoint_times_out_and_is_retried(
     assert delivery.status == DeliveryStatus.SUCCEEDED and delivery.attempts == 2
     first = delivery.attempt_log[0]
     assert first["status_code"] is None and "within 0.3 s" in first["error"]
-    assert first["duration_ms"] < 1000
+    assert first["duration_ms"] < 1400  # cut short: the endpoint took 1.5 s
 
 
 async def test_an_endpoint_failing_longer_than_the_span_is_disabled_and_flagged(
@@ -414,3 +415,17 @@ async def test_finished_deliveries_older_than_the_retention_are_purged(
         await rig.client.aclose()
     (left,) = await rig.deliveries(webhook.id)
     assert left.payload["data"] == {"n": "unsent"} and left.status == DeliveryStatus.PENDING
+
+
+async def test_a_ping_reaches_a_paused_subscription_but_events_do_not(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, secret = await rig.webhooks.create(url=receiver.url, events=["budget.exceeded"])
+    await rig.webhooks.update(webhook.id, enabled=False)
+    await rig.emit("budget.exceeded", {"budget_id": "b"})
+    ping = await rig.webhooks.ping(webhook.id)
+    await rig.drain()
+    (request,) = receiver.requests
+    assert orjson.loads(request.body)["type"] == "webhook.ping"
+    verify(secret, request.headers, request.body)
+    assert [d.id for d in await rig.deliveries(webhook.id)] == [ping.id]
