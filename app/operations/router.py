@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from app.access.deps import AdminDep, PrincipalDep, ServicesDep
 from app.access.service import Principal
@@ -29,7 +29,7 @@ async def get_operation(
     principal: PrincipalDep,
     services: ServicesDep,
     wait: float = Query(default=0, ge=0, description="Seconds to wait for the job to finish."),
-) -> OperationRead:
+) -> Response:
     """A job's status and, once finished, its result or error."""
     owner = owner_of(principal)
     if wait > 0:
@@ -37,7 +37,9 @@ async def get_operation(
         operation = await services.operations.wait(operation_id, owner=owner, timeout=timeout)
     else:
         operation = await services.operations.get(operation_id, owner=owner)
-    return OperationRead.of(operation)
+    # Serialised here rather than through `response_model`, which would validate the model a
+    # second time: this is the route clients poll.
+    return Response(OperationRead.of(operation).model_dump_json(), media_type="application/json")
 
 
 @router.get("/v1/operations", response_model=OperationList)
