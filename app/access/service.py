@@ -33,7 +33,7 @@ from app.core.errors import (
 )
 from app.core.events import EventSink, NullSink
 from app.core.ids import new_id
-from app.core.invalidation import InvalidatedCache, InvalidationBus
+from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,12 @@ class ApiKeyService:
         self._cache: InvalidatedCache[_CachedKey] = InvalidatedCache(
             self._bus, KEYS_TOPIC, ttl=cache_seconds
         )
+        # Keys by id, for jobs checked when they run; invalidations name prefixes, so any
+        # change to any key empties it.
+        self._by_id: InvalidatedCache[ApiKey | None] = InvalidatedCache(
+            self._bus, f"{KEYS_TOPIC}:by-id", ttl=cache_seconds
+        )
+        self._bus.on(KEYS_TOPIC, lambda _prefix: self._by_id.drop(ALL))
         self._touched: dict[str, float] = {}
         self._pending: dict[str, datetime] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -349,8 +355,12 @@ class ApiKeyService:
         """
         if key_id is None:
             return
-        async with self._storage.unit_of_work() as uow:
-            key = await uow.repo(ApiKey).get(key_id)
+        key = self._by_id.get(key_id)
+        if key is None:
+            generation = self._by_id.generation
+            async with self._storage.unit_of_work() as uow:
+                key = await uow.repo(ApiKey).get(key_id)
+            self._by_id.fill(key_id, key, generation)
         if key is None or effective_status(key) is not ApiKeyStatus.ACTIVE:
             state = effective_status(key).value if key is not None else "deleted"
             raise PermissionDenied(f"the API key that submitted this request is {state}")
