@@ -9,25 +9,26 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.config import Settings
 from app.access.bootstrap import bootstrap_access, start_access, stop_access
 from app.access.router import admin_router as access_admin_router
 from app.access.router import auth_router
 from app.access.teams import ADMIN_TEAM_ID
+from app.batches.router import router as batches_router
+from app.config import Settings
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.redis import build_redis
-from app.gateway.chat import ensure_builtin_models
-from app.batches.router import router as batches_router
 from app.credentials.router import admin_router as credentials_admin_router
+from app.gateway.chat import ensure_builtin_models
+from app.gateway.fastpath import ChatFastPath
 from app.gateway.router import admin_router as chains_admin_router
 from app.gateway.router import router as chat_router
+from app.logs.router import admin_router as logs_admin_router
 from app.models.router import admin_router as models_admin_router
 from app.models.router import router as models_router
 from app.operations.router import admin_router as operations_admin_router
 from app.operations.router import router as operations_router
-from app.webhooks.router import router as webhooks_admin_router
 from app.prompts.router import admin_router as prompts_admin_router
 from app.queue.broker import build_broker
 from app.queue.port import DramatiqQueue, JobQueue
@@ -36,8 +37,8 @@ from app.settings.router import router as settings_admin_router
 from app.storage.factory import build_storage
 from app.storage.protocol import Storage
 from app.system.router import router as system_router
-from app.logs.router import admin_router as logs_admin_router
 from app.usage.router import budgets_router, usage_router
+from app.webhooks.router import router as webhooks_admin_router
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def create_app(
     app.state.settings = settings
     install_error_handlers(app)
     # The last added runs first: ids are assigned before anything else can answer.
+    # Innermost: plain chat completions are answered here, after ids and the size limit.
+    app.add_middleware(ChatFastPath)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(system_router)

@@ -1,8 +1,8 @@
 """Teams get rate limits shared by their keys.
 
 Revision ID: 5e7545995fae
-Revises: c19ed2a5c51c
-Create Date: 2026-11-27 22:00:00+00:00
+Revises: 6752b85e5d5a
+Create Date: 2026-11-27 22:20:00+00:00
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "5e7545995fae"
-down_revision: str | Sequence[str] | None = "c19ed2a5c51c"
+down_revision: str | Sequence[str] | None = "6752b85e5d5a"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

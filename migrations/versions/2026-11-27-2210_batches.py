@@ -1,8 +1,8 @@
 """Batch API: uploaded and generated files, and batches.
 
 Revision ID: 6752b85e5d5a
-Revises: c19ed2a5c51c
-Create Date: 2026-11-27 22:00:00+00:00
+Revises: 77aa6cfe92d5
+Create Date: 2026-11-27 22:10:00+00:00
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "6752b85e5d5a"
-down_revision: str | Sequence[str] | None = "c19ed2a5c51c"
+down_revision: str | Sequence[str] | None = "77aa6cfe92d5"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
