@@ -2,14 +2,17 @@
 
 Run `python -m bench.gateway`. Three processes on loopback: a raw mock OpenAI upstream
 (bench.raw_upstream), a bare async passthrough proxy (bench.passthrough) and the gateway with
-one uvicorn worker (bench.gateway_server). Targets: added p50 <= 1 ms, p99 <= 5 ms at one
-connection; throughput >= 50 % of the passthrough at 32 connections.
+one uvicorn worker (bench.gateway_server: PostgreSQL, the Redis broker, a team key with rate
+limits and a budget, usage recording on). Targets: added p50 <= 1 ms, p99 <= 5 ms at one
+connection; throughput >= 50 % of the passthrough at 32 connections. At the end it checks
+that every call left one usage record and one execution log on the usage queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -19,11 +22,13 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench.gateway_server import ADMIN
+from bench.gateway_server import KEY, MODEL, queued_usage
 from bench.http_clients import free_port, run
 
-BODY = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hello there"}]})
+BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]})
 SEQUENTIAL, CONCURRENT, CONNECTIONS = 2000, 6000, 32
+WARM_UP = 50  # per run, see bench.http_clients.run
+TARGET_P50_MS, TARGET_P99_MS, TARGET_RATIO = 1.0, 5.0, 0.5
 
 
 def start(*args: str) -> subprocess.Popen[bytes]:
@@ -39,8 +44,13 @@ def wait_for(port: int) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-async def measure(urls: dict[str, str]) -> None:
-    headers = {"content-type": "application/json", "authorization": f"Bearer {ADMIN}"}
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "MISS"
+
+
+async def measure(urls: dict[str, str]) -> int:
+    """Print the figures and the verdict per target; returns how many calls the gateway got."""
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
     results: dict[tuple[str, int], tuple[float, float, float]] = {}
     for concurrency, total in ((1, SEQUENTIAL), (CONNECTIONS, CONCURRENT)):
         for name, url in urls.items():
@@ -60,18 +70,28 @@ async def measure(urls: dict[str, str]) -> None:
     for name in ("passthrough", "gateway"):
         _, p50, p99 = results[name, 1]
         print(f"added by {name:<12} p50 {p50 - direct[1]:.2f} ms   p99 {p99 - direct[2]:.2f} ms")
+    _, p50, p99 = results["gateway", 1]
+    added_p50, added_p99 = p50 - direct[1], p99 - direct[2]
     ratio = results["gateway", CONNECTIONS][0] / results["passthrough", CONNECTIONS][0]
     print(f"gateway throughput at {CONNECTIONS} connections: {ratio:.0%} of the passthrough")
+    print(f"target added p50 <= {TARGET_P50_MS} ms: {verdict(added_p50 <= TARGET_P50_MS)}")
+    print(f"target added p99 <= {TARGET_P99_MS} ms: {verdict(added_p99 <= TARGET_P99_MS)}")
+    print(f"target throughput >= {TARGET_RATIO:.0%}: {verdict(ratio >= TARGET_RATIO)}")
+    # Every timed call plus the warm-up calls of both runs.
+    return SEQUENTIAL + CONCURRENT // CONNECTIONS * CONNECTIONS + 2 * WARM_UP
 
 
 def main() -> None:
     ports = {name: free_port() for name in ("upstream", "passthrough", "gateway")}
     upstream = f"http://127.0.0.1:{ports['upstream']}"
+    print(f"load average before the run: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    subprocess.run([sys.executable, "-m", "bench.gateway_server", "prepare", upstream], check=True)
     processes = [
         start("bench.raw_upstream", str(ports["upstream"])),
         start("bench.passthrough", str(ports["passthrough"]), upstream),
-        start("bench.gateway_server", str(ports["gateway"]), upstream),
+        start("bench.gateway_server", "serve", str(ports["gateway"])),
     ]
+    calls = 0
     try:
         for port in ports.values():
             wait_for(port)
@@ -79,12 +99,17 @@ def main() -> None:
             name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()
         }
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(measure(urls))
+            calls = runner.run(measure(urls))
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait(10)
+    print(f"load average after the run: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    # The gateway flushed its buffer on shutdown: every call must have left both entries.
+    records, logs = queued_usage()
+    complete = records == logs == calls
+    print(f"usage records {records}, execution logs {logs} for {calls} calls: {verdict(complete)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""One gateway process for bench/gateway.py: memory storage, one OpenAI model at the upstream.
+"""One gateway process for bench/gateway.py, set up as production runs it.
 
-Run `python -m bench.gateway_server PORT UPSTREAM_URL`.
+PostgreSQL storage (a fresh database), the Redis broker and a real Redis database, and a
+caller whose every check does real work: an API key of a team, limited to the bench model,
+with rate limits on the key and the team and a team budget on a priced model, so each call
+runs authentication, the permission check, the rate-limit and budget script, and leaves a
+usage record and an execution log on the `usage` queue (no worker drains it during the run).
+
+`python -m bench.gateway_server prepare UPSTREAM_URL` recreates the database and Redis data
+and seeds them; `python -m bench.gateway_server serve PORT` serves with one uvicorn worker.
 """
 
 from __future__ import annotations
@@ -8,51 +15,136 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from decimal import Decimal
+from typing import Any
 
+import orjson
+import psycopg
+import redis
 import uvicorn
+from psycopg import sql
 
+from app.access.permissions import KeyPermissions
 from app.config import Settings
 from app.credentials.entities import Provider, StoredCredential
 from app.main import create_app
 from app.models.entities import Model
-from app.storage.memory import MemoryStorage
+from app.queue.broker import build_broker
+from app.queue.names import USAGE_QUEUE
+from app.queue.port import DramatiqQueue
+from app.services import build_services
+from app.storage.factory import build_storage
+from app.storage.migrate import upgrade_to_head
+from app.usage.entities import BudgetPeriod, BudgetScope
 
+DATABASE_URL = os.environ.get(
+    "BENCH_GATEWAY_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/gateway_bench_gateway"
+)
+REDIS_URL = os.environ.get("BENCH_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/12")
+KEY = "gw-bench-team-key-0123456789abcdefghijklmnop"
 ADMIN = "gw-bench-admin-key-0123456789abcdefghij"
+MODEL = "bench"
+# High enough never to refuse a bench call, so every call takes the full admitted path.
+KEY_LIMITS = {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000}
+TEAM_LIMITS = {"requests_per_day": 100_000_000}
+BUDGET_MICROS = 10**15
+# The upstream's key, read by both the seeding and the serving process.
+os.environ.setdefault("BENCH_UPSTREAM_KEY", "sk-bench")
 
 
-async def seed(storage: MemoryStorage, upstream: str) -> None:
-    os.environ["BENCH_UPSTREAM_KEY"] = "sk-bench"
-    async with storage.unit_of_work() as uow:
-        await uow.repo(StoredCredential).add(
-            StoredCredential(
-                id="bench",
-                name="bench",
-                provider=Provider.OPENAI,
-                env_var="BENCH_UPSTREAM_KEY",
-                endpoint=upstream + "/v1",
+def settings() -> Settings:
+    return Settings(
+        PROCESS_ROLE="api",
+        STORAGE_BACKEND="postgres",
+        DATABASE_URL=DATABASE_URL,
+        BROKER="redis",
+        REDIS_URL=REDIS_URL,
+        SECRET_KEY="bench-secret-key-not-for-production-0123456789",
+        ADMIN_API_KEY=ADMIN,
+        ADMIN_DEFAULT_PASSWORD="bench-admin-password",
+        LOG_LEVEL="WARNING",
+    )
+
+
+def recreate_database() -> None:
+    base, _, name = DATABASE_URL.rpartition("/")
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+        ident = sql.Identifier(name)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    upgrade_to_head(DATABASE_URL)
+
+
+async def seed(upstream: str) -> None:
+    config = settings()
+    storage = build_storage(config)
+    client: Any = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        services = build_services(config, storage, DramatiqQueue(build_broker(config)), client)
+        async with storage.unit_of_work() as uow:
+            await uow.repo(StoredCredential).add(
+                StoredCredential(
+                    id="bench",
+                    name="bench",
+                    provider=Provider.OPENAI,
+                    env_var="BENCH_UPSTREAM_KEY",
+                    endpoint=upstream + "/v1",
+                )
             )
-        )
-        await uow.repo(Model).add(
-            Model(
-                id="bench",
-                name="bench",
-                provider=Provider.OPENAI,
-                provider_model="bench",
-                credential_id="bench",
-                parameters={"max_retries": 0},
+            await uow.repo(Model).add(
+                Model(
+                    id=MODEL,
+                    name=MODEL,
+                    provider=Provider.OPENAI,
+                    provider_model=MODEL,
+                    credential_id="bench",
+                    parameters={"max_retries": 0},
+                    input_price_per_million=Decimal("0.15"),
+                    output_price_per_million=Decimal("0.60"),
+                )
             )
+            await uow.commit()
+        team = await services.teams.create_team(name="bench", rate_limits=TEAM_LIMITS)
+        await services.keys.create_key(
+            name="bench",
+            team_id=team.id,
+            secret=KEY,
+            permissions=KeyPermissions(models=[MODEL]),
+            rate_limits=KEY_LIMITS,
         )
-        await uow.commit()
+        await services.accounting.budgets.create(
+            name="bench",
+            scope=BudgetScope.TEAM,
+            scope_id=team.id,
+            period=BudgetPeriod.MONTHLY,
+            hard_limit_micros=BUDGET_MICROS,
+        )
+        await services.metering.close()
+    finally:
+        await client.aclose()
+        await storage.close()
 
 
-def main() -> None:
-    port, upstream = int(sys.argv[1]), sys.argv[2]
-    storage = MemoryStorage()
-    asyncio.run(seed(storage, upstream))
-    settings = Settings(BROKER="stub", ADMIN_API_KEY=ADMIN, LOG_LEVEL="WARNING")  # type: ignore[arg-type]
-    app = create_app(settings, storage=storage)
+def prepare(upstream: str) -> None:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    recreate_database()
+    asyncio.run(seed(upstream))
+
+
+def queued_usage() -> tuple[int, int]:
+    """Usage records and execution logs waiting on the `usage` queue."""
+    client = redis.Redis.from_url(REDIS_URL)
+    records = logs = 0
+    for raw in client.hvals(f"gateway:{USAGE_QUEUE}.msgs"):
+        batch = orjson.loads(raw)["args"][0]
+        records += len(batch.get("usage", []))
+        logs += len(batch.get("logs", []))
+    return records, logs
+
+
+def serve(port: int) -> None:
     uvicorn.run(
-        app,
+        create_app(settings()),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -60,6 +152,13 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
     )
+
+
+def main() -> None:
+    if sys.argv[1] == "prepare":
+        prepare(sys.argv[2])
+    else:
+        serve(int(sys.argv[2]))
 
 
 if __name__ == "__main__":

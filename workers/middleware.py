@@ -17,11 +17,25 @@ log = logging.getLogger(__name__)
 
 
 class Periodic(dramatiq.Middleware):
-    """Starts the periodic loop after the worker boots and stops it before shutdown."""
+    """Prepares the runtime before the worker consumes, runs the periodic loop while it runs."""
 
     def __init__(self) -> None:
         self._stop: asyncio.Event | None = None
         self._future: Future[Any] | None = None
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        thread = get_event_loop_thread()
+        if thread is None:
+            raise RuntimeError("the AsyncIO middleware must come before Periodic")
+
+        async def prepare() -> None:
+            await ensure_builtin_models(runtime.get_runtime().services.storage)
+
+        # Before consuming: a job for `mock` taken at boot must find the model, not fail for good.
+        try:
+            asyncio.run_coroutine_threadsafe(prepare(), thread.loop).result(timeout=30)
+        except Exception:
+            log.exception("could not ensure the built-in models; continuing")
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         thread = get_event_loop_thread()
@@ -30,12 +44,7 @@ class Periodic(dramatiq.Middleware):
 
         async def run() -> None:
             self._stop = asyncio.Event()
-            current = runtime.get_runtime()
-            try:
-                await ensure_builtin_models(current.services.storage)
-            except Exception:
-                log.exception("could not ensure the built-in models; continuing")
-            await current.periodic.run_forever(self._stop)
+            await runtime.get_runtime().periodic.run_forever(self._stop)
 
         self._future = asyncio.run_coroutine_threadsafe(run(), thread.loop)
 

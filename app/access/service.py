@@ -82,6 +82,10 @@ class Principal:
         for index, message in enumerate(messages):
             if isinstance(message, Mapping):
                 prompt_id = message.get("prompt_id")
+            elif (extra := getattr(message, "model_extra", None)) is not None:
+                # A pydantic message keeps `prompt_id` among its extra fields; a getattr that
+                # fails costs more than the rest of this check.
+                prompt_id = extra.get("prompt_id")
             else:
                 prompt_id = getattr(message, "prompt_id", None)
             if prompt_id:
@@ -162,6 +166,7 @@ class ApiKeyService:
         )
         self._bus.on(KEYS_TOPIC, lambda _prefix: self._by_id.drop(ALL))
         self._touched: dict[str, float] = {}
+        self._reading: dict[str, asyncio.Future[_CachedKey]] = {}
         self._pending: dict[str, datetime] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -373,10 +378,7 @@ class ApiKeyService:
         prefix = secret[:PREFIX_LENGTH]
         entry = self._cache.get(prefix)
         if entry is None:
-            generation = self._cache.generation
-            entry = await self._read(prefix)
-            ttl = None if entry.found else UNKNOWN_KEY_CACHE_SECONDS
-            self._cache.fill(prefix, entry, generation, ttl=ttl)
+            entry = await self._read_shared(prefix)
         if not entry.found or not hmac.compare_digest(entry.secret_hash, hash_secret(secret)):
             raise Unauthenticated("Invalid API key")
         if entry.status is not ApiKeyStatus.ACTIVE:
@@ -388,6 +390,30 @@ class ApiKeyService:
         assert entry.principal is not None
         self._touch(entry.principal.key_id)
         return entry.principal
+
+    async def _read_shared(self, prefix: str) -> _CachedKey:
+        """One database read per prefix at a time: when a cached key expires under load, the
+        concurrent requests wait for the same read instead of each opening a connection."""
+        pending = self._reading.get(prefix)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_and_fill(prefix))
+            self._reading[prefix] = pending
+            pending.add_done_callback(lambda done: self._read_done(prefix, done))
+        # Shielded: a caller that goes away does not cancel the read the others wait for.
+        return await asyncio.shield(pending)
+
+    async def _read_and_fill(self, prefix: str) -> _CachedKey:
+        generation = self._cache.generation
+        entry = await self._read(prefix)
+        ttl = None if entry.found else UNKNOWN_KEY_CACHE_SECONDS
+        self._cache.fill(prefix, entry, generation, ttl=ttl)
+        return entry
+
+    def _read_done(self, prefix: str, done: asyncio.Future[_CachedKey]) -> None:
+        if self._reading.get(prefix) is done:
+            del self._reading[prefix]
+        if not done.cancelled():
+            done.exception()  # retrieved: the callers have it
 
     async def _read(self, prefix: str) -> _CachedKey:
         async with self._storage.unit_of_work() as uow:

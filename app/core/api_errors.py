@@ -103,12 +103,18 @@ def _domain_status(exc: DomainError) -> tuple[int, str]:
 
 
 def domain_status(exc: DomainError) -> tuple[int, str]:
-    """The HTTP status and OpenAI error type of a domain error (also for errors sent in a stream)."""
+    """The HTTP status and OpenAI error type of a domain error (also sent in a stream)."""
     return _domain_status(exc)
 
 
 async def _domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DomainError)
+    return domain_error_response(exc, request.method, request.url.path)
+
+
+def domain_error_response(exc: DomainError, method: str, path: str) -> JSONResponse:
+    """The response to a domain error raised while serving `method path` (also used by the
+    layers that answer below FastAPI's exception handlers)."""
     status, type_ = _domain_status(exc)
     headers = None
     if isinstance(exc, RateLimited | UpstreamRateLimited):
@@ -122,7 +128,7 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
         if isinstance(extra, dict):
             headers.update({str(k): str(v) for k, v in extra.items()})
     if status >= 500:
-        logger.warning("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+        logger.warning("%s on %s %s: %s", type(exc).__name__, method, path, exc)
     return error_response(
         status, exc.message, type_=type_, param=exc.param, code=exc.code, headers=headers
     )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 from contextvars import ContextVar
 
 from starlette.exceptions import HTTPException
@@ -49,7 +49,8 @@ class RequestIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or f"req_{uuid.uuid4().hex}"
+        # 128 random bits as hex, like a uuid4's, without building a UUID on every request.
+        request_id = _incoming_request_id(scope) or f"req_{os.urandom(16).hex()}"
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
 

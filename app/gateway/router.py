@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.access.deps import AdminDep, PrincipalDep, ServicesDep
+from app.access.service import Principal
 from app.core.api_errors import domain_status, error_body
 from app.core.errors import DomainError, InvalidInput
 from app.gateway.cache import CacheControl, tenant_of
@@ -28,6 +29,7 @@ from app.gateway.schemas import (
 from app.models.entities import ModelKind
 from app.operations.entities import OperationKind
 from app.operations.service import Owner
+from app.services import Services
 from app.usage.entities import UsageType
 from app.usage.metering import UsageOutcome
 from app.usage.pricing import estimate_message_tokens
@@ -70,6 +72,75 @@ async def _sse(stream: ChatStream) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
+async def answer_directly(
+    request: ChatCompletionRequest,
+    principal: Principal,
+    services: Services,
+    control: CacheControl,
+    *,
+    checked: bool = False,
+) -> Response:
+    """Admit, call, settle: the answer to a chat completion made directly (not as a job).
+
+    `checked`: the caller already verified that the key may use the model and prompts.
+    """
+    if not checked:
+        principal.ensure_can_call(request.model, request.messages)
+    # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
+    request.check()
+    tenant = tenant_of(principal.team_id, principal.key_id)
+    # Rate limits and budgets: admitted against the route's first model, settled below.
+    route = await services.chat.resolve(request.model)
+    admission = await services.metering.admit(
+        principal,
+        route.steps[0].upstream.model_id,
+        estimate_message_tokens(m.text() for m in request.messages),
+        request.max_completion_tokens or request.max_tokens,
+    )
+    if request.stream:
+        try:
+            stream = await services.chat.open_stream(request, tenant=tenant, cache_control=control)
+        except BaseException as exc:
+            await services.metering.fail(admission, exc)
+            raise
+        cached = stream.cache.headers() if stream.cache is not None else {}
+        metered = services.metering.stream(
+            admission,
+            _sse(stream),
+            lambda: stream.usage,
+            model_id=stream.model_id,
+            cache_hit=stream.cache is not None and stream.cache.hit,
+        )
+        return StreamingResponse(
+            metered,
+            media_type="text/event-stream",
+            headers={
+                MODEL_HEADER: stream.model_id,
+                "cache-control": "no-cache",
+                **cached,
+                **admission.headers,
+            },
+        )
+    try:
+        answer = await services.chat.complete(request, tenant=tenant, cache_control=control)
+    except BaseException as exc:
+        await services.metering.fail(admission, exc)
+        raise
+    await services.metering.settle(
+        admission,
+        UsageOutcome(
+            input_tokens=int(answer.usage.get("prompt_tokens") or 0),
+            output_tokens=int(answer.usage.get("completion_tokens") or 0),
+            model_id=answer.model_id,
+            cache_hit=answer.cache is not None and answer.cache.hit,
+            request_body=request,
+            response_body=answer.body,
+        ),
+    )
+    cache_headers = answer.cache.headers() if answer.cache else {}
+    return _json(answer.body, answer.model_id, {**cache_headers, **admission.headers})
+
+
 @router.post(
     "/v1/chat/completions",
     responses={
@@ -86,62 +157,11 @@ async def chat_completions(
     cache_control: str | None = Header(default=None, max_length=200),
 ) -> Any:
     """A chat completion, streamed with `stream: true`; with `?async=true`, a job to poll."""
+    # Plain direct calls rarely get here: `ChatFastPath` answers them through `answer_directly`.
     principal.ensure_can_call(request.model, request.messages)
     control = CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
     if not run_async:
-        tenant = tenant_of(principal.team_id, principal.key_id)
-        # Rate limits and budgets: admitted against the route's first model, settled below.
-        route = await services.chat.resolve(request.model)
-        admission = await services.metering.admit(
-            principal,
-            route.steps[0].upstream.model_id,
-            estimate_message_tokens(m.text() for m in request.messages),
-            request.max_completion_tokens or request.max_tokens,
-        )
-        if request.stream:
-            try:
-                stream = await services.chat.open_stream(
-                    request, tenant=tenant, cache_control=control
-                )
-            except BaseException as exc:
-                await services.metering.fail(admission, exc)
-                raise
-            cached = stream.cache.headers() if stream.cache is not None else {}
-            metered = services.metering.stream(
-                admission,
-                _sse(stream),
-                lambda: stream.usage,
-                model_id=stream.model_id,
-                cache_hit=stream.cache is not None and stream.cache.hit,
-            )
-            return StreamingResponse(
-                metered,
-                media_type="text/event-stream",
-                headers={
-                    MODEL_HEADER: stream.model_id,
-                    "cache-control": "no-cache",
-                    **cached,
-                    **admission.headers,
-                },
-            )
-        try:
-            answer = await services.chat.complete(request, tenant=tenant, cache_control=control)
-        except BaseException as exc:
-            await services.metering.fail(admission, exc)
-            raise
-        await services.metering.settle(
-            admission,
-            UsageOutcome(
-                input_tokens=int(answer.usage.get("prompt_tokens") or 0),
-                output_tokens=int(answer.usage.get("completion_tokens") or 0),
-                model_id=answer.model_id,
-                cache_hit=answer.cache is not None and answer.cache.hit,
-                request_body=request,
-                response_body=answer.body,
-            ),
-        )
-        cache_headers = answer.cache.headers() if answer.cache else {}
-        return _json(answer.body, answer.model_id, {**cache_headers, **admission.headers})
+        return await answer_directly(request, principal, services, control, checked=True)
     if request.stream:
         raise InvalidInput("an async request cannot be streamed", param="stream")
     request.check()

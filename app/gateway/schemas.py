@@ -7,8 +7,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.core.errors import InvalidInput
+from app.core.jsonvalues import INT64_MAX, INT64_MIN, out_of_range_int
 
 FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# A model or chain name: no control characters, which no id can hold (PostgreSQL refuses NUL).
+ModelName = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 
 
 class ChatMessage(BaseModel):
@@ -79,7 +84,7 @@ class ChatCompletionRequest(BaseModel):
     # Parameters we do not know are passed on to OpenAI-compatible upstreams unchanged.
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: ModelName
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -104,6 +109,12 @@ class ChatCompletionRequest(BaseModel):
 
     def check(self) -> None:
         """Rules that span several fields; each failure names the field to fix."""
+        too_big = out_of_range_int(self.model_dump(by_alias=True, exclude_none=True))
+        if too_big is not None:
+            raise InvalidInput(
+                f"{too_big}: integers must fit in 64 bits (from {INT64_MIN} to {INT64_MAX})",
+                param=too_big,
+            )
         if self.stream_options is not None and not self.stream:
             raise InvalidInput(
                 "stream_options is only allowed when stream is true", param="stream_options"
@@ -128,13 +139,14 @@ class ChatCompletionRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def has_prompt_references(self) -> bool:
-        return any(getattr(m, "prompt_id", None) for m in self.messages)
+        # `prompt_id` is an extra field: reading the dict avoids a failing getattr per message.
+        return any((m.model_extra or {}).get("prompt_id") for m in self.messages)
 
 
 class EmbeddingRequest(BaseModel):
     """`POST /v1/embeddings`."""
 
-    model: str = Field(min_length=1, max_length=200)
+    model: ModelName
     input: (
         Annotated[str, StringConstraints(min_length=1)]
         | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]

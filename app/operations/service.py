@@ -16,6 +16,7 @@ from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
+from app.core.jsonvalues import out_of_range_int
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
@@ -48,7 +49,13 @@ class ChildSpec:
 
 def request_hash(kind: OperationKind, payload: dict[str, Any]) -> str:
     """A fingerprint of what was asked, to tell a retried request from a different one."""
-    canonical = orjson.dumps({"kind": kind.value, "input": payload}, option=orjson.OPT_SORT_KEYS)
+    try:
+        canonical = orjson.dumps(
+            {"kind": kind.value, "input": payload}, option=orjson.OPT_SORT_KEYS
+        )
+    except TypeError as exc:  # e.g. an integer past 64 bits, which JSON itself allows
+        field = out_of_range_int(payload)
+        raise InvalidInput(f"the request cannot be stored as a job: {exc}", param=field) from exc
     return hashlib.sha256(canonical).hexdigest()
 
 

@@ -6,6 +6,7 @@ import inspect
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Generic, Self
 
@@ -114,6 +115,19 @@ class MemoryStorage:
         return None
 
 
+def _comparable(stored: Any, given: Any) -> Any:
+    """A naive datetime compared with a stored aware one is read as UTC, as PostgreSQL reads it
+    (its sessions run with `timezone=UTC`), instead of failing the comparison."""
+    if (
+        isinstance(given, datetime)
+        and given.tzinfo is None
+        and isinstance(stored, datetime)
+        and stored.tzinfo is not None
+    ):
+        return given.replace(tzinfo=UTC)
+    return given
+
+
 def _matches(row: Row, where: Sequence[Where]) -> bool:
     for cond in where:
         value = row[cond.field]
@@ -127,18 +141,19 @@ def _matches(row: Row, where: Sequence[Where]) -> bool:
             continue
         if value is None or cond.value is None:
             return False
+        expected = _comparable(value, cond.value)
         if cond.op is Op.EQ:
-            ok = value == cond.value
+            ok = value == expected
         elif cond.op is Op.NE:
-            ok = value != cond.value
+            ok = value != expected
         elif cond.op is Op.LT:
-            ok = value < cond.value
+            ok = value < expected
         elif cond.op is Op.LE:
-            ok = value <= cond.value
+            ok = value <= expected
         elif cond.op is Op.GT:
-            ok = value > cond.value
+            ok = value > expected
         else:
-            ok = value >= cond.value
+            ok = value >= expected
         if not ok:
             return False
     return True

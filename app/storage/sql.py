@@ -65,6 +65,33 @@ def make_engine(
     )
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if hasattr(value, "obj"):  # a jsonb parameter, wrapped by psycopg
+        return _holds_nul(value.obj)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+def _nul_param(exc: sa_exc.SQLAlchemyError, info: TableInfo | None) -> str | None:
+    """The column whose value holds a NUL character (which PostgreSQL text and jsonb refuse)."""
+    params = getattr(exc, "params", None)
+    for row in params if isinstance(params, list | tuple) else [params]:
+        if not isinstance(row, dict):
+            continue
+        for name, value in row.items():
+            if _holds_nul(value):
+                if name == "_key" and info is not None:
+                    return info.pk
+                # Bound parameters are named after their column, e.g. `team_id_1`.
+                return name.strip("_").rstrip("0123456789").rstrip("_") or None
+    return None
+
+
 def _translate(exc: sa_exc.SQLAlchemyError, info: TableInfo | None) -> DomainError:
     """Map a driver error to the domain error the memory backend raises for the same cause."""
     kind = info.kind if info is not None else "transaction"
@@ -75,7 +102,13 @@ def _translate(exc: sa_exc.SQLAlchemyError, info: TableInfo | None) -> DomainErr
         return DuplicateKey(f"{kind} already exists: {detail}")
     if state == "23503":
         return ReferenceViolation(f"{kind}: {detail}")
-    if state is not None and state.startswith(("22", "23")):
+    # psycopg refuses a NUL in a text parameter itself, before the server sees it (no sqlstate).
+    if isinstance(exc, sa_exc.DataError) or (state is not None and state.startswith(("22", "23"))):
+        field = _nul_param(exc, info)
+        if field is not None:
+            return InvalidInput(
+                f"{field}: text cannot contain NUL (\\u0000) characters", param=field
+            )
         return InvalidInput(f"{kind}: {detail}")
     if isinstance(exc, sa_exc.StatementError) and isinstance(orig, TypeError | ValueError):
         return InvalidInput(f"{kind}: {orig}")

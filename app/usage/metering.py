@@ -7,6 +7,10 @@ by more than one call's maximum cost. `settle` corrects the reservations with th
 counts and queues the usage record and execution log; `release` gives a call's
 reservations back when no upstream call was made.
 
+Per call this costs one Redis round trip: the corrections `settle` and `release` make are
+queued and travel in the same pipeline as the next admission's script (or are sent right
+after the call when no admission follows), and records are built as plain JSON rows.
+
 Rate limits use fixed windows (a minute and a UTC day), one counter per window: one
 INCRBY per limit and exact counts, at the price of allowing up to twice a limit across
 a window boundary.
@@ -14,6 +18,8 @@ a window boundary.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import time
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from app.access.entities import ApiKey, Team
 from app.core.clock import utcnow
@@ -38,11 +44,11 @@ from app.core.errors import (
 )
 from app.core.ids import new_id
 from app.credentials.entities import Provider
-from app.logs.entities import ExecutionLog, ExecutionStatus, ExecutionType
+from app.logs.entities import ExecutionStatus, ExecutionType
 from app.models.entities import Model
 from app.storage.protocol import Storage
 from app.usage.budgets import BudgetService, applies, committed_usage, counter_key, counter_ttl
-from app.usage.entities import Budget, UsageRecord, UsageStatus, UsageType
+from app.usage.entities import Budget, UsageStatus, UsageType
 from app.usage.limits import MINUTE, RateLimits
 from app.usage.pricing import model_cost_micros
 from app.usage.recorder import AccountingBuffer
@@ -103,6 +109,9 @@ return 1
 """
 
 _REBUILD_ATTEMPTS = 3
+# How long corrections wait for an admission to carry them. Under load one always comes
+# sooner; a lone caller's next call usually does too, which saves a Redis call per call.
+_CORRECTION_DELAY = 0.02
 
 _DEFAULT_KEYS = {
     "requests_per_minute": "rate_limit.requests_per_minute",
@@ -188,14 +197,25 @@ class MeteringOptions:
     default_max_output_tokens: int = 4096
     cache_seconds: float = 2.0
     log_bodies: bool = False
+    # Bound on each Redis call of the hot path (its client may have no socket timeout, which
+    # would cost a task per command in redis-py).
+    redis_timeout: float = 5.0
 
 
 class _Expiring:
-    """One value refreshed at most every `ttl` seconds."""
+    """Values refreshed every `ttl` seconds, each read by one load at a time.
+
+    When an entry expires under load, every concurrent call would otherwise start its own
+    database read (and overflow the connection pool): they share one. A value that expired
+    less than `ttl` ago is still answered while its refresh runs in the background, so no
+    call waits for the database; a failed refresh drops it, and the next call waits.
+    """
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._values: dict[str, tuple[float, Any]] = {}
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+        self._generation = 0
 
     def get(self, key: str) -> Any:
         hit = self._values.get(key)
@@ -208,8 +228,42 @@ class _Expiring:
             self._values.clear()
         self._values[key] = (time.monotonic(), value)
 
+    async def get_or_load(self, key: str, load: Callable[[], Awaitable[T]]) -> T:
+        """The value of `key`, loaded by `load()` (shared by concurrent callers) when missing."""
+        hit = self._values.get(key)
+        if hit is not None:
+            age = time.monotonic() - hit[0]
+            if age <= 2 * self.ttl:
+                if age > self.ttl:
+                    self._load(key, load)  # refreshed in the background meanwhile
+                value: T = hit[1]
+                return value
+        # Shielded: a caller that goes away (client disconnect) does not cancel the others' read.
+        loaded: T = await asyncio.shield(self._load(key, load))
+        return loaded
+
+    def _load(self, key: str, load: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(load())
+            self._loading[key] = pending
+            pending.add_done_callback(functools.partial(self._loaded, key, self._generation))
+        return pending
+
+    def _loaded(self, key: str, generation: int, done: asyncio.Future[Any]) -> None:
+        if self._loading.get(key) is done:
+            del self._loading[key]
+        if done.cancelled() or done.exception() is not None:
+            self._values.pop(key, None)  # no stale answer after a failed read
+            return  # the exception went to the waiting callers; the next call reads again
+        # A read that began before `clear` may hold what was just changed: not kept.
+        if generation == self._generation and self.ttl > 0:
+            self.put(key, done.result())
+
     def clear(self) -> None:
+        self._generation += 1
         self._values.clear()
+        self._loading.clear()
 
 
 _EXECUTION_TYPES = {
@@ -231,9 +285,11 @@ class Metering:
         options: MeteringOptions,
         *,
         config: ConfigLookup | None = None,
+        owns_redis: bool = False,
     ) -> None:
         self._storage = storage
         self._redis = redis
+        self._owns_redis = owns_redis  # a client of its own, closed with this object
         self._budgets = budgets
         self.buffer = buffer
         self._options = options
@@ -242,6 +298,9 @@ class Metering:
         self._adjust_script = redis.register_script(_ADJUST)
         self._limits = _Expiring(options.cache_seconds)
         self._budget_cache = _Expiring(options.cache_seconds)
+        # Counter key -> delta not yet sent to Redis (see `_adjust`).
+        self._corrections: dict[str, int] = {}
+        self._corrector: asyncio.Task[None] | None = None
 
     def forget_budgets(self) -> None:
         """Drop the cached budgets (this process changed one)."""
@@ -313,13 +372,48 @@ class Metering:
             return [1]  # no limit and no budget applies: nothing to count
         try:
             for _ in range(_REBUILD_ATTEMPTS):
-                result: list[Any] = await self._admit_script(keys=keys, args=args)
+                async with asyncio.timeout(self._options.redis_timeout):
+                    result = await self._admit_with_corrections(keys, args)
                 if result[0] != 3:
                     return result
-                await self._rebuild([budgets[int(j) - 1] for j in result[1:]], at)
-        except RedisError as exc:
-            raise Unavailable(f"rate limits and budgets cannot be checked: {exc}") from exc
+                async with asyncio.timeout(self._options.redis_timeout):
+                    await self._rebuild([budgets[int(j) - 1] for j in result[1:]], at)
+        except (RedisError, TimeoutError) as exc:
+            reason = str(exc) or "Redis did not answer in time"
+            raise Unavailable(f"rate limits and budgets cannot be checked: {reason}") from exc
         raise Unavailable("budget counters could not be rebuilt; try again")
+
+    async def _admit_with_corrections(self, keys: list[str], args: list[int]) -> list[Any]:
+        """The admission script, preceded on the same connection by the queued corrections,
+        so that it counts them and they cost no round trip of their own."""
+        fixed, deltas = self._take_corrections()
+        if not fixed:
+            result: list[Any] = await self._admit_script(keys=keys, args=args)
+            return result
+        # Plain EVALSHA: a pipeline given the script objects would first ask SCRIPT EXISTS,
+        # a round trip of its own; a script Redis lost (restart) is loaded below instead.
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.evalsha(self._adjust_script.sha, len(fixed), *fixed, *deltas)
+        pipe.evalsha(self._admit_script.sha, len(keys), *keys, *args)
+        try:
+            adjusted, admitted = await pipe.execute(raise_on_error=False)
+        except BaseException:
+            # Whether they were applied is unknown; sending them again could count them twice.
+            log.warning("rate-limit and budget corrections may be lost: %d counters", len(fixed))
+            raise
+        if isinstance(adjusted, NoScriptError):
+            try:
+                adjusted = await self._adjust_script(keys=fixed, args=deltas)
+            except RedisError as exc:
+                adjusted = exc
+        if isinstance(adjusted, Exception):
+            log.warning("could not correct rate-limit and budget counters: %s", adjusted)
+        if isinstance(admitted, NoScriptError):
+            admitted = await self._admit_script(keys=keys, args=args)
+        if isinstance(admitted, Exception):
+            raise admitted
+        answer: list[Any] = admitted
+        return answer
 
     async def _rebuild(self, budgets: list[Budget], at: datetime) -> None:
         """Recreate missing budget counters from the recorded spend of the current period."""
@@ -385,20 +479,18 @@ class Metering:
         return counters
 
     async def _key_limits(self, key_id: str) -> RateLimits:
-        cached = self._limits.get(f"key:{key_id}")
-        if cached is None:
+        async def load() -> RateLimits:
             async with self._storage.unit_of_work() as uow:
                 key = await uow.repo(ApiKey).get(key_id)
-            cached = RateLimits.from_json(key.rate_limits if key is not None else None)
-            self._limits.put(f"key:{key_id}", cached)
-        limits: RateLimits = cached
-        return limits
+            return RateLimits.from_json(key.rate_limits if key is not None else None)
+
+        return await self._limits.get_or_load(f"key:{key_id}", load)
 
     async def _default_limits(self) -> RateLimits:
         """The limits of a key without its own: app configuration, else the settings."""
-        cached = self._limits.get("defaults")
-        if cached is None:
-            cached = self._options.default_limits
+
+        async def load() -> RateLimits:
+            limits = self._options.default_limits
             if self.config is not None:
                 try:
                     values = {name: await self.config(key) for name, key in _DEFAULT_KEYS.items()}
@@ -407,42 +499,34 @@ class Metering:
                 else:
                     if any(v is not None for v in values.values()):
                         # 0 stands for "unlimited" in the app configuration.
-                        cached = RateLimits.from_json({k: v for k, v in values.items() if v})
-            self._limits.put("defaults", cached)
-        limits: RateLimits = cached
-        return limits
+                        limits = RateLimits.from_json({k: v for k, v in values.items() if v})
+            return limits
+
+        return await self._limits.get_or_load("defaults", load)
 
     async def _team_limits(self, team_id: str) -> RateLimits:
-        cached = self._limits.get(f"team:{team_id}")
-        if cached is None:
+        async def load() -> RateLimits:
             async with self._storage.unit_of_work() as uow:
                 team = await uow.repo(Team).get(team_id)
-            cached = RateLimits.from_json(team.rate_limits if team is not None else None)
-            self._limits.put(f"team:{team_id}", cached)
-        limits: RateLimits = cached
-        return limits
+            return RateLimits.from_json(team.rate_limits if team is not None else None)
+
+        return await self._limits.get_or_load(f"team:{team_id}", load)
 
     async def _model(self, model_id: str) -> Model:
         """The model's prices (cached: they change rarely, and a stale price is reconciled)."""
-        cached = self._limits.get(f"model:{model_id}")
-        if cached is None:
+
+        async def load() -> Model:
             async with self._storage.unit_of_work() as uow:
                 found = await uow.repo(Model).get(model_id)
             # An unknown model (removed meanwhile) is priced at zero rather than failing the call.
-            cached = found or Model(
+            return found or Model(
                 id=model_id, name=model_id, provider=Provider.MOCK, provider_model=""
             )
-            self._limits.put(f"model:{model_id}", cached)
-        model: Model = cached
-        return model
+
+        return await self._limits.get_or_load(f"model:{model_id}", load)
 
     async def _enabled_budgets(self) -> list[Budget]:
-        cached = self._budget_cache.get("enabled")
-        if cached is None:
-            cached = await self._budgets.enabled()
-            self._budget_cache.put("enabled", cached)
-        budgets: list[Budget] = cached
-        return budgets
+        return await self._budget_cache.get_or_load("enabled", self._budgets.enabled)
 
     async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
         """Correct the reservations with the real counts and queue the record and the log.
@@ -467,43 +551,53 @@ class Metering:
         latency = outcome.latency_ms
         if latency is None:
             latency = int((time.monotonic() - admission.started) * 1000)
-        record = UsageRecord(
-            id=new_id("usage"),
-            usage_type=outcome.usage_type,
-            api_key_id=admission.key_id,
-            team_id=admission.team_id,
-            model_id=model.id,
-            provider=outcome.provider or str(model.provider),
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
-            cost_micros=cost,
-            latency_ms=latency,
-            status=outcome.status,
-            cache_hit=outcome.cache_hit,
-            operation_id=outcome.operation_id,
-            error=outcome.error,
-        )
         bodies = await self._log_bodies()
         success = outcome.status is UsageStatus.SUCCESS
-        entry = ExecutionLog(
-            id=new_id("log"),
-            execution_type=_EXECUTION_TYPES.get(outcome.usage_type, ExecutionType.MODEL),
-            resource_id=model.id,
-            resource_name=model.name,
-            status=ExecutionStatus.SUCCESS if success else ExecutionStatus.FAILED,
-            input=_jsonable(outcome.request_body) if bodies else None,
-            output=_jsonable(outcome.response_body) if bodies else None,
-            error=outcome.error,
-            cost_micros=cost,
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
-            execution_time_ms=latency,
-            api_key_id=admission.key_id,
-            team_id=admission.team_id,
-            operation_id=outcome.operation_id,
-            is_async=outcome.is_async,
-            workflow_steps=list(outcome.workflow_steps) if bodies else [],
-        )
+        # Rows as the batch carries them (what `model_dump(mode="json")` of the entities gives):
+        # building the table entities here would cost more than the rest of a call.
+        stamp = utcnow().isoformat()
+        record = {
+            "id": new_id("usage"),
+            "usage_type": outcome.usage_type.value,
+            "api_key_id": admission.key_id,
+            "team_id": admission.team_id,
+            "model_id": model.id,
+            "provider": outcome.provider or str(model.provider),
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost_micros": cost,
+            "latency_ms": latency,
+            "status": outcome.status.value,
+            "cache_hit": outcome.cache_hit,
+            "operation_id": outcome.operation_id,
+            "error": outcome.error,
+            "created_at": stamp,
+            "updated_at": stamp,
+            "version": 1,
+        }
+        entry = {
+            "id": new_id("log"),
+            "execution_type": _EXECUTION_TYPES.get(outcome.usage_type, ExecutionType.MODEL).value,
+            "resource_id": model.id,
+            "resource_name": model.name,
+            "status": (ExecutionStatus.SUCCESS if success else ExecutionStatus.FAILED).value,
+            "input": _jsonable(outcome.request_body) if bodies else None,
+            "output": _jsonable(outcome.response_body) if bodies else None,
+            "error": outcome.error,
+            "cost_micros": cost,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "execution_time_ms": latency,
+            "api_key_id": admission.key_id,
+            "user_id": None,
+            "team_id": admission.team_id,
+            "operation_id": outcome.operation_id,
+            "is_async": outcome.is_async,
+            "workflow_steps": list(outcome.workflow_steps) if bodies else [],
+            "created_at": stamp,
+            "updated_at": stamp,
+            "version": 1,
+        }
         self.buffer.add(record, entry)
 
     async def release(self, admission: Admission) -> None:
@@ -518,22 +612,50 @@ class Metering:
     async def _adjust(
         self, admission: Admission, token_delta: int, request_delta: int, cost_delta: int
     ) -> None:
-        keys, deltas = [], []
+        """Queue the corrections of `admission`'s counters; they reach Redis with the next
+        admission's script (no round trip of their own) or, when none comes within
+        `_CORRECTION_DELAY`, on their own.
+
+        Until then a counter holds the reservation, the larger amount in the usual case, so a
+        limit or budget errs on the side of refusing, never of letting a call through.
+        """
+        pending = self._corrections
         for key, dimension in admission.rate_keys:
             delta = token_delta if dimension == "tokens" else request_delta
             if delta:
-                keys.append(key)
-                deltas.append(delta)
+                pending[key] = pending.get(key, 0) + delta
         if cost_delta:
-            keys += admission.budget_keys
-            deltas += [cost_delta] * len(admission.budget_keys)
-        if not keys:
-            return
-        try:
-            await self._adjust_script(keys=keys, args=deltas)
-        except RedisError:
-            # The call already happened; its record still counts once batches are written.
-            log.warning("could not correct rate-limit and budget counters", exc_info=True)
+            for key in admission.budget_keys:
+                pending[key] = pending.get(key, 0) + cost_delta
+        if pending and (self._corrector is None or self._corrector.done()):
+            self._corrector = asyncio.get_running_loop().create_task(self._correct_soon())
+
+    async def _correct_soon(self) -> None:
+        await asyncio.sleep(_CORRECTION_DELAY)
+        await self._send_corrections()
+
+    def _take_corrections(self) -> tuple[list[str], list[int]]:
+        pending, self._corrections = self._corrections, {}
+        keys = [key for key, delta in pending.items() if delta]
+        return keys, [pending[key] for key in keys]
+
+    async def _send_corrections(self) -> None:
+        while self._corrections:
+            keys, deltas = self._take_corrections()
+            if not keys:
+                continue
+            try:
+                async with asyncio.timeout(self._options.redis_timeout):
+                    await self._adjust_script(keys=keys, args=deltas)
+            except (RedisError, TimeoutError):
+                # The calls already happened; their records still count once batches are written.
+                log.warning("could not correct rate-limit and budget counters", exc_info=True)
+
+    async def flush_corrections(self) -> None:
+        """Send the queued counter corrections now, and wait for any being sent (shutdown)."""
+        await self._send_corrections()
+        if self._corrector is not None and not self._corrector.done():
+            await asyncio.shield(self._corrector)
 
     async def _log_bodies(self) -> bool:
         if self.config is not None:
@@ -621,8 +743,12 @@ class Metering:
                 )
 
     async def close(self) -> None:
-        """Send the buffered records and logs (graceful shutdown)."""
+        """Send the queued counter corrections, and the buffered records and logs (graceful
+        shutdown)."""
+        await self.flush_corrections()
         await self.buffer.close()
+        if self._owns_redis:
+            await self._redis.aclose()
 
 
 # Errors raised before any upstream call: nothing was spent.

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from app.logs.entities import ExecutionLog
@@ -20,6 +21,8 @@ from app.usage.entities import UsageRecord
 log = logging.getLogger(__name__)
 
 Batch = dict[str, list[dict[str, Any]]]
+# An entity, or its JSON row as `model_dump(mode="json")` gives it (the hot path builds rows).
+Entry = UsageRecord | ExecutionLog | dict[str, Any]
 
 
 class BatchSender(Protocol):
@@ -28,12 +31,16 @@ class BatchSender(Protocol):
     async def send(self, batch: Batch) -> None: ...
 
 
-def encode_batch(records: list[UsageRecord], logs: list[ExecutionLog]) -> Batch:
+def as_row(entry: Entry) -> dict[str, Any]:
+    """The JSON row of an entity (a row is returned as it is)."""
+    return entry if isinstance(entry, dict) else entry.model_dump(mode="json")
+
+
+def encode_batch(
+    records: Sequence[UsageRecord | dict[str, Any]], logs: Sequence[ExecutionLog | dict[str, Any]]
+) -> Batch:
     """A JSON-safe batch (the shape of a queue message)."""
-    return {
-        "usage": [r.model_dump(mode="json") for r in records],
-        "logs": [entry.model_dump(mode="json") for entry in logs],
-    }
+    return {"usage": [as_row(r) for r in records], "logs": [as_row(entry) for entry in logs]}
 
 
 def decode_batch(batch: Batch) -> tuple[list[UsageRecord], list[ExecutionLog]]:
@@ -57,8 +64,8 @@ class AccountingBuffer:
         self._interval = interval
         self._max_records = max_records
         self._max_buffered = max_buffered
-        self._usage: deque[UsageRecord] = deque()
-        self._logs: deque[ExecutionLog] = deque()
+        self._usage: deque[dict[str, Any]] = deque()
+        self._logs: deque[dict[str, Any]] = deque()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -69,12 +76,17 @@ class AccountingBuffer:
     def pending(self) -> int:
         return len(self._usage) + len(self._logs)
 
-    def add(self, record: UsageRecord | None, entry: ExecutionLog | None) -> None:
-        """Queue a record and a log for the next batch (never blocks, never fails)."""
+    def add(
+        self,
+        record: UsageRecord | dict[str, Any] | None,
+        entry: ExecutionLog | dict[str, Any] | None,
+    ) -> None:
+        """Queue a record and a log (entities or their JSON rows) for the next batch (never
+        blocks, never fails)."""
         if record is not None:
-            self._usage.append(record)
+            self._usage.append(as_row(record))
         if entry is not None:
-            self._logs.append(entry)
+            self._logs.append(as_row(entry))
         self._drop_overflow()
         if self.pending >= self._max_records:
             self._full.set()

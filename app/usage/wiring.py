@@ -6,7 +6,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from app.config import Settings
+import redis.asyncio as aioredis
+
+from app.config import BrokerKind, Settings
 from app.core.errors import NotFound
 from app.core.events import EventSink
 from app.logs.service import LogService
@@ -69,8 +71,33 @@ def build_accounting(
         cache_seconds=settings.METERING_CACHE_SECONDS,
         log_bodies=settings.LOG_REQUEST_BODIES,
     )
-    metering = Metering(storage, redis, budgets, buffer, options, config=config)
+    hot = hot_path_redis(settings)
+    metering = Metering(
+        storage,
+        hot or redis,
+        budgets,
+        buffer,
+        options,
+        config=config,
+        owns_redis=hot is not None,
+    )
     return Accounting(metering=metering, usage=usage, budgets=budgets, logs=LogService(storage))
+
+
+def hot_path_redis(settings: Settings) -> aioredis.Redis | None:
+    """A client for the script every call runs, when the broker is a real Redis (else None:
+    the shared client serves).
+
+    The shared client has a socket timeout, for which redis-py wraps every command in a task
+    of its own (`asyncio.wait_for`); this one has none, and `Metering` bounds each call with
+    a plain `asyncio.timeout` instead.
+    """
+    if settings.BROKER is not BrokerKind.REDIS:
+        return None
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.REDIS_URL, max_connections=100, timeout=5.0, socket_connect_timeout=2.0
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def _days(accounting: Accounting, key: str, default: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -145,3 +146,26 @@ async def test_creation_and_revocation_emit_events_in_their_transaction(
     async with storage.unit_of_work() as uow:
         stored = await uow.repo(ApiKey).get(key.id)
     assert stored is not None and stored.secret_hash != secret and secret not in str(stored)
+
+
+async def test_concurrent_requests_with_an_uncached_key_share_one_read(
+    client: httpx.AsyncClient,
+) -> None:
+    key_id, headers = await new_key(client)
+    keys = services_of(client).keys
+    secret = headers["Authorization"].removeprefix("Bearer ")
+    reads = 0
+    original = keys._read
+
+    async def counting(prefix: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(prefix)
+
+    keys._read = counting  # type: ignore[method-assign]
+    keys.invalidate_all()
+    principals = await asyncio.gather(*(keys.authenticate(secret) for _ in range(20)))
+    assert reads == 1
+    assert {p.key_id for p in principals} == {key_id}
+    await keys.revoke_key(key_id)
+    assert await can_call(client, headers) == 401  # the shared read never outlives a change

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 import redis
 
+from app.access.service import ApiKeyService
 from app.config import Settings
 from app.main import create_app
 from app.operations.entities import OperationKind
@@ -123,6 +124,11 @@ async def submitter(clean: tuple[str, str]) -> AsyncIterator[OperationService]:
     database_url, redis_url = clean
     settings = Settings(**env_for(database_url, redis_url, PROCESS_ROLE="api"))  # type: ignore[arg-type]
     storage = SqlStorage(make_engine(database_url))
+    # Workers check a job's key when they run it, so the owner key must exist, as it does for
+    # every job the API accepts.
+    await ApiKeyService(storage).ensure_key(
+        key_id=OWNER.key_id or "admin", name="test", secret=ADMIN_KEY, admin=True
+    )
     yield OperationService(storage, DramatiqQueue(build_broker(settings)))
     await storage.close()
 

@@ -1,0 +1,133 @@
+"""The chat fast path: which requests it answers, and that it answers them as the route would."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+import app.gateway.fastpath as fastpath
+from app.gateway.chat import ChatService
+from app.gateway.router import answer_directly
+from app.gateway.routing import Route
+from app.models.entities import ModelKind
+from app.services import Services
+from tests.gateway.conftest import chat
+
+
+@pytest.fixture
+def answered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The models of the calls the fast path answered itself."""
+    calls: list[str] = []
+    original = answer_directly
+
+    async def recording(request: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(request.model)
+        return await original(request, *args, **kwargs)
+
+    monkeypatch.setattr(fastpath, "answer_directly", recording)
+    return calls
+
+
+async def test_a_plain_chat_completion_is_answered_by_the_fast_path(
+    client: httpx.AsyncClient, answered: list[str]
+) -> None:
+    response = await client.post("/v1/chat/completions", json=chat("mock"))
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion"
+    assert response.headers["x-gateway-model"] == "mock"
+    assert response.headers["x-request-id"].startswith("req_")
+    assert answered == ["mock"]
+
+
+async def test_jobs_and_invalid_bodies_go_to_the_route(
+    client: httpx.AsyncClient, answered: list[str]
+) -> None:
+    accepted = await client.post("/v1/chat/completions?async=true", json=chat("mock"))
+    assert accepted.status_code == 202, accepted.text
+    invalid = await client.post("/v1/chat/completions", json=chat("mock", temperature=7))
+    assert invalid.status_code == 400
+    assert invalid.json()["error"]["param"] == "temperature"
+    broken = await client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 400
+    assert broken.json()["error"]["code"] == "json_parse_error"
+    assert answered == []
+
+
+async def test_fast_path_errors_have_the_routes_shape(
+    client: httpx.AsyncClient, answered: list[str]
+) -> None:
+    unknown = await client.post("/v1/chat/completions", json=chat("no-such-model"))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["param"] == "model"
+    anonymous = await client.post(
+        "/v1/chat/completions", json=chat("mock"), headers={"authorization": ""}
+    )
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["type"] == "authentication_error"
+    bad_cache = await client.post(
+        "/v1/chat/completions", json=chat("mock"), headers={"cache-control": "max-age=soon"}
+    )
+    assert bad_cache.status_code == 400
+    assert bad_cache.json()["error"]["param"] == "Cache-Control"
+    # Refused before the call: unknown model answered by the fast path, the others earlier.
+    assert answered == ["no-such-model"]
+
+
+async def test_a_body_over_the_limit_is_413_on_the_fast_path(client: httpx.AsyncClient) -> None:
+    async def chunks() -> Any:
+        for _ in range(20):
+            yield b" " * 1024 * 1024  # no Content-Length: the limit applies while reading
+
+    response = await client.post(
+        "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_concurrent_calls_after_the_route_expired_share_one_read(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chat_service = services.chat
+    reads = 0
+    original = ChatService._load_route
+
+    async def slow_load(self: ChatService, name: str) -> tuple[Route, ModelKind]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.02)
+        return await original(self, name)
+
+    monkeypatch.setattr(ChatService, "_load_route", slow_load)
+    chat_service.invalidate()
+    routes = await asyncio.gather(*(chat_service.resolve("mock") for _ in range(20)))
+    assert reads == 1
+    assert {route.name for route in routes} == {"mock"}
+
+
+async def test_a_route_read_during_an_invalidation_is_not_kept(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chat_service = services.chat
+    reads = 0
+    original = ChatService._load_route
+
+    async def slow_load(self: ChatService, name: str) -> tuple[Route, ModelKind]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.02)
+        return await original(self, name)
+
+    monkeypatch.setattr(ChatService, "_load_route", slow_load)
+    chat_service.invalidate()
+    first = asyncio.ensure_future(chat_service.resolve("mock"))
+    await asyncio.sleep(0.005)
+    chat_service.invalidate("mock")  # the model changed while it was being read
+    await first
+    await chat_service.resolve("mock")
+    assert reads == 2

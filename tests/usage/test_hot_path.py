@@ -1,0 +1,212 @@
+"""What keeps metering cheap per call: counter corrections sent with the next admission (or just
+after), rows built without entities, and one read per expired cache entry."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from app.access.entities import ApiKey
+from app.config import Settings
+from app.core.errors import Unavailable
+from app.logs.entities import ExecutionLog, ExecutionType
+from app.models.entities import Model
+from app.storage.protocol import Storage
+from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus, UsageType
+from app.usage.metering import UsageOutcome, _Expiring
+from app.usage.recorder import decode_batch, encode_batch
+from app.usage.wiring import Accounting, build_accounting
+from tests.factories import create
+from tests.usage.conftest import Principal, RecordingSink, accounting_settings
+
+
+async def counter(redis: aioredis.Redis, key: str) -> int:
+    return int(await redis.get(key) or 0)
+
+
+async def limited_key(storage: Storage, key_id: str) -> None:
+    async with storage.unit_of_work() as uow:
+        await create(
+            uow, ApiKey, id=key_id, team_id=None, rate_limits={"tokens_per_minute": 10_000}
+        )
+        await uow.commit()
+
+
+async def test_corrections_reach_redis_without_another_call(
+    accounting: Accounting, model: Model, storage: Storage, redis: aioredis.Redis
+) -> None:
+    await limited_key(storage, "key-fix")
+    budget = await accounting.budgets.create(
+        name="b",
+        scope=BudgetScope.KEY,
+        scope_id="key-fix",
+        period=BudgetPeriod.DAILY,
+        hard_limit_micros=10**9,
+    )
+    admission = await accounting.metering.admit(Principal("key-fix"), model, 100, 900)
+    tokens_key = next(key for key, dimension in admission.rate_keys if dimension == "tokens")
+    assert await counter(redis, tokens_key) == 1000  # the reservation
+    await accounting.metering.settle(admission, UsageOutcome(input_tokens=100, output_tokens=20))
+    # Sent in the background right after the call, with no admission to carry it.
+    for _ in range(100):
+        if await counter(redis, tokens_key) == 120:
+            break
+        await asyncio.sleep(0.01)
+    assert await counter(redis, tokens_key) == 120
+    spent = 100 * 2 + 20 * 10  # µ$ at $2/M input and $10/M output
+    assert await counter(redis, admission.budget_keys[0]) == spent
+    assert budget.id in admission.budget_keys[0]
+
+
+async def test_the_next_admission_counts_the_corrections_queued_before_it(
+    accounting: Accounting, model: Model, storage: Storage
+) -> None:
+    await limited_key(storage, "key-next")
+    metering = accounting.metering
+    first = await metering.admit(Principal("key-next"), model, 100, 4900)  # reserves 5000
+    await metering.settle(first, UsageOutcome(input_tokens=100, output_tokens=100))
+    # No wait: the correction travels ahead of this admission's script.
+    second = await metering.admit(Principal("key-next"), model, 100, 4900)
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 200 - 5000)
+
+
+async def test_settled_rows_are_the_entities_json(
+    accounting: Accounting, model: Model, storage: Storage
+) -> None:
+    metering = accounting.metering
+    admission = await metering.admit(Principal("key-row", "team-row"), model, 10, 10)
+    await metering.settle(
+        admission,
+        UsageOutcome(input_tokens=7, output_tokens=3, status=UsageStatus.ERROR, error="boom"),
+    )
+    batch = encode_batch(list(metering.buffer._usage), list(metering.buffer._logs))
+    (row,), (log_row,) = batch["usage"], batch["logs"]
+    assert row.keys() == UsageRecord(id="x", usage_type=UsageType.EMBEDDING).model_dump().keys()
+    blank_log = ExecutionLog(id="x", execution_type=ExecutionType.MODEL, resource_id="m")
+    assert log_row.keys() == blank_log.model_dump().keys()
+    (record,), (entry,) = decode_batch(batch)
+    assert (record.api_key_id, record.team_id, record.model_id) == ("key-row", "team-row", "priced")
+    assert (record.input_tokens, record.output_tokens, record.cost_micros) == (7, 3, 44)
+    assert record.status is UsageStatus.ERROR and record.error == "boom"
+    assert abs(record.created_at - datetime.now(UTC)).total_seconds() < 5
+    assert entry.status.value == "failed" and entry.cost_micros == 44
+    await metering.buffer.flush()
+    async with storage.unit_of_work() as uow:
+        stored = await uow.repo(UsageRecord).get(record.id)
+    assert stored is not None and stored.cost_micros == 44
+
+
+async def test_an_expired_entry_is_read_once_for_all_concurrent_callers() -> None:
+    cache = _Expiring(60)
+    reads = 0
+
+    async def load() -> str:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.02)
+        return "value"
+
+    values = await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(30)))
+    assert values == ["value"] * 30 and reads == 1
+    assert await cache.get_or_load("k", load) == "value" and reads == 1  # kept
+
+
+async def test_a_read_that_spans_a_clear_is_not_kept() -> None:
+    cache = _Expiring(60)
+    reads = 0
+
+    async def load() -> int:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.02)
+        return reads
+
+    pending = asyncio.ensure_future(cache.get_or_load("k", load))
+    await asyncio.sleep(0.005)
+    cache.clear()  # e.g. this process changed a budget meanwhile
+    assert await pending == 1
+    assert await cache.get_or_load("k", load) == 2
+
+
+async def test_a_failed_read_reaches_every_caller_and_is_not_kept() -> None:
+    cache = _Expiring(60)
+    attempts = 0
+
+    async def load() -> str:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0.01)
+        if attempts == 1:
+            raise ConnectionError("database down")
+        return "back"
+
+    results = await asyncio.gather(
+        *(cache.get_or_load("k", load) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert await cache.get_or_load("k", load) == "back"
+
+
+@pytest.mark.parametrize("ttl", [0.0])
+async def test_without_a_lifetime_nothing_is_kept(ttl: float) -> None:
+    cache = _Expiring(ttl)
+    reads = 0
+
+    async def load() -> int:
+        nonlocal reads
+        reads += 1
+        return reads
+
+    assert await cache.get_or_load("k", load) == 1
+    assert await cache.get_or_load("k", load) == 2
+
+
+def redis_broker_settings(redis_url: str, **overrides: Any) -> Settings:
+    return accounting_settings(
+        BROKER="redis",
+        REDIS_URL=redis_url,
+        STORAGE_BACKEND="postgres",
+        PROCESS_ROLE="api",
+        SECRET_KEY="a-secret-key-for-these-tests-only-0123456789",
+        **overrides,
+    )
+
+
+async def test_with_a_redis_broker_metering_uses_a_client_of_its_own(
+    storage: Storage, redis: aioredis.Redis, redis_url: str, sink: RecordingSink, model: Model
+) -> None:
+    built = build_accounting(redis_broker_settings(redis_url), storage, redis, sink)
+    metering = built.metering
+    assert metering._redis is not redis
+    assert metering._redis.connection_pool.connection_kwargs.get("socket_timeout") is None
+    await limited_key(storage, "key-own")
+    admission = await metering.admit(Principal("key-own"), model, 10, 10)
+    assert int(await redis.get(admission.rate_keys[0][0]) or 0) == 20  # the same Redis
+    await metering.close()
+
+
+async def test_a_redis_that_does_not_answer_makes_the_call_unavailable_in_time(
+    storage: Storage, sink: RecordingSink, model: Model
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # accepts commands, never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = redis_broker_settings(f"redis://127.0.0.1:{port}/0")
+    built = build_accounting(settings, storage, aioredis.Redis(port=port), sink)
+    metering = built.metering
+    metering._options = dataclasses.replace(metering._options, redis_timeout=0.2)
+    await limited_key(storage, "key-silent")
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await metering.admit(Principal("key-silent"), model, 10, 10)
+    assert time.monotonic() - started < 2
+    await metering._redis.aclose()
+    server.close()
