@@ -27,6 +27,9 @@ from app.usage.service import GroupBy, UsageFilter, to_csv
 usage_router = APIRouter(prefix="/admin/usage", tags=["admin: usage"])
 budgets_router = APIRouter(prefix="/admin/budgets", tags=["admin: budgets"])
 
+# Days a summary can span: the arithmetic on the range must stay within the calendar.
+EARLIEST, LATEST = date(1970, 1, 1), date(9999, 1, 1)
+
 
 @usage_router.get("", response_model=UsageRecordList)
 async def list_usage_records(
@@ -65,10 +68,12 @@ async def usage_summary(
     services: ServicesDep,
     group_by: GroupBy = GroupBy.DAY,
     start: Annotated[
-        date | None, Query(description="First UTC day (default: 30 days ago).")
+        date | None,
+        Query(description="First UTC day (default: 30 days ago).", ge=EARLIEST, le=LATEST),
     ] = None,
     end: Annotated[
-        date | None, Query(description="Last UTC day, inclusive (default: today).")
+        date | None,
+        Query(description="Last UTC day, inclusive (default: today).", ge=EARLIEST, le=LATEST),
     ] = None,
     api_key_id: str | None = Query(default=None, max_length=64),
     team_id: str | None = Query(default=None, max_length=64),

@@ -12,6 +12,8 @@ from app.usage.entities import Budget, BudgetPeriod, BudgetScope, BudgetStatus, 
 from app.usage.periods import period_end
 
 Micros = int
+# The column is a signed 64-bit integer.
+MAX_MICROS = 2**63 - 1
 
 
 class BudgetCreate(BaseModel):
@@ -24,8 +26,8 @@ class BudgetCreate(BaseModel):
     scope: BudgetScope = BudgetScope.GLOBAL
     scope_id: str | None = Field(default=None, min_length=1, max_length=64)
     period: BudgetPeriod = BudgetPeriod.MONTHLY
-    hard_limit_micros: Micros = Field(ge=0)
-    soft_limit_micros: Micros | None = Field(default=None, ge=0)
+    hard_limit_micros: Micros = Field(ge=0, le=MAX_MICROS)
+    soft_limit_micros: Micros | None = Field(default=None, ge=0, le=MAX_MICROS)
     model_ids: list[str] = Field(default_factory=list, max_length=100)
     alert_thresholds: list[int] | None = Field(default=None, max_length=20)
     enabled: bool = True
@@ -38,8 +40,8 @@ class BudgetUpdate(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
-    hard_limit_micros: Micros | None = Field(default=None, ge=0)
-    soft_limit_micros: Micros | None = Field(default=None, ge=0)
+    hard_limit_micros: Micros | None = Field(default=None, ge=0, le=MAX_MICROS)
+    soft_limit_micros: Micros | None = Field(default=None, ge=0, le=MAX_MICROS)
     model_ids: list[str] | None = Field(default=None, max_length=100)
     alert_thresholds: list[int] | None = Field(default=None, max_length=20)
     enabled: bool | None = None

@@ -167,6 +167,10 @@ async def test_bad_ranges_and_groupings_are_400_naming_the_field(
     )
     assert reversed_range.status_code == 400
     assert reversed_range.json()["error"]["param"] == "end"
+    for edge in ("end=0001-01-01", "end=9999-12-31", "start=9999-12-31&end=9999-12-31"):
+        beyond = await client.get(f"/admin/usage/summary?{edge}", headers=ADMIN)
+        assert beyond.status_code == 400, (edge, beyond.text)
+        assert beyond.json()["error"]["param"] in ("start", "end")
 
 
 async def test_budgets_are_created_updated_listed_and_deleted(client: httpx.AsyncClient) -> None:
@@ -208,6 +212,7 @@ async def test_budgets_are_created_updated_listed_and_deleted(client: httpx.Asyn
         ({"name": "x", "scope": "team", "hard_limit_micros": 1}, "scope_id"),
         ({"name": "x", "scope_id": "k", "hard_limit_micros": 1}, "scope_id"),
         ({"name": "x", "hard_limit_micros": -1}, "hard_limit_micros"),
+        ({"name": "x", "hard_limit_micros": 10**40}, "hard_limit_micros"),
         ({"name": "x", "hard_limit_micros": 10, "soft_limit_micros": 20}, "soft_limit_micros"),
         ({"name": "x", "hard_limit_micros": 10, "alert_thresholds": [0]}, "alert_thresholds"),
         ({"name": "x", "hard_limit_micros": 10, "period": "hourly"}, "period"),
