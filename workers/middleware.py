@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -66,3 +69,34 @@ class Periodic(dramatiq.Middleware):
             asyncio.run_coroutine_threadsafe(close(), thread.loop).result(timeout=5)
         except Exception:
             log.exception("closing the worker runtime failed")
+
+
+class OneStopPerSignal(dramatiq.Middleware):
+    """Treats the two SIGTERMs a worker process gets when its whole group is signalled as one.
+
+    `kill -TERM -<pgid>`, Procfile runners and some supervisors signal every process of the
+    group, and Dramatiq's main process forwards the signal to its children as well. Dramatiq
+    takes a second SIGTERM as "kill now" and calls `sys.exit` from the signal handler, which
+    leaves the worker's threads running: the process never exits. Here a repeat within a second
+    is the same request to stop, and a later one exits at once for real.
+    """
+
+    REPEAT_WINDOW = 1.0
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        graceful = signal.getsignal(signal.SIGTERM)
+        if not callable(graceful):
+            return
+        first: float | None = None
+
+        def on_term(signum: int, frame: Any) -> None:
+            nonlocal first
+            now = time.monotonic()
+            if first is None:
+                first = now
+                graceful(signum, frame)
+            elif now - first > self.REPEAT_WINDOW:
+                log.warning("second stop request: exiting without waiting for running jobs")
+                os._exit(1)  # their leases run out and the sweeper hands the jobs to others
+
+        signal.signal(signal.SIGTERM, on_term)

@@ -284,6 +284,23 @@ def test_periodic_jobs_run_once_per_tick_across_two_workers(
     assert len({owner for _, owner in runs}) >= 1
 
 
+def test_a_worker_whose_whole_process_group_is_told_to_stop_exits_promptly(
+    clean: tuple[str, str], processes: Processes
+) -> None:
+    # Procfile runners and `kill -TERM -<pgid>` signal every process of the group, and the
+    # Dramatiq main process forwards the signal too: the worker process gets two SIGTERMs.
+    database_url, redis_url = clean
+    env = env_for(database_url, redis_url, SWEEP_INTERVAL_SECONDS="0.25")
+    proc = processes.start(["worker", "--processes", "1", "--threads", "2"], env)
+    client = redis.Redis.from_url(redis_url)
+    wait_until(lambda: client.llen("gateway:periodic:sweep:runs") >= 1, 30)  # fully booted
+
+    os.killpg(proc.pid, signal.SIGTERM)
+
+    proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
 def test_gateway_dev_answers_an_async_chat_completion_end_to_end(processes: Processes) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
