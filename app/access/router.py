@@ -84,7 +84,7 @@ async def list_users(
     after: str | None = None,
 ) -> UserList:
     """Users by username."""
-    return UserList.of_page(await services.users.list_users(limit=limit, after=after))
+    return UserList.of(await services.users.list_users(limit=limit, after=after), UserRead.of)
 
 
 @admin_router.get("/users/{user_id}", response_model=UserRead)
@@ -131,7 +131,7 @@ async def list_teams(
 ) -> TeamList:
     """Teams newest first."""
     page = await services.teams.list_teams(status=status, limit=limit, after=after)
-    return TeamList.of_page(page)
+    return TeamList.of(page, TeamRead.of)
 
 
 @admin_router.get("/teams/{team_id}", response_model=TeamRead)
@@ -233,7 +233,7 @@ async def list_keys(
 ) -> ApiKeyList:
     """API keys newest first, without their secrets."""
     page = await services.keys.list_keys(team_id=team_id, status=status, limit=limit, after=after)
-    return ApiKeyList.of_page(page)
+    return ApiKeyList.of(page, ApiKeyRead.of)
 
 
 @admin_router.get("/keys/{key_id}", response_model=ApiKeyRead)

@@ -19,7 +19,7 @@ from app.access.entities import (
 )
 from app.access.permissions import KeyPermissions
 from app.access.service import effective_status
-from app.storage.protocol import Page
+from app.core.schemas import ListPage
 
 Username = Annotated[str, Field(min_length=3, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")]
 Password = Annotated[str, Field(min_length=8, max_length=1024)]
@@ -90,19 +90,8 @@ class UserRead(BaseModel):
         return cls.model_validate(user.model_dump(exclude={"password_hash", "version"}))
 
 
-class UserList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[UserRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[User]) -> UserList:
-        return cls(
-            data=[UserRead.of(u) for u in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class UserList(ListPage[UserRead]):
+    pass
 
 
 # -- teams -----------------------------------------------------------------------------------
@@ -137,19 +126,8 @@ class TeamRead(BaseModel):
         return cls.model_validate(team.model_dump(exclude={"version"}))
 
 
-class TeamList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[TeamRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[Team]) -> TeamList:
-        return cls(
-            data=[TeamRead.of(t) for t in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class TeamList(ListPage[TeamRead]):
+    pass
 
 
 class MemberCreate(_Input):
@@ -251,16 +229,5 @@ class ApiKeyCreated(ApiKeyRead):
     key: str
 
 
-class ApiKeyList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ApiKeyRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[ApiKey]) -> ApiKeyList:
-        return cls(
-            data=[ApiKeyRead.of(k) for k in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class ApiKeyList(ListPage[ApiKeyRead]):
+    pass

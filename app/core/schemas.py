@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, Literal, Self, TypeVar
+
 from pydantic import BaseModel
+
+from app.storage.entity import Entity
+from app.storage.protocol import Page
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Entity)
 
 
 class Deleted(BaseModel):
@@ -11,3 +20,26 @@ class Deleted(BaseModel):
     id: str
     object: str
     deleted: bool = True
+
+
+class ListPage(BaseModel, Generic[T]):
+    """One page of a cursor-paged list of our own resources.
+
+    OpenAI-compatible lists (`/v1/models`, `/v1/files`, `/v1/batches`) keep OpenAI's shapes
+    instead. Domains subclass it per item type (`class PromptList(ListPage[PromptRead])`) rather
+    than aliasing the parametrised class, so the OpenAPI component keeps the domain's name.
+    """
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    next_cursor: str | None = None
+
+    @classmethod
+    def of(cls, page: Page[E], item: Callable[[E], T]) -> Self:
+        """The page with each stored entity turned into its response shape by `item`."""
+        return cls(
+            data=[item(e) for e in page.items],
+            has_more=page.next_cursor is not None,
+            next_cursor=page.next_cursor,
+        )

@@ -36,7 +36,7 @@ async def list_credentials(
 ) -> CredentialList:
     """Credentials ordered by id."""
     page = await services.credentials.list(provider=provider, limit=limit, after=after)
-    return CredentialList.of_page(page)
+    return CredentialList.of(page, CredentialRead.of)
 
 
 @admin_router.get("/{credential_id}", response_model=CredentialRead)

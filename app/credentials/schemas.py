@@ -8,8 +8,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from app.core.schemas import ListPage
 from app.credentials.entities import Provider, StoredCredential
-from app.storage.protocol import Page
 
 CREDENTIAL_ID = r"^[A-Za-z0-9_-]{1,50}$"
 ENV_VAR_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -156,19 +156,8 @@ class CredentialRead(BaseModel):
         )
 
 
-class CredentialList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[CredentialRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[StoredCredential]) -> CredentialList:
-        return cls(
-            data=[CredentialRead.of(c) for c in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class CredentialList(ListPage[CredentialRead]):
+    pass
 
 
 class ConnectionTestRead(BaseModel):

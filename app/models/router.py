@@ -57,7 +57,7 @@ async def admin_list_models(
 ) -> ModelList:
     """Every model, enabled or not, ordered by id."""
     page = await services.models.list(provider=provider, enabled=enabled, limit=limit, after=after)
-    return ModelList.of_page(page)
+    return ModelList.of(page, ModelRead.of)
 
 
 @admin_router.get("/{model_id}", response_model=ModelRead)

@@ -16,9 +16,9 @@ from pydantic import (
 )
 
 from app.core.ids import MODEL_NAME_MAX, is_model_name
+from app.core.schemas import ListPage
 from app.credentials.entities import Provider
 from app.models.entities import Model, ModelKind
-from app.storage.protocol import Page
 
 # Shown as a JSON number: a client reading a price expects one, and six places fit a float.
 Price = Annotated[
@@ -130,19 +130,8 @@ class ModelRead(BaseModel):
         return cls.model_validate(model, from_attributes=True)
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[Model]) -> ModelList:
-        return cls(
-            data=[ModelRead.of(m) for m in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class ModelList(ListPage[ModelRead]):
+    pass
 
 
 class OpenAIModel(BaseModel):

@@ -71,7 +71,7 @@ async def list_operations(
         limit=limit,
         after=after,
     )
-    return OperationList.of_page(page)
+    return OperationList.of(page, OperationRead.of)
 
 
 @router.delete("/v1/operations/{operation_id}", response_model=OperationRead)
@@ -107,7 +107,7 @@ async def admin_list_operations(
         limit=limit,
         after=after,
     )
-    return OperationList.of_page(page)
+    return OperationList.of(page, OperationRead.of)
 
 
 @admin_router.post("/operations/{operation_id}/retry", response_model=OperationRead)

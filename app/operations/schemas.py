@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.core.schemas import ListPage
 from app.operations.entities import Operation, OperationKind, OperationStatus
-from app.storage.protocol import Page
 
 
 class OperationError(BaseModel):
@@ -75,16 +75,5 @@ class OperationRead(BaseModel):
         )
 
 
-class OperationList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[OperationRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[Operation]) -> OperationList:
-        return cls(
-            data=[OperationRead.of(o) for o in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class OperationList(ListPage[OperationRead]):
+    pass

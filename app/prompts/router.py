@@ -42,9 +42,8 @@ async def list_prompts(
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> PromptList:
     """Prompts ordered by id."""
-    return PromptList.of_page(
-        await services.prompts.list(enabled=enabled, limit=limit, after=after)
-    )
+    page = await services.prompts.list(enabled=enabled, limit=limit, after=after)
+    return PromptList.of(page, PromptRead.of)
 
 
 @admin_router.get("/{prompt_id}", response_model=PromptRead)
@@ -78,11 +77,7 @@ async def list_prompt_versions(
 ) -> PromptVersionList:
     """The versions kept, newest first."""
     page, labels = await services.prompts.list_versions(prompt_id, limit=limit, after=after)
-    return PromptVersionList(
-        data=[PromptVersionRead.of(v, labels) for v in page.items],
-        has_more=page.next_cursor is not None,
-        next_cursor=page.next_cursor,
-    )
+    return PromptVersionList.of(page, lambda v: PromptVersionRead.of(v, labels))
 
 
 @admin_router.get("/{prompt_id}/versions/{version}", response_model=PromptVersionRead)

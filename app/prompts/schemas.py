@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.ids import SLUG_MAX, is_slug
+from app.core.schemas import ListPage
 from app.prompts.entities import Prompt, PromptVersion
-from app.storage.protocol import Page
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$"
 LATEST = "latest"
@@ -120,19 +120,8 @@ class PromptRead(BaseModel):
         )
 
 
-class PromptList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[PromptRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[Prompt]) -> PromptList:
-        return cls(
-            data=[PromptRead.of(p) for p in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class PromptList(ListPage[PromptRead]):
+    pass
 
 
 class PromptVersionRead(BaseModel):
@@ -158,11 +147,8 @@ class PromptVersionRead(BaseModel):
         )
 
 
-class PromptVersionList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[PromptVersionRead]
-    has_more: bool
-    next_cursor: str | None = None
+class PromptVersionList(ListPage[PromptVersionRead]):
+    pass
 
 
 class LabelMove(BaseModel):

@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -266,6 +266,10 @@ class _Expiring:
         self._loading.clear()
 
 
+# An admission to send: counter keys, script arguments, and (when it waits) its answer.
+_Pending = tuple[list[str], list[int], "asyncio.Future[list[Any]] | None"]
+_Waiting = tuple[list[str], list[int], "asyncio.Future[list[Any]]"]
+
 _EXECUTION_TYPES = {
     UsageType.CHAT_COMPLETION: ExecutionType.CHAT_COMPLETION,
     UsageType.EMBEDDING: ExecutionType.EMBEDDING,
@@ -298,6 +302,10 @@ class Metering:
         self._adjust_script = redis.register_script(_ADJUST)
         self._limits = _Expiring(options.cache_seconds)
         self._budget_cache = _Expiring(options.cache_seconds)
+        # Admissions waiting for the pipeline in flight to return, and the one being sent.
+        self._admissions: list[_Waiting] = []
+        self._in_flight = False
+        self._sending: set[asyncio.Task[None]] = set()
         # Counter key -> delta not yet sent to Redis (see `_adjust`).
         self._corrections: dict[str, int] = {}
         self._corrector: asyncio.Task[None] | None = None
@@ -384,36 +392,98 @@ class Metering:
         raise Unavailable("budget counters could not be rebuilt; try again")
 
     async def _admit_with_corrections(self, keys: list[str], args: list[int]) -> list[Any]:
-        """The admission script, preceded on the same connection by the queued corrections,
-        so that it counts them and they cost no round trip of their own."""
+        """The admission script's answer, sent behind the queued corrections so that it counts
+        them and they cost no round trip of their own.
+
+        One pipeline is in flight at a time: a call that finds none sends its own at once; the
+        calls that arrive meanwhile wait and then travel together in the next one, so under
+        load a round trip (and a client call) serves many admissions.
+        """
+        if self._in_flight:
+            answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._admissions.append((keys, args, answer))
+            return await answer
+        self._in_flight = True
+        try:
+            fixed, deltas = self._take_corrections()
+            (reply,) = await self._pipeline(fixed, deltas, [(keys, args, None)])
+        finally:
+            self._in_flight = False
+            self._send_waiting()
+        if isinstance(reply, Exception):
+            raise reply
+        result: list[Any] = reply
+        return result
+
+    def _send_waiting(self) -> None:
+        if self._in_flight or not self._admissions:
+            return
+        batch, self._admissions = self._admissions, []
+        self._in_flight = True
+        # A task of its own: a caller that goes away must not cancel the others' round trip.
+        task = asyncio.get_running_loop().create_task(self._run_admissions(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self._in_flight = False
+        self._send_waiting()
+
+    async def _run_admissions(self, batch: list[_Waiting]) -> None:
         fixed, deltas = self._take_corrections()
-        if not fixed:
-            result: list[Any] = await self._admit_script(keys=keys, args=args)
-            return result
+        try:
+            async with asyncio.timeout(self._options.redis_timeout):
+                replies = await self._pipeline(fixed, deltas, batch)
+        except BaseException as exc:
+            if fixed:
+                # Whether they were applied is unknown; sending them again could count twice.
+                log.warning("rate-limit and budget corrections may be lost: %d", len(fixed))
+            for _, _, answer in batch:
+                if answer.done():
+                    continue
+                if isinstance(exc, Exception):
+                    answer.set_exception(exc)
+                else:
+                    answer.cancel()  # shutting down: the callers are being cancelled too
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, answer), reply in zip(batch, replies, strict=True):
+            if answer.done():
+                continue  # its caller went away
+            if isinstance(reply, Exception):
+                answer.set_exception(reply)
+            else:
+                answer.set_result(reply)
+
+    async def _pipeline(
+        self, fixed: list[str], deltas: list[int], batch: Sequence[_Pending]
+    ) -> list[Any]:
         # Plain EVALSHA: a pipeline given the script objects would first ask SCRIPT EXISTS,
         # a round trip of its own; a script Redis lost (restart) is loaded below instead.
         pipe = self._redis.pipeline(transaction=False)
-        pipe.evalsha(self._adjust_script.sha, len(fixed), *fixed, *deltas)
-        pipe.evalsha(self._admit_script.sha, len(keys), *keys, *args)
-        try:
-            adjusted, admitted = await pipe.execute(raise_on_error=False)
-        except BaseException:
-            # Whether they were applied is unknown; sending them again could count them twice.
-            log.warning("rate-limit and budget corrections may be lost: %d counters", len(fixed))
-            raise
-        if isinstance(adjusted, NoScriptError):
-            try:
-                adjusted = await self._adjust_script(keys=fixed, args=deltas)
-            except RedisError as exc:
-                adjusted = exc
-        if isinstance(adjusted, Exception):
-            log.warning("could not correct rate-limit and budget counters: %s", adjusted)
-        if isinstance(admitted, NoScriptError):
-            admitted = await self._admit_script(keys=keys, args=args)
-        if isinstance(admitted, Exception):
-            raise admitted
-        answer: list[Any] = admitted
-        return answer
+        if fixed:
+            pipe.evalsha(self._adjust_script.sha, len(fixed), *fixed, *deltas)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._admit_script.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if fixed:
+            adjusted = replies.pop(0)
+            if isinstance(adjusted, NoScriptError):
+                try:
+                    adjusted = await self._adjust_script(keys=fixed, args=deltas)
+                except RedisError as exc:
+                    adjusted = exc
+            if isinstance(adjusted, Exception):
+                log.warning("could not correct rate-limit and budget counters: %s", adjusted)
+        for index, (keys, args, _) in enumerate(batch):
+            if isinstance(replies[index], NoScriptError):
+                try:
+                    replies[index] = await self._admit_script(keys=keys, args=args)
+                except RedisError as exc:
+                    replies[index] = exc
+        return replies
 
     async def _rebuild(self, budgets: list[Budget], at: datetime) -> None:
         """Recreate missing budget counters from the recorded spend of the current period."""

@@ -53,7 +53,9 @@ async def list_webhooks(
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> WebhookList:
     """Every subscription, newest first."""
-    return WebhookList.of_page(await services.webhooks.list_webhooks(limit=limit, after=after))
+    return WebhookList.of(
+        await services.webhooks.list_webhooks(limit=limit, after=after), WebhookRead.of
+    )
 
 
 @router.get("/event-types", response_model=EventTypeList)
@@ -126,7 +128,7 @@ async def list_deliveries(
         limit=limit,
         after=after,
     )
-    return DeliveryList.of_page(page)
+    return DeliveryList.of(page, DeliveryRead.of)
 
 
 @router.get("/{webhook_id}/deliveries/{delivery_id}", response_model=DeliveryRead)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from app.storage.protocol import Page
+from app.core.schemas import ListPage
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 
 
@@ -93,19 +93,8 @@ class WebhookWithSecret(WebhookRead):
         return cls(**WebhookRead.of(webhook).model_dump(), secret=secret)
 
 
-class WebhookList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[WebhookRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[Webhook]) -> WebhookList:
-        return cls(
-            data=[WebhookRead.of(w) for w in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class WebhookList(ListPage[WebhookRead]):
+    pass
 
 
 class WebhookDeleted(BaseModel):
@@ -167,19 +156,8 @@ class DeliveryRead(BaseModel):
         )
 
 
-class DeliveryList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[DeliveryRead]
-    has_more: bool
-    next_cursor: str | None = None
-
-    @classmethod
-    def of_page(cls, page: Page[WebhookDelivery]) -> DeliveryList:
-        return cls(
-            data=[DeliveryRead.of(d) for d in page.items],
-            has_more=page.next_cursor is not None,
-            next_cursor=page.next_cursor,
-        )
+class DeliveryList(ListPage[DeliveryRead]):
+    pass
 
 
 class ReplayRange(BaseModel):

@@ -9,12 +9,18 @@ import httpx
 import pytest
 
 import app.gateway.fastpath as fastpath
+from app.core.errors import NotFound
 from app.gateway.chat import ChatService
 from app.gateway.router import answer_directly
 from app.gateway.routing import Route
-from app.models.entities import ModelKind
+from app.models.entities import Model, ModelKind
 from app.services import Services
 from tests.gateway.conftest import chat
+
+
+@pytest.fixture
+def storage_of_app(services: Services) -> Any:
+    return services.storage
 
 
 @pytest.fixture
@@ -131,3 +137,26 @@ async def test_a_route_read_during_an_invalidation_is_not_kept(
     await first
     await chat_service.resolve("mock")
     assert reads == 2
+
+
+async def test_an_expired_route_is_served_while_it_reloads_and_dropped_when_gone(
+    services: Services, storage_of_app: Any
+) -> None:
+    chat_service = services.chat
+    now = [1000.0]
+    chat_service._clock = lambda: now[0]
+    chat_service.invalidate()
+    lifetime = services.settings.ROUTE_CACHE_SECONDS
+    await chat_service.resolve("mock")
+    # Disabled behind this process's back (as another process would).
+    async with storage_of_app.unit_of_work() as uow:
+        model = await uow.repo(Model).get("mock")
+        assert model is not None
+        model.enabled = False
+        await uow.repo(Model).update(model)
+        await uow.commit()
+    now[0] += lifetime + 0.1  # expired less than a lifetime ago
+    await chat_service.resolve("mock")  # the old route answers; a reload starts
+    await asyncio.sleep(0.05)
+    with pytest.raises(NotFound):
+        await chat_service.resolve("mock")

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from app.access.entities import ApiKey
 from app.config import Settings
-from app.core.errors import Unavailable
+from app.core.errors import RateLimited, Unavailable
 from app.logs.entities import ExecutionLog, ExecutionType
 from app.models.entities import Model
 from app.storage.protocol import Storage
@@ -210,3 +210,93 @@ async def test_a_redis_that_does_not_answer_makes_the_call_unavailable_in_time(
     assert time.monotonic() - started < 2
     await metering._redis.aclose()
     server.close()
+
+
+async def test_a_just_expired_value_is_answered_while_one_refresh_runs() -> None:
+    cache = _Expiring(0.05)
+    reads = 0
+
+    async def load() -> int:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.02)
+        return reads
+
+    assert await cache.get_or_load("k", load) == 1
+    await asyncio.sleep(0.06)  # expired, but less than a lifetime ago
+    answers = await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(10)))
+    assert answers == [1] * 10  # nobody waited for the database
+    await asyncio.sleep(0.03)
+    assert await cache.get_or_load("k", load) == 2 and reads == 2
+
+
+async def test_a_failed_refresh_drops_the_old_value() -> None:
+    cache = _Expiring(0.05)
+    fail = False
+
+    async def load() -> str:
+        if fail:
+            raise ConnectionError("database down")
+        return "old"
+
+    assert await cache.get_or_load("k", load) == "old"
+    await asyncio.sleep(0.06)
+    fail = True
+    assert await cache.get_or_load("k", load) == "old"  # its refresh fails in the background
+    await asyncio.sleep(0.01)
+    with pytest.raises(ConnectionError):
+        await cache.get_or_load("k", load)
+
+
+async def test_a_long_expired_value_is_read_again_before_answering() -> None:
+    cache = _Expiring(0.02)
+    version = "old"
+
+    async def load() -> str:
+        return version
+
+    assert await cache.get_or_load("k", load) == "old"
+    await asyncio.sleep(0.05)  # more than two lifetimes
+    version = "new"
+    assert await cache.get_or_load("k", load) == "new"
+
+
+async def test_admissions_of_one_turn_share_a_pipeline_and_still_hold_the_limit(
+    accounting: Accounting, model: Model, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with storage.unit_of_work() as uow:
+        await create(uow, ApiKey, id="key-burst", team_id=None, rate_limits={"rpm": 10})
+        await uow.commit()
+    metering = accounting.metering
+    pipelines = 0
+    original = metering._pipeline
+
+    async def counting(*args: Any) -> list[Any]:
+        nonlocal pipelines
+        pipelines += 1
+        return await original(*args)
+
+    monkeypatch.setattr(metering, "_pipeline", counting)
+
+    async def call() -> str:
+        try:
+            await metering.admit(Principal("key-burst"), model, 1, 1)
+        except RateLimited:
+            return "refused"
+        return "admitted"
+
+    results = await asyncio.gather(*(call() for _ in range(30)))
+    assert results.count("admitted") == 10
+    assert pipelines < 30
+
+
+async def test_scripts_redis_lost_are_loaded_again(
+    accounting: Accounting, model: Model, storage: Storage, redis: aioredis.Redis
+) -> None:
+    await limited_key(storage, "key-flush")
+    metering = accounting.metering
+    first = await metering.admit(Principal("key-flush"), model, 100, 100)
+    await metering.settle(first, UsageOutcome(input_tokens=100, output_tokens=10))
+    await redis.script_flush()  # as after a Redis restart
+    second = await metering.admit(Principal("key-flush"), model, 100, 100)  # with the correction
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 110 - 200)
