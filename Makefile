@@ -24,7 +24,7 @@ run: venv
 ## test: the whole suite against the local PostgreSQL and Redis (started when down)
 test: venv
 	bash .ci/services
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n auto --maxprocesses 8 $(PYTEST_ARGS)
 
 ## services: make sure the local PostgreSQL and Redis are up
 services:

@@ -15,7 +15,10 @@ from app.storage.protocol import Storage
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:5432/gateway_test_{os.getpid()}"
 )
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# With pytest-xdist each worker process takes its own Redis database (gw0 → 15, gw1 → 14, …),
+# because the suite flushes its database at the start and the end.
+_XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - _XDIST_WORKER}")
 
 
 def _admin_url(url: str) -> tuple[str, str]:
