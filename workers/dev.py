@@ -28,7 +28,9 @@ def in_process_worker(settings: Settings, broker: dramatiq.Broker) -> Iterator[d
     from workers import actors
 
     actors.bind(broker)
-    worker = dramatiq.Worker(broker, worker_threads=settings.WORKER_THREADS, worker_timeout=100)
+    # An idle consumer polls its queue with a backoff up to `worker_timeout` ms; on fakeredis
+    # every poll runs a Lua script in Python, so a short ceiling keeps an idle process busy.
+    worker = dramatiq.Worker(broker, worker_threads=settings.WORKER_THREADS, worker_timeout=500)
     worker.start()
     try:
         yield worker
