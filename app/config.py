@@ -98,7 +98,7 @@ class Settings(BaseSettings):
 
     # The job engine.
     JOB_MAX_ATTEMPTS: int = Field(default=3, ge=1, le=100)
-    JOB_LEASE_SECONDS: float = Field(default=6.0, gt=0)
+    JOB_LEASE_SECONDS: float = Field(default=5.0, gt=0)
     JOB_HEARTBEAT_SECONDS: float | None = Field(default=None, gt=0)
     JOB_RETRY_BASE_SECONDS: float = Field(default=1.0, ge=0)
     JOB_RETRY_MAX_SECONDS: float = Field(default=300.0, ge=0)
