@@ -7,7 +7,7 @@ import dramatiq
 from app.config import Settings
 from app.queue.broker import build_broker
 from workers import runtime
-from workers.middleware import OneStopPerSignal, Periodic
+from workers.middleware import OneStopPerSignal, Periodic, QuickIdlePolling
 
 _broker: dramatiq.Broker | None = None
 
@@ -15,7 +15,9 @@ _broker: dramatiq.Broker | None = None
 def setup_broker(settings: Settings) -> dramatiq.Broker:
     """Build the broker `BROKER` names, with periodic jobs, and make it the global one."""
     global _broker
-    _broker = build_broker(settings, middleware=[Periodic(), OneStopPerSignal()])
+    _broker = build_broker(
+        settings, middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling()]
+    )
     dramatiq.set_broker(_broker)
     return _broker
 

@@ -100,3 +100,24 @@ class OneStopPerSignal(dramatiq.Middleware):
                 os._exit(1)  # their leases run out and the sweeper hands the jobs to others
 
         signal.signal(signal.SIGTERM, on_term)
+
+
+class QuickIdlePolling(dramatiq.Middleware):
+    """Caps how long an idle `gateway worker` consumer waits before polling its queue again.
+
+    Dramatiq's consumers back off up to `worker_timeout` (1 s by default) while their queue is
+    empty, so the first job after a quiet spell waited up to a second. On Redis a poll is one
+    cheap script call; `gateway dev` keeps its own, longer ceiling (its Redis runs in Python).
+    """
+
+    IDLE_POLL_MS = 200
+
+    def __init__(self) -> None:
+        self._worker_process = False
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        self._worker_process = True  # only `gateway worker` processes boot through the CLI
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._worker_process:
+            worker.worker_timeout = self.IDLE_POLL_MS
