@@ -11,7 +11,7 @@ from typing import Any
 from app.core.clock import utcnow
 from app.core.errors import InvalidInput, NotFound
 from app.logs.entities import ExecutionLog, ExecutionStatus, ExecutionType
-from app.storage.protocol import Page, Storage, Where
+from app.storage.protocol import Page, Storage, Where, given
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,12 @@ class LogFilter:
     def where(self) -> list[Where]:
         if self.start is not None and self.end is not None and self.end <= self.start:
             raise InvalidInput("end must be after start", param="end")
-        where = []
-        for name in ("execution_type", "status", "resource_id", "api_key_id", "team_id"):
-            value = getattr(self, name)
-            if value is not None:
-                where.append(Where.eq(name, value))
-        if self.operation_id is not None:
-            where.append(Where.eq("operation_id", self.operation_id))
-        if self.start is not None:
-            where.append(Where.ge("created_at", self.start))
-        if self.end is not None:
-            where.append(Where.lt("created_at", self.end))
-        return where
+        keys = ("execution_type", "status", "resource_id", "api_key_id", "team_id", "operation_id")
+        return given(
+            *(Where.eq(name, getattr(self, name)) for name in keys),
+            Where.ge("created_at", self.start),
+            Where.lt("created_at", self.end),
+        )
 
 
 @dataclass

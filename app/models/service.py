@@ -12,7 +12,7 @@ from app.credentials.entities import Provider, StoredCredential
 from app.gateway.entities import ModelChain
 from app.models.entities import Model
 from app.models.schemas import ModelCreate, ModelUpdate
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,7 @@ class ModelService:
         after: str | None = None,
     ) -> Page[Model]:
         """Models ordered by id, a page at a time."""
-        where = []
-        if provider is not None:
-            where.append(Where.eq("provider", provider))
-        if enabled is not None:
-            where.append(Where.eq("enabled", enabled))
+        where = given(Where.eq("provider", provider), Where.eq("enabled", enabled))
         async with self._storage.unit_of_work() as uow:
             return await uow.repo(Model).find(*where, order_by=["id"], limit=limit, after=after)
 

@@ -22,7 +22,7 @@ from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
 from app.queue.names import QUEUES
 from app.queue.port import JobQueue
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 
 log = logging.getLogger(__name__)
 
@@ -277,16 +277,13 @@ class OperationService:
         where: list[Where] = []
         if not (all_owners and owner.admin):
             where.append(Where.eq("owner_key_id", owner.key_id))
-        if status is not None:
-            where.append(Where.eq("status", status))
-        if kind is not None:
-            where.append(Where.eq("kind", kind))
-        if created_after is not None:
-            where.append(Where.ge("created_at", created_after))
-        if created_before is not None:
-            where.append(Where.lt("created_at", created_before))
-        if parent_id is not None:
-            where.append(Where.eq("parent_id", parent_id))
+        where += given(
+            Where.eq("status", status),
+            Where.eq("kind", kind),
+            Where.ge("created_at", created_after),
+            Where.lt("created_at", created_before),
+            Where.eq("parent_id", parent_id),
+        )
         async with self._storage.unit_of_work() as uow:
             return await uow.repo(Operation).find(
                 *where, order_by=["-created_at"], limit=limit, after=after

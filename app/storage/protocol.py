@@ -26,6 +26,11 @@ class Op(StrEnum):
     IS_NULL = "is_null"
 
 
+def given(*conditions: Where) -> list[Where]:
+    """The conditions whose value was given: a list endpoint's optional filters, None = any."""
+    return [c for c in conditions if c.value is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class Where:
     """One condition on a column: `Where("status", Op.EQ, "pending")`."""

@@ -17,7 +17,7 @@ from app.core.clock import utcnow
 from app.core.errors import DuplicateKey, InvalidInput, StaleVersion
 from app.logs.entities import ExecutionLog
 from app.storage.entity import Entity
-from app.storage.protocol import Page, Storage, Where
+from app.storage.protocol import Page, Storage, Where, given
 from app.usage.budgets import BudgetService
 from app.usage.entities import UsageRecord, UsageRollup, UsageStatus
 from app.usage.recorder import Batch, decode_batch
@@ -167,18 +167,13 @@ class UsageService:
         team_id: str | None,
         model_id: str | None,
     ) -> list[Where]:
-        where = []
-        if start is not None:
-            where.append(Where.ge("created_at", start))
-        if end is not None:
-            where.append(Where.lt("created_at", end))
-        if api_key_id is not None:
-            where.append(Where.eq("api_key_id", api_key_id))
-        if team_id is not None:
-            where.append(Where.eq("team_id", team_id))
-        if model_id is not None:
-            where.append(Where.eq("model_id", model_id))
-        return where
+        return given(
+            Where.ge("created_at", start),
+            Where.lt("created_at", end),
+            Where.eq("api_key_id", api_key_id),
+            Where.eq("team_id", team_id),
+            Where.eq("model_id", model_id),
+        )
 
     async def aggregate(self, group_by: GroupBy, scope: UsageFilter) -> list[UsageTotals]:
         """Totals per key, team, model or day over `scope`, sorted by group.

@@ -28,7 +28,7 @@ from app.core.outbound import ForbiddenDestination, OutboundClient, OutboundFail
 from app.operations.entities import Operation, OperationKind
 from app.operations.service import OperationService, Owner
 from app.operations.transitions import TERMINAL
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.webhooks import catalogue
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 from app.webhooks.signing import new_secret, secret_key, signature_header
@@ -351,15 +351,13 @@ class WebhookService:
     ) -> Page[WebhookDelivery]:
         """A subscription's deliveries, newest first."""
         await self.get(webhook_id)
-        where = [Where.eq("webhook_id", webhook_id)]
-        if status is not None:
-            where.append(Where.eq("status", status))
-        if event_type is not None:
-            where.append(Where.eq("event_type", event_type))
-        if created_after is not None:
-            where.append(Where.ge("created_at", created_after))
-        if created_before is not None:
-            where.append(Where.lt("created_at", created_before))
+        where = given(
+            Where.eq("webhook_id", webhook_id),
+            Where.eq("status", status),
+            Where.eq("event_type", event_type),
+            Where.ge("created_at", created_after),
+            Where.lt("created_at", created_before),
+        )
         async with self._storage.unit_of_work() as uow:
             return await uow.repo(WebhookDelivery).find(
                 *where, order_by=["-created_at"], limit=limit, after=after

@@ -23,7 +23,7 @@ from app.schema import ENTITIES
 from app.storage.entity import Entity
 from app.storage.mapping import referencing, table_info
 from app.storage.memory import MemoryStorage
-from app.storage.protocol import Storage, Where
+from app.storage.protocol import Storage, Where, given
 from tests.factories import BASE_INSTANT, build, comparable, create
 
 ENTITY_IDS = [e.__name__ for e in ENTITIES]
@@ -590,3 +590,9 @@ def test_memory_backend_threads_writing_at_once_lose_nothing() -> None:
             return await uow.repo(Operation).count(), counter.attempts
 
     assert asyncio.run(totals()) == (401, 400)
+
+
+def test_optional_filters_drop_only_the_conditions_not_given() -> None:
+    kept = given(Where.eq("status", None), Where.eq("attempts", 0), Where.eq("enabled", False))
+
+    assert kept == [Where.eq("attempts", 0), Where.eq("enabled", False)]
