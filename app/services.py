@@ -76,6 +76,7 @@ class Services:
         self.invalidation = InvalidationBus(
             self.redis, shared=self.settings.BROKER is BrokerKind.REDIS
         )
+        self.webhooks.watch(self.invalidation)
         self.keys = ApiKeyService(self.storage, events=self.events, bus=self.invalidation)
         self.users = UserService(self.storage, self.redis, TokenCodec(self.settings))
         self.teams = TeamService(self.storage, self.invalidation)

@@ -12,9 +12,17 @@ class EventSink(Protocol):
 
     async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None: ...
 
+    async def interested(self, event_type: str) -> bool:
+        """Whether anyone may want `event_type` now; when not, a change can skip recording it
+        (and the transaction recording would need). When unsure, True."""
+        ...
+
 
 class NullSink:
     """Drops every event: for services built without a subscriber of events."""
 
     async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None:
         return None
+
+    async def interested(self, event_type: str) -> bool:
+        return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from app.core.clock import utcnow
 from app.core.errors import Cancelled, DomainError, RetryLater, StaleVersion, Transient
 from app.core.events import EventSink
 from app.operations.entities import Operation, OperationKind, OperationStatus
-from app.operations.events import emit_finished
+from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
 from app.operations.service import count_child_finished, mark_unsent
 from app.operations.transitions import TERMINAL, move
 from app.queue.port import JobQueue
@@ -42,16 +43,30 @@ class JobTimings:
     resend_after: float = 3.0
     retention: float = 7 * 24 * 3600.0
     sweep_batch: int = 500
+    # A checkpoint this soon after the job was last seen held (claimed, renewed or checked)
+    # trusts that: a cancellation is noticed at most this much later, and is never overwritten.
+    checkpoint_fresh: float = 0.1
 
 
 @dataclass
 class Claim:
-    """A worker's hold on a running job: the token it must show to write the outcome."""
+    """A worker's hold on a running job: the token it must show to write the outcome.
+
+    While the claim holds, this worker alone writes the job, so the attempt log and progress
+    kept here are the job's own; every write is conditional on the lease token.
+    """
 
     operation_id: str
     token: str
     attempt: int
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] = field(default_factory=dict)
+    held_at: float = field(default_factory=time.monotonic)  # when it last was seen held
     lost: bool = False
+
+    def held(self) -> tuple[Where, Where]:
+        """The conditions under which the job is still this claim's."""
+        return Where.eq("status", OperationStatus.RUNNING), Where.eq("lease_token", self.token)
 
 
 @dataclass
@@ -77,17 +92,22 @@ class JobContext:
 
     async def checkpoint(self) -> None:
         """Raise `Cancelled` if the job was cancelled or its lease lost; call between steps."""
-        if self.claim.lost:
+        claim = self.claim
+        if claim.lost:
             raise Cancelled(f"operation '{self.operation.id}' lost its lease")
+        if time.monotonic() - claim.held_at < self._runner.timings.checkpoint_fresh:
+            return
         async with self._runner.storage.unit_of_work() as uow:
             current = await uow.repo(Operation).get(self.operation.id)
-        if not _holds(current, self.claim):
-            self.claim.lost = True
+        if not _holds(current, claim):
+            claim.lost = True
             raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+        claim.held_at = time.monotonic()
 
     async def set_progress(self, **progress: Any) -> None:
         """Record how far a multi-step job has come (visible to pollers)."""
-        await self._runner._write(self.claim, lambda op: op.progress.update(progress))
+        self.claim.progress.update(progress)
+        await self._runner._write(self.claim, {"progress": dict(self.claim.progress)})
 
 
 def _holds(operation: Operation | None, claim: Claim) -> bool:
@@ -153,7 +173,7 @@ class OperationRunner:
         handler = self.handlers.get(OperationKind(operation.kind))
         if handler is None:
             await self._finish_failed(
-                claim, "unsupported", f"no worker handles jobs of kind {operation.kind}"
+                operation, claim, "unsupported", f"no worker handles jobs of kind {operation.kind}"
             )
             return True
         work = asyncio.ensure_future(handler(JobContext(self, operation, claim)))
@@ -169,59 +189,86 @@ class OperationRunner:
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             return True
         except Exception as exc:
-            await self._attempt_failed(claim, exc)
+            await self._attempt_failed(operation, claim, exc)
             return True
         finally:
             beat.cancel()
             if not work.done():
                 work.cancel()
-        await self._complete(claim, result)
+        await self._complete(operation, claim, result)
         return True
 
     async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:
-        """Move a pending job to running under a fresh lease, or None if it is not pending."""
+        """Move a pending job to running under a fresh lease, or None if it is not pending.
+
+        A read and one conditional update, each committed by itself: the update applies only
+        if the job is still pending at the attempt count read, so of two deliveries of one
+        message exactly one claims it.
+        """
         now = utcnow()
+        async with self.storage.unit_of_work(autocommit=True) as uow:
+            repo = uow.repo(Operation)
+            operation = await repo.get(operation_id)
+            if operation is None or operation.status != OperationStatus.PENDING:
+                return None
+            if operation.attempts >= operation.max_attempts:
+                await self._give_up_pending(operation_id)
+                return None
+            move(operation, OperationStatus.RUNNING)  # refuses what the table forbids
+            token = uuid.uuid4().hex
+            attempt = operation.attempts + 1
+            attempt_log = [
+                *operation.attempt_log,
+                {"attempt": attempt, "worker": self.worker_id, "started_at": now.isoformat()},
+            ]
+            claimed = await repo.update_where(
+                operation_id,
+                {
+                    "status": OperationStatus.RUNNING,
+                    "attempts": attempt,
+                    "lease_owner": self.worker_id,
+                    "lease_token": token,
+                    "lease_expires_at": now + timedelta(seconds=self.timings.lease),
+                    "started_at": operation.started_at or now,
+                    "attempt_log": attempt_log,
+                },
+                Where.eq("status", OperationStatus.PENDING),
+                Where.eq("attempts", operation.attempts),
+            )
+        if claimed is None:
+            return None  # another delivery claimed it first, or it was cancelled meanwhile
+        claim = Claim(
+            claimed.id,
+            token,
+            attempt,
+            attempt_log=[dict(entry) for entry in attempt_log],
+            progress=dict(claimed.progress),
+        )
+        return claimed, claim
+
+    async def _give_up_pending(self, operation_id: str) -> None:
+        """Fail a pending job that has no attempt left (a send that outlived its attempts)."""
         try:
             async with self.storage.unit_of_work() as uow:
-                repo = uow.repo(Operation)
-                operation = await repo.get(operation_id)
-                if operation is None or operation.status != OperationStatus.PENDING:
-                    return None
-                if operation.attempts >= operation.max_attempts:
-                    await self._exhaust(uow, operation, "out of attempts before it could run")
-                    await uow.commit()
-                    return None
-                move(operation, OperationStatus.RUNNING)
-                token = uuid.uuid4().hex
-                operation.attempts += 1
-                operation.lease_owner = self.worker_id
-                operation.lease_token = token
-                operation.lease_expires_at = now + timedelta(seconds=self.timings.lease)
-                operation.started_at = operation.started_at or now
-                operation.attempt_log = [
-                    *operation.attempt_log,
-                    {
-                        "attempt": operation.attempts,
-                        "worker": self.worker_id,
-                        "started_at": now.isoformat(),
-                    },
-                ]
-                operation = await repo.update(operation)
+                operation = await uow.repo(Operation).get(operation_id)
+                if (
+                    operation is None
+                    or operation.status != OperationStatus.PENDING
+                    or operation.attempts < operation.max_attempts
+                ):
+                    return
+                await self._exhaust(uow, operation, "out of attempts before it could run")
                 await uow.commit()
         except StaleVersion:
-            return None  # another worker claimed it first
-        return operation, Claim(operation.id, token, operation.attempts)
+            return  # it changed meanwhile; whoever changed it decided its fate
 
     async def _heartbeat(self, claim: Claim, work: asyncio.Future[Any]) -> None:
         """Extend the lease while the handler runs; stop the handler if the job went away."""
         while not work.done():
             await asyncio.sleep(self.timings.heartbeat)
-
-            def extend(op: Operation) -> None:
-                op.lease_expires_at = utcnow() + timedelta(seconds=self.timings.lease)
-
+            lease = utcnow() + timedelta(seconds=self.timings.lease)
             try:
-                held = await self._write(claim, extend)
+                held = await self._write(claim, {"lease_expires_at": lease})
             except Exception:
                 log.exception("heartbeat of job %s failed; will try again", claim.operation_id)
                 continue
@@ -230,39 +277,59 @@ class OperationRunner:
                 work.cancel()
                 return
 
-    async def _write(self, claim: Claim, change: Callable[[Operation], Any]) -> bool:
-        """Apply `change` to the job while the claim still holds; False if it no longer does."""
+    async def _write(self, claim: Claim, changes: dict[str, Any]) -> bool:
+        """Write `changes` to the job while the claim holds; False if it no longer does."""
+        async with self.storage.unit_of_work(autocommit=True) as uow:
+            written = await uow.repo(Operation).update_where(
+                claim.operation_id, changes, *claim.held()
+            )
+        if written is None:
+            return False
+        claim.held_at = time.monotonic()
+        return True
+
+    async def _finish(
+        self,
+        claim: Claim,
+        changes: dict[str, Any],
+        then: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
+    ) -> bool:
+        """Write a final outcome if the claim still holds, then `then` in the same unit.
+
+        Without `then` it is one conditional statement; with it, a transaction (retried whole
+        when what `then` touches changed meanwhile).
+        """
         while True:
             try:
-                async with self.storage.unit_of_work() as uow:
-                    operation = await uow.repo(Operation).get(claim.operation_id)
-                    if not _holds(operation, claim):
+                async with self.storage.unit_of_work(autocommit=then is None) as uow:
+                    written = await uow.repo(Operation).update_where(
+                        claim.operation_id, changes, *claim.held()
+                    )
+                    if written is None:
+                        log.info(
+                            "job %s: outcome dropped, lease no longer held", claim.operation_id
+                        )
                         return False
-                    assert operation is not None
-                    change(operation)
-                    await uow.repo(Operation).update(operation)
+                    if then is not None:
+                        await then(uow, written)
                     await uow.commit()
                     return True
             except StaleVersion:
                 continue
 
-    async def _finish(self, claim: Claim, change: Callable[[UnitOfWork, Operation], Any]) -> bool:
-        """Write a final outcome in one unit of work, retried on version races."""
-        while True:
-            try:
-                async with self.storage.unit_of_work() as uow:
-                    operation = await uow.repo(Operation).get(claim.operation_id)
-                    if not _holds(operation, claim):
-                        log.info(
-                            "job %s: outcome dropped, lease no longer held", claim.operation_id
-                        )
-                        return False
-                    assert operation is not None
-                    await change(uow, operation)
-                    await uow.commit()
-                    return True
-            except StaleVersion:
-                continue
+    def _closed(self, claim: Claim, outcome: str, error: str | None = None) -> dict[str, Any]:
+        """The changes that end the claim's attempt: its log entry closed, the lease cleared."""
+        entries = [dict(entry) for entry in claim.attempt_log]
+        if entries:
+            entries[-1].update(finished_at=utcnow().isoformat(), outcome=outcome)
+            if error is not None:
+                entries[-1]["error"] = error
+        return {
+            "attempt_log": entries,
+            "lease_owner": None,
+            "lease_token": None,
+            "lease_expires_at": None,
+        }
 
     def _close_attempt(self, operation: Operation, outcome: str, error: str | None = None) -> None:
         now = utcnow()
@@ -275,58 +342,88 @@ class OperationRunner:
         operation.lease_owner = operation.lease_token = None
         operation.lease_expires_at = None
 
-    async def _complete(self, claim: Claim, result: Any) -> bool:
-        async def change(uow: UnitOfWork, operation: Operation) -> None:
-            move(operation, OperationStatus.COMPLETED)
-            self._close_attempt(operation, "completed")
-            operation.result = result
-            operation.error_type = operation.error_message = None
-            operation.finished_at = utcnow()
-            await uow.repo(Operation).update(operation)
-            await emit_finished(self.events, uow, operation)
-            if operation.parent_id:
-                await count_child_finished(
-                    uow, operation.parent_id, OperationStatus.COMPLETED, events=self.events
-                )
+    async def _complete(self, operation: Operation, claim: Claim, result: Any) -> bool:
+        changes = {
+            **self._closed(claim, "completed"),
+            "status": OperationStatus.COMPLETED,
+            "result": result,
+            "error_type": None,
+            "error_message": None,
+            "finished_at": utcnow(),
+        }
+        then = await self._aftermath(operation, OperationStatus.COMPLETED)
+        return await self._finish(claim, changes, then)
 
-        return await self._finish(claim, change)
+    async def _finish_failed(
+        self, operation: Operation, claim: Claim, error_type: str, message: str
+    ) -> bool:
+        changes = {**self._closed(claim, "failed", message), **self._failed(error_type, message)}
+        then = await self._aftermath(operation, OperationStatus.FAILED)
+        return await self._finish(claim, changes, then)
 
-    async def _finish_failed(self, claim: Claim, error_type: str, message: str) -> bool:
-        async def change(uow: UnitOfWork, operation: Operation) -> None:
-            self._close_attempt(operation, "failed", message)
-            await self._fail(uow, operation, error_type, message)
-
-        return await self._finish(claim, change)
-
-    async def _attempt_failed(self, claim: Claim, exc: Exception) -> bool:
+    async def _attempt_failed(self, operation: Operation, claim: Claim, exc: Exception) -> bool:
         error_type, message = describe(exc)
         transient = is_transient(exc)
         if not isinstance(exc, DomainError):
             log.warning("job %s attempt %d failed: %r", claim.operation_id, claim.attempt, exc)
+        closed = self._closed(claim, "failed", f"{error_type}: {message}")
+        closed["attempt_log"][-1]["transient"] = transient
+        if not transient or claim.attempt >= operation.max_attempts:
+            if transient:
+                message = f"{message} (gave up after {claim.attempt} attempts)"
+            then = await self._aftermath(operation, OperationStatus.FAILED)
+            return await self._finish(claim, {**closed, **self._failed(error_type, message)}, then)
+        # A `RetryLater` job keeps its own schedule (webhook deliveries).
+        delay = exc.retry_after if isinstance(exc, RetryLater) else self.backoff(claim.attempt)
+        run_after = utcnow() + timedelta(seconds=delay)
+        changes = {
+            **closed,
+            "status": OperationStatus.PENDING,
+            "error_type": error_type,
+            "error_message": message,
+            "run_after": run_after,
+            "enqueued_at": run_after,
+            "send_count": operation.send_count + 1,
+        }
+        if not await self._finish(claim, changes):
+            return False
+        await self._send(operation, delay)
+        return True
 
-        async def change(uow: UnitOfWork, operation: Operation) -> None:
-            self._close_attempt(operation, "failed", f"{error_type}: {message}")
-            operation.attempt_log[-1]["transient"] = transient
-            if not transient or operation.attempts >= operation.max_attempts:
-                if transient:
-                    message_ = f"{message} (gave up after {operation.attempts} attempts)"
-                else:
-                    message_ = message
-                await self._fail(uow, operation, error_type, message_)
-                return
-            if isinstance(exc, RetryLater):
-                delay = exc.retry_after  # the job keeps its own schedule (webhook deliveries)
-            else:
-                delay = self.backoff(operation.attempts)
-            move(operation, OperationStatus.PENDING)
-            operation.error_type, operation.error_message = error_type, message
-            operation.run_after = utcnow() + timedelta(seconds=delay)
-            operation.enqueued_at = operation.run_after
-            operation.send_count += 1
-            await uow.repo(Operation).update(operation)
-            self._send_after_commit(uow, operation, delay)
+    @staticmethod
+    def _failed(error_type: str, message: str) -> dict[str, Any]:
+        return {
+            "status": OperationStatus.FAILED,
+            "error_type": error_type,
+            "error_message": message,
+            "finished_at": utcnow(),
+        }
 
-        return await self._finish(claim, change)
+    async def _aftermath(
+        self, operation: Operation, outcome: OperationStatus
+    ) -> Callable[[UnitOfWork, Operation], Awaitable[None]] | None:
+        """What must commit with a job's final outcome: its event and its parent's count.
+
+        None when there is neither (no parent, and no one interested in the event), so the
+        outcome is one conditional statement.
+        """
+        event = EVENT_TYPES.get(outcome)
+        announce = (
+            self.events is not None
+            and event is not None
+            and operation.parent_id is None
+            and OperationKind(operation.kind) not in SILENT_KINDS
+            and await self.events.interested(event)
+        )
+        if not announce and operation.parent_id is None:
+            return None
+
+        async def then(uow: UnitOfWork, written: Operation) -> None:
+            await emit_finished(self.events, uow, written)
+            if written.parent_id:
+                await count_child_finished(uow, written.parent_id, outcome, events=self.events)
+
+        return then
 
     async def _fail(
         self, uow: UnitOfWork, operation: Operation, error_type: str, message: str
@@ -357,14 +454,15 @@ class OperationRunner:
         return random.uniform(ceiling / 2, ceiling)
 
     def _send_after_commit(self, uow: UnitOfWork, operation: Operation, delay: float = 0) -> None:
-        async def send() -> None:
-            try:
-                await self.queue.send(operation.id, OperationKind(operation.kind), delay=delay)
-            except Exception:
-                log.warning("broker unreachable; job %s left for the sweeper", operation.id)
-                await mark_unsent(self.storage, operation.id)
+        uow.on_commit(lambda: self._send(operation, delay))
 
-        uow.on_commit(send)
+    async def _send(self, operation: Operation, delay: float = 0) -> None:
+        """Send a committed job; if the broker is unreachable, leave it for the sweeper."""
+        try:
+            await self.queue.send(operation.id, OperationKind(operation.kind), delay=delay)
+        except Exception:
+            log.warning("broker unreachable; job %s left for the sweeper", operation.id)
+            await mark_unsent(self.storage, operation.id)
 
     # ---- sweeping ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
 from app.queue.names import QUEUES
 from app.queue.port import JobQueue
+from app.storage.mapping import construct
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,8 @@ class OperationService:
         meta: dict[str, Any] | None,
     ) -> Operation:
         now = utcnow()
-        return Operation(
+        return construct(
+            Operation,
             id=new_id(OPERATION_ID_PREFIX),
             kind=kind,
             status=OperationStatus.PENDING,

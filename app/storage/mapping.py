@@ -23,6 +23,9 @@ from app.storage.entity import Entity
 
 E = TypeVar("E", bound=Entity)
 
+# Columns every write maintains itself: set on insert, stepped or refreshed on update.
+MANAGED_COLUMNS = ("created_at", "updated_at", "version")
+
 
 def json_dumps(value: Any) -> str:
     """The JSON text both backends store (so both accept and refuse the same values)."""
@@ -154,9 +157,6 @@ def _enum_of(annotation: Any) -> type[enum.Enum] | None:
 
 @cache
 def _enum_columns(entity: type[Entity]) -> tuple[tuple[str, type[enum.Enum]], ...]:
-    # Instrumented attributes work only once the mappers are configured; constructing an
-    # entity normally does that, building one from a row as `from_row` does must ask for it.
-    sa.orm.configure_mappers()
     found = ((name, _enum_of(field.annotation)) for name, field in entity.model_fields.items())
     return tuple((name, cls) for name, cls in found if cls is not None)
 
@@ -180,6 +180,28 @@ def to_row(entity: Entity) -> dict[str, Any]:
     return {name: _plain(getattr(checked, name)) for name in info.columns}
 
 
+def check_changes(entity: type[Entity], changes: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Validate some of an entity's columns as `to_row` validates them all; the stored values."""
+    info = table_info(entity)
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        check_column(info, name)
+        if name in (info.pk, *MANAGED_COLUMNS):
+            raise ValueError(f"{info.kind}.{name} is kept by the storage, not changed directly")
+        try:
+            checked[name] = _plain(_column_adapter(entity, name).validate_python(value))
+        except pydantic.ValidationError as exc:
+            raise InvalidInput(f"{info.kind}.{name}: {exc.errors()[0]['msg']}", param=name) from exc
+    return checked
+
+
+@cache
+def _column_adapter(entity: type[Entity], name: str) -> pydantic.TypeAdapter[Any]:
+    field = _row_model(entity).model_fields[name]
+    annotated: Any = typing.Annotated[field.annotation, field]
+    return pydantic.TypeAdapter(annotated)
+
+
 def from_row(entity: type[E], row: Any) -> E:
     """Build a fresh entity from stored column values.
 
@@ -191,10 +213,29 @@ def from_row(entity: type[E], row: Any) -> E:
         value = values.get(name)
         if value is not None:
             values[name] = enum_cls(value)
+    return construct(entity, **values)
+
+
+def construct(entity: type[E], **values: Any) -> E:
+    """An entity from trusted values (defaults for the rest), without validation.
+
+    Table models do not validate in their constructor either, but it sets every field through
+    SQLAlchemy's instrumentation, which costs several times more; `to_row` validates on the way
+    to storage whichever way the entity was made.
+    """
+    manager = _manager(entity)
     built = typing.cast(E, entity.model_construct(**values))
     # Table models keep their attributes through SQLAlchemy instrumentation, which needs a state.
-    manager_of_class(entity)._new_state_if_none(built)
+    manager._new_state_if_none(built)
     return built
+
+
+@cache
+def _manager(entity: type[Entity]) -> Any:
+    # Instrumented attributes work only once the mappers are configured; constructing an
+    # entity normally does that, building one as `construct` does must ask for it.
+    sa.orm.configure_mappers()
+    return manager_of_class(entity)
 
 
 # ---- ordering and cursors -------------------------------------------------------------

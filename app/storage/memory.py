@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -21,6 +22,7 @@ from app.core.errors import (
 from app.storage.entity import Entity
 from app.storage.mapping import (
     TableInfo,
+    check_changes,
     check_column,
     decode_cursor,
     encode_cursor,
@@ -105,8 +107,8 @@ class MemoryStorage:
     def __init__(self, store: MemoryStore | None = None) -> None:
         self.store = store or MemoryStore()
 
-    def unit_of_work(self) -> MemoryUnitOfWork:
-        return MemoryUnitOfWork(self.store)
+    def unit_of_work(self, *, autocommit: bool = False) -> MemoryUnitOfWork:
+        return MemoryUnitOfWork(self.store, autocommit=autocommit)
 
     async def check(self) -> None:
         return None
@@ -204,11 +206,33 @@ def _normalise(where: Sequence[Where], info: TableInfo) -> list[Where]:
     return plain
 
 
+class _Autocommit:
+    """The store's lock over one write and its immediate commit (or its discarding)."""
+
+    def __init__(self, uow: MemoryUnitOfWork) -> None:
+        self._uow = uow
+
+    def __enter__(self) -> None:
+        self._uow._store.lock.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: Any) -> None:
+        try:
+            if exc_type is None:
+                self._uow._apply()
+            else:
+                self._uow._staged.clear()
+                self._uow._based_on.clear()
+                self._uow._failed = False  # nothing of it was kept: the unit stays usable
+        finally:
+            self._uow._store.lock.release()
+
+
 class MemoryUnitOfWork:
     """A transaction over a `MemoryStore`: reads see committed rows plus this unit's writes."""
 
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(self, store: MemoryStore, *, autocommit: bool = False) -> None:
         self._store = store
+        self._autocommit = autocommit
         # table -> key -> staged row (None means deleted)
         self._staged: dict[str, dict[Any, Row | None]] = {}
         # (table, key) -> committed version this unit's write was based on (None = absent)
@@ -243,6 +267,16 @@ class MemoryUnitOfWork:
 
     async def commit(self) -> None:
         self._usable()
+        self._apply()
+        self._done = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+
+    def _apply(self) -> None:
+        """Validate the staged writes against what is committed now and make them visible."""
         with self._store.lock:
             self._validate_commit()
             for name, staged in self._staged.items():
@@ -251,14 +285,12 @@ class MemoryUnitOfWork:
                     table.put(key, row)
         self._staged.clear()
         self._based_on.clear()
-        self._done = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            result = callback()
-            if inspect.isawaitable(result):
-                await result
 
     # ---- internals used by the repositories ----------------------------------------------
+
+    def _write(self) -> Any:
+        """Hold around a repository write: in autocommit, the write and its commit are atomic."""
+        return _Autocommit(self) if self._autocommit else contextlib.nullcontext()
 
     def _usable(self) -> None:
         if self._failed:
@@ -436,6 +468,10 @@ class MemoryRepository(Generic[E]):
         return [self._load(r) for r in rows if r is not None]
 
     async def add(self, entity: E) -> E:
+        with self._uow._write():
+            return await self._add_staged(entity)
+
+    async def _add_staged(self, entity: E) -> E:
         self._uow._usable()
         row = self._dump(entity)
         key = row[self._info.pk]
@@ -446,32 +482,62 @@ class MemoryRepository(Generic[E]):
         self._uow._stage(self._info, key, row, None)
         return self._load(row)
 
+    async def add_many(self, entities: Sequence[E]) -> list[E]:
+        added = []
+        with self._uow._write():  # in autocommit, all of them commit together or none does
+            for entity in entities:
+                added.append(await self._add_staged(entity))
+        return added
+
     async def update(self, entity: E) -> E:
         self._uow._usable()
         row = self._dump(entity)
         key = row[self._info.pk]
-        current = self._uow._current(self._info, key)
-        if current is None:
-            raise NotFound(self._info.kind, key)
-        if current["version"] != row["version"]:
-            raise StaleVersion(self._info.kind, key, row["version"])
-        row["version"] += 1
+        with self._uow._write():
+            current = self._uow._current(self._info, key)
+            if current is None:
+                raise NotFound(self._info.kind, key)
+            if current["version"] != row["version"]:
+                raise StaleVersion(self._info.kind, key, row["version"])
+            self._rewrite(key, row, current)
+        return self._load(row)
+
+    async def update_where(
+        self, entity_id: Any, changes: Mapping[str, Any], *where: Where
+    ) -> E | None:
+        self._uow._usable()
+        conds = _normalise(where, self._info)
+        checked = check_changes(self._type, changes)  # refused whether or not a row matches
+        with self._uow._write():
+            current = self._uow._current(self._info, entity_id)
+            if current is None or not _matches(current, conds):
+                return None
+            entity = self._load(current)
+            for name, value in checked.items():
+                setattr(entity, name, value)
+            row = self._dump(entity)
+            self._rewrite(entity_id, row, current)
+        return self._load(row)
+
+    def _rewrite(self, key: Any, row: Row, current: Row) -> None:
+        row["version"] = current["version"] + 1
         row["updated_at"] = utcnow()
         row["created_at"] = current["created_at"]
         self._uow._check_unique(self._info, row)
         self._uow._check_references(self._info, row)
         self._uow._stage(self._info, key, row, current)
-        return self._load(row)
 
     async def delete(self, entity_id: Any) -> bool:
         self._uow._usable()
-        return self._uow._delete(self._info, entity_id)
+        with self._uow._write():
+            return self._uow._delete(self._info, entity_id)
 
     async def delete_where(self, *where: Where) -> int:
         self._uow._usable()
         conds = _normalise(where, self._info)
-        keys = [row[self._info.pk] for row in self._uow._rows(self._info, conds)]
-        return sum(1 for key in keys if self._uow._delete(self._info, key))
+        with self._uow._write():
+            keys = [row[self._info.pk] for row in self._uow._rows(self._info, conds)]
+            return sum(1 for key in keys if self._uow._delete(self._info, key))
 
     async def find(
         self,

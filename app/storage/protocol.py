@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -95,10 +95,25 @@ class Repository(Protocol[E]):
         """Insert a new entity; a taken unique key raises `DuplicateKey`."""
         ...
 
+    async def add_many(self, entities: Sequence[E]) -> list[E]:
+        """Insert new entities, all or (on a taken key) none of them, in one go."""
+        ...
+
     async def update(self, entity: E) -> E:
         """Write `entity` if its version is current, returning it with the next version.
 
         A stale version raises `StaleVersion`, a missing row `NotFound`.
+        """
+        ...
+
+    async def update_where(
+        self, entity_id: Any, changes: Mapping[str, Any], *where: Where
+    ) -> E | None:
+        """Set `changes` on the entity if it matches every condition, in one step; the entity
+        as written, or None when it is missing or does not match.
+
+        No read comes first and no version is compared: the conditions are the check (a job's
+        lease token, say), so this is a compare-and-set the database does in one statement.
         """
         ...
 
@@ -170,8 +185,13 @@ class Storage(Protocol):
 
     name: str
 
-    def unit_of_work(self) -> UnitOfWork:
-        """A new unit of work (use it with `async with`)."""
+    def unit_of_work(self, *, autocommit: bool = False) -> UnitOfWork:
+        """A new unit of work (use it with `async with`).
+
+        With `autocommit`, every write is committed by itself as it happens and `rollback`
+        undoes nothing: for work whose one write is a conditional `update_where`, which then
+        costs one statement instead of a transaction's three.
+        """
         ...
 
     async def check(self) -> None:

@@ -24,6 +24,7 @@ from app.core.errors import (
     StaleVersion,
 )
 from app.core.ids import check_prefixed, new_id
+from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
 from app.core.outbound import ForbiddenDestination, OutboundClient, OutboundFailed
 from app.operations.entities import Operation, OperationKind
 from app.operations.service import OperationService, Owner
@@ -44,6 +45,9 @@ LOG_EXCERPT_CHARS = 300
 MAX_HEADERS = 20
 REPLAY_LIMIT = 1000
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+# Subscription changes are announced on this topic; the interest cache keeps this long otherwise.
+WEBHOOKS_TOPIC = "webhooks"
+INTEREST_SECONDS = 60.0
 # Headers the gateway sets itself; a subscription may not override them.
 RESERVED_HEADERS = frozenset(
     {
@@ -151,6 +155,18 @@ class WebhookService:
         self._box = box
         self._client = client
         self.config = config or WebhookConfig()
+        self._bus: InvalidationBus | None = None
+        self._interest: InvalidatedCache[list[list[str]]] | None = None
+
+    def watch(self, bus: InvalidationBus) -> None:
+        """Cache which events active subscriptions want, dropped on every subscription change
+        in any process (`interested` is then free for the events no one wants)."""
+        self._bus = bus
+        self._interest = InvalidatedCache(bus, WEBHOOKS_TOPIC, ttl=INTEREST_SECONDS)
+
+    async def _changed(self) -> None:
+        if self._bus is not None:
+            await self._bus.publish(WEBHOOKS_TOPIC)
 
     # ---- subscriptions ---------------------------------------------------------------------
 
@@ -183,6 +199,7 @@ class WebhookService:
         async with self._storage.unit_of_work() as uow:
             webhook = await uow.repo(Webhook).add(webhook)
             await uow.commit()
+        await self._changed()
         return webhook, secret
 
     async def get(self, webhook_id: str) -> Webhook:
@@ -249,6 +266,7 @@ class WebhookService:
             if not await uow.repo(Webhook).delete(webhook_id):
                 raise NotFound("webhook", webhook_id, param="webhook_id")
             await uow.commit()
+        await self._changed()
 
     async def rotate_secret(self, webhook_id: str) -> tuple[Webhook, str]:
         """A new secret (returned once); the old one keeps signing during the overlap."""
@@ -285,11 +303,25 @@ class WebhookService:
                     change(webhook)
                     webhook = await uow.repo(Webhook).update(webhook)
                     await uow.commit()
+                await self._changed()
                 return webhook
             except StaleVersion:
                 continue  # a delivery recorded its outcome meanwhile; apply ours on top
 
     # ---- events ----------------------------------------------------------------------------
+
+    async def interested(self, event_type: str) -> bool:
+        """Whether an active subscription wants `event_type` (from the cache when watching)."""
+        if self._interest is None:
+            return True  # `record` reads the subscriptions in its unit of work and decides
+        patterns = self._interest.get(ALL)
+        if patterns is None:
+            generation = self._interest.generation
+            async with self._storage.unit_of_work() as uow:
+                hooks = await uow.repo(Webhook).find(Where.eq("status", WebhookStatus.ACTIVE))
+            patterns = [list(h.events) for h in hooks.items]
+            self._interest.fill(ALL, patterns, generation)
+        return any(catalogue.matches(events, event_type) for events in patterns)
 
     async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None:
         """Inside the caller's `uow`: one delivery (and its job) per interested subscription."""
@@ -576,6 +608,7 @@ class WebhookService:
         meanwhile, and only then are they read again.
         """
         while True:
+            status = webhook.status
             try:
                 async with self._storage.unit_of_work() as uow:
                     now = utcnow()
@@ -589,7 +622,9 @@ class WebhookService:
                             await uow.repo(Webhook).update(webhook)
                     delivery = await uow.repo(WebhookDelivery).update(delivery)
                     await uow.commit()
-                    return delivery
+                if webhook.status != status:
+                    await self._changed()  # disabled: its events are no longer wanted
+                return delivery
             except StaleVersion:
                 # Another delivery to the same webhook wrote first: apply ours to theirs.
                 async with self._storage.unit_of_work() as uow:

@@ -129,6 +129,9 @@ class RecordingSink:
     async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None:
         self.events.append((uow, event_type, data))
 
+    async def interested(self, event_type: str) -> bool:
+        return True
+
 
 async def test_creation_and_revocation_emit_events_in_their_transaction(
     storage: Storage,

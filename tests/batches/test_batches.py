@@ -40,6 +40,9 @@ class RecordingSink:
             raise RuntimeError("event store down (fake)")
         uow.on_commit(lambda: self._keep(event_type, data))
 
+    async def interested(self, event_type: str) -> bool:
+        return True
+
     async def _keep(self, event_type: str, data: dict[str, Any]) -> None:
         self.events.append((event_type, data))
 

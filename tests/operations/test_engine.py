@@ -135,12 +135,12 @@ async def test_a_worker_that_lost_its_lease_cannot_write_its_result(
     slow = runner_with(storage, queue, echo, worker="slow")
     claimed = await slow.claim(operation.id)
     assert claimed is not None
-    _, stale_claim = claimed
+    claimed_operation, stale_claim = claimed
     await asyncio.sleep(FAST.lease + 0.05)  # the slow worker stops heart-beating
     assert (await slow.sweep()).recovered == 1
     fresh = runner_with(storage, queue, lambda ctx: _value("fresh"), worker="fresh")
     assert await fresh.execute(operation.id)
-    assert await slow._complete(stale_claim, "stale") is False
+    assert await slow._complete(claimed_operation, stale_claim, "stale") is False
     stored = await load(storage, operation.id)
     assert stored.result == "fresh" and stored.status == OperationStatus.COMPLETED
     assert [e["outcome"] for e in stored.attempt_log] == ["lost", "completed"]

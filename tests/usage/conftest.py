@@ -32,6 +32,9 @@ class RecordingSink:
     async def record(self, uow: UnitOfWork, event_type: str, data: dict[str, Any]) -> None:
         uow.on_commit(lambda: self.events.append((event_type, data)))
 
+    async def interested(self, event_type: str) -> bool:
+        return True
+
     def of_type(self, event_type: str) -> list[dict[str, Any]]:
         return [data for kind, data in self.events if kind == event_type]
 
