@@ -23,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -32,7 +31,7 @@ from app.storage.mapping import table_info
 from app.storage.memory import MemoryStorage
 from app.storage.migrate import upgrade_to_head
 from app.storage.protocol import Storage, Where
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/gateway_bench"
 BACKENDS = ("memory", "postgres")
@@ -218,8 +217,8 @@ def drop_database(url: str) -> None:
 async def empty(storage: Storage) -> None:
     """Remove every operation, bypassing the protocol so no dead rows skew the next phase."""
     if isinstance(storage, SqlStorage):
-        async with storage.engine.begin() as conn:
-            await conn.execute(sa.text(f"TRUNCATE {table_info(Operation).name}"))
+        with psycopg.connect(storage.database.dsn, autocommit=True) as conn:
+            conn.execute(f"TRUNCATE {table_info(Operation).name}")
     elif isinstance(storage, MemoryStorage):
         storage.store.clear()
 
@@ -227,8 +226,8 @@ async def empty(storage: Storage) -> None:
 async def settle(storage: Storage) -> None:
     """Give the planner the statistics a live table has (autovacuum would, a minute later)."""
     if isinstance(storage, SqlStorage):
-        async with storage.engine.begin() as conn:
-            await conn.execute(sa.text(f"ANALYZE {table_info(Operation).name}"))
+        with psycopg.connect(storage.database.dsn, autocommit=True) as conn:
+            conn.execute(f"ANALYZE {table_info(Operation).name}")
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -336,7 +335,7 @@ async def bench_postgres(
     url: str, dataset: Sequence[Operation], concurrency: Sequence[int], reads: int, budget: float
 ) -> list[Result]:
     """`bench_backend` on a pool with one connection per task (created and closed in this loop)."""
-    storage = SqlStorage(make_engine(url, pool_size=max(concurrency), max_overflow=0))
+    storage = SqlStorage(make_database(url, pool_size=max(concurrency), max_overflow=0))
     try:
         return await bench_backend("postgres", storage, dataset, concurrency, reads, budget)
     finally:

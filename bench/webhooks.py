@@ -39,7 +39,7 @@ from app.operations.service import OperationService
 from app.queue.broker import build_broker
 from app.queue.port import DramatiqQueue
 from app.storage.migrate import upgrade_to_head
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from app.webhooks.service import WebhookConfig, WebhookService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ def percentile_ms(values: list[float], q: int) -> float:
 
 async def run(logs: Path) -> None:
     settings = Settings(**{**ENV, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
-    storage = SqlStorage(make_engine(DATABASE_URL, pool_size=20, max_overflow=0))
+    storage = SqlStorage(make_database(DATABASE_URL, pool_size=20, max_overflow=0))
     operations = OperationService(storage, DramatiqQueue(build_broker(settings)))
     client = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
     webhooks = WebhookService(

@@ -13,7 +13,7 @@ from sqlmodel.sql.sqltypes import AutoString
 
 import app.schema  # noqa: F401  (registers every table in SQLModel.metadata)
 from app.config import Settings
-from app.storage.sql import async_url
+from app.storage.sql import dsn
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -27,8 +27,8 @@ def database_url() -> str:
     """`-x url=…` first, then the URL a caller put in the config, then DATABASE_URL."""
     url = context.get_x_argument(as_dictionary=True).get("url")
     url = url or config.attributes.get("database_url") or Settings().DATABASE_URL
-    # The psycopg 3 dialect serves synchronous engines too.
-    return async_url(url)
+    # Migrations run synchronously, on SQLAlchemy's psycopg 3 dialect.
+    return "postgresql+psycopg://" + dsn(url).removeprefix("postgresql://")
 
 
 def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:

@@ -96,13 +96,13 @@ def truncate_all(database_url: str) -> None:
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     """Each test using it runs once on memory and once on an emptied PostgreSQL database."""
     from app.storage.memory import MemoryStorage
-    from app.storage.sql import SqlStorage, make_engine
+    from app.storage.sql import SqlStorage, make_database
 
     if request.param == "memory":
         yield MemoryStorage()
         return
     database_url = request.getfixturevalue("database_url")
     truncate_all(database_url)
-    backend = SqlStorage(make_engine(database_url, pool_size=20, max_overflow=20))
+    backend = SqlStorage(make_database(database_url, pool_size=20, max_overflow=20))
     yield backend
     await backend.close()

@@ -5,17 +5,17 @@ from __future__ import annotations
 from app.config import Settings, StorageBackend
 from app.storage.memory import MemoryStorage, MemoryStore
 from app.storage.protocol import Storage
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 
 
 def build_storage(settings: Settings, *, memory_store: MemoryStore | None = None) -> Storage:
     """The backend `STORAGE_BACKEND` names; Postgres that is down stays down, never memory."""
     if settings.STORAGE_BACKEND is StorageBackend.MEMORY:
         return MemoryStorage(memory_store)
-    engine = make_engine(
+    database = make_database(
         settings.DATABASE_URL,
         pool_size=settings.DB_POOL_SIZE,
         max_overflow=settings.DB_MAX_OVERFLOW,
         connect_timeout=settings.DB_CONNECT_TIMEOUT,
     )
-    return SqlStorage(engine)
+    return SqlStorage(database)

@@ -9,12 +9,12 @@ import pytest
 from app.access.service import ApiKeyService, Principal
 from app.access.teams import ADMIN_TEAM_ID
 from app.cli import main
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
 
 
 async def authenticate(database_url: str, secret: str) -> Principal:
-    storage = SqlStorage(make_engine(database_url, pool_size=1, max_overflow=0))
+    storage = SqlStorage(make_database(database_url, pool_size=1, max_overflow=0))
     try:
         return await ApiKeyService(storage).authenticate(secret)
     finally:

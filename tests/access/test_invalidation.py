@@ -12,7 +12,7 @@ import pytest
 
 from app.access.entities import ApiKey, ApiKeyStatus
 from app.main import create_app
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from tests.access.conftest import ADMIN, new_key, serve, services_of, settings
 from tests.conftest import truncate_all
 from tests.fakes import RecordingQueue
@@ -29,7 +29,7 @@ async def two_processes(
     async with AsyncExitStack() as stack:
         clients = []
         for _ in range(2):
-            storage = SqlStorage(make_engine(database_url, pool_size=4, max_overflow=0))
+            storage = SqlStorage(make_database(database_url, pool_size=4, max_overflow=0))
             stack.push_async_callback(storage.close)
             app = create_app(
                 settings(

@@ -27,7 +27,7 @@ from app.operations.entities import OperationKind
 from app.operations.service import OperationService, Owner
 from app.queue.broker import build_broker
 from app.queue.port import DramatiqQueue
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def clean(database_url: str, redis_url: str) -> tuple[str, str]:
 async def submitter(clean: tuple[str, str]) -> AsyncIterator[OperationService]:
     database_url, redis_url = clean
     settings = Settings(**env_for(database_url, redis_url, PROCESS_ROLE="api"))  # type: ignore[arg-type]
-    storage = SqlStorage(make_engine(database_url))
+    storage = SqlStorage(make_database(database_url))
     # Workers check a job's key when they run it, so the owner key must exist, as it does for
     # every job the API accepts.
     await ApiKeyService(storage).ensure_key(

@@ -19,7 +19,7 @@ from app.core.errors import DuplicateKey, InvalidInput, ReferenceViolation, Stal
 from app.operations.entities import Operation, OperationStatus
 from app.storage.memory import MemoryStorage
 from app.storage.protocol import Storage, Where
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
 from tests.factories import BASE_INSTANT, comparable
 from tests.storage.test_contract import add_ops, op
@@ -696,7 +696,7 @@ async def test_a_normal_unit_still_fails_whole_after_a_constraint(storage: Stora
 @pytest.fixture
 async def postgres(database_url: str) -> AsyncIterator[SqlStorage]:
     truncate_all(database_url)
-    backend = SqlStorage(make_engine(database_url, pool_size=2, max_overflow=0))
+    backend = SqlStorage(make_database(database_url, pool_size=2, max_overflow=0))
     yield backend
     await backend.close()
 

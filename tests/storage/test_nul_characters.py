@@ -10,7 +10,7 @@ import pytest
 from app.core.errors import InvalidInput
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.storage.protocol import Where
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
 
 pytestmark = pytest.mark.postgres
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 async def storage(database_url: str) -> AsyncIterator[SqlStorage]:
     truncate_all(database_url)
-    backend = SqlStorage(make_engine(database_url, pool_size=2, max_overflow=0))
+    backend = SqlStorage(make_database(database_url, pool_size=2, max_overflow=0))
     yield backend
     await backend.close()
 

@@ -22,7 +22,7 @@ from app.operations.entities import OperationKind
 from app.operations.service import OperationService, Owner
 from app.queue.broker import build_broker
 from app.queue.port import DramatiqQueue
-from app.storage.sql import SqlStorage, make_engine
+from app.storage.sql import SqlStorage, make_database
 from app.webhooks.service import WebhookConfig, WebhookService
 from tests.conftest import truncate_all
 from tests.operations.test_processes import Processes, env_for, wait_until
@@ -72,7 +72,7 @@ async def emitter(clean: tuple[str, str]) -> AsyncIterator[Emitter]:
     database_url, redis_url = clean
     env = worker_env(database_url, redis_url)
     settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
-    storage = SqlStorage(make_engine(database_url))
+    storage = SqlStorage(make_database(database_url))
     operations = OperationService(storage, DramatiqQueue(build_broker(settings)))
     client = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
     service = WebhookService(
