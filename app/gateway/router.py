@@ -162,6 +162,28 @@ async def chat_completions(
     control = CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
     if not run_async:
         return await answer_directly(request, principal, services, control, checked=True)
+    return await submit_job(
+        request, principal, services, cache_control, idempotency_key, checked=True
+    )
+
+
+async def submit_job(
+    request: ChatCompletionRequest,
+    principal: Principal,
+    services: Services,
+    cache_control: str | None,
+    idempotency_key: str | None,
+    *,
+    checked: bool = False,
+) -> Response:
+    """Accept a chat completion as a job: 202 with the operation to poll, once it is committed.
+
+    `checked`: the caller already verified that the key may use the model and prompts, and
+    parsed `cache_control`.
+    """
+    if not checked:
+        principal.ensure_can_call(request.model, request.messages)
+        CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
     if request.stream:
         raise InvalidInput("an async request cannot be streamed", param="stream")
     request.check()

@@ -108,7 +108,8 @@ class OperationService:
         operation.idempotency_key = idempotency_key
         operation.request_hash = digest
         try:
-            async with self._storage.unit_of_work() as uow:
+            # One insert is atomic by itself: no transaction around it.
+            async with self._storage.unit_of_work(autocommit=True) as uow:
                 await uow.repo(Operation).add(operation)
                 self._send_after_commit(uow, [operation])
                 await uow.commit()

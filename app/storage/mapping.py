@@ -180,6 +180,17 @@ def to_row(entity: Entity) -> dict[str, Any]:
     return {name: _plain(getattr(checked, name)) for name in info.columns}
 
 
+def validate(entity: type[E], data: typing.Mapping[str, Any]) -> E:
+    """An entity from untrusted values (a JSON message, say), validated as `to_row` would."""
+    try:
+        checked = _row_model(entity).model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"{entity.__name__}.{field}: {first['msg']}", param=field) from exc
+    return construct(entity, **dict(checked))
+
+
 def check_changes(entity: type[Entity], changes: typing.Mapping[str, Any]) -> dict[str, Any]:
     """Validate some of an entity's columns as `to_row` validates them all; the stored values."""
     info = table_info(entity)

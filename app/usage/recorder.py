@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from app.logs.entities import ExecutionLog
+from app.storage.mapping import validate
 from app.usage.entities import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def encode_batch(
 
 
 def decode_batch(batch: Batch) -> tuple[list[UsageRecord], list[ExecutionLog]]:
-    records = [UsageRecord.model_validate(r) for r in batch.get("usage", [])]
-    logs = [ExecutionLog.model_validate(entry) for entry in batch.get("logs", [])]
+    records = [validate(UsageRecord, r) for r in batch.get("usage", [])]
+    logs = [validate(ExecutionLog, entry) for entry in batch.get("logs", [])]
     return records, logs
 
 

@@ -133,10 +133,8 @@ class UsageService:
                 return 0
             if not records and await uow.repo(ExecutionLog).get(logs[0].id) is not None:
                 return 0
-            for record in records:
-                await uow.repo(UsageRecord).add(record)
-            for entry in logs:
-                await uow.repo(ExecutionLog).add(entry)
+            await uow.repo(UsageRecord).add_many(records)
+            await uow.repo(ExecutionLog).add_many(logs)
             await self._budgets.record_spend(uow, records)
             await uow.commit()
         return len(records) + len(logs)

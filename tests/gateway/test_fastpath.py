@@ -11,7 +11,7 @@ import pytest
 import app.gateway.fastpath as fastpath
 from app.core.errors import NotFound
 from app.gateway.chat import ChatService
-from app.gateway.router import answer_directly
+from app.gateway.router import answer_directly, submit_job
 from app.gateway.routing import Route
 from app.models.entities import Model, ModelKind
 from app.services import Services
@@ -48,11 +48,73 @@ async def test_a_plain_chat_completion_is_answered_by_the_fast_path(
     assert answered == ["mock"]
 
 
-async def test_jobs_and_invalid_bodies_go_to_the_route(
-    client: httpx.AsyncClient, answered: list[str]
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The idempotency keys of the jobs the fast path submitted itself."""
+    calls: list[str | None] = []
+    original = submit_job
+
+    async def recording(request: Any, principal: Any, services: Any, *args: Any) -> Any:
+        calls.append(args[1])
+        return await original(request, principal, services, *args)
+
+    monkeypatch.setattr(fastpath, "submit_job", recording)
+    return calls
+
+
+async def test_a_job_is_submitted_by_the_fast_path_and_replayed_by_its_key(
+    client: httpx.AsyncClient, submitted: list[str | None]
 ) -> None:
-    accepted = await client.post("/v1/chat/completions?async=true", json=chat("mock"))
-    assert accepted.status_code == 202, accepted.text
+    url = "/v1/chat/completions?async=true"
+    first = await client.post(url, json=chat("mock"), headers={"idempotency-key": "k-1"})
+    assert first.status_code == 202, first.text
+    assert first.headers["location"] == f"/v1/operations/{first.json()['operation_id']}"
+    again = await client.post(url, json=chat("mock"), headers={"idempotency-key": "k-1"})
+    assert again.status_code == 202
+    assert again.json()["operation_id"] == first.json()["operation_id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    other = await client.post(
+        url, json=chat("mock", temperature=1), headers={"idempotency-key": "k-1"}
+    )
+    assert other.status_code == 409
+    assert submitted == ["k-1", "k-1", "k-1"]
+
+
+async def test_jobs_refused_by_the_fast_path_have_the_routes_errors(
+    client: httpx.AsyncClient, submitted: list[str | None]
+) -> None:
+    url = "/v1/chat/completions?async=true"
+    streamed = await client.post(url, json=chat("mock", stream=True))
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "stream"
+    bad_cache = await client.post(url, json=chat("mock"), headers={"cache-control": "max-age=x"})
+    assert bad_cache.status_code == 400
+    assert bad_cache.json()["error"]["param"] == "Cache-Control"
+    unknown = await client.post(url, json=chat("no-such-model"))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["param"] == "model"
+    assert len(submitted) == 3
+
+
+async def test_other_queries_long_keys_and_keys_on_direct_calls_go_to_the_route(
+    client: httpx.AsyncClient, answered: list[str], submitted: list[str | None]
+) -> None:
+    spelled = await client.post("/v1/chat/completions?async=1", json=chat("mock"))
+    assert spelled.status_code == 202, spelled.text
+    too_long = await client.post(
+        "/v1/chat/completions?async=true", json=chat("mock"), headers={"idempotency-key": "k" * 256}
+    )
+    assert too_long.status_code == 400
+    direct = await client.post(
+        "/v1/chat/completions", json=chat("mock"), headers={"idempotency-key": "k-2"}
+    )
+    assert direct.status_code == 200, direct.text
+    assert answered == [] and submitted == []
+
+
+async def test_invalid_bodies_go_to_the_route(
+    client: httpx.AsyncClient, answered: list[str], submitted: list[str | None]
+) -> None:
     invalid = await client.post("/v1/chat/completions", json=chat("mock", temperature=7))
     assert invalid.status_code == 400
     assert invalid.json()["error"]["param"] == "temperature"
@@ -61,7 +123,10 @@ async def test_jobs_and_invalid_bodies_go_to_the_route(
     )
     assert broken.status_code == 400
     assert broken.json()["error"]["code"] == "json_parse_error"
-    assert answered == []
+    job = await client.post("/v1/chat/completions?async=true", json=chat("mock", temperature=7))
+    assert job.status_code == 400
+    assert job.json()["error"]["param"] == "temperature"
+    assert answered == [] and submitted == []
 
 
 async def test_fast_path_errors_have_the_routes_shape(
