@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import enum
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -235,10 +236,27 @@ def construct(entity: type[E], **values: Any) -> E:
     to storage whichever way the entity was made.
     """
     manager = _manager(entity)
+    for name, default, factory in _defaults(entity):
+        if name not in values:
+            values[name] = factory() if factory is not None else default
+    # Every field given: pydantic looks up no default (its lookup inspects each factory's
+    # signature every time, the most expensive part of building an entity).
     built = typing.cast(E, entity.model_construct(**values))
     # Table models keep their attributes through SQLAlchemy instrumentation, which needs a state.
     manager._new_state_if_none(built)
     return built
+
+
+@cache
+def _defaults(entity: type[Entity]) -> tuple[tuple[str, Any, Callable[[], Any] | None], ...]:
+    """Each field's default value or factory (the entities' factories take no arguments)."""
+    found: list[tuple[str, Any, Callable[[], Any] | None]] = []
+    for name, field in entity.model_fields.items():
+        if field.default_factory is not None:
+            found.append((name, None, typing.cast(Callable[[], Any], field.default_factory)))
+        elif not field.is_required():
+            found.append((name, field.default, None))
+    return tuple(found)
 
 
 @cache
