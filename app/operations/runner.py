@@ -25,7 +25,7 @@ from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
 from app.operations.service import count_child_finished, mark_unsent
 from app.operations.transitions import TERMINAL, move
 from app.queue.port import JobQueue
-from app.storage.protocol import Storage, UnitOfWork, Where
+from app.storage.protocol import Append, IfNull, Increment, Storage, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
 
@@ -201,66 +201,48 @@ class OperationRunner:
     async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:
         """Move a pending job to running under a fresh lease, or None if it is not pending.
 
-        A read and one conditional update, each committed by itself: the update applies only
-        if the job is still pending at the attempt count read, so of two deliveries of one
-        message exactly one claims it.
+        One conditional update, committed by itself: it applies only while the job is pending,
+        so of two deliveries of one message exactly one claims it.
         """
         now = utcnow()
+        token = uuid.uuid4().hex
         async with self.storage.unit_of_work(autocommit=True) as uow:
-            repo = uow.repo(Operation)
-            operation = await repo.get(operation_id)
-            if operation is None or operation.status != OperationStatus.PENDING:
-                return None
-            if operation.attempts >= operation.max_attempts:
-                await self._give_up_pending(operation_id)
-                return None
-            move(operation, OperationStatus.RUNNING)  # refuses what the table forbids
-            token = uuid.uuid4().hex
-            attempt = operation.attempts + 1
-            attempt_log = [
-                *operation.attempt_log,
-                {"attempt": attempt, "worker": self.worker_id, "started_at": now.isoformat()},
-            ]
-            claimed = await repo.update_where(
+            claimed = await uow.repo(Operation).update_where(
                 operation_id,
                 {
                     "status": OperationStatus.RUNNING,
-                    "attempts": attempt,
+                    "attempts": Increment(1),
                     "lease_owner": self.worker_id,
                     "lease_token": token,
                     "lease_expires_at": now + timedelta(seconds=self.timings.lease),
-                    "started_at": operation.started_at or now,
-                    "attempt_log": attempt_log,
+                    "started_at": IfNull(now),
+                    "attempt_log": Append(
+                        ({"worker": self.worker_id, "started_at": now.isoformat()},)
+                    ),
                 },
                 Where.eq("status", OperationStatus.PENDING),
-                Where.eq("attempts", operation.attempts),
             )
         if claimed is None:
-            return None  # another delivery claimed it first, or it was cancelled meanwhile
+            return None  # claimed by another delivery, finished, cancelled, or unknown
         claim = Claim(
             claimed.id,
             token,
-            attempt,
-            attempt_log=[dict(entry) for entry in attempt_log],
+            claimed.attempts,
+            attempt_log=[dict(entry) for entry in claimed.attempt_log],
             progress=dict(claimed.progress),
         )
+        if claimed.attempts > claimed.max_attempts:
+            # Pending jobs always have an attempt left (a failed attempt with none left fails
+            # the job); should one not, it fails here rather than run once too often.
+            await self._finish_failed(
+                claimed,
+                claim,
+                "max_attempts_exceeded",
+                f"gave up after {claimed.max_attempts} of {claimed.max_attempts} attempts: "
+                "out of attempts before it could run",
+            )
+            return None
         return claimed, claim
-
-    async def _give_up_pending(self, operation_id: str) -> None:
-        """Fail a pending job that has no attempt left (a send that outlived its attempts)."""
-        try:
-            async with self.storage.unit_of_work() as uow:
-                operation = await uow.repo(Operation).get(operation_id)
-                if (
-                    operation is None
-                    or operation.status != OperationStatus.PENDING
-                    or operation.attempts < operation.max_attempts
-                ):
-                    return
-                await self._exhaust(uow, operation, "out of attempts before it could run")
-                await uow.commit()
-        except StaleVersion:
-            return  # it changed meanwhile; whoever changed it decided its fate
 
     async def _heartbeat(self, claim: Claim, work: asyncio.Future[Any]) -> None:
         """Extend the lease while the handler runs; stop the handler if the job went away."""

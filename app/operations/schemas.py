@@ -65,7 +65,8 @@ class OperationRead(BaseModel):
             progress=op.progress,
             attempts=op.attempts,
             max_attempts=op.max_attempts,
-            attempt_log=op.attempt_log,
+            # Entries are numbered by their place: the first attempt is 1.
+            attempt_log=[{"attempt": n, **e} for n, e in enumerate(op.attempt_log, 1)],
             parent_id=op.parent_id,
             children=children,
             created_at=op.created_at,

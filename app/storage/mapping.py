@@ -21,6 +21,7 @@ from sqlmodel import SQLModel
 
 from app.core.errors import InvalidInput
 from app.storage.entity import Entity
+from app.storage.protocol import Append, IfNull, Increment
 
 E = TypeVar("E", bound=Entity)
 
@@ -201,7 +202,16 @@ def check_changes(entity: type[Entity], changes: typing.Mapping[str, Any]) -> di
         if name in (info.pk, *MANAGED_COLUMNS):
             raise ValueError(f"{info.kind}.{name} is kept by the storage, not changed directly")
         try:
-            checked[name] = _plain(_column_adapter(entity, name).validate_python(value))
+            if isinstance(value, Increment):
+                checked[name] = Increment(int(value.by))
+            elif isinstance(value, Append):
+                checked[name] = Append(tuple(value.items))
+            elif isinstance(value, IfNull):
+                checked[name] = IfNull(
+                    _plain(_column_adapter(entity, name).validate_python(value.value))
+                )
+            else:
+                checked[name] = _plain(_column_adapter(entity, name).validate_python(value))
         except pydantic.ValidationError as exc:
             raise InvalidInput(f"{info.kind}.{name}: {exc.errors()[0]['msg']}", param=name) from exc
     return checked

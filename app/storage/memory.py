@@ -35,7 +35,7 @@ from app.storage.mapping import (
     table_info,
     to_row,
 )
-from app.storage.protocol import E, Op, Page, Where
+from app.storage.protocol import E, Op, Page, Where, apply_change
 
 Row = dict[str, Any]
 
@@ -513,8 +513,8 @@ class MemoryRepository(Generic[E]):
             if current is None or not _matches(current, conds):
                 return None
             entity = self._load(current)
-            for name, value in checked.items():
-                setattr(entity, name, value)
+            for name, change in checked.items():
+                setattr(entity, name, apply_change(getattr(entity, name), change))
             row = self._dump(entity)
             self._rewrite(entity_id, row, current)
         return self._load(row)

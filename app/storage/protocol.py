@@ -80,6 +80,41 @@ class Page(Generic[E]):
     next_cursor: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """A change of `update_where`: add `by` to the column's current value."""
+
+    by: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """A change of `update_where`: append `items` to a JSON list column."""
+
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IfNull:
+    """A change of `update_where`: set the column to `value` only where it is null."""
+
+    value: Any
+
+
+Change = Increment | Append | IfNull
+
+
+def apply_change(current: Any, change: Any) -> Any:
+    """What a column holding `current` holds after `change` (a plain value replaces it)."""
+    if isinstance(change, Increment):
+        return current + change.by
+    if isinstance(change, Append):
+        return [*current, *change.items]
+    if isinstance(change, IfNull):
+        return change.value if current is None else current
+    return change
+
+
 class Repository(Protocol[E]):
     """Reads and writes of one entity type inside a unit of work; it never commits."""
 
@@ -114,6 +149,7 @@ class Repository(Protocol[E]):
 
         No read comes first and no version is compared: the conditions are the check (a job's
         lease token, say), so this is a compare-and-set the database does in one statement.
+        A change may be a value or an `Increment`, `Append` or `IfNull` of the current one.
         """
         ...
 

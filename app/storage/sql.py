@@ -41,7 +41,7 @@ from app.storage.mapping import (
     table_info,
     to_row,
 )
-from app.storage.protocol import E, Op, Page, Where
+from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Where
 
 
 def dsn(url: str) -> str:
@@ -479,6 +479,21 @@ def _after(keys: list[tuple[str, bool]], values: list[Any], params: dict[str, An
     return "(" + " OR ".join(alternatives) + ")"
 
 
+def _assignment(name: str, params: dict[str, Any]) -> str:
+    """`column = …` for one change of `update_where`, its operand left in `params`."""
+    column, change = _q(name), params[name]
+    if isinstance(change, Increment):
+        params[name] = change.by
+        return f"{column} = {column} + %({name})s"
+    if isinstance(change, Append):
+        params[name] = list(change.items)
+        return f"{column} = {column} || %({name})s::jsonb"
+    if isinstance(change, IfNull):
+        params[name] = change.value
+        return f"{column} = COALESCE({column}, %({name})s)"
+    return f"{column} = %({name})s"
+
+
 def _where(clauses: Sequence[str]) -> str:
     return f" WHERE {' AND '.join(clauses)}" if clauses else ""
 
@@ -536,7 +551,7 @@ class SqlRepository(Generic[E]):
         self, entity_id: Any, changes: Mapping[str, Any], *where: Where
     ) -> E | None:
         params = check_changes(self._type, changes)
-        sets = [f"{_q(name)} = %({name})s" for name in params]
+        sets = [_assignment(name, params) for name in list(params)]
         sets += ["version = version + 1", "updated_at = %(_now)s"]
         clauses = [f"{_q(self._info.pk)} = %(_key)s", *_conditions(self._info, where, params)]
         params.update(_key=entity_id, _now=utcnow())
