@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from app.access.deps import AdminDep, PrincipalDep, ServicesDep
 from app.access.service import Principal
@@ -31,8 +34,10 @@ from app.operations.entities import OperationKind
 from app.operations.service import Owner
 from app.services import Services
 from app.usage.entities import UsageType
-from app.usage.metering import UsageOutcome
+from app.usage.metering import Admission, UsageOutcome
 from app.usage.pricing import estimate_message_tokens
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["chat"])
 admin_router = APIRouter(prefix="/admin/chains", tags=["admin: chains"])
@@ -126,19 +131,29 @@ async def answer_directly(
     except BaseException as exc:
         await services.metering.fail(admission, exc)
         raise
-    await services.metering.settle(
-        admission,
-        UsageOutcome(
-            input_tokens=int(answer.usage.get("prompt_tokens") or 0),
-            output_tokens=int(answer.usage.get("completion_tokens") or 0),
-            model_id=answer.model_id,
-            cache_hit=answer.cache is not None and answer.cache.hit,
-            request_body=request,
-            response_body=answer.body,
-        ),
+    outcome = UsageOutcome(
+        input_tokens=int(answer.usage.get("prompt_tokens") or 0),
+        output_tokens=int(answer.usage.get("completion_tokens") or 0),
+        model_id=answer.model_id,
+        cache_hit=answer.cache is not None and answer.cache.hit,
+        request_body=request,
+        response_body=answer.body,
+        latency_ms=int((time.monotonic() - admission.started) * 1000),
     )
     cache_headers = answer.cache.headers() if answer.cache else {}
-    return _json(answer.body, answer.model_id, {**cache_headers, **admission.headers})
+    response = _json(answer.body, answer.model_id, {**cache_headers, **admission.headers})
+    # Settled once the answer is on its way: the reservation already holds the call's place in
+    # the limits and budgets, settling only corrects it, and the client need not wait on that.
+    response.background = BackgroundTask(_settle, services, admission, outcome)
+    return response
+
+
+async def _settle(services: Services, admission: Admission, outcome: UsageOutcome) -> None:
+    try:
+        await services.metering.settle(admission, outcome)
+    except Exception:
+        # The reservation stands (it expires with its window); the answer was delivered.
+        log.exception("settling a chat completion's usage failed")
 
 
 @router.post(

@@ -202,19 +202,40 @@ def check_changes(entity: type[Entity], changes: typing.Mapping[str, Any]) -> di
         if name in (info.pk, *MANAGED_COLUMNS):
             raise ValueError(f"{info.kind}.{name} is kept by the storage, not changed directly")
         try:
-            if isinstance(value, Increment):
-                checked[name] = Increment(int(value.by))
-            elif isinstance(value, Append):
-                checked[name] = Append(tuple(value.items))
-            elif isinstance(value, IfNull):
-                checked[name] = IfNull(
-                    _plain(_column_adapter(entity, name).validate_python(value.value))
-                )
-            else:
-                checked[name] = _plain(_column_adapter(entity, name).validate_python(value))
+            checked[name] = _checked_change(entity, info, name, value)
         except pydantic.ValidationError as exc:
-            raise InvalidInput(f"{info.kind}.{name}: {exc.errors()[0]['msg']}", param=name) from exc
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in (name, *first["loc"]) if p != "")
+            raise InvalidInput(f"{info.kind}.{where}: {first['msg']}", param=name) from exc
     return checked
+
+
+def _checked_change(entity: type[Entity], info: TableInfo, name: str, value: Any) -> Any:
+    adapter = _column_adapter(entity, name)
+    if isinstance(value, Increment):
+        column_type = info.table.c[name].type
+        if not isinstance(column_type, sa.Integer) or isinstance(value.by, bool):
+            raise InvalidInput(f"{info.kind}.{name} is not a number to increment", param=name)
+        if not isinstance(value.by, int):
+            raise InvalidInput(f"{info.kind}.{name}: increments are whole numbers", param=name)
+        return value
+    if isinstance(value, Append):
+        if name not in info.json_columns or _list_adapter(entity, name) is None:
+            raise InvalidInput(f"{info.kind}.{name} is not a list to append to", param=name)
+        items = _list_adapter(entity, name).validate_python(list(value.items))  # type: ignore[union-attr]
+        return Append(tuple(items))
+    if isinstance(value, IfNull):
+        return IfNull(_plain(adapter.validate_python(value.value)))
+    return _plain(adapter.validate_python(value))
+
+
+@cache
+def _list_adapter(entity: type[Entity], name: str) -> pydantic.TypeAdapter[Any] | None:
+    """The validator of a list column's items, as a list (None: not a list column)."""
+    annotation: Any = _row_model(entity).model_fields[name].annotation
+    if typing.get_origin(annotation) is not list:
+        return None
+    return pydantic.TypeAdapter(annotation)
 
 
 @cache

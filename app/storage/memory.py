@@ -473,7 +473,9 @@ class MemoryRepository(Generic[E]):
 
     async def _add_staged(self, entity: E) -> E:
         self._uow._usable()
-        row = self._dump(entity)
+        return self._stage_new(self._dump(entity))
+
+    def _stage_new(self, row: Row) -> E:
         key = row[self._info.pk]
         if self._uow._current(self._info, key) is not None:
             raise self._uow._fail(DuplicateKey(f"{self._info.kind} '{key}' already exists"))
@@ -483,11 +485,10 @@ class MemoryRepository(Generic[E]):
         return self._load(row)
 
     async def add_many(self, entities: Sequence[E]) -> list[E]:
-        added = []
+        self._uow._usable()
+        rows = [self._dump(entity) for entity in entities]  # an invalid one stages none
         with self._uow._write():  # in autocommit, all of them commit together or none does
-            for entity in entities:
-                added.append(await self._add_staged(entity))
-        return added
+            return [self._stage_new(row) for row in rows]
 
     async def update(self, entity: E) -> E:
         self._uow._usable()

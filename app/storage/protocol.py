@@ -82,14 +82,14 @@ class Page(Generic[E]):
 
 @dataclass(frozen=True, slots=True)
 class Increment:
-    """A change of `update_where`: add `by` to the column's current value."""
+    """A change of `update_where`: add `by` to an integer column's value (null counts as 0)."""
 
     by: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """A change of `update_where`: append `items` to a JSON list column."""
+    """A change of `update_where`: append `items` to a JSON list column (null counts as [])."""
 
     items: tuple[Any, ...]
 
@@ -107,9 +107,9 @@ Change = Increment | Append | IfNull
 def apply_change(current: Any, change: Any) -> Any:
     """What a column holding `current` holds after `change` (a plain value replaces it)."""
     if isinstance(change, Increment):
-        return current + change.by
+        return (current or 0) + change.by
     if isinstance(change, Append):
-        return [*current, *change.items]
+        return [*(current or ()), *change.items]
     if isinstance(change, IfNull):
         return change.value if current is None else current
     return change

@@ -177,6 +177,14 @@ _ARGUMENT = re.compile(r"query argument \$(\d+)")
 _ClientDataError = asyncpg.exceptions._base.DataError  # not the server's class-22 DataError
 
 
+def _refused_argument(exc: BaseException) -> bool:
+    """An argument the driver could not encode: nothing reached the server."""
+    return isinstance(exc, _ClientDataError) or (
+        isinstance(exc, asyncpg.PostgresError | _ClientDataError)
+        and _ARGUMENT.search(str(exc)) is not None
+    )
+
+
 def _translate(
     exc: Exception,
     info: TableInfo | None,
@@ -185,7 +193,7 @@ def _translate(
 ) -> DomainError:
     """Map a driver error to the domain error the memory backend raises for the same cause."""
     kind = info.kind if info is not None else "transaction"
-    if isinstance(exc, _ClientDataError):
+    if _refused_argument(exc):
         # Refused before it was sent: a value the column's type cannot carry (say, an integer
         # past 64 bits); the message names the argument.
         found = _ARGUMENT.search(str(exc))
@@ -328,7 +336,9 @@ class SqlUnitOfWork:
         params: Sequence[Mapping[str, Any]],
         names: Sequence[str] = (),
     ) -> DomainError:
-        self._failed = not self._autocommit  # a failed autocommit statement left nothing
+        # A failed statement aborts the transaction; one refused before it was sent does not,
+        # and a failed autocommit statement left nothing behind.
+        self._failed = not self._autocommit and not _refused_argument(exc)
         if isinstance(exc, TypeError | ValueError) and not isinstance(exc, _ClientDataError):
             # A JSON value the serializer refuses.
             return InvalidInput(f"{info.kind if info else 'query'}: {exc}")
@@ -484,10 +494,10 @@ def _assignment(name: str, params: dict[str, Any]) -> str:
     column, change = _q(name), params[name]
     if isinstance(change, Increment):
         params[name] = change.by
-        return f"{column} = {column} + %({name})s"
+        return f"{column} = COALESCE({column}, 0) + %({name})s"
     if isinstance(change, Append):
         params[name] = list(change.items)
-        return f"{column} = {column} || %({name})s::jsonb"
+        return f"{column} = COALESCE({column}, '[]'::jsonb) || %({name})s::jsonb"
     if isinstance(change, IfNull):
         params[name] = change.value
         return f"{column} = COALESCE({column}, %({name})s)"
@@ -525,14 +535,22 @@ class SqlRepository(Generic[E]):
     async def add(self, entity: E) -> E:
         row = to_row(entity)
         await self._uow._execute(self._sql.insert, row, self._info)
-        return from_row(self._type, row)
+        return self._copy(row)
+
+    def _copy(self, row: dict[str, Any]) -> E:
+        """The entity of a row just written, sharing no nested value with the caller's."""
+        copied = dict(row)
+        for name in self._info.json_columns:
+            if copied[name] is not None:
+                copied[name] = json_loads(json_dumps(copied[name]))
+        return from_row(self._type, copied)
 
     async def add_many(self, entities: Sequence[E]) -> list[E]:
         if not entities:
             return []
         rows = [to_row(e) for e in entities]
         await self._uow._execute_many(self._sql.insert, rows, self._info)
-        return [from_row(self._type, r) for r in rows]
+        return [self._copy(r) for r in rows]
 
     async def update(self, entity: E) -> E:
         row = to_row(entity)

@@ -8,20 +8,24 @@ each write by itself as it happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 
 from app.core.errors import DuplicateKey, InvalidInput, ReferenceViolation, StaleVersion
+from app.logs.entities import ExecutionLog
 from app.operations.entities import Operation, OperationStatus
 from app.storage.memory import MemoryStorage
 from app.storage.protocol import Storage, Where
 from app.storage.sql import SqlStorage, make_database
+from app.usage.entities import UsageRecord
 from tests.conftest import truncate_all
-from tests.factories import BASE_INSTANT, comparable
+from tests.factories import BASE_INSTANT, build, comparable
 from tests.storage.test_contract import add_ops, op
 
 PENDING = OperationStatus.PENDING
@@ -717,3 +721,361 @@ async def test_a_nul_in_a_change_or_a_condition_is_invalid_input_naming_the_colu
     assert in_change.value.param == "error_message"
     assert in_condition.value.param == "owner_key_id"
     assert (await current(postgres)).version == 1
+
+
+# ---- add_many ------------------------------------------------------------------------------
+
+
+def record(n: int, **overrides: Any) -> UsageRecord:
+    return build(UsageRecord, id=f"usage-{n:04d}", **overrides)
+
+
+def log(n: int, **overrides: Any) -> ExecutionLog:
+    return build(ExecutionLog, id=f"log-{n:04d}", **overrides)
+
+
+async def snapshot(storage: Storage) -> dict[str, dict[str, Any]]:
+    """Every stored operation's columns, by id."""
+    async with storage.unit_of_work() as uow:
+        page = await uow.repo(Operation).find()
+    return {o.id: comparable(o) for o in page.items}
+
+
+async def usage_ids(storage: Storage) -> list[str]:
+    async with storage.unit_of_work() as uow:
+        page = await uow.repo(UsageRecord).find()
+    return [r.id for r in page.items]
+
+
+async def test_add_many_stores_every_entity_and_returns_them_as_a_fresh_get_reads_them(
+    storage: Storage,
+) -> None:
+    operations = [
+        op(1, result={"answer": [1, 2.5, None]}, progress={"step": 1}, lease_token="t"),
+        op(2, result=None, owner_key_id="key-a", idempotency_key="k2"),
+        op(3, result="text", attempt_log=[{"n": 1}], lease_expires_at=BASE_INSTANT),
+    ]
+    records = [record(1), record(2, model_id=None, cost_micros=2**40)]
+    async with storage.unit_of_work() as uow:
+        added = await uow.repo(Operation).add_many(operations)
+        added_records = await uow.repo(UsageRecord).add_many(records)
+        await uow.commit()
+    assert [o.id for o in added] == ["op-0001", "op-0002", "op-0003"]
+    assert [r.id for r in added_records] == ["usage-0001", "usage-0002"]
+    async with storage.unit_of_work() as uow:
+        fresh = await uow.repo(Operation).get_many([o.id for o in added])
+        fresh_records = await uow.repo(UsageRecord).get_many([r.id for r in added_records])
+    returned: list[Operation | UsageRecord] = [*added, *added_records]
+    read: list[Operation | UsageRecord] = [*fresh, *fresh_records]
+    given: list[Operation | UsageRecord] = [*operations, *records]
+    assert len(read) == len(returned) == 5
+    for entity, again, original in zip(returned, read, given, strict=True):
+        assert comparable(entity) == comparable(again) == comparable(original)
+        for name, value in comparable(again).items():
+            assert type(value) is type(getattr(entity, name)), name
+
+
+async def test_add_many_returns_copies_that_share_nothing_with_what_it_was_given(
+    storage: Storage,
+) -> None:
+    given = op(1, input={"messages": [{"role": "user"}]}, result={"tags": ["a"]})
+    async with storage.unit_of_work() as uow:
+        (added,) = await uow.repo(Operation).add_many([given])
+        assert added is not given
+        given.input["messages"].append({"role": "caller"})
+        given.result["tags"].append("caller")
+        assert added.input == {"messages": [{"role": "user"}]}
+        assert added.result == {"tags": ["a"]}
+        added.input["messages"].append({"role": "returned"})
+        added.result["tags"].append("returned")
+        added.attempts = 99
+        await uow.commit()
+    after = await current(storage)
+    assert after.input == {"messages": [{"role": "user"}]}
+    assert after.result == {"tags": ["a"]}
+    assert after.attempts == 1
+
+
+async def test_add_many_in_a_normal_unit_is_invisible_to_others_until_commit(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work() as uow:
+        await uow.repo(Operation).add_many([op(2), op(3)])
+        await uow.repo(UsageRecord).add_many([record(1)])
+        assert await uow.repo(Operation).count() == 3  # the unit sees its own batch
+        assert await count(storage) == 1
+        assert await stored(storage, "op-0002") is None
+        assert await usage_ids(storage) == []
+        await uow.commit()
+    assert sorted(await snapshot(storage)) == ["op-0001", "op-0002", "op-0003"]
+    assert await usage_ids(storage) == ["usage-0001"]
+
+
+@pytest.mark.parametrize("ending", ["rollback", "left-without-commit"])
+async def test_a_unit_ended_without_commit_discards_every_batch_it_added(
+    storage: Storage, ending: str
+) -> None:
+    await add_ops(storage, [op(1)])
+    before = await snapshot(storage)
+    async with storage.unit_of_work() as uow:
+        await uow.repo(Operation).add_many([op(2), op(3)])
+        await uow.repo(UsageRecord).add_many([record(1), record(2)])
+        if ending == "rollback":
+            await uow.rollback()
+    assert await snapshot(storage) == before
+    assert await usage_ids(storage) == []
+
+
+def _taken_key() -> tuple[list[Operation], list[Operation]]:
+    return [op(1)], [op(2), op(1, attempts=4), op(3)]
+
+
+def _taken_key_first() -> tuple[list[Operation], list[Operation]]:
+    return [op(2)], [op(2, attempts=4), op(3), op(4)]
+
+
+def _key_twice_in_the_batch() -> tuple[list[Operation], list[Operation]]:
+    return [], [op(2), op(3), op(2, attempts=4)]
+
+
+def _taken_unique_key() -> tuple[list[Operation], list[Operation]]:
+    first = op(1, owner_key_id="key-a", idempotency_key="k1")
+    return [first], [op(2), op(3, owner_key_id="key-a", idempotency_key="k1"), op(4)]
+
+
+def _unique_key_twice_in_the_batch() -> tuple[list[Operation], list[Operation]]:
+    return [], [
+        op(2, owner_key_id="key-a", idempotency_key="k1"),
+        op(3),
+        op(4, owner_key_id="key-a", idempotency_key="k1"),
+    ]
+
+
+Batches = Callable[[], tuple[list[Operation], list[Operation]]]
+
+DUPLICATE_BATCHES: dict[str, Batches] = {
+    "taken-key": _taken_key,
+    "taken-key-first": _taken_key_first,
+    "key-twice-in-the-batch": _key_twice_in_the_batch,
+    "taken-unique-key": _taken_unique_key,
+    "unique-key-twice-in-the-batch": _unique_key_twice_in_the_batch,
+}
+
+
+@pytest.mark.parametrize("make", DUPLICATE_BATCHES.values(), ids=DUPLICATE_BATCHES.keys())
+async def test_a_batch_with_a_taken_key_is_a_conflict_and_none_of_it_is_stored(
+    storage: Storage, make: Batches
+) -> None:
+    existing, batch = make()
+    await add_ops(storage, existing)
+    before = await snapshot(storage)
+    async with storage.unit_of_work() as uow:
+        await uow.repo(UsageRecord).add_many([record(1)])
+        with pytest.raises(DuplicateKey):
+            await uow.repo(Operation).add_many(batch)
+        with pytest.raises(RuntimeError):  # the unit can only be rolled back now
+            await uow.repo(Operation).count()
+        await uow.rollback()
+    assert await snapshot(storage) == before
+    assert await usage_ids(storage) == []
+
+
+@pytest.mark.parametrize("make", DUPLICATE_BATCHES.values(), ids=DUPLICATE_BATCHES.keys())
+async def test_an_autocommit_batch_with_a_taken_key_stores_none_of_it_and_the_unit_goes_on(
+    storage: Storage, make: Batches
+) -> None:
+    existing, batch = make()
+    await add_ops(storage, existing)
+    before = await snapshot(storage)
+    async with storage.unit_of_work(autocommit=True) as uow:
+        repo = uow.repo(Operation)
+        with pytest.raises(DuplicateKey):
+            await repo.add_many(batch)
+        assert await snapshot(storage) == before
+        assert await repo.count() == len(existing)
+        later = await repo.add_many([op(7), op(8)])
+        assert [o.id for o in later] == ["op-0007", "op-0008"]
+        # Committed as it happened: others see the batch before the unit ends.
+        assert sorted(await snapshot(storage)) == sorted([*before, "op-0007", "op-0008"])
+    assert sorted(await snapshot(storage)) == sorted([*before, "op-0007", "op-0008"])
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
+async def test_add_many_of_nothing_returns_an_empty_list_and_writes_nothing(
+    storage: Storage, autocommit: bool
+) -> None:
+    await add_ops(storage, [op(1)])
+    before = await snapshot(storage)
+    async with storage.unit_of_work(autocommit=autocommit) as uow:
+        assert await uow.repo(Operation).add_many([]) == []
+        assert await uow.repo(UsageRecord).add_many([]) == []
+        assert await uow.repo(Operation).count() == 1
+        assert await snapshot(storage) == before
+        await uow.repo(Operation).add(op(2))  # the unit is as usable as before
+        await uow.commit()
+    assert sorted(await snapshot(storage)) == ["op-0001", "op-0002"]
+    assert await usage_ids(storage) == []
+
+
+INVALID_VALUES: dict[str, tuple[str, Any]] = {
+    "unknown-status": ("status", "exploded"),
+    "not-a-number": ("attempts", "many"),
+    "too-long": ("lease_token", "x" * 65),
+    "null-in-required": ("queue", None),
+    "not-an-instant": ("lease_expires_at", "soon-ish"),
+    "list-for-object": ("progress", [1, 2]),
+    "not-json": ("result", {"when": object()}),
+}
+
+
+def _batch_with_one_invalid(column: str, value: Any) -> list[Operation]:
+    bad = op(2)
+    setattr(bad, column, value)  # table models do not validate assignments
+    return [op(1), bad, op(3)]
+
+
+@pytest.mark.parametrize(("column", "value"), INVALID_VALUES.values(), ids=INVALID_VALUES.keys())
+async def test_an_invalid_value_in_a_batch_is_invalid_input_naming_the_column_and_adds_none(
+    storage: Storage, column: str, value: Any
+) -> None:
+    async with storage.unit_of_work() as uow:
+        with pytest.raises(InvalidInput) as refused:
+            await uow.repo(Operation).add_many(_batch_with_one_invalid(column, value))
+        # Whether or not the unit may still commit, the refused batch must not be part of it.
+        with contextlib.suppress(RuntimeError):
+            await uow.commit()
+    assert refused.value.param == column
+    assert await snapshot(storage) == {}
+
+
+@pytest.mark.parametrize(("column", "value"), INVALID_VALUES.values(), ids=INVALID_VALUES.keys())
+async def test_an_invalid_autocommit_batch_adds_none_and_the_unit_goes_on(
+    storage: Storage, column: str, value: Any
+) -> None:
+    async with storage.unit_of_work(autocommit=True) as uow:
+        repo = uow.repo(Operation)
+        with pytest.raises(InvalidInput) as refused:
+            await repo.add_many(_batch_with_one_invalid(column, value))
+        assert await snapshot(storage) == {}
+        await repo.add_many([op(4)])
+    assert refused.value.param == column
+    assert sorted(await snapshot(storage)) == ["op-0004"]
+
+
+# ---- JSON columns holding null -----------------------------------------------------------
+
+# Values that are there, however empty or false they look: none of them is null.
+PRESENT_JSON: list[Any] = [0, False, "", [], {}, [None], {"answer": None}, "null"]
+
+
+async def test_a_json_column_set_to_none_reads_back_as_none_however_it_was_written(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1, result=None), op(2, result={"a": 1}), op(3, result=[1])])
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        await repo.add_many([op(4, result=None), op(5, result=0), op(6, result=["x"])])
+        assert await repo.update_where("op-0002", {"result": None})
+        six = await repo.get("op-0006")
+        assert six is not None
+        six.result = None
+        await repo.update(six)
+        await uow.repo(ExecutionLog).add_many([log(1, output=None), log(2, output=False)])
+        await uow.commit()
+    async with storage.unit_of_work() as uow:
+        results = {o.id: o.result for o in (await uow.repo(Operation).find()).items}
+        outputs = {e.id: e.output for e in (await uow.repo(ExecutionLog).find()).items}
+    assert results == {
+        "op-0001": None,
+        "op-0002": None,
+        "op-0003": [1],
+        "op-0004": None,
+        "op-0005": 0,
+        "op-0006": None,
+    }
+    assert outputs == {"log-0001": None, "log-0002": False}
+
+
+async def test_is_null_on_a_json_column_selects_exactly_the_rows_without_a_value(
+    storage: Storage,
+) -> None:
+    present = [op(10 + i, result=value) for i, value in enumerate(PRESENT_JSON)]
+    await add_ops(storage, [op(1, result=None), op(2, result={"a": 1}), op(3), *present])
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        await repo.add_many([op(4, result=None), op(5, result=[])])
+        assert await repo.update_where("op-0002", {"result": None})  # had a value, now none
+        assert await repo.update_where("op-0003", {"result": 7})  # had none, now a value
+        await uow.repo(ExecutionLog).add_many([log(1, output=None), log(2, output=0)])
+        await uow.commit()
+    absent = ["op-0001", "op-0002", "op-0004"]
+    there = ["op-0003", "op-0005", *(o.id for o in present)]
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        assert [o.id for o in (await repo.find(Where.is_null("result"))).items] == absent
+        assert [o.id for o in (await repo.find(Where.is_null("result", False))).items] == there
+        assert await repo.count(Where.is_null("result")) == len(absent)
+        assert await repo.count(Where.is_null("result", False)) == len(there)
+        logs = uow.repo(ExecutionLog)
+        assert [e.id for e in (await logs.find(Where.is_null("output"))).items] == ["log-0001"]
+        assert [e.id for e in (await logs.find(Where.is_null("output", False))).items] == [
+            "log-0002"
+        ]
+        assert await repo.delete_where(Where.is_null("result")) == len(absent)
+        await uow.commit()
+    assert sorted(await snapshot(storage)) == sorted(there)
+
+
+@pytest.mark.postgres
+async def test_postgres_stores_a_json_none_as_sql_null_however_it_was_written(
+    postgres: SqlStorage, database_url: str
+) -> None:
+    await add_ops(postgres, [op(1, result=None), op(2, result={"a": 1}), op(3, result=0)])
+    async with postgres.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        await repo.add_many([op(4, result=None), op(5, result="null")])
+        assert await repo.update_where("op-0002", {"result": None})
+        three = await repo.get("op-0003")
+        assert three is not None
+        three.result = None
+        await repo.update(three)
+        await uow.commit()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, result IS NULL, jsonb_typeof(result) FROM operations ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        ("op-0001", True, None),
+        ("op-0002", True, None),
+        ("op-0003", True, None),
+        ("op-0004", True, None),
+        ("op-0005", False, "string"),
+    ]
+
+
+@pytest.mark.postgres
+async def test_postgres_reads_a_stored_json_null_as_null(
+    postgres: SqlStorage, database_url: str
+) -> None:
+    # Rows written before None was stored as SQL NULL hold a JSON null instead.
+    await add_ops(postgres, [op(1, result={"a": 1}), op(2, result=None), op(3, result=0)])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE operations SET result = 'null'::jsonb WHERE id = 'op-0001'")
+    assert (await current(postgres, "op-0001")).result is None
+    async with postgres.unit_of_work(autocommit=True) as uow:
+        repo = uow.repo(Operation)
+        assert [o.id for o in (await repo.find(Where.is_null("result"))).items] == [
+            "op-0001",
+            "op-0002",
+        ]
+        assert [o.id for o in (await repo.find(Where.is_null("result", False))).items] == [
+            "op-0003"
+        ]
+        assert await repo.count(Where.is_null("result")) == 2
+        assert (
+            await repo.update_where("op-0001", {"attempts": 4}, Where.is_null("result", False))
+            is None
+        )
+        written = await repo.update_where("op-0001", {"attempts": 4}, Where.is_null("result"))
+    assert written is not None and written.attempts == 4 and written.result is None
