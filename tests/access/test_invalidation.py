@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from app.access.entities import ApiKey, ApiKeyStatus
+from app.access.service import PREFIX_LENGTH
 from app.main import create_app
 from app.storage.sql import SqlStorage, make_database
 from tests.access.conftest import ADMIN, new_key, serve, services_of, settings
@@ -69,8 +70,13 @@ async def test_a_revoked_key_is_refused_by_the_other_process_within_a_second(
     key_id, headers = await new_key(first)
     # The creation's own announcement may arrive while the second reads the key, and then it
     # rightly declines to cache what it read; once it is in, the next read fills the cache.
-    await asyncio.sleep(0.2)
-    assert (await second.get("/v1/operations", headers=headers)).status_code == 200
+    prefix = headers["Authorization"].removeprefix("Bearer ")[:PREFIX_LENGTH]
+
+    async def cached_by_the_second() -> bool:
+        assert (await second.get("/v1/operations", headers=headers)).status_code == 200
+        return services_of(second).keys._cache.get(prefix) is not None
+
+    await eventually(cached_by_the_second, within=3.0)
     # The second process now answers from its cache: a change nobody announces goes unseen...
     storage = services_of(first).storage
     async with storage.unit_of_work() as uow:
