@@ -22,6 +22,7 @@ from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
 from app.queue.names import QUEUES
 from app.queue.port import JobQueue
+from app.storage.grouped import GroupInsert
 from app.storage.mapping import construct
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 
@@ -77,6 +78,7 @@ class OperationService:
     ) -> None:
         self._storage = storage
         self._queue = queue
+        self._inserts = GroupInsert(storage, Operation)
         self._max_attempts = max_attempts
         # Where `operation.cancelled` goes; set after construction when the sink itself
         # submits jobs through this service (webhook deliveries).
@@ -108,11 +110,8 @@ class OperationService:
         operation.idempotency_key = idempotency_key
         operation.request_hash = digest
         try:
-            # One insert is atomic by itself: no transaction around it.
-            async with self._storage.unit_of_work(autocommit=True) as uow:
-                await uow.repo(Operation).add(operation)
-                self._send_after_commit(uow, [operation])
-                await uow.commit()
+            # Grouped with concurrent submits: one statement, committed on its own.
+            await self._inserts.add(operation)
         except DuplicateKey:
             if idempotency_key is None:
                 raise
@@ -121,6 +120,7 @@ class OperationService:
             if existing is None:
                 raise
             return existing, False
+        await self._send([operation])
         return operation, True
 
     async def submit_parent(
@@ -206,16 +206,16 @@ class OperationService:
         )
 
     def _send_after_commit(self, uow: UnitOfWork, operations: list[Operation]) -> None:
-        async def send() -> None:
-            for operation in operations:
-                try:
-                    await self._queue.send(operation.id, OperationKind(operation.kind))
-                except Exception:
-                    # The job is committed: the sweeper sends it once the broker is back.
-                    log.warning("broker unreachable; job %s left for the sweeper", operation.id)
-                    await mark_unsent(self._storage, operation.id)
+        uow.on_commit(lambda: self._send(operations))
 
-        uow.on_commit(send)
+    async def _send(self, operations: list[Operation]) -> None:
+        """Send committed jobs; one the broker does not take is left for the sweeper."""
+        for operation in operations:
+            try:
+                await self._queue.send(operation.id, OperationKind(operation.kind))
+            except Exception:
+                log.warning("broker unreachable; job %s left for the sweeper", operation.id)
+                await mark_unsent(self._storage, operation.id)
 
     async def _find_idempotent(self, owner: Owner, key: str, digest: str) -> Operation | None:
         async with self._storage.unit_of_work() as uow:
