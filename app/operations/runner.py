@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 
 from app.core.clock import utcnow
-from app.core.errors import Cancelled, DomainError, RetryLater, StaleVersion, Transient
+from app.core.errors import (
+    Cancelled,
+    DomainError,
+    InvalidInput,
+    RetryLater,
+    StaleVersion,
+    Transient,
+)
 from app.core.events import EventSink
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
@@ -195,7 +202,18 @@ class OperationRunner:
             beat.cancel()
             if not work.done():
                 work.cancel()
-        await self._complete(operation, claim, result)
+        try:
+            await self._complete(operation, claim, result)
+        except InvalidInput as exc:
+            # A result the database refuses (a NUL character, say): running the job again
+            # would produce it again, so the job fails now rather than once per attempt.
+            log.warning("job %s: its result cannot be stored: %s", operation_id, exc.message)
+            await self._finish_failed(
+                operation,
+                claim,
+                "result_not_storable",
+                f"the result cannot be stored: {exc.message}",
+            )
         return True
 
     async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:

@@ -355,7 +355,7 @@ def decode_cursor(keys: list[tuple[str, bool]], cursor: str) -> list[Any]:
         payload = orjson.loads(base64.urlsafe_b64decode(padded))
         stored = [(str(n), bool(d)) for n, d in payload["k"]]
         values = [_decode_value(v) for v in payload["v"]]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, ArithmeticError) as exc:  # decimal.InvalidOperation
         raise InvalidInput("the pagination cursor is malformed", param="after") from exc
     if stored != keys or len(values) != len(keys):
         raise InvalidInput("the pagination cursor belongs to another ordering", param="after")

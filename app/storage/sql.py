@@ -86,17 +86,17 @@ class Database:
         self.connect_timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
+        self._closed = False
 
-    async def acquire(self) -> asyncpg.Connection:
+    async def acquire(self) -> tuple[asyncpg.Pool, asyncpg.Connection]:
+        """A connection, and the pool it must go back to."""
+        if self._closed:
+            raise Unavailable("the database pool is closed")
         pool = self._pool or await self._open()
         try:
-            return await pool.acquire(timeout=self.connect_timeout)
+            return pool, await pool.acquire(timeout=self.connect_timeout)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise Unavailable(f"database unreachable: {type(exc).__name__}") from exc
-
-    async def release(self, conn: asyncpg.Connection) -> None:
-        if self._pool is not None:
-            await self._pool.release(conn)
 
     async def _open(self) -> asyncpg.Pool:
         self._opening = self._opening or asyncio.Lock()
@@ -116,9 +116,14 @@ class Database:
             return self._pool
 
     async def close(self) -> None:
+        """Close every connection: those in use once they come back, within a few seconds."""
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+            except TimeoutError:
+                pool.terminate()
 
 
 def make_database(
@@ -130,6 +135,7 @@ def make_database(
     )
 
 
+CLOSE_SECONDS = 5.0
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -157,11 +163,18 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
+_CONDITION_PARAM = re.compile(r"_c\d+_(\w+)")
+
+
 def _column_of(name: str, info: TableInfo | None) -> str | None:
-    """The column a parameter stands for: named after it, conditions' as `status_1`."""
-    if name == "_key" and info is not None:
-        return info.pk
-    return name.strip("_").rstrip("0123456789").rstrip("_") or None
+    """The column a parameter stands for: values are named after their column, conditions'
+    as `_c<n>_<column>`, the key as `_key`; the others stand for none."""
+    if name == "_key":
+        return info.pk if info is not None else None
+    condition = _CONDITION_PARAM.fullmatch(name)
+    if condition is not None:
+        return condition.group(1)
+    return None if name.startswith("_") else name
 
 
 def _nul_param(params: Sequence[Mapping[str, Any]], info: TableInfo | None) -> str | None:
@@ -256,6 +269,7 @@ class SqlUnitOfWork:
         self._database = database
         self._autocommit = autocommit
         self._conn: asyncpg.Connection | None = None
+        self._pool: asyncpg.Pool | None = None
         self._in_transaction = False
         self._callbacks: list[Callable[[], Any]] = []
         self._failed = False
@@ -304,15 +318,21 @@ class SqlUnitOfWork:
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
+        pool, self._pool = self._pool, None
         self._in_transaction = False
-        if conn is None:
+        if conn is None or pool is None:
             return
-        if conn.is_in_transaction() and not conn.is_closed():
-            try:
+        # The pool's release is shielded and rolls back what is still open (asyncpg logs that
+        # as an error, so a unit ends its transaction itself first); the connection goes back
+        # whatever happens to this task meanwhile.
+        try:
+            if conn.is_in_transaction() and not conn.is_closed():
                 await conn.execute("ROLLBACK")
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                conn.terminate()  # the pool replaces it
-        await self._database.release(conn)
+        except BaseException:
+            conn.terminate()  # the pool replaces it
+            raise
+        finally:
+            await pool.release(conn)
 
     def _usable(self) -> None:
         if self._failed:
@@ -323,7 +343,8 @@ class SqlUnitOfWork:
     async def _connection(self, write: bool) -> asyncpg.Connection:
         conn = self._conn
         if conn is None:
-            conn = self._conn = await self._database.acquire()
+            self._pool, conn = await self._database.acquire()
+            self._conn = conn
         if write and not self._autocommit and not self._in_transaction:
             await conn.execute("BEGIN")
             self._in_transaction = True
@@ -386,7 +407,11 @@ class SqlUnitOfWork:
             conn = await self._connection(True)
             await conn.executemany(sql, [[row[n] for n in names] for row in rows])
         except _DRIVER_ERRORS as exc:
-            raise self._failure(exc, info, rows, names) from exc
+            error = self._failure(exc, info, rows, names)
+            # Rows are encoded as they are sent: inside a transaction, those before a refused
+            # one were written, so only a rollback leaves none of them.
+            self._failed = self._failed or self._in_transaction
+            raise error from exc
 
 
 _DRIVER_ERRORS = (
@@ -446,7 +471,7 @@ _COMPARE = {Op.EQ: "=", Op.NE: "<>", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE:
 
 
 def _conditions(info: TableInfo, where: Sequence[Where], params: dict[str, Any]) -> list[str]:
-    """SQL for each condition, its value added to `params` as `<column>_<n>`."""
+    """SQL for each condition, its value added to `params` as `_c<n>_<column>`."""
     clauses = []
     for cond in where:
         check_column(info, cond.field)
@@ -461,7 +486,7 @@ def _conditions(info: TableInfo, where: Sequence[Where], params: dict[str, Any])
         if cond.op is Op.IS_NULL:
             clauses.append(f"{column} IS NULL" if cond.value else f"{column} IS NOT NULL")
             continue
-        name = f"{cond.field}_{len(params) + 1}"
+        name = f"_c{len(params) + 1}_{cond.field}"  # never a column's own name
         if cond.op is Op.IN:
             values = [getattr(v, "value", v) for v in cond.value]
             if not values:
@@ -489,18 +514,24 @@ def _after(keys: list[tuple[str, bool]], values: list[Any], params: dict[str, An
     return "(" + " OR ".join(alternatives) + ")"
 
 
-def _assignment(name: str, params: dict[str, Any]) -> str:
+def _present(column: str, json: bool) -> str:
+    """The column's value, with a JSON null written by earlier versions read as SQL NULL."""
+    return f"NULLIF({column}, 'null'::jsonb)" if json else column
+
+
+def _assignment(info: TableInfo, name: str, params: dict[str, Any]) -> str:
     """`column = …` for one change of `update_where`, its operand left in `params`."""
     column, change = _q(name), params[name]
+    json = name in info.json_columns
     if isinstance(change, Increment):
         params[name] = change.by
         return f"{column} = COALESCE({column}, 0) + %({name})s"
     if isinstance(change, Append):
         params[name] = list(change.items)
-        return f"{column} = COALESCE({column}, '[]'::jsonb) || %({name})s::jsonb"
+        return f"{column} = COALESCE({_present(column, json)}, '[]'::jsonb) || %({name})s::jsonb"
     if isinstance(change, IfNull):
         params[name] = change.value
-        return f"{column} = COALESCE({column}, %({name})s)"
+        return f"{column} = COALESCE({_present(column, json)}, %({name})s)"
     return f"{column} = %({name})s"
 
 
@@ -569,7 +600,7 @@ class SqlRepository(Generic[E]):
         self, entity_id: Any, changes: Mapping[str, Any], *where: Where
     ) -> E | None:
         params = check_changes(self._type, changes)
-        sets = [_assignment(name, params) for name in list(params)]
+        sets = [_assignment(self._info, name, params) for name in list(params)]
         sets += ["version = version + 1", "updated_at = %(_now)s"]
         clauses = [f"{_q(self._info.pk)} = %(_key)s", *_conditions(self._info, where, params)]
         params.update(_key=entity_id, _now=utcnow())

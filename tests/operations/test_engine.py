@@ -247,6 +247,25 @@ async def test_permanent_failures_fail_at_once(
     assert stored.error_message == "messages[0].content is too long"
 
 
+async def test_a_result_that_cannot_be_stored_fails_the_job_once_instead_of_rerunning_it(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    runs: list[int] = []
+
+    async def unstorable(ctx: JobContext) -> dict[str, Any]:
+        runs.append(ctx.attempt)
+        return {"answer": object()}  # no JSON for it, on either backend
+
+    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
+    runner = runner_with(storage, queue, unstorable)
+    assert await runner.execute(operation.id)
+    stored = await load(storage, operation.id)
+    assert stored.status == OperationStatus.FAILED and stored.attempts == 1
+    assert stored.error_type == "result_not_storable"
+    assert stored.lease_token is None and stored.result is None
+    assert await runner.execute(operation.id) is False and runs == [1]
+
+
 async def test_unexpected_errors_do_not_leak_their_text(
     service: OperationService, queue: RecordingQueue, storage: Storage
 ) -> None:
