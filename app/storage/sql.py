@@ -229,7 +229,11 @@ def _translate(
                     f"{field}: text cannot contain NUL (\\u0000) characters", param=field
                 )
             return InvalidInput(f"{kind}: {detail}")
-        if state is not None and state.startswith(("08", "53", "57P")):
+        if state in ("40001", "40P01"):
+            # A serialization failure or a deadlock: the transaction lost to a concurrent one,
+            # as a stale version does, and whoever retries those retries this too.
+            return StaleVersion(kind, "*", 0)
+        if state is not None and state.startswith(("08", "53", "57")):
             return Unavailable(f"database unavailable: {type(exc).__name__}")
         raise exc
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
 
-from app.core.errors import InvalidInput, Unavailable
+from app.core.errors import InvalidInput, StaleVersion, Unavailable
 from app.operations.entities import Operation
 from app.storage.protocol import Append, IfNull
 from app.storage.sql import SqlStorage, make_database
@@ -107,3 +108,23 @@ async def _add(storage: SqlStorage, operation: Operation) -> None:
     async with storage.unit_of_work() as uow:
         await uow.repo(Operation).add(operation)
         await uow.commit()
+
+
+async def test_a_deadlock_is_a_stale_version_that_callers_retry(
+    storage: SqlStorage,
+) -> None:
+    await _add(storage, op(1))
+    await _add(storage, op(2))
+    first, second = storage.unit_of_work(), storage.unit_of_work()
+    for uow, key in ((first, "op-0001"), (second, "op-0002")):
+        await uow.repo(Operation).update_where(key, {"progress": {"by": key}})
+
+    async def cross(uow: Any, key: str) -> None:
+        await uow.repo(Operation).update_where(key, {"progress": {"crossed": True}})
+
+    outcomes = await asyncio.gather(
+        cross(first, "op-0002"), cross(second, "op-0001"), return_exceptions=True
+    )
+    for uow in (first, second):
+        await uow.rollback()
+    assert sum(isinstance(o, StaleVersion) for o in outcomes) == 1, outcomes
