@@ -195,38 +195,70 @@ def validate(entity: type[E], data: typing.Mapping[str, Any]) -> E:
 
 def check_changes(entity: type[Entity], changes: typing.Mapping[str, Any]) -> dict[str, Any]:
     """Validate some of an entity's columns as `to_row` validates them all; the stored values."""
-    info = table_info(entity)
+    columns = _changeable(entity)
     checked: dict[str, Any] = {}
     for name, value in changes.items():
-        check_column(info, name)
-        if name in (info.pk, *MANAGED_COLUMNS):
+        column = columns.get(name)
+        if column is None:
+            info = table_info(entity)
+            check_column(info, name)
             raise ValueError(f"{info.kind}.{name} is kept by the storage, not changed directly")
         try:
-            checked[name] = _checked_change(entity, info, name, value)
+            checked[name] = column.check(value)
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in (name, *first["loc"]) if p != "")
-            raise InvalidInput(f"{info.kind}.{where}: {first['msg']}", param=name) from exc
+            raise InvalidInput(f"{column.kind}.{where}: {first['msg']}", param=name) from exc
     return checked
 
 
-def _checked_change(entity: type[Entity], info: TableInfo, name: str, value: Any) -> Any:
-    adapter = _column_adapter(entity, name)
-    if isinstance(value, Increment):
-        column_type = info.table.c[name].type
-        if not isinstance(column_type, sa.Integer) or isinstance(value.by, bool):
-            raise InvalidInput(f"{info.kind}.{name} is not a number to increment", param=name)
-        if not isinstance(value.by, int):
-            raise InvalidInput(f"{info.kind}.{name}: increments are whole numbers", param=name)
-        return value
-    if isinstance(value, Append):
-        if name not in info.json_columns or _list_adapter(entity, name) is None:
-            raise InvalidInput(f"{info.kind}.{name} is not a list to append to", param=name)
-        items = _list_adapter(entity, name).validate_python(list(value.items))  # type: ignore[union-attr]
-        return Append(tuple(items))
-    if isinstance(value, IfNull):
-        return IfNull(_plain(adapter.validate_python(value.value)))
-    return _plain(adapter.validate_python(value))
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """How a change of one column is checked (built once per column)."""
+
+    kind: str
+    name: str
+    adapter: pydantic.TypeAdapter[Any]
+    integer: bool
+    items: pydantic.TypeAdapter[Any] | None  # a JSON list column's validator
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, Increment):
+            if not self.integer or isinstance(value.by, bool):
+                raise InvalidInput(
+                    f"{self.kind}.{self.name} is not a number to increment", param=self.name
+                )
+            if not isinstance(value.by, int):
+                raise InvalidInput(
+                    f"{self.kind}.{self.name}: increments are whole numbers", param=self.name
+                )
+            return value
+        if isinstance(value, Append):
+            if self.items is None:
+                raise InvalidInput(
+                    f"{self.kind}.{self.name} is not a list to append to", param=self.name
+                )
+            return Append(tuple(self.items.validate_python(list(value.items))))
+        if isinstance(value, IfNull):
+            return IfNull(_plain(self.adapter.validate_python(value.value)))
+        return _plain(self.adapter.validate_python(value))
+
+
+@cache
+def _changeable(entity: type[Entity]) -> dict[str, _Column]:
+    """The columns a change may name (not the key, nor what storage keeps itself)."""
+    info = table_info(entity)
+    return {
+        name: _Column(
+            kind=info.kind,
+            name=name,
+            adapter=_column_adapter(entity, name),
+            integer=isinstance(info.table.c[name].type, sa.Integer),
+            items=_list_adapter(entity, name) if name in info.json_columns else None,
+        )
+        for name in sorted(info.columns)
+        if name != info.pk and name not in MANAGED_COLUMNS
+    }
 
 
 @cache
