@@ -317,9 +317,12 @@ class OperationRunner:
             except StaleVersion:
                 continue
 
-    def _closed(self, claim: Claim, outcome: str, error: str | None = None) -> dict[str, Any]:
-        """The changes that end the claim's attempt: its log entry closed, the lease cleared."""
-        entries = [dict(entry) for entry in claim.attempt_log]
+    @staticmethod
+    def _closed(
+        attempt_log: list[dict[str, Any]], outcome: str, error: str | None = None
+    ) -> dict[str, Any]:
+        """The changes that end the current attempt: its log entry closed, the lease cleared."""
+        entries = [dict(entry) for entry in attempt_log]
         if entries:
             entries[-1].update(finished_at=utcnow().isoformat(), outcome=outcome)
             if error is not None:
@@ -331,20 +334,9 @@ class OperationRunner:
             "lease_expires_at": None,
         }
 
-    def _close_attempt(self, operation: Operation, outcome: str, error: str | None = None) -> None:
-        now = utcnow()
-        log_entries = [dict(entry) for entry in operation.attempt_log]
-        if log_entries:
-            log_entries[-1].update(finished_at=now.isoformat(), outcome=outcome)
-            if error is not None:
-                log_entries[-1]["error"] = error
-        operation.attempt_log = log_entries
-        operation.lease_owner = operation.lease_token = None
-        operation.lease_expires_at = None
-
     async def _complete(self, operation: Operation, claim: Claim, result: Any) -> bool:
         changes = {
-            **self._closed(claim, "completed"),
+            **self._closed(claim.attempt_log, "completed"),
             "status": OperationStatus.COMPLETED,
             "result": result,
             "error_type": None,
@@ -357,7 +349,8 @@ class OperationRunner:
     async def _finish_failed(
         self, operation: Operation, claim: Claim, error_type: str, message: str
     ) -> bool:
-        changes = {**self._closed(claim, "failed", message), **self._failed(error_type, message)}
+        closed = self._closed(claim.attempt_log, "failed", message)
+        changes = {**closed, **self._failed(error_type, message)}
         then = await self._aftermath(operation, OperationStatus.FAILED)
         return await self._finish(claim, changes, then)
 
@@ -366,7 +359,7 @@ class OperationRunner:
         transient = is_transient(exc)
         if not isinstance(exc, DomainError):
             log.warning("job %s attempt %d failed: %r", claim.operation_id, claim.attempt, exc)
-        closed = self._closed(claim, "failed", f"{error_type}: {message}")
+        closed = self._closed(claim.attempt_log, "failed", f"{error_type}: {message}")
         closed["attempt_log"][-1]["transient"] = transient
         if not transient or claim.attempt >= operation.max_attempts:
             if transient:
@@ -418,27 +411,24 @@ class OperationRunner:
         if not announce and operation.parent_id is None:
             return None
 
-        async def then(uow: UnitOfWork, written: Operation) -> None:
-            await emit_finished(self.events, uow, written)
-            if written.parent_id:
-                await count_child_finished(uow, written.parent_id, outcome, events=self.events)
+        return lambda uow, written: self._announce(uow, written, outcome)
 
-        return then
+    async def _announce(
+        self, uow: UnitOfWork, written: Operation, outcome: OperationStatus
+    ) -> None:
+        """Inside `uow`, with the job's outcome: its event, and its count on its parent."""
+        await emit_finished(self.events, uow, written)
+        if written.parent_id:
+            await count_child_finished(uow, written.parent_id, outcome, events=self.events)
 
     async def _fail(
         self, uow: UnitOfWork, operation: Operation, error_type: str, message: str
     ) -> None:
         move(operation, OperationStatus.FAILED)
-        operation.error_type, operation.error_message = error_type, message
-        operation.finished_at = utcnow()
-        operation.lease_owner = operation.lease_token = None
-        operation.lease_expires_at = None
-        await uow.repo(Operation).update(operation)
-        await emit_finished(self.events, uow, operation)
-        if operation.parent_id:
-            await count_child_finished(
-                uow, operation.parent_id, OperationStatus.FAILED, events=self.events
-            )
+        for name, value in self._failed(error_type, message).items():
+            setattr(operation, name, value)
+        written = await uow.repo(Operation).update(operation)
+        await self._announce(uow, written, OperationStatus.FAILED)
 
     async def _exhaust(self, uow: UnitOfWork, operation: Operation, why: str) -> None:
         await self._fail(
@@ -504,7 +494,9 @@ class OperationRunner:
                     ):
                         return None
                     worker = operation.lease_owner
-                    self._close_attempt(operation, "lost", f"worker {worker} stopped responding")
+                    lost = f"worker {worker} stopped responding"
+                    for name, value in self._closed(operation.attempt_log, "lost", lost).items():
+                        setattr(operation, name, value)
                     if operation.attempts >= operation.max_attempts:
                         await self._exhaust(uow, operation, "its worker kept disappearing")
                         await uow.commit()

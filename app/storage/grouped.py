@@ -2,25 +2,17 @@
 
 Each caller waits until its own entity is committed, as with a unit of work of its own, but
 callers that arrive while one round is being written are written by the next round in one
-statement. Under load a round carries many rows for the price of one statement and one commit;
-a lone caller is written at once.
+statement (`app.core.rounds`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Generic
 
 from app.core.errors import DomainError
+from app.core.rounds import Rounds
 from app.storage.protocol import E, Storage
-
-
-@dataclass(slots=True)
-class _Waiting(Generic[E]):
-    entity: E
-    done: asyncio.Future[BaseException | None]
 
 
 class GroupInsert(Generic[E]):
@@ -29,36 +21,11 @@ class GroupInsert(Generic[E]):
     def __init__(self, storage: Storage, entity_type: type[E]) -> None:
         self._storage = storage
         self._type = entity_type
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: list[_Waiting[E]] = []
-        self._writing = False
-        self._writer: asyncio.Task[None] | None = None
+        self._rounds: Rounds[E] = Rounds(self._insert)
 
     async def add(self, entity: E) -> None:
         """Insert `entity`; returns once it is committed, raises what its insert raised."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new event loop (tests, a restarted runtime)
-            self._loop, self._waiting, self._writing = loop, [], False
-        waiting = _Waiting(entity, loop.create_future())
-        self._waiting.append(waiting)
-        if not self._writing:
-            self._writing = True
-            self._writer = loop.create_task(self._write())
-        # Shielded: a caller that goes away does not take the others' round down with it.
-        failure = await asyncio.shield(waiting.done)
-        if failure is not None:
-            raise failure
-
-    async def _write(self) -> None:
-        try:
-            while self._waiting:
-                round_, self._waiting = self._waiting, []
-                failures = await self._insert([w.entity for w in round_])
-                for waiting, failure in zip(round_, failures, strict=True):
-                    if not waiting.done.done():
-                        waiting.done.set_result(failure)
-        finally:
-            self._writing = False
+        await self._rounds.submit(entity)
 
     async def _insert(self, entities: Sequence[E]) -> list[BaseException | None]:
         try:

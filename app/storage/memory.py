@@ -468,12 +468,10 @@ class MemoryRepository(Generic[E]):
         return [self._load(r) for r in rows if r is not None]
 
     async def add(self, entity: E) -> E:
-        with self._uow._write():
-            return await self._add_staged(entity)
-
-    async def _add_staged(self, entity: E) -> E:
         self._uow._usable()
-        return self._stage_new(self._dump(entity))
+        row = self._dump(entity)
+        with self._uow._write():
+            return self._stage_new(row)
 
     def _stage_new(self, row: Row) -> E:
         key = row[self._info.pk]

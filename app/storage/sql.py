@@ -439,7 +439,6 @@ def _q(name: str) -> str:
 class _Table:
     """One table's statement text, built once from its metadata."""
 
-    info: TableInfo
     names: tuple[str, ...]  # every column, in the order the statements select them
     select: str  # SELECT every column FROM the table
     get: str
@@ -457,17 +456,17 @@ def _table(info: TableInfo) -> _Table:
     columns = ", ".join(_q(n) for n in names)
     table, pk = _q(info.name), _q(info.pk)
     settable = [n for n in names if n not in (info.pk, "created_at")]
+    returning = f"RETURNING {columns}"
     return _Table(
-        info=info,
         names=names,
         select=f"SELECT {columns} FROM {table}",
         get=f"SELECT {columns} FROM {table} WHERE {pk} = %(_key)s",
         insert=(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(f'%({n})s' for n in names)})"),
         update=(
             f"UPDATE {table} SET {', '.join(f'{_q(n)} = %({n})s' for n in settable)} "
-            f"WHERE {pk} = %(_key)s AND version = %(_expected)s RETURNING {columns}"
+            f"WHERE {pk} = %(_key)s AND version = %(_expected)s {returning}"
         ),
-        returning=f"RETURNING {columns}",
+        returning=returning,
     )
 
 

@@ -161,23 +161,28 @@ async def test_a_body_over_the_limit_is_413_on_the_fast_path(client: httpx.Async
     assert response.json()["error"]["code"] == "request_too_large"
 
 
-async def test_concurrent_calls_after_the_route_expired_share_one_read(
-    services: Services, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    chat_service = services.chat
-    reads = 0
+def slow_route_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes every route read take 20 ms; the list of the names read."""
+    reads: list[str] = []
     original = ChatService._load_route
 
     async def slow_load(self: ChatService, name: str) -> tuple[Route, ModelKind]:
-        nonlocal reads
-        reads += 1
+        reads.append(name)
         await asyncio.sleep(0.02)
         return await original(self, name)
 
     monkeypatch.setattr(ChatService, "_load_route", slow_load)
+    return reads
+
+
+async def test_concurrent_calls_after_the_route_expired_share_one_read(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chat_service = services.chat
+    reads = slow_route_reads(monkeypatch)
     chat_service.invalidate()
     routes = await asyncio.gather(*(chat_service.resolve("mock") for _ in range(20)))
-    assert reads == 1
+    assert len(reads) == 1
     assert {route.name for route in routes} == {"mock"}
 
 
@@ -185,23 +190,14 @@ async def test_a_route_read_during_an_invalidation_is_not_kept(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     chat_service = services.chat
-    reads = 0
-    original = ChatService._load_route
-
-    async def slow_load(self: ChatService, name: str) -> tuple[Route, ModelKind]:
-        nonlocal reads
-        reads += 1
-        await asyncio.sleep(0.02)
-        return await original(self, name)
-
-    monkeypatch.setattr(ChatService, "_load_route", slow_load)
+    reads = slow_route_reads(monkeypatch)
     chat_service.invalidate()
     first = asyncio.ensure_future(chat_service.resolve("mock"))
     await asyncio.sleep(0.005)
     chat_service.invalidate("mock")  # the model changed while it was being read
     await first
     await chat_service.resolve("mock")
-    assert reads == 2
+    assert len(reads) == 2
 
 
 async def test_an_expired_route_is_served_while_it_reloads_and_dropped_when_gone(

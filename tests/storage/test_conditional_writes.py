@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -22,9 +22,8 @@ from app.logs.entities import ExecutionLog
 from app.operations.entities import Operation, OperationStatus
 from app.storage.memory import MemoryStorage
 from app.storage.protocol import Storage, Where
-from app.storage.sql import SqlStorage, make_database
+from app.storage.sql import SqlStorage
 from app.usage.entities import UsageRecord
-from tests.conftest import truncate_all
 from tests.factories import BASE_INSTANT, build, comparable
 from tests.storage.test_contract import add_ops, op
 
@@ -698,11 +697,8 @@ async def test_a_normal_unit_still_fails_whole_after_a_constraint(storage: Stora
 
 
 @pytest.fixture
-async def postgres(database_url: str) -> AsyncIterator[SqlStorage]:
-    truncate_all(database_url)
-    backend = SqlStorage(make_database(database_url, pool_size=2, max_overflow=0))
-    yield backend
-    await backend.close()
+def postgres(sql_storage: SqlStorage) -> SqlStorage:
+    return sql_storage
 
 
 @pytest.mark.postgres

@@ -3,25 +3,19 @@ never an unexpected error (the memory backend has no such limit)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from app.core.errors import InvalidInput
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.storage.protocol import Where
-from app.storage.sql import SqlStorage, make_database
-from tests.conftest import truncate_all
+from app.storage.sql import SqlStorage
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def storage(database_url: str) -> AsyncIterator[SqlStorage]:
-    truncate_all(database_url)
-    backend = SqlStorage(make_database(database_url, pool_size=2, max_overflow=0))
-    yield backend
-    await backend.close()
+def storage(sql_storage: SqlStorage) -> SqlStorage:
+    return sql_storage
 
 
 def operation(**overrides: object) -> Operation:

@@ -4,7 +4,6 @@ that are all or nothing even when the driver refuses a row halfway."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -21,11 +20,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def storage(database_url: str) -> AsyncIterator[SqlStorage]:
-    truncate_all(database_url)
-    backend = SqlStorage(make_database(database_url, pool_size=2, max_overflow=0))
-    yield backend
-    await backend.close()
+def storage(sql_storage: SqlStorage) -> SqlStorage:
+    return sql_storage
 
 
 async def count_rows(storage: SqlStorage) -> int:
