@@ -21,7 +21,7 @@ from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.redis import build_redis
 from app.credentials.router import admin_router as credentials_admin_router
 from app.gateway.chat import ensure_builtin_models
-from app.gateway.fastpath import ChatFastPath
+from app.gateway.fastpath import GatewayApp
 from app.gateway.router import admin_router as chains_admin_router
 from app.gateway.router import router as chat_router
 from app.logs.router import admin_router as logs_admin_router
@@ -95,17 +95,20 @@ def create_app(
                 log.warning("start-up bootstrap skipped: %s", exc.message)
             yield
 
-    app = FastAPI(
+    app = GatewayApp(
+        max_request_bytes=settings.MAX_REQUEST_BYTES,
         title="LLM Gateway",
         version=__version__,
         summary="One OpenAI-compatible API over many LLM providers, with durable jobs.",
         lifespan=lifespan,
+        # No OpenTelemetry export: without this, FastAPI asks the global OpenTelemetry
+        # providers whether they are configured on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     install_error_handlers(app)
-    # The last added runs first: ids are assigned before anything else can answer.
-    # Innermost: plain chat completions are answered here, after ids and the size limit.
-    app.add_middleware(ChatFastPath)
+    # The last added runs first: ids are assigned before anything else can answer. (Plain chat
+    # completions are answered in front of this stack, by `GatewayApp`, which does the same.)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(system_router)

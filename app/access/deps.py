@@ -25,14 +25,17 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
+def presented_key(authorization: str | None, api_key: str | None) -> str | None:
+    """The key or token a request presents: `Authorization: Bearer …`, else `X-API-Key`."""
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    key = request.headers.get("x-api-key")
-    return key.strip() if key else None
+    return api_key.strip() if api_key else None
+
+
+def _presented_key(request: Request) -> str | None:
+    return presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 async def get_principal(request: Request, services: ServicesDep) -> Principal:

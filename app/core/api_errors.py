@@ -195,13 +195,14 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this response is sent, so the server logs the error again;
     # this line is the one that carries the request id.
     request_id = getattr(request.state, "request_id", None)
-    logger.error(
-        "unhandled error on %s %s (request id %s)",
-        request.method,
-        request.url.path,
-        request_id,
-        exc_info=exc,
-    )
+    return unexpected_error_response(request.method, request.url.path, request_id, exc)
+
+
+def unexpected_error_response(
+    method: str, path: str, request_id: str | None, exc: Exception
+) -> JSONResponse:
+    """Logs a bug met while serving `method path` and answers the 500 that reports it."""
+    logger.error("unhandled error on %s %s (request id %s)", method, path, request_id, exc_info=exc)
     message = "The server had an error while processing your request."
     if request_id:
         message += f" Please include the request id {request_id} if you report it."

@@ -31,11 +31,20 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def sane_request_id(candidate: str) -> str | None:
+    """The caller's request id when it is safe to echo and log, else None."""
+    return candidate if _SANE_REQUEST_ID.fullmatch(candidate) else None
+
+
+def new_request_id() -> str:
+    # 128 random bits as hex, like a uuid4's, without building a UUID on every request.
+    return f"req_{os.urandom(16).hex()}"
+
+
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            return candidate if _SANE_REQUEST_ID.fullmatch(candidate) else None
+            return sane_request_id(value.decode("latin-1"))
     return None
 
 
@@ -49,8 +58,7 @@ class RequestIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        # 128 random bits as hex, like a uuid4's, without building a UUID on every request.
-        request_id = _incoming_request_id(scope) or f"req_{os.urandom(16).hex()}"
+        request_id = _incoming_request_id(scope) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
 

@@ -15,7 +15,7 @@ from app.gateway.router import answer_directly, submit_job
 from app.gateway.routing import Route
 from app.models.entities import Model, ModelKind
 from app.services import Services
-from tests.gateway.conftest import chat
+from tests.gateway.conftest import ADMIN, chat
 
 
 @pytest.fixture
@@ -159,6 +159,65 @@ async def test_a_body_over_the_limit_is_413_on_the_fast_path(client: httpx.Async
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_a_declared_body_over_the_limit_is_413_before_it_is_read(
+    client: httpx.AsyncClient, services: Services, answered: list[str]
+) -> None:
+    limit = services.settings.MAX_REQUEST_BYTES
+    response = await client.post(
+        "/v1/chat/completions",
+        content=b" " * (limit + 1),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert answered == []
+
+
+async def test_the_fast_path_echoes_a_sane_request_id_and_replaces_an_unsafe_one(
+    client: httpx.AsyncClient, answered: list[str]
+) -> None:
+    kept = await client.post(
+        "/v1/chat/completions", json=chat("mock"), headers={"x-request-id": "trace-42.a_b"}
+    )
+    assert kept.headers["x-request-id"] == "trace-42.a_b"
+    replaced = await client.post(
+        "/v1/chat/completions", json=chat("mock"), headers={"x-request-id": "bad id\n"}
+    )
+    assert replaced.headers["x-request-id"].startswith("req_")
+    assert answered == ["mock", "mock"]
+
+
+async def test_the_fast_path_takes_the_key_from_x_api_key(
+    client: httpx.AsyncClient, answered: list[str]
+) -> None:
+    response = await client.post(
+        "/v1/chat/completions",
+        json=chat("mock"),
+        headers={"authorization": "", "x-api-key": ADMIN},
+    )
+    assert response.status_code == 200, response.text
+    assert answered == ["mock"]
+
+
+async def test_a_bug_on_the_fast_path_is_a_logged_500_carrying_the_request_id(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fastpath, "answer_directly", broken)
+    response = await client.post(
+        "/v1/chat/completions", json=chat("mock"), headers={"x-request-id": "req-bug-1"}
+    )
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "api_error" and error["code"] == "internal_error"
+    assert "req-bug-1" in error["message"]
+    assert response.headers["x-request-id"] == "req-bug-1"
+    logged = [r for r in caplog.records if r.exc_info and "req-bug-1" in r.getMessage()]
+    assert len(logged) == 1
 
 
 def slow_route_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
