@@ -183,7 +183,7 @@ async def test_the_fast_path_echoes_a_sane_request_id_and_replaces_an_unsafe_one
     )
     assert kept.headers["x-request-id"] == "trace-42.a_b"
     replaced = await client.post(
-        "/v1/chat/completions", json=chat("mock"), headers={"x-request-id": "bad id\n"}
+        "/v1/chat/completions", json=chat("mock"), headers={"x-request-id": "bad id <x>"}
     )
     assert replaced.headers["x-request-id"].startswith("req_")
     assert answered == ["mock", "mock"]
