@@ -280,10 +280,10 @@ class OperationRunner:
     async def _write(self, claim: Claim, changes: dict[str, Any]) -> bool:
         """Write `changes` to the job while the claim holds; False if it no longer does."""
         async with self.storage.unit_of_work(autocommit=True) as uow:
-            written = await uow.repo(Operation).update_where(
+            written = await uow.repo(Operation).write_where(
                 claim.operation_id, changes, *claim.held()
             )
-        if written is None:
+        if not written:
             return False
         claim.held_at = time.monotonic()
         return True
@@ -301,7 +301,15 @@ class OperationRunner:
         """
         while True:
             try:
-                async with self.storage.unit_of_work(autocommit=then is None) as uow:
+                if then is None:
+                    async with self.storage.unit_of_work(autocommit=True) as uow:
+                        if await uow.repo(Operation).write_where(
+                            claim.operation_id, changes, *claim.held()
+                        ):
+                            return True
+                    log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
+                    return False
+                async with self.storage.unit_of_work() as uow:
                     written = await uow.repo(Operation).update_where(
                         claim.operation_id, changes, *claim.held()
                     )
@@ -310,8 +318,7 @@ class OperationRunner:
                             "job %s: outcome dropped, lease no longer held", claim.operation_id
                         )
                         return False
-                    if then is not None:
-                        await then(uow, written)
+                    await then(uow, written)
                     await uow.commit()
                     return True
             except StaleVersion:

@@ -471,22 +471,24 @@ class MemoryRepository(Generic[E]):
         self._uow._usable()
         row = self._dump(entity)
         with self._uow._write():
-            return self._stage_new(row)
+            return self._load(self._stage_new(row))
 
-    def _stage_new(self, row: Row) -> E:
+    def _stage_new(self, row: Row) -> Row:
         key = row[self._info.pk]
         if self._uow._current(self._info, key) is not None:
             raise self._uow._fail(DuplicateKey(f"{self._info.kind} '{key}' already exists"))
         self._uow._check_unique(self._info, row)
         self._uow._check_references(self._info, row)
         self._uow._stage(self._info, key, row, None)
-        return self._load(row)
+        return row
 
-    async def add_many(self, entities: Sequence[E]) -> list[E]:
+    async def add_many(self, entities: Sequence[E]) -> int:
         self._uow._usable()
         rows = [self._dump(entity) for entity in entities]  # an invalid one stages none
         with self._uow._write():  # in autocommit, all of them commit together or none does
-            return [self._stage_new(row) for row in rows]
+            for row in rows:
+                self._stage_new(row)
+        return len(rows)
 
     async def update(self, entity: E) -> E:
         self._uow._usable()
@@ -504,6 +506,15 @@ class MemoryRepository(Generic[E]):
     async def update_where(
         self, entity_id: Any, changes: Mapping[str, Any], *where: Where
     ) -> E | None:
+        row = self._write_where(entity_id, changes, where)
+        return None if row is None else self._load(row)
+
+    async def write_where(self, entity_id: Any, changes: Mapping[str, Any], *where: Where) -> bool:
+        return self._write_where(entity_id, changes, where) is not None
+
+    def _write_where(
+        self, entity_id: Any, changes: Mapping[str, Any], where: Sequence[Where]
+    ) -> Row | None:
         self._uow._usable()
         conds = _normalise(where, self._info)
         checked = check_changes(self._type, changes)  # refused whether or not a row matches
@@ -516,7 +527,7 @@ class MemoryRepository(Generic[E]):
                 setattr(entity, name, apply_change(getattr(entity, name), change))
             row = self._dump(entity)
             self._rewrite(entity_id, row, current)
-        return self._load(row)
+        return row
 
     def _rewrite(self, key: Any, row: Row, current: Row) -> None:
         row["version"] = current["version"] + 1

@@ -130,8 +130,12 @@ class Repository(Protocol[E]):
         """Insert a new entity; a taken unique key raises `DuplicateKey`."""
         ...
 
-    async def add_many(self, entities: Sequence[E]) -> list[E]:
-        """Insert new entities, all or (on a taken key) none of them, in one go."""
+    async def add_many(self, entities: Sequence[E]) -> int:
+        """Insert new entities, all or (on a taken key) none of them, in one go; how many.
+
+        Unlike `add`, nothing is read back: the caller keeps what it gave, and a later change
+        to it changes nothing stored.
+        """
         ...
 
     async def update(self, entity: E) -> E:
@@ -151,6 +155,11 @@ class Repository(Protocol[E]):
         lease token, say), so this is a compare-and-set the database does in one statement.
         A change may be a value or an `Increment`, `Append` or `IfNull` of the current one.
         """
+        ...
+
+    async def write_where(self, entity_id: Any, changes: Mapping[str, Any], *where: Where) -> bool:
+        """`update_where` for a caller that needs only to know whether the write applied: the
+        row written is not read back."""
         ...
 
     async def delete(self, entity_id: Any) -> bool:

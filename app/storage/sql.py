@@ -579,12 +579,12 @@ class SqlRepository(Generic[E]):
                 copied[name] = json_loads(json_dumps(copied[name]))
         return from_row(self._type, copied)
 
-    async def add_many(self, entities: Sequence[E]) -> list[E]:
+    async def add_many(self, entities: Sequence[E]) -> int:
         if not entities:
-            return []
+            return 0
         rows = [to_row(e) for e in entities]
         await self._uow._execute_many(self._sql.insert, rows, self._info)
-        return [self._copy(r) for r in rows]
+        return len(rows)
 
     async def update(self, entity: E) -> E:
         row = to_row(entity)
@@ -602,15 +602,25 @@ class SqlRepository(Generic[E]):
     async def update_where(
         self, entity_id: Any, changes: Mapping[str, Any], *where: Where
     ) -> E | None:
+        query, params = self._update_where(entity_id, changes, where)
+        query += f" {self._sql.returning}"
+        stored = await self._uow._fetch(query, params, self._info, write=True)
+        return self._entity(stored[0]) if stored else None
+
+    async def write_where(self, entity_id: Any, changes: Mapping[str, Any], *where: Where) -> bool:
+        query, params = self._update_where(entity_id, changes, where)
+        return await self._uow._execute(query, params, self._info) > 0
+
+    def _update_where(
+        self, entity_id: Any, changes: Mapping[str, Any], where: Sequence[Where]
+    ) -> tuple[str, dict[str, Any]]:
         params = check_changes(self._type, changes)
         sets = [_assignment(self._info, name, params) for name in list(params)]
         sets += ["version = version + 1", "updated_at = %(_now)s"]
         clauses = [f"{_q(self._info.pk)} = %(_key)s", *_conditions(self._info, where, params)]
         params.update(_key=entity_id, _now=utcnow())
-        query = f"UPDATE {_q(self._info.name)} SET {', '.join(sets)}"
-        query += f"{_where(clauses)} {self._sql.returning}"
-        stored = await self._uow._fetch(query, params, self._info, write=True)
-        return self._entity(stored[0]) if stored else None
+        query = f"UPDATE {_q(self._info.name)} SET {', '.join(sets)}{_where(clauses)}"
+        return query, params
 
     async def delete(self, entity_id: Any) -> bool:
         query = f"DELETE FROM {_q(self._info.name)} WHERE {_q(self._info.pk)} = %(_key)s"

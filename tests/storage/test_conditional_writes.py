@@ -21,7 +21,7 @@ from app.core.errors import DuplicateKey, InvalidInput, ReferenceViolation, Stal
 from app.logs.entities import ExecutionLog
 from app.operations.entities import Operation, OperationStatus
 from app.storage.memory import MemoryStorage
-from app.storage.protocol import Storage, Where
+from app.storage.protocol import Increment, Storage, Where
 from app.storage.sql import SqlStorage
 from app.usage.entities import UsageRecord
 from tests.factories import BASE_INSTANT, build, comparable
@@ -139,6 +139,42 @@ async def test_a_compare_and_set_succeeds_once_then_no_longer_matches(storage: S
     assert second is None
     after = await current(storage)
     assert after.lease_token == "a" and after.version == 2
+
+
+async def test_write_where_says_whether_it_wrote_and_writes_what_update_where_would(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1, attempts=0), op(2, attempts=0)])
+    async with storage.unit_of_work(autocommit=True) as uow:
+        repo = uow.repo(Operation)
+        assert await repo.write_where(
+            "op-0001",
+            {"status": RUNNING, "lease_token": "a", "attempts": Increment(1)},
+            Where.eq("status", PENDING),
+        )
+        assert not await repo.write_where(
+            "op-0001", {"status": RUNNING, "lease_token": "b"}, Where.eq("status", PENDING)
+        )
+        assert not await repo.write_where("op-9999", {"attempts": 3})
+        expected = await repo.update_where(
+            "op-0002",
+            {"status": RUNNING, "lease_token": "a", "attempts": Increment(1)},
+            Where.eq("status", PENDING),
+        )
+    written = await current(storage)
+    assert expected is not None
+    assert (written.status, written.lease_token, written.attempts) == (RUNNING, "a", 1)
+    assert written.version == expected.version == 2
+    assert await stored(storage, "op-9999") is None
+
+
+async def test_write_where_checks_its_changes_like_update_where(storage: Storage) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work(autocommit=True) as uow:
+        with pytest.raises(InvalidInput) as refused:
+            await uow.repo(Operation).write_where("op-0001", {"attempts": "many"})
+    assert refused.value.param == "attempts"
+    assert (await current(storage)).version == 1
 
 
 async def test_only_the_named_entity_is_written(storage: Storage) -> None:
@@ -743,7 +779,7 @@ async def usage_ids(storage: Storage) -> list[str]:
     return [r.id for r in page.items]
 
 
-async def test_add_many_stores_every_entity_and_returns_them_as_a_fresh_get_reads_them(
+async def test_add_many_stores_every_entity_as_a_fresh_get_reads_it_and_says_how_many(
     storage: Storage,
 ) -> None:
     operations = [
@@ -753,38 +789,28 @@ async def test_add_many_stores_every_entity_and_returns_them_as_a_fresh_get_read
     ]
     records = [record(1), record(2, model_id=None, cost_micros=2**40)]
     async with storage.unit_of_work() as uow:
-        added = await uow.repo(Operation).add_many(operations)
-        added_records = await uow.repo(UsageRecord).add_many(records)
+        assert await uow.repo(Operation).add_many(operations) == 3
+        assert await uow.repo(UsageRecord).add_many(records) == 2
         await uow.commit()
-    assert [o.id for o in added] == ["op-0001", "op-0002", "op-0003"]
-    assert [r.id for r in added_records] == ["usage-0001", "usage-0002"]
     async with storage.unit_of_work() as uow:
-        fresh = await uow.repo(Operation).get_many([o.id for o in added])
-        fresh_records = await uow.repo(UsageRecord).get_many([r.id for r in added_records])
-    returned: list[Operation | UsageRecord] = [*added, *added_records]
+        fresh = await uow.repo(Operation).get_many([o.id for o in operations])
+        fresh_records = await uow.repo(UsageRecord).get_many([r.id for r in records])
     read: list[Operation | UsageRecord] = [*fresh, *fresh_records]
     given: list[Operation | UsageRecord] = [*operations, *records]
-    assert len(read) == len(returned) == 5
-    for entity, again, original in zip(returned, read, given, strict=True):
-        assert comparable(entity) == comparable(again) == comparable(original)
+    assert len(read) == 5
+    for again, original in zip(read, given, strict=True):
+        assert comparable(again) == comparable(original)
         for name, value in comparable(again).items():
-            assert type(value) is type(getattr(entity, name)), name
+            assert type(value) is type(getattr(original, name)), name
 
 
-async def test_add_many_returns_copies_that_share_nothing_with_what_it_was_given(
-    storage: Storage,
-) -> None:
+async def test_what_add_many_was_given_stays_the_callers(storage: Storage) -> None:
     given = op(1, input={"messages": [{"role": "user"}]}, result={"tags": ["a"]})
     async with storage.unit_of_work() as uow:
-        (added,) = await uow.repo(Operation).add_many([given])
-        assert added is not given
+        await uow.repo(Operation).add_many([given])
         given.input["messages"].append({"role": "caller"})
         given.result["tags"].append("caller")
-        assert added.input == {"messages": [{"role": "user"}]}
-        assert added.result == {"tags": ["a"]}
-        added.input["messages"].append({"role": "returned"})
-        added.result["tags"].append("returned")
-        added.attempts = 99
+        given.attempts = 99
         await uow.commit()
     after = await current(storage)
     assert after.input == {"messages": [{"role": "user"}]}
@@ -890,22 +916,21 @@ async def test_an_autocommit_batch_with_a_taken_key_stores_none_of_it_and_the_un
             await repo.add_many(batch)
         assert await snapshot(storage) == before
         assert await repo.count() == len(existing)
-        later = await repo.add_many([op(7), op(8)])
-        assert [o.id for o in later] == ["op-0007", "op-0008"]
+        assert await repo.add_many([op(7), op(8)]) == 2
         # Committed as it happened: others see the batch before the unit ends.
         assert sorted(await snapshot(storage)) == sorted([*before, "op-0007", "op-0008"])
     assert sorted(await snapshot(storage)) == sorted([*before, "op-0007", "op-0008"])
 
 
 @pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
-async def test_add_many_of_nothing_returns_an_empty_list_and_writes_nothing(
+async def test_add_many_of_nothing_returns_zero_and_writes_nothing(
     storage: Storage, autocommit: bool
 ) -> None:
     await add_ops(storage, [op(1)])
     before = await snapshot(storage)
     async with storage.unit_of_work(autocommit=autocommit) as uow:
-        assert await uow.repo(Operation).add_many([]) == []
-        assert await uow.repo(UsageRecord).add_many([]) == []
+        assert await uow.repo(Operation).add_many([]) == 0
+        assert await uow.repo(UsageRecord).add_many([]) == 0
         assert await uow.repo(Operation).count() == 1
         assert await snapshot(storage) == before
         await uow.repo(Operation).add(op(2))  # the unit is as usable as before
