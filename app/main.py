@@ -20,8 +20,8 @@ from app.core.errors import Unavailable
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.redis import build_redis
 from app.credentials.router import admin_router as credentials_admin_router
+from app.fastpath import GatewayApp
 from app.gateway.chat import ensure_builtin_models
-from app.gateway.fastpath import GatewayApp
 from app.gateway.router import admin_router as chains_admin_router
 from app.gateway.router import router as chat_router
 from app.logs.router import admin_router as logs_admin_router

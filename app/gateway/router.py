@@ -172,7 +172,7 @@ async def chat_completions(
     cache_control: str | None = Header(default=None, max_length=200),
 ) -> Any:
     """A chat completion, streamed with `stream: true`; with `?async=true`, a job to poll."""
-    # Plain direct calls rarely get here: `ChatFastPath` answers them through `answer_directly`.
+    # Plain direct calls rarely get here: `app.fastpath` answers them through `answer_directly`.
     principal.ensure_can_call(request.model, request.messages)
     control = CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
     if not run_async:

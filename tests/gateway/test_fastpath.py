@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-import app.gateway.fastpath as fastpath
+import app.fastpath as fastpath
 from app.core.errors import NotFound
 from app.gateway.chat import ChatService
 from app.gateway.router import answer_directly, submit_job
@@ -280,3 +280,60 @@ async def test_an_expired_route_is_served_while_it_reloads_and_dropped_when_gone
     await asyncio.sleep(0.05)
     with pytest.raises(NotFound):
         await chat_service.resolve("mock")
+
+
+@pytest.fixture
+def polled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
+    """The operation ids and waits of the polls the fast path answered itself."""
+    calls: list[tuple[str, float]] = []
+    original = fastpath.poll_response
+
+    async def recording(services: Any, principal: Any, operation_id: str, wait: float) -> Any:
+        calls.append((operation_id, wait))
+        return await original(services, principal, operation_id, wait)
+
+    monkeypatch.setattr(fastpath, "poll_response", recording)
+    return calls
+
+
+async def test_a_poll_is_answered_by_the_fast_path_as_the_route_answers_it(
+    client: httpx.AsyncClient, polled: list[tuple[str, float]]
+) -> None:
+    submitted = await client.post("/v1/chat/completions?async=true", json=chat("mock"))
+    op_id = submitted.json()["operation_id"]
+    plain = await client.get(f"/v1/operations/{op_id}", headers={"x-request-id": "poll-1"})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["id"] == op_id and plain.json()["status"] == "pending"
+    assert plain.headers["x-request-id"] == "poll-1"
+    waited = await client.get(f"/v1/operations/{op_id}?wait=0.05")
+    assert waited.status_code == 200 and waited.json()["id"] == op_id
+    unknown = await client.get("/v1/operations/op-00000000-0000-4000-8000-000000000000")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["type"] == "not_found_error"
+    malformed = await client.get("/v1/operations/not-an-id")
+    assert malformed.status_code == 400
+    anonymous = await client.get(f"/v1/operations/{op_id}", headers={"authorization": ""})
+    assert anonymous.status_code == 401
+    assert polled == [
+        (op_id, 0.0),
+        (op_id, 0.05),
+        ("op-00000000-0000-4000-8000-000000000000", 0.0),
+        ("not-an-id", 0.0),
+    ]
+
+
+async def test_polls_with_other_queries_go_to_the_route(
+    client: httpx.AsyncClient, polled: list[tuple[str, float]]
+) -> None:
+    submitted = await client.post("/v1/chat/completions?async=true", json=chat("mock"))
+    op_id = submitted.json()["operation_id"]
+    negative = await client.get(f"/v1/operations/{op_id}?wait=-1")
+    assert negative.status_code == 400
+    assert negative.json()["error"]["param"] == "wait"
+    spelled = await client.get(f"/v1/operations/{op_id}?wait=1e-2")
+    assert spelled.status_code == 200 and spelled.json()["id"] == op_id
+    extra = await client.get(f"/v1/operations/{op_id}?wait=0&verbose=1")
+    assert extra.status_code == 200
+    nested = await client.get(f"/v1/operations/{op_id}/children")
+    assert nested.status_code == 404
+    assert polled == []

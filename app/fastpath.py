@@ -1,21 +1,22 @@
-"""Plain chat completions answered in front of FastAPI's middleware stack.
+"""The two hot routes answered in front of FastAPI's middleware stack.
 
-Almost all traffic is `POST /v1/chat/completions` with a valid JSON body, and no query string
-or just `?async=true`. For those, the middleware stack, route matching over every route,
-dependency solving and body validation through FastAPI cost about as much as the gateway's own
-work, so `GatewayApp` hands them to `ChatFastPath` before any of it runs. The fast path does
-what the stack would have done for such a request (a request id, the body size limit, the
-OpenAI error bodies, a logged 500 for a bug), validates the body with the same model,
-authenticates with the same service and calls the same `answer_directly` or `submit_job` the
-route calls. Everything else — a body that does not validate or is too large, another query
-string, an `Idempotency-Key` on a direct call, an oversized header — goes on to the FastAPI
-stack untouched (the body already read is replayed), so its errors and documentation stay in
-one place.
+Almost all traffic is `POST /v1/chat/completions` with a valid JSON body (no query string, or
+just `?async=true`) and `GET /v1/operations/{id}` (with at most `?wait=N`). For those, the
+middleware stack, route matching over every route and dependency solving cost about as much
+as the gateway's own work, so `GatewayApp` hands them to `FastPaths` before any of it runs.
+A fast path does what the stack would have done for such a request (a request id, the body
+size limit, the OpenAI error bodies, a logged 500 for a bug), validates the same way,
+authenticates with the same service and calls the same function the route calls
+(`answer_directly`, `submit_job`, `poll_response`). Everything else — a body that does not
+validate or is too large, another query string, an `Idempotency-Key` on a direct call, an
+oversized header — goes on to the FastAPI stack untouched (the body already read is
+replayed), so its errors and documentation stay in one place.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,18 +27,23 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.access.deps import presented_key
+from app.access.service import Principal
 from app.core.api_errors import domain_error_response, unexpected_error_response
 from app.core.errors import DomainError, Unauthenticated
 from app.core.middleware import REQUEST_ID_HEADER, new_request_id, request_id_var, sane_request_id
 from app.gateway.cache import CacheControl
 from app.gateway.router import answer_directly, submit_job
 from app.gateway.schemas import ChatCompletionRequest
+from app.operations.router import poll_response
 from app.services import Services
 
 log = logging.getLogger(__name__)
 
 PATH = "/v1/chat/completions"
 ASYNC_QUERY = b"async=true"
+POLL_PREFIX = "/v1/operations/"
+# `?wait=N` in plain decimal; anything else (a sign, an exponent, "nan") is FastAPI's to judge.
+_PLAIN_WAIT = re.compile(rb"wait=(\d{1,6}(?:\.\d{1,6})?)")
 # The route's header limits: longer values go to FastAPI, which answers them with a 400.
 _MAX_CACHE_CONTROL = 200
 _MAX_IDEMPOTENCY_KEY = 255
@@ -90,6 +96,18 @@ def _fast_head(scope: Scope, job: bool) -> _Head | None:
     return _Head(content_length, cache_control, idempotency_key, request_id, authorization, api_key)
 
 
+def _poll_head(scope: Scope) -> _Head:
+    request_id = authorization = api_key = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1")
+        elif name == b"x-request-id":
+            request_id = sane_request_id(value.decode("latin-1"))
+    return _Head(request_id=request_id, authorization=authorization, api_key=api_key)
+
+
 def _replay(
     chunks: list[bytes], end: Message | None, receive: Receive
 ) -> Callable[[], Awaitable[Message]]:
@@ -110,15 +128,19 @@ def _replay(
     return replayed
 
 
-class ChatFastPath:
-    """Answers plain chat completions; hands every other request to `stack` (FastAPI's)."""
+Produce = Callable[[Services, Principal], Awaitable[Response]]
+
+
+class FastPaths:
+    """Answers the hot routes' plain requests; hands every other one to `stack` (FastAPI's)."""
 
     def __init__(self, app: FastAPI, stack: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.stack = stack
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`POST /v1/chat/completions`, answered directly or as a job."""
         query = scope.get("query_string")
         job = query == ASYNC_QUERY
         head = _fast_head(scope, job) if job or not query else None
@@ -149,24 +171,41 @@ class ChatFastPath:
             # The stack names the field in its 400 (or answers 401 first without a key).
             await self.stack(scope, _replay(chunks, None, receive), send)
             return
+
+        async def produce(services: Services, principal: Principal) -> Response:
+            if job:
+                return await submit_job(
+                    request, principal, services, head.cache_control, head.idempotency_key
+                )
+            control = CacheControl.parse(head.cache_control)
+            return await answer_directly(request, principal, services, control)
+
+        await self._answer(scope, receive, send, head, produce)
+
+    async def poll(self, scope: Scope, receive: Receive, send: Send, operation_id: str) -> None:
+        """`GET /v1/operations/{id}`, with at most `?wait=N`."""
+        query = scope.get("query_string")
+        wait = 0.0
+        if query:
+            plain = _PLAIN_WAIT.fullmatch(query)
+            if plain is None:
+                await self.stack(scope, receive, send)
+                return
+            wait = float(plain.group(1))
+
+        async def produce(services: Services, principal: Principal) -> Response:
+            return await poll_response(services, principal, operation_id, wait)
+
+        await self._answer(scope, receive, send, _poll_head(scope), produce)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, head: _Head, produce: Produce
+    ) -> None:
+        """Authenticate, produce the response and send it, as the stack would around a route."""
+        method, path = scope["method"], scope["path"]
         request_id = head.request_id or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
-        try:
-            await self._answer(scope, receive, send, request, head, job, request_id)
-        finally:
-            request_id_var.reset(token)
-
-    async def _answer(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request: ChatCompletionRequest,
-        head: _Head,
-        job: bool,
-        request_id: str,
-    ) -> None:
         id_header = (_REQUEST_ID_HEADER, request_id.encode())
         started = False
 
@@ -183,16 +222,9 @@ class ChatFastPath:
                 secret = presented_key(head.authorization, head.api_key)
                 if secret is None:
                     raise Unauthenticated(MISSING_KEY)
-                principal = await services.keys.authenticate(secret)
-                if job:
-                    response = await submit_job(
-                        request, principal, services, head.cache_control, head.idempotency_key
-                    )
-                else:
-                    control = CacheControl.parse(head.cache_control)
-                    response = await answer_directly(request, principal, services, control)
+                response = await produce(services, await services.keys.authenticate(secret))
             except DomainError as exc:
-                response = domain_error_response(exc, "POST", PATH)
+                response = domain_error_response(exc, method, path)
             if isinstance(response, StreamingResponse):
                 await response(scope, receive, send_with_id)
                 return
@@ -203,10 +235,14 @@ class ChatFastPath:
         except Exception as exc:
             # What the stack's last-resort handler does: logged once, with the request id.
             if started:
-                log.exception("error on POST %s once answering (request id %s)", PATH, request_id)
+                log.exception(
+                    "error on %s %s once answering (request id %s)", method, path, request_id
+                )
                 return
-            error = unexpected_error_response("POST", PATH, request_id, exc)
+            error = unexpected_error_response(method, path, request_id, exc)
             await _send_plain(error, send, None)
+        finally:
+            request_id_var.reset(token)
 
 
 async def _send_plain(response: Response, send: Send, extra: tuple[bytes, bytes] | None) -> None:
@@ -216,15 +252,24 @@ async def _send_plain(response: Response, send: Send, extra: tuple[bytes, bytes]
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with plain chat completions answered by `ChatFastPath` in front of its stack."""
+    """FastAPI, with the hot routes' plain requests answered by `FastPaths` in front of its
+    stack."""
 
     def __init__(self, *, max_request_bytes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.fast_path = ChatFastPath(self, super().__call__, max_request_bytes)
+        self.fast_paths = FastPaths(self, super().__call__, max_request_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
-            scope["app"] = self
-            await self.fast_path(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == PATH and scope["method"] == "POST":
+                scope["app"] = self
+                await self.fast_paths.chat(scope, receive, send)
+                return
+            if path.startswith(POLL_PREFIX) and scope["method"] == "GET":
+                operation_id = path[len(POLL_PREFIX) :]
+                if operation_id and "/" not in operation_id:
+                    scope["app"] = self
+                    await self.fast_paths.poll(scope, receive, send, operation_id)
+                    return
         await super().__call__(scope, receive, send)
