@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from app.access.deps import AdminDep, PrincipalDep, ServicesDep
@@ -211,11 +211,12 @@ async def submit_job(
         # The worker applies the same cache policy as a direct call would.
         meta={"cache_control": cache_control} if cache_control else None,
     )
-    body = OperationAccepted(operation_id=operation.id, status=operation.status.value)
+    # The shape of `OperationAccepted`, built directly: this is the route jobs are submitted on.
+    body = {"operation_id": operation.id, "status": operation.status.value}
     headers = {"Location": f"/v1/operations/{operation.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(body.model_dump(), status_code=202, headers=headers)
+    return Response(orjson.dumps(body), 202, headers, media_type="application/json")
 
 
 @router.post("/v1/embeddings", tags=["embeddings"], responses=_ERRORS)

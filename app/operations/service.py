@@ -106,9 +106,9 @@ class OperationService:
             existing = await self._find_idempotent(owner, idempotency_key, digest)
             if existing is not None:
                 return existing, False
-        operation = self._new(kind, input, owner, max_attempts, meta)
-        operation.idempotency_key = idempotency_key
-        operation.request_hash = digest
+        operation = self._new(
+            kind, input, owner, max_attempts, meta, idempotency_key=idempotency_key, digest=digest
+        )
         try:
             # Grouped with concurrent submits: one statement, committed on its own.
             await self._inserts.add(operation)
@@ -185,6 +185,9 @@ class OperationService:
         owner: Owner,
         max_attempts: int | None,
         meta: dict[str, Any] | None,
+        *,
+        idempotency_key: str | None = None,
+        digest: str | None = None,
     ) -> Operation:
         now = utcnow()
         return construct(
@@ -201,6 +204,8 @@ class OperationService:
             enqueued_at=now,
             send_count=1,
             meta=meta or {},
+            idempotency_key=idempotency_key,
+            request_hash=digest,
             created_at=now,
             updated_at=now,
         )
