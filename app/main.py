@@ -15,6 +15,7 @@ from app.access.router import auth_router
 from app.access.teams import ADMIN_TEAM_ID
 from app.batches.router import router as batches_router
 from app.config import Settings
+from app.core import heap
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -93,6 +94,8 @@ def create_app(
             except Unavailable as exc:
                 # Start anyway: /ready reports the database, and requests fail clearly meanwhile.
                 log.warning("start-up bootstrap skipped: %s", exc.message)
+            if settings.GC_SETTLE:
+                heap.settle()
             yield
 
     app = GatewayApp(

@@ -11,6 +11,10 @@ import redis
 
 from app.storage.protocol import Storage
 
+# A test process builds many apps: freezing the heap at each start-up (`app.core.heap`) would
+# keep every earlier app's reference cycles for the rest of the session.
+os.environ.setdefault("GC_SETTLE", "false")
+
 # One database per test session, so two sessions on one server never disturb each other.
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:5432/gateway_test_{os.getpid()}"

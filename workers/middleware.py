@@ -13,6 +13,7 @@ from typing import Any
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 
+from app.core import heap
 from app.gateway.chat import ensure_builtin_models
 from workers import runtime
 
@@ -50,6 +51,8 @@ class Periodic(dramatiq.Middleware):
             await runtime.get_runtime().periodic.run_forever(self._stop)
 
         self._future = asyncio.run_coroutine_threadsafe(run(), thread.loop)
+        if runtime.settings().GC_SETTLE:
+            heap.settle()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         thread = get_event_loop_thread()
