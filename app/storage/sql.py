@@ -1,5 +1,5 @@
-"""The PostgreSQL backend: SQL built once per table from the SQLModel metadata, run on an
-asyncpg connection pool.
+"""The PostgreSQL backend: SQL built once per table from the SQLModel metadata, run on asyncpg
+connections from `app.storage.pool`.
 
 SQLAlchemy describes the tables (and Alembic migrates them); statements do not go through its
 execution layer, which cost about twice the CPU of the driver itself on every statement.
@@ -7,7 +7,6 @@ execution layer, which cost about twice the CPU of the driver itself on every st
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ from app.storage.mapping import (
     table_info,
     to_row,
 )
+from app.storage.pool import ConnectionPool
 from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Where
 
 
@@ -57,6 +57,10 @@ def dsn(url: str) -> str:
     raise ValueError(f"not a PostgreSQL URL: {url.split('@')[-1]}")
 
 
+# Connections free for this long are closed: a quiet process holds few.
+IDLE_LIFETIME = 60.0
+
+
 async def _prepare(conn: asyncpg.Connection) -> None:
     """Every pooled connection: JSON through orjson, both ways."""
     for name in ("jsonb", "json"):
@@ -65,13 +69,8 @@ async def _prepare(conn: asyncpg.Connection) -> None:
         )
 
 
-async def _reset(conn: asyncpg.Connection) -> None:
-    """Nothing to reset on release: units of work end their transactions themselves, and no
-    other session state is ever set (asyncpg's default reset costs a round trip per release)."""
-
-
 class Database:
-    """A pool of connections to one database, opened in the event loop that first uses it."""
+    """The connections to one database, opened in the event loop that first uses them."""
 
     def __init__(
         self,
@@ -80,50 +79,43 @@ class Database:
         pool_size: int = 10,
         max_overflow: int = 10,
         connect_timeout: float = 5.0,
+        idle_lifetime: float = IDLE_LIFETIME,
     ) -> None:
         self.dsn = dsn(url)
         self.max_size = pool_size + max_overflow
         self.connect_timeout = connect_timeout
-        self._pool: asyncpg.Pool | None = None
-        self._opening: asyncio.Lock | None = None
-        self._closed = False
+        self._pool = ConnectionPool(
+            self._connect,
+            max_size=self.max_size,
+            timeout=connect_timeout,
+            idle_lifetime=idle_lifetime,
+        )
 
-    async def acquire(self) -> tuple[asyncpg.Pool, asyncpg.Connection]:
-        """A connection, and the pool it must go back to."""
-        if self._closed:
-            raise Unavailable("the database pool is closed")
-        pool = self._pool or await self._open()
+    @property
+    def pool(self) -> ConnectionPool:
+        return self._pool
+
+    async def acquire(self) -> asyncpg.Connection:
+        """A connection; give it back with `release`."""
+        return await self._pool.acquire()
+
+    def release(self, conn: asyncpg.Connection) -> None:
+        self._pool.release(conn)
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.dsn, timeout=self.connect_timeout, server_settings={"timezone": "UTC"}
+        )
         try:
-            return pool, await pool.acquire(timeout=self.connect_timeout)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise Unavailable(f"database unreachable: {type(exc).__name__}") from exc
-
-    async def _open(self) -> asyncpg.Pool:
-        self._opening = self._opening or asyncio.Lock()
-        async with self._opening:
-            if self._pool is None:
-                self._pool = asyncpg.create_pool(
-                    self.dsn,
-                    min_size=0,
-                    max_size=self.max_size,
-                    max_inactive_connection_lifetime=60.0,
-                    init=_prepare,
-                    reset=_reset,
-                    timeout=self.connect_timeout,
-                    server_settings={"timezone": "UTC"},
-                )
-                await self._pool  # min_size=0: opens nothing yet, checks nothing either
-            return self._pool
+            await _prepare(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     async def close(self) -> None:
         """Close every connection: those in use once they come back, within a few seconds."""
-        self._closed = True
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
-            except TimeoutError:
-                pool.terminate()
+        await self._pool.close()
 
 
 def make_database(
@@ -135,7 +127,6 @@ def make_database(
     )
 
 
-CLOSE_SECONDS = 5.0
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -273,7 +264,6 @@ class SqlUnitOfWork:
         self._database = database
         self._autocommit = autocommit
         self._conn: asyncpg.Connection | None = None
-        self._pool: asyncpg.Pool | None = None
         self._in_transaction = False
         self._callbacks: list[Callable[[], Any]] = []
         self._failed = False
@@ -322,21 +312,19 @@ class SqlUnitOfWork:
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
-        pool, self._pool = self._pool, None
         self._in_transaction = False
-        if conn is None or pool is None:
+        if conn is None:
             return
-        # The pool's release is shielded and rolls back what is still open (asyncpg logs that
-        # as an error, so a unit ends its transaction itself first); the connection goes back
-        # whatever happens to this task meanwhile.
+        # A unit that leaves with its transaction open (an error, a cancellation) rolls it back;
+        # a connection that cannot is closed, and the pool opens another when one is needed.
         try:
             if conn.is_in_transaction() and not conn.is_closed():
                 await conn.execute("ROLLBACK")
         except BaseException:
-            conn.terminate()  # the pool replaces it
+            conn.terminate()
             raise
         finally:
-            await pool.release(conn)
+            self._database.release(conn)
 
     def _usable(self) -> None:
         if self._failed:
@@ -347,7 +335,7 @@ class SqlUnitOfWork:
     async def _connection(self, write: bool) -> asyncpg.Connection:
         conn = self._conn
         if conn is None:
-            self._pool, conn = await self._database.acquire()
+            conn = await self._database.acquire()
             self._conn = conn
         if write and not self._autocommit and not self._in_transaction:
             await conn.execute("BEGIN")

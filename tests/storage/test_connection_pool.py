@@ -1,0 +1,127 @@
+"""The PostgreSQL connection pool: callers queue for a connection when all are taken, broken
+and idle connections are replaced or closed, and nothing handed out is ever lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.core.errors import Unavailable
+from app.storage.sql import Database
+
+pytestmark = pytest.mark.postgres
+
+CLOSED_PORT_DB = "postgresql://postgres@127.0.0.1:1/x"
+
+
+@pytest.fixture
+async def one(database_url: str) -> AsyncIterator[Database]:
+    """A database of one connection at most, that waits half a second for one."""
+    database = Database(database_url, pool_size=1, max_overflow=0, connect_timeout=0.5)
+    yield database
+    await database.close()
+
+
+async def backend_pid(database: Database) -> int:
+    conn = await database.acquire()
+    try:
+        pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+        return pid
+    finally:
+        database.release(conn)
+
+
+async def test_a_connection_given_back_is_reused_without_opening_another(one: Database) -> None:
+    first = await backend_pid(one)
+    assert await backend_pid(one) == first
+    assert (one.pool.size, one.pool.free) == (1, 1)
+
+
+async def test_a_caller_waits_for_a_connection_when_all_are_taken(one: Database) -> None:
+    held = await one.acquire()
+    waiting = asyncio.create_task(one.acquire())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    one.release(held)
+    assert await asyncio.wait_for(waiting, 1) is held
+    one.release(held)
+    assert one.pool.size == 1
+
+
+async def test_a_caller_that_waits_too_long_is_told_the_database_is_unavailable(
+    one: Database,
+) -> None:
+    held = await one.acquire()
+    with pytest.raises(Unavailable, match="TimeoutError"):
+        await one.acquire()
+    one.release(held)
+    assert await backend_pid(one) > 0  # the pool still works
+
+
+async def test_a_caller_cancelled_as_it_is_handed_a_connection_gives_it_back(
+    one: Database,
+) -> None:
+    held = await one.acquire()
+    waiting = asyncio.create_task(one.acquire())
+    await asyncio.sleep(0.05)
+    one.release(held)  # handed to the waiter, which is cancelled before it resumes
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (one.pool.size, one.pool.free) == (1, 1)
+    assert await backend_pid(one) > 0
+
+
+async def test_a_connection_that_broke_in_use_is_replaced_by_a_new_one(one: Database) -> None:
+    conn = await one.acquire()
+    broken = await conn.fetchval("SELECT pg_backend_pid()")
+    waiting = asyncio.create_task(one.acquire())
+    await asyncio.sleep(0.05)
+    conn.terminate()
+    one.release(conn)  # the waiter is told a slot is free and opens a connection of its own
+    fresh = await asyncio.wait_for(waiting, 2)
+    assert await fresh.fetchval("SELECT pg_backend_pid()") != broken
+    one.release(fresh)
+    assert one.pool.size == 1
+
+
+async def test_connections_free_past_their_idle_lifetime_are_closed(database_url: str) -> None:
+    database = Database(database_url, pool_size=2, max_overflow=0, idle_lifetime=0.2)
+    try:
+        first, second = await database.acquire(), await database.acquire()
+        database.release(first)
+        database.release(second)
+        assert database.pool.size == 2
+        await asyncio.sleep(0.5)
+        assert (database.pool.size, database.pool.free) == (0, 0)
+        assert first.is_closed() and second.is_closed()
+        assert await backend_pid(database) > 0  # opened again on demand
+    finally:
+        await database.close()
+
+
+async def test_a_failed_connect_frees_its_slot(database_url: str) -> None:
+    database = Database(CLOSED_PORT_DB, pool_size=1, max_overflow=0, connect_timeout=1)
+    try:
+        for _ in range(2):  # the second attempt has the slot the first gave back
+            with pytest.raises(Unavailable, match="unreachable"):
+                await database.acquire()
+        assert database.pool.size == 0
+    finally:
+        await database.close()
+
+
+async def test_close_waits_for_connections_in_use_and_refuses_new_callers(
+    one: Database,
+) -> None:
+    conn = await one.acquire()
+    closing = asyncio.create_task(one.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    with pytest.raises(Unavailable, match="closed"):
+        await one.acquire()
+    one.release(conn)
+    await asyncio.wait_for(closing, 2)
+    assert conn.is_closed() and one.pool.size == 0
