@@ -71,8 +71,7 @@ class ConnectionPool:
                 return await self._open()
             handed = await self._wait()
             if handed is not None:
-                self._busy.add(handed)
-                return handed
+                return handed  # marked busy when it was handed over
             # A slot came free (a connection was dropped): go round and open one.
 
     def release(self, conn: asyncpg.Connection) -> None:
@@ -83,12 +82,9 @@ class ConnectionPool:
         if self._closed or conn.is_closed():
             self._drop(conn)
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._busy.add(conn)
-                waiter.set_result(conn)
-                return
+        if self._hand(conn):
+            self._busy.add(conn)
+            return
         self._free.append((conn, time.monotonic()))
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self.idle_lifetime, self._expire)
@@ -105,9 +101,7 @@ class ConnectionPool:
             if not waiter.done():
                 waiter.set_exception(Unavailable("the database pool is closed"))
         free, self._free = self._free, []
-        for conn, _ in free:
-            self._size -= 1
-            self._close_later(conn)
+        self._retire(free)
         if self._busy:
             self._all_back = asyncio.Event()
             try:
@@ -152,7 +146,6 @@ class ConnectionPool:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 handed = waiter.result()
                 if handed is not None:
-                    self._busy.add(handed)
                     self.release(handed)
                 else:
                     self._pass_slot()
@@ -172,11 +165,21 @@ class ConnectionPool:
         self._pass_slot()
 
     def _pass_slot(self) -> None:
+        self._hand(None)
+
+    def _hand(self, handed: asyncpg.Connection | None) -> bool:
+        """Give the first caller still waiting a connection (or a free slot, None)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(handed)
+                return True
+        return False
+
+    def _retire(self, free: list[tuple[asyncpg.Connection, float]]) -> None:
+        for conn, _ in free:
+            self._size -= 1
+            self._close_later(conn)
 
     def _close_later(self, conn: asyncpg.Connection) -> None:
         task = asyncio.get_running_loop().create_task(_close(conn))
@@ -191,9 +194,7 @@ class ConnectionPool:
         while stale < len(self._free) and self._free[stale][1] <= cutoff:
             stale += 1
         expired, self._free = self._free[:stale], self._free[stale:]
-        for conn, _ in expired:
-            self._size -= 1
-            self._close_later(conn)
+        self._retire(expired)
         if self._free:
             wait = self._free[0][1] + self.idle_lifetime - time.monotonic()
             self._expiry = asyncio.get_running_loop().call_later(max(wait, 0.1), self._expire)

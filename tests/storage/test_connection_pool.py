@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from app.core.errors import Unavailable
@@ -33,6 +34,14 @@ async def backend_pid(database: Database) -> int:
         database.release(conn)
 
 
+async def queued(database: Database) -> asyncio.Task[asyncpg.Connection]:
+    """A caller that asked for a connection and is waiting for one."""
+    waiting = asyncio.create_task(database.acquire())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    return waiting
+
+
 async def test_a_connection_given_back_is_reused_without_opening_another(one: Database) -> None:
     first = await backend_pid(one)
     assert await backend_pid(one) == first
@@ -41,9 +50,7 @@ async def test_a_connection_given_back_is_reused_without_opening_another(one: Da
 
 async def test_a_caller_waits_for_a_connection_when_all_are_taken(one: Database) -> None:
     held = await one.acquire()
-    waiting = asyncio.create_task(one.acquire())
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
+    waiting = await queued(one)
     one.release(held)
     assert await asyncio.wait_for(waiting, 1) is held
     one.release(held)
@@ -64,8 +71,7 @@ async def test_a_caller_cancelled_as_it_is_handed_a_connection_gives_it_back(
     one: Database,
 ) -> None:
     held = await one.acquire()
-    waiting = asyncio.create_task(one.acquire())
-    await asyncio.sleep(0.05)
+    waiting = await queued(one)
     one.release(held)  # handed to the waiter, which is cancelled before it resumes
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -77,8 +83,7 @@ async def test_a_caller_cancelled_as_it_is_handed_a_connection_gives_it_back(
 async def test_a_connection_that_broke_in_use_is_replaced_by_a_new_one(one: Database) -> None:
     conn = await one.acquire()
     broken = await conn.fetchval("SELECT pg_backend_pid()")
-    waiting = asyncio.create_task(one.acquire())
-    await asyncio.sleep(0.05)
+    waiting = await queued(one)
     conn.terminate()
     one.release(conn)  # the waiter is told a slot is free and opens a connection of its own
     fresh = await asyncio.wait_for(waiting, 2)
