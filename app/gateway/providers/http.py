@@ -1,4 +1,9 @@
-"""One pooled aiohttp session per upstream origin, and the request helpers the adapters share."""
+"""The upstream HTTP clients and the request helpers the adapters share.
+
+A plain JSON call goes through `H1Client` (app/gateway/providers/h1.py), which costs a sixth
+of aiohttp's CPU per request; streamed answers go through one pooled aiohttp session per
+upstream origin.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +23,28 @@ from app.gateway.providers.base import (
     timeout_error,
     upstream_error,
 )
+from app.gateway.providers.h1 import H1Client
 
 
 class HttpPool:
-    """Keeps one connection pool per upstream origin, so calls reuse warm connections."""
+    """Keeps connection pools per upstream origin, so calls reuse warm connections."""
 
-    def __init__(self, *, max_connections: int = 100) -> None:
+    def __init__(self, *, max_connections: int = 100, keepalive: float = 30.0) -> None:
         self._max_connections = max_connections
+        self._keepalive = keepalive
         self._sessions: dict[str, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, H1Client] = {}
+
+    def client(self) -> H1Client:
+        """The JSON-call client of the running event loop (a connection belongs to its loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for old in [old for old in self._clients if old.is_closed()]:
+                del self._clients[old]
+            client = H1Client(max_connections=self._max_connections, keepalive=self._keepalive)
+            self._clients[loop] = client
+        return client
 
     def session(self, url: str) -> aiohttp.ClientSession:
         parts = urlsplit(url)
@@ -37,15 +56,18 @@ class HttpPool:
         if held is not None and held[0] is loop and not held[1].closed:
             return held[1]
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=30
+            limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=self._keepalive
         )
         session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
         self._sessions[origin] = (loop, session)
         return session
 
     async def close(self) -> None:
-        sessions, self._sessions = self._sessions, {}
         loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            client.close()
+        sessions, self._sessions = self._sessions, {}
         for owner, session in sessions.values():
             if owner is loop:
                 await session.close()
@@ -55,22 +77,24 @@ async def post_json(
     pool: HttpPool, upstream: Upstream, url: str, headers: dict[str, str], payload: JSON
 ) -> JSON:
     """POST `payload` and return the JSON answer; errors become domain errors."""
-    timeout = aiohttp.ClientTimeout(total=upstream.timeout, sock_connect=upstream.connect_timeout)
     try:
-        async with pool.session(url).post(
-            url, data=orjson.dumps(payload), headers=headers, timeout=timeout
-        ) as response:
-            raw = await response.read()
-            if response.status >= 400:
-                raise upstream_error(
-                    upstream, response.status, raw, response.headers.get("retry-after")
-                )
+        response = await pool.client().post(
+            url,
+            {"content-type": "application/json", **headers},
+            orjson.dumps(payload),
+            total=upstream.timeout,
+            connect_timeout=upstream.connect_timeout,
+        )
     except TimeoutError as exc:
         raise timeout_error(upstream) from exc
-    except aiohttp.ClientError as exc:
+    except (OSError, ValueError) as exc:  # ConnectionError is an OSError
         raise connection_error(upstream, exc) from exc
+    if response.status >= 400:
+        raise upstream_error(
+            upstream, response.status, response.body, response.headers.get("retry-after")
+        )
     try:
-        body: Any = orjson.loads(raw)
+        body: Any = orjson.loads(response.body)
     except orjson.JSONDecodeError as exc:
         raise upstream_error(upstream, 502, b"") from exc
     if not isinstance(body, dict):
