@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import NoScriptError, RedisError
@@ -49,7 +49,7 @@ from app.models.entities import Model
 from app.storage.protocol import Storage
 from app.usage.budgets import BudgetService, applies, committed_usage, counter_key, counter_ttl
 from app.usage.entities import Budget, UsageStatus, UsageType
-from app.usage.limits import MINUTE, RateLimits
+from app.usage.limits import DAY, MINUTE, RateLimits
 from app.usage.pricing import model_cost_micros
 from app.usage.recorder import AccountingBuffer
 
@@ -108,6 +108,7 @@ end
 return 1
 """
 
+_NO_LIMITS = RateLimits()
 _REBUILD_ATTEMPTS = 3
 # How long corrections wait for an admission to carry them. Under load one always comes
 # sooner; a lone caller's next call usually does too, which saves a Redis call per call.
@@ -301,6 +302,14 @@ class Metering:
         self._admit_script = redis.register_script(_ADMIT)
         self._adjust_script = redis.register_script(_ADJUST)
         self._limits = _Expiring(options.cache_seconds)
+        self._parsed: dict[int, tuple[Mapping[str, Any], RateLimits]] = {}
+        self._applicable_budgets: dict[
+            tuple[str | None, str | None, str], tuple[list[Budget], int, list[Budget], list[str]]
+        ] = {}
+        self._plans: dict[
+            tuple[str | None, str | None],
+            tuple[RateLimits, RateLimits, RateLimits | None, list[tuple[str, str, int, int]]],
+        ] = {}
         self._budget_cache = _Expiring(options.cache_seconds)
         # Admissions waiting for the pipeline in flight to return, and the one being sent.
         self._admissions: list[_Waiting] = []
@@ -335,20 +344,16 @@ class Metering:
         cost = model_cost_micros(model, max(0, estimated_input_tokens), max(0, output))
         now = time.time()
         counters = await self._counters(principal, tokens, now)
-        budgets = [
-            b
-            for b in await self._enabled_budgets()
-            if applies(b, key_id=principal.key_id, team_id=principal.team_id, model_id=model.id)
-        ]
-        at = utcnow()
-        budget_keys = [counter_key(b, at) for b in budgets]
+        budgets, budget_keys = self._applicable(
+            await self._enabled_budgets(), principal.key_id, principal.team_id, model.id, now
+        )
         keys = [c.key for c in counters] + budget_keys
         args: list[int] = [len(counters)]
         for c in counters:
             args += [c.limit, c.amount, int((c.reset_at - now) * 1000) + 1000]
         for b in budgets:
             args += [b.hard_limit_micros, cost]
-        result = await self._run_admit(keys, args, budgets, at)
+        result = await self._run_admit(keys, args, budgets)
         if result[0] == 0:
             self._refuse_rate(counters[int(result[1]) - 1], int(result[2]), counters, now)
         if result[0] == 2:
@@ -373,8 +378,33 @@ class Metering:
             budget_keys=budget_keys,
         )
 
+    def _applicable(
+        self,
+        enabled: list[Budget],
+        key_id: str | None,
+        team_id: str | None,
+        model_id: str,
+        now: float,
+    ) -> tuple[list[Budget], list[str]]:
+        """The budgets a call counts against, and their counters of the current period (kept
+        while the same enabled budgets, cached for `cache_seconds`, apply, and the UTC day is
+        the same: no period starts within a day)."""
+        day = int(now // DAY)
+        known = self._applicable_budgets.get((key_id, team_id, model_id))
+        if known is not None and known[0] is enabled and known[1] == day:
+            return known[2], known[3]
+        budgets = [
+            b for b in enabled if applies(b, key_id=key_id, team_id=team_id, model_id=model_id)
+        ]
+        at = datetime.fromtimestamp(now, UTC)
+        keys = [counter_key(b, at) for b in budgets]
+        if len(self._applicable_budgets) > 10_000:
+            self._applicable_budgets.clear()
+        self._applicable_budgets[key_id, team_id, model_id] = (enabled, day, budgets, keys)
+        return budgets, keys
+
     async def _run_admit(
-        self, keys: list[str], args: list[int], budgets: list[Budget], at: datetime
+        self, keys: list[str], args: list[int], budgets: list[Budget]
     ) -> list[Any]:
         if not keys:
             return [1]  # no limit and no budget applies: nothing to count
@@ -385,7 +415,7 @@ class Metering:
                 if result[0] != 3:
                     return result
                 async with asyncio.timeout(self._options.redis_timeout):
-                    await self._rebuild([budgets[int(j) - 1] for j in result[1:]], at)
+                    await self._rebuild([budgets[int(j) - 1] for j in result[1:]], utcnow())
         except (RedisError, TimeoutError) as exc:
             reason = str(exc) or "Redis did not answer in time"
             raise Unavailable(f"rate limits and budgets cannot be checked: {reason}") from exc
@@ -520,33 +550,74 @@ class Metering:
         )
 
     async def _counters(self, principal: _Principal, tokens: int, now: float) -> list[_Counter]:
-        scopes: list[tuple[str, str, RateLimits]] = []
         own = getattr(principal, "rate_limits", None)
         if isinstance(own, Mapping):
-            key_limits = RateLimits.from_json(dict(own))
+            key_limits = self._parsed_limits(own)
         elif principal.key_id is not None:
             key_limits = await self._key_limits(principal.key_id)
         else:
-            key_limits = RateLimits()
-        own_limits = key_limits.over(await self._default_limits())
-        if principal.key_id is not None:
-            scopes.append(("key", principal.key_id, own_limits))
-        if principal.team_id is not None:
-            scopes.append(("team", principal.team_id, await self._team_limits(principal.team_id)))
+            key_limits = _NO_LIMITS
+        defaults = await self._default_limits()
+        team_id = principal.team_id
+        team_limits = await self._team_limits(team_id) if team_id is not None else None
+        plan = self._plan(principal.key_id, team_id, key_limits, defaults, team_limits)
         counters = []
-        for scope, scope_id, limits in scopes:
-            for dimension, window, limit in limits.windows():
-                bucket = int(now // window)
-                counters.append(
-                    _Counter(
-                        key=f"gateway:rl:{scope}:{scope_id}:{dimension}:{window}:{bucket}",
-                        dimension=dimension,
-                        limit=limit,
-                        amount=1 if dimension == "requests" else tokens,
-                        reset_at=(bucket + 1) * window,
-                    )
+        for prefix, dimension, window, limit in plan:
+            bucket = int(now // window)
+            counters.append(
+                _Counter(
+                    key=f"{prefix}{bucket}",
+                    dimension=dimension,
+                    limit=limit,
+                    amount=1 if dimension == "requests" else tokens,
+                    reset_at=(bucket + 1) * window,
                 )
+            )
         return counters
+
+    def _parsed_limits(self, own: Mapping[str, Any]) -> RateLimits:
+        """A principal's own `rate_limits`, parsed once per mapping (principals are cached)."""
+        known = self._parsed.get(id(own))
+        if known is not None and known[0] is own:
+            return known[1]
+        limits = RateLimits.from_json(dict(own))
+        if len(self._parsed) > 10_000:
+            self._parsed.clear()
+        self._parsed[id(own)] = (own, limits)  # holding `own` keeps its id from being reused
+        return limits
+
+    def _plan(
+        self,
+        key_id: str | None,
+        team_id: str | None,
+        key_limits: RateLimits,
+        defaults: RateLimits,
+        team_limits: RateLimits | None,
+    ) -> list[tuple[str, str, int, int]]:
+        """`(counter key prefix, dimension, window, limit)` of every limit on the caller, kept
+        while the same limit objects (cached for `cache_seconds`) apply."""
+        known = self._plans.get((key_id, team_id))
+        if (
+            known is not None
+            and known[0] is key_limits
+            and known[1] is defaults
+            and known[2] is team_limits
+        ):
+            return known[3]
+        scopes: list[tuple[str, str, RateLimits]] = []
+        if key_id is not None:
+            scopes.append(("key", key_id, key_limits.over(defaults)))
+        if team_id is not None and team_limits is not None:
+            scopes.append(("team", team_id, team_limits))
+        plan = [
+            (f"gateway:rl:{scope}:{scope_id}:{dimension}:{window}:", dimension, window, limit)
+            for scope, scope_id, limits in scopes
+            for dimension, window, limit in limits.windows()
+        ]
+        if len(self._plans) > 10_000:
+            self._plans.clear()
+        self._plans[key_id, team_id] = (key_limits, defaults, team_limits, plan)
+        return plan
 
     async def _key_limits(self, key_id: str) -> RateLimits:
         async def load() -> RateLimits:

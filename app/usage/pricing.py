@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from app.models.entities import Model
-
-_MICROS_PER_DOLLAR = Decimal(1_000_000)
-_TOKENS_PER_PRICE_UNIT = Decimal(1_000_000)
 
 
 def cost_micros(
@@ -18,21 +16,28 @@ def cost_micros(
     input_tokens: int,
     output_tokens: int,
 ) -> int:
-    """The cost in whole micro-dollars, rounded up so sub-micro costs are never free."""
-    dollars = (
-        Decimal(input_tokens) * input_price_per_million
-        + Decimal(output_tokens) * output_price_per_million
-    ) / _TOKENS_PER_PRICE_UNIT
-    return int((dollars * _MICROS_PER_DOLLAR).to_integral_value(rounding=ROUND_CEILING))
+    """The cost in whole micro-dollars, rounded up so sub-micro costs are never free.
+
+    A price per million tokens is a price in micro-dollars per token, so the cost is
+    `input_tokens * input_price + output_tokens * output_price`, computed exactly in integers
+    from the prices' fractions.
+    """
+    a, b, c, d = _fractions(input_price_per_million, output_price_per_million)
+    # ceil((in * a/b + out * c/d)) = ceil((in*a*d + out*c*b) / (b*d)), by floor division.
+    return -(-(input_tokens * a * d + output_tokens * c * b) // (b * d))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fractions(input_price: Decimal, output_price: Decimal) -> tuple[int, int, int, int]:
+    a, b = Decimal(input_price).as_integer_ratio()
+    c, d = Decimal(output_price).as_integer_ratio()
+    return a, b, c, d
 
 
 def model_cost_micros(model: Model, input_tokens: int, output_tokens: int) -> int:
     """`cost_micros` with `model`'s prices."""
     return cost_micros(
-        Decimal(model.input_price_per_million),
-        Decimal(model.output_price_per_million),
-        input_tokens,
-        output_tokens,
+        model.input_price_per_million, model.output_price_per_million, input_tokens, output_tokens
     )
 
 

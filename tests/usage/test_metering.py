@@ -40,6 +40,28 @@ def test_cost_is_rounded_up_to_whole_micro_dollars() -> None:
     assert cost_micros(Decimal("0"), Decimal("0"), 10**6, 10**6) == 0
 
 
+@pytest.mark.parametrize(
+    ("input_price", "output_price", "input_tokens", "output_tokens"),
+    [
+        ("0.000001", "0.000003", 1, 1),
+        ("1.23456789", "98.7654321", 123_457, 9_876),
+        ("0.15", "0.6", 7, 333),
+        ("30", "60", 10**9, 10**9),
+        ("0.0000000001", "0", 3, 0),
+        ("12.5", "0.3333333333", 0, 3),
+    ],
+)
+def test_cost_is_exactly_the_decimal_cost_rounded_up(
+    input_price: str, output_price: str, input_tokens: int, output_tokens: int
+) -> None:
+    exact = Decimal(input_tokens) * Decimal(input_price) + Decimal(output_tokens) * Decimal(
+        output_price
+    )
+    expected = int(exact.to_integral_value(rounding="ROUND_CEILING"))
+    cost = cost_micros(Decimal(input_price), Decimal(output_price), input_tokens, output_tokens)
+    assert cost == expected
+
+
 async def test_a_settled_call_is_recorded_with_its_cost_from_the_model_prices(
     accounting: Accounting, model: Model, storage: Storage
 ) -> None:
