@@ -11,6 +11,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AsyncIO
 
 from app.config import BrokerKind, Settings
+from app.queue.encoding import FastJSONEncoder
 from app.queue.names import ALL_QUEUES
 
 _fake_servers: dict[str, Any] = {}
@@ -32,6 +33,7 @@ def fake_redis_client(name: str = "default") -> redis.Redis:
 
 def build_broker(settings: Settings, *, middleware: list[Any] | None = None) -> dramatiq.Broker:
     """The broker for `settings.BROKER`, with the AsyncIO middleware and every queue declared."""
+    dramatiq.set_encoder(FastJSONEncoder())
     broker: dramatiq.Broker
     if settings.BROKER is BrokerKind.STUB:
         broker = StubBroker()
