@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from app.core.errors import InvalidId
 
@@ -18,8 +18,16 @@ _PREFIXED = re.compile(
 
 
 def new_id(prefix: str) -> str:
-    """A fresh `<prefix>-<uuid4>` identifier, e.g. `op-3f2a…`."""
-    return f"{prefix}-{uuid.uuid4()}"
+    """A fresh `<prefix>-<uuid4>` identifier, e.g. `op-3f2a…`.
+
+    The version 4 UUID is written out directly from 16 random bytes: `uuid.uuid4()` and its
+    `str()` cost more than twice as much, several times per request.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{prefix}-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def is_slug(value: str) -> bool:
