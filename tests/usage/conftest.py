@@ -65,11 +65,33 @@ def accounting_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture
+def redis_broker_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Settings of an API process on a real Redis broker: metering gets the pipelined client."""
+    return accounting_settings(
+        BROKER="redis",
+        REDIS_URL=redis_url,
+        STORAGE_BACKEND="postgres",
+        PROCESS_ROLE="api",
+        SECRET_KEY="a-secret-key-for-these-tests-only-0123456789",
+        **overrides,
+    )
+
+
+@pytest.fixture(params=["redis-py", "pipelined"])
 async def accounting(
-    storage: Storage, redis: aioredis.Redis, sink: RecordingSink
+    request: pytest.FixtureRequest,
+    storage: Storage,
+    redis: aioredis.Redis,
+    redis_url: str,
+    sink: RecordingSink,
 ) -> AsyncIterator[Accounting]:
-    built = build_accounting(accounting_settings(), storage, redis, sink)
+    """Metering on the shared redis-py client, and on the lean pipelined client of its own
+    that API processes on a real Redis use (app/core/redis_pipe.py)."""
+    if request.param == "pipelined":
+        settings = redis_broker_settings(redis_url)
+    else:
+        settings = accounting_settings()
+    built = build_accounting(settings, storage, redis, sink)
     yield built
     await built.metering.close()
 

@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.access.entities import ApiKey
-from app.config import Settings
 from app.core.errors import RateLimited, Unavailable
+from app.core.redis_pipe import PipelinedRedis
 from app.logs.entities import ExecutionLog, ExecutionType
 from app.models.entities import Model
 from app.storage.protocol import Storage
@@ -23,7 +23,11 @@ from app.usage.metering import UsageOutcome, _Expiring
 from app.usage.recorder import decode_batch, encode_batch
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
-from tests.usage.conftest import Principal, RecordingSink, accounting_settings
+from tests.usage.conftest import (
+    Principal,
+    RecordingSink,
+    redis_broker_settings,
+)
 
 
 async def counter(redis: aioredis.Redis, key: str) -> int:
@@ -167,24 +171,12 @@ async def test_without_a_lifetime_nothing_is_kept(ttl: float) -> None:
     assert await cache.get_or_load("k", load) == 2
 
 
-def redis_broker_settings(redis_url: str, **overrides: Any) -> Settings:
-    return accounting_settings(
-        BROKER="redis",
-        REDIS_URL=redis_url,
-        STORAGE_BACKEND="postgres",
-        PROCESS_ROLE="api",
-        SECRET_KEY="a-secret-key-for-these-tests-only-0123456789",
-        **overrides,
-    )
-
-
 async def test_with_a_redis_broker_metering_uses_a_client_of_its_own(
     storage: Storage, redis: aioredis.Redis, redis_url: str, sink: RecordingSink, model: Model
 ) -> None:
     built = build_accounting(redis_broker_settings(redis_url), storage, redis, sink)
     metering = built.metering
-    assert metering._redis is not redis
-    assert metering._redis.connection_pool.connection_kwargs.get("socket_timeout") is None
+    assert isinstance(metering._redis, PipelinedRedis)
     await limited_key(storage, "key-own")
     admission = await metering.admit(Principal("key-own"), model, 10, 10)
     assert int(await redis.get(admission.rate_keys[0][0]) or 0) == 20  # the same Redis
