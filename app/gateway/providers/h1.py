@@ -381,6 +381,9 @@ class H1Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + total
         for attempt in range(2):
+            if attempt:
+                # The other idle connections are likely as stale (a restarted server, say).
+                origin.close()
             conn = origin.take_idle()
             reused = conn is not None
             if conn is None:
