@@ -200,11 +200,24 @@ def _decode(body: bytes, encoding: str) -> bytes:
 
 
 def _inflate(data: bytes, wbits: int) -> bytes:
-    inflater = zlib.decompressobj(wbits)
-    out = inflater.decompress(data, MAX_BODY_BYTES)
-    if inflater.unconsumed_tail:
-        raise ValueError("the decompressed answer is too large")
-    return out + inflater.flush()
+    """`data` decompressed whole: every member of a gzip body, none cut short."""
+    out: list[bytes] = []
+    size = 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        chunk = inflater.decompress(data, MAX_BODY_BYTES - size + 1)
+        if inflater.unconsumed_tail:
+            raise ValueError("the decompressed answer is too large")
+        chunk += inflater.flush()
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ValueError("the decompressed answer is too large")
+        out.append(chunk)
+        if not inflater.eof:
+            raise ValueError("the compressed answer is cut short")
+        data = inflater.unused_data
+        if not data or wbits != 16 + zlib.MAX_WBITS:
+            return b"".join(out)  # only gzip bodies may hold several members
 
 
 class _Origin:
@@ -225,6 +238,7 @@ class _Origin:
         self.keepalive = keepalive
         self.idle: deque[_Connection] = deque()
         self.count = 0  # idle, busy and being opened
+        self.closed = False
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
 
     def take_idle(self) -> _Connection | None:
@@ -253,8 +267,13 @@ class _Origin:
             try:
                 handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    self.release(waiter.result())  # type: ignore[arg-type]
+                # Whatever was handed to a caller that went away passes on to the next one.
+                if waiter.done() and not waiter.cancelled():
+                    handed = waiter.result()
+                    if handed is not None:
+                        self.release(handed)
+                    else:
+                        self._wake()
                 elif waiter in self.waiters:
                     self.waiters.remove(waiter)
                 raise
@@ -283,7 +302,7 @@ class _Origin:
 
     def release(self, conn: _Connection) -> None:
         """Take back a connection after a complete answer (or a closed one)."""
-        if not conn.usable:
+        if not conn.usable or self.closed:
             self._discard(conn)
             return
         while self.waiters:
@@ -306,7 +325,9 @@ class _Origin:
                 waiter.set_result(None)
                 return
 
-    def close(self) -> None:
+    def close(self, *, final: bool = False) -> None:
+        """Close the idle connections; with `final`, busy ones close once released."""
+        self.closed = self.closed or final
         while self.idle:
             self._discard(self.idle.pop())
 
@@ -428,7 +449,7 @@ class H1Client:
         """Close every idle connection (busy ones close when their exchange ends)."""
         origins, self._origins = self._origins, {}
         for origin in origins.values():
-            origin.close()
+            origin.close(final=True)
 
 
 def _expire(answer: asyncio.Future[Response]) -> None:
