@@ -4,8 +4,9 @@ Run `python -m bench.gateway`. Three processes on loopback: a raw mock OpenAI up
 (bench.raw_upstream), a bare async passthrough proxy (bench.passthrough) and the gateway with
 one uvicorn worker (bench.gateway_server: PostgreSQL, the Redis broker, a team key with rate
 limits and a budget, usage recording on). Targets: added p50 <= 1 ms, p99 <= 5 ms at one
-connection; throughput >= 50 % of the passthrough at 32 connections. At the end it checks
-that every call left one usage record and one execution log on the usage queue.
+connection; throughput >= 50 % of the passthrough at 32 connections. Every figure is taken
+in three rounds and judged by its median. At the end it checks that every call left one usage
+record and one execution log on the usage queue.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from bench.http_clients import free_port, run
 
 BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]})
 SEQUENTIAL, CONCURRENT, CONNECTIONS = 2000, 6000, 32
+ROUNDS = 3
 WARM_UP = 50  # per run, see bench.http_clients.run
 TARGET_P50_MS, TARGET_P99_MS, TARGET_RATIO = 1.0, 5.0, 0.5
 
@@ -49,36 +52,65 @@ def verdict(ok: bool) -> str:
 
 
 async def measure(urls: dict[str, str]) -> int:
-    """Print the figures and the verdict per target; returns how many calls the gateway got."""
+    """Print the figures and the verdict per target; returns how many calls the gateway got.
+
+    The machine's speed drifts within a minute, so each figure is measured in `ROUNDS`
+    rounds, the three targets taking turns within a round, and the verdicts use the medians
+    (the throughput ratio: the median of each round's gateway / passthrough ratio).
+    """
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
-    results: dict[tuple[str, int], tuple[float, float, float]] = {}
-    for concurrency, total in ((1, SEQUENTIAL), (CONNECTIONS, CONCURRENT)):
-        for name, url in urls.items():
-            connector = aiohttp.TCPConnector(limit=concurrency)
-            async with aiohttp.ClientSession(connector=connector) as session:
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    print(f"{'round':>5} {'target':<12} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for round_ in range(1, ROUNDS + 1):
+        for concurrency, total in ((1, SEQUENTIAL), (CONNECTIONS, CONCURRENT)):
+            for name, url in urls.items():
+                connector = aiohttp.TCPConnector(limit=concurrency)
+                async with aiohttp.ClientSession(connector=connector) as session:
 
-                async def call(url: str = url, session: aiohttp.ClientSession = session) -> bytes:
-                    async with session.post(url, data=BODY, headers=headers) as response:
-                        assert response.status == 200, await response.text()
-                        return await response.read()
+                    async def call(
+                        url: str = url, session: aiohttp.ClientSession = session
+                    ) -> bytes:
+                        async with session.post(url, data=BODY, headers=headers) as response:
+                            assert response.status == 200, await response.text()
+                            return await response.read()
 
-                results[name, concurrency] = await run(call, concurrency, total)
-    print(f"{'target':<12} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for (name, conns), (rps, p50, p99) in results.items():
-        print(f"{name:<12} {conns:>5} {rps:>8.0f} {p50:>8.2f} {p99:>8.2f}")
-    direct = results["upstream", 1]
+                    figures = await run(call, concurrency, total)
+                results.setdefault((name, concurrency), []).append(figures)
+                rps, p50, p99 = figures
+                row = f"{rps:>8.0f} {p50:>8.2f} {p99:>8.2f}"
+                print(f"{round_:>5} {name:<12} {concurrency:>5} {row}")
+
+    def median(name: str, conns: int, index: int) -> float:
+        return statistics.median(figures[index] for figures in results[name, conns])
+
+    print(f"\nmedians of {ROUNDS} rounds")
+    for name, conns in results:
+        rps, p50, p99 = (median(name, conns, i) for i in range(3))
+        print(f"{'':>5} {name:<12} {conns:>5} {rps:>8.0f} {p50:>8.2f} {p99:>8.2f}")
+    added: dict[str, tuple[float, float]] = {}
     for name in ("passthrough", "gateway"):
-        _, p50, p99 = results[name, 1]
-        print(f"added by {name:<12} p50 {p50 - direct[1]:.2f} ms   p99 {p99 - direct[2]:.2f} ms")
-    _, p50, p99 = results["gateway", 1]
-    added_p50, added_p99 = p50 - direct[1], p99 - direct[2]
-    ratio = results["gateway", CONNECTIONS][0] / results["passthrough", CONNECTIONS][0]
+        added[name] = (
+            median(name, 1, 1) - median("upstream", 1, 1),
+            median(name, 1, 2) - median("upstream", 1, 2),
+        )
+        p50, p99 = added[name]
+        print(f"added by {name:<12} p50 {p50:.2f} ms   p99 {p99:.2f} ms")
+    ratios = [
+        g[0] / p[0]
+        for g, p in zip(
+            results["gateway", CONNECTIONS], results["passthrough", CONNECTIONS], strict=True
+        )
+    ]
+    ratio = statistics.median(ratios)
+    shown = ", ".join(f"{r:.0%}" for r in ratios)
     print(f"gateway throughput at {CONNECTIONS} connections: {ratio:.0%} of the passthrough")
+    print(f"  (per round: {shown})")
+    added_p50, added_p99 = added["gateway"]
     print(f"target added p50 <= {TARGET_P50_MS} ms: {verdict(added_p50 <= TARGET_P50_MS)}")
     print(f"target added p99 <= {TARGET_P99_MS} ms: {verdict(added_p99 <= TARGET_P99_MS)}")
     print(f"target throughput >= {TARGET_RATIO:.0%}: {verdict(ratio >= TARGET_RATIO)}")
-    # Every timed call plus the warm-up calls of both runs.
-    return SEQUENTIAL + CONCURRENT // CONNECTIONS * CONNECTIONS + 2 * WARM_UP
+    # Every timed call plus the warm-up calls of both runs, in every round.
+    return ROUNDS * (SEQUENTIAL + CONCURRENT // CONNECTIONS * CONNECTIONS + 2 * WARM_UP)
 
 
 def main() -> None:

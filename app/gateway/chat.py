@@ -337,9 +337,9 @@ class ChatService:
     async def prepare(self, request: ChatCompletionRequest) -> JSON:
         """The request as an OpenAI body (without `model`), prompt references rendered."""
         request.check()
-        body = request.model_dump(
-            exclude_none=True, by_alias=True, exclude={"model", "stream", "stream_options"}
-        )
+        body = request.wire_json()
+        for name in ("model", "stream", "stream_options"):
+            body.pop(name, None)
         if request.has_prompt_references():
             if self.prompts is None:
                 raise InvalidInput("stored prompts are not available", param="messages")

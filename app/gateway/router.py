@@ -205,7 +205,7 @@ async def submit_job(
     await services.chat.resolve(request.model)  # an unknown model is refused now, not later
     operation, created = await services.operations.submit(
         kind=OperationKind.CHAT_COMPLETION,
-        input=request.model_dump(exclude_none=True, by_alias=True),
+        input=request.wire_json(),
         owner=Owner(key_id=principal.key_id, team_id=principal.team_id),
         idempotency_key=idempotency_key,
         # The worker applies the same cache policy as a direct call would.

@@ -108,12 +108,22 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, str] | None = None
     # Set once `check` passed: the direct path checks before admission, and again in `prepare`.
     _checked: bool = PrivateAttr(default=False)
+    # The JSON `check` dumped, handed once to `wire_json` rather than dumped again.
+    _dumped: dict[str, Any] | None = PrivateAttr(default=None)
+
+    def wire_json(self) -> dict[str, Any]:
+        """The request as OpenAI JSON (`None`s left out), a dict the caller owns."""
+        dumped, self._dumped = self._dumped, None
+        if dumped is None:
+            dumped = self.model_dump(by_alias=True, exclude_none=True)
+        return dumped
 
     def check(self) -> None:
         """Rules that span several fields; each failure names the field to fix."""
         if self._checked:
             return
-        too_big = out_of_range_int(self.model_dump(by_alias=True, exclude_none=True))
+        dumped = self.model_dump(by_alias=True, exclude_none=True)
+        too_big = out_of_range_int(dumped)
         if too_big is not None:
             raise InvalidInput(
                 f"{too_big}: integers must fit in 64 bits (from {INT64_MIN} to {INT64_MAX})",
@@ -139,6 +149,7 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
             raise InvalidInput("stop takes up to 4 non-empty sequences", param="stop")
         self._checked = True
+        self._dumped = dumped
 
     def wants_usage_chunk(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
