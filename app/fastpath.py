@@ -52,7 +52,7 @@ _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode()
 MISSING_KEY = "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Head:
     """What the fast path reads from the request's headers."""
 

@@ -42,19 +42,9 @@ def _error(message: str) -> ResponseError:
 
 
 def pack(args: Sequence[Arg]) -> bytes:
-    """One command in RESP."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bool):
-            raise TypeError("a boolean is not a Redis argument")
-        else:
-            data = repr(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """One command in RESP (hiredis writes it, in C)."""
+    packed: bytes = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # stub: 1-tuple
+    return packed
 
 
 class _Protocol(asyncio.Protocol):

@@ -334,10 +334,12 @@ class ChatService:
 
     # --- prepare ----------------------------------------------------------------------------
 
-    async def prepare(self, request: ChatCompletionRequest) -> JSON:
-        """The request as an OpenAI body (without `model`), prompt references rendered."""
-        request.check()
-        body = request.wire_json()
+    async def prepare(self, request: ChatCompletionRequest, checked: JSON | None = None) -> JSON:
+        """The request as an OpenAI body (without `model`), prompt references rendered.
+
+        `checked`: what `request.check()` returned, when the caller already checked it.
+        """
+        body = request.check() if checked is None else checked
         for name in ("model", "stream", "stream_options"):
             body.pop(name, None)
         if request.has_prompt_references():
@@ -384,13 +386,15 @@ class ChatService:
         *,
         tenant: str | None = None,
         cache_control: CacheControl | None = None,
+        checked: JSON | None = None,
     ) -> ChatAnswer:
         """An OpenAI `chat.completion` for `request`, from the cache when it holds one.
 
         `tenant` (see `cache.tenant_of`) scopes cached answers; without it nothing is cached.
+        `checked`: what `request.check()` returned, when the caller already checked it.
         """
         route = await self.resolve(request.model)
-        body = await self.prepare(request)
+        body = await self.prepare(request, checked)
         lookup = await self._cache_lookup(route, body, tenant, cache_control)
         if lookup is not None and lookup.response is not None:
             model_id = str(lookup.response.get("model", route.name))
@@ -422,13 +426,15 @@ class ChatService:
         *,
         tenant: str | None = None,
         cache_control: CacheControl | None = None,
+        checked: JSON | None = None,
     ) -> ChatStream:
         """A stream whose first chunk has arrived, so failures before it can still fall back.
 
         A cached completion is replayed as chunks; a streamed answer is not stored.
+        `checked`: what `request.check()` returned, when the caller already checked it.
         """
         route = await self.resolve(request.model)
-        body = await self.prepare(request)
+        body = await self.prepare(request, checked)
         lookup = await self._cache_lookup(route, body, tenant, cache_control)
         if lookup is not None and lookup.response is not None:
             cached = lookup.response

@@ -92,7 +92,7 @@ async def answer_directly(
     if not checked:
         principal.ensure_can_call(request.model, request.messages)
     # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
-    request.check()
+    wire = request.check()
     tenant = tenant_of(principal.team_id, principal.key_id)
     # Rate limits and budgets: admitted against the route's first model, settled below.
     route = await services.chat.resolve(request.model)
@@ -104,7 +104,9 @@ async def answer_directly(
     )
     if request.stream:
         try:
-            stream = await services.chat.open_stream(request, tenant=tenant, cache_control=control)
+            stream = await services.chat.open_stream(
+                request, tenant=tenant, cache_control=control, checked=wire
+            )
         except BaseException as exc:
             await services.metering.fail(admission, exc)
             raise
@@ -127,7 +129,9 @@ async def answer_directly(
             },
         )
     try:
-        answer = await services.chat.complete(request, tenant=tenant, cache_control=control)
+        answer = await services.chat.complete(
+            request, tenant=tenant, cache_control=control, checked=wire
+        )
     except BaseException as exc:
         await services.metering.fail(admission, exc)
         raise
@@ -201,11 +205,11 @@ async def submit_job(
         CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
     if request.stream:
         raise InvalidInput("an async request cannot be streamed", param="stream")
-    request.check()
+    wire = request.check()
     await services.chat.resolve(request.model)  # an unknown model is refused now, not later
     operation, created = await services.operations.submit(
         kind=OperationKind.CHAT_COMPLETION,
-        input=request.wire_json(),
+        input=wire,
         owner=Owner(key_id=principal.key_id, team_id=principal.team_id),
         idempotency_key=idempotency_key,
         # The worker applies the same cache policy as a direct call would.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.core.errors import InvalidInput
 from app.core.jsonvalues import INT64_MAX, INT64_MIN, out_of_range_int
@@ -106,22 +106,13 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
-    # Set once `check` passed: the direct path checks before admission, and again in `prepare`.
-    _checked: bool = PrivateAttr(default=False)
-    # The JSON `check` dumped, handed once to `wire_json` rather than dumped again.
-    _dumped: dict[str, Any] | None = PrivateAttr(default=None)
 
-    def wire_json(self) -> dict[str, Any]:
-        """The request as OpenAI JSON (`None`s left out), a dict the caller owns."""
-        dumped, self._dumped = self._dumped, None
-        if dumped is None:
-            dumped = self.model_dump(by_alias=True, exclude_none=True)
-        return dumped
+    def check(self) -> dict[str, Any]:
+        """Rules that span several fields; each failure names the field to fix.
 
-    def check(self) -> None:
-        """Rules that span several fields; each failure names the field to fix."""
-        if self._checked:
-            return
+        Returns the request as OpenAI JSON (`None`s left out), a dict the caller owns: the
+        range check needs it, and so does whatever the request becomes next.
+        """
         dumped = self.model_dump(by_alias=True, exclude_none=True)
         too_big = out_of_range_int(dumped)
         if too_big is not None:
@@ -148,8 +139,7 @@ class ChatCompletionRequest(BaseModel):
             )
         if isinstance(self.stop, list) and (len(self.stop) > 4 or any(not s for s in self.stop)):
             raise InvalidInput("stop takes up to 4 non-empty sequences", param="stop")
-        self._checked = True
-        self._dumped = dumped
+        return dumped
 
     def wants_usage_chunk(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

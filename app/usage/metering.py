@@ -144,7 +144,7 @@ class _Principal(Protocol):
     def team_id(self) -> str | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Counter:
     key: str
     dimension: str  # "requests" or "tokens"
@@ -170,7 +170,7 @@ class Admission:
     finished: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: that costs five times as much to build, once per call
 class UsageOutcome:
     """How an admitted call ended (success or upstream error)."""
 

@@ -43,7 +43,7 @@ class Disconnected(ConnectionError):
     """The connection closed before the answer was complete."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     status: int
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
