@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import socket
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -117,8 +118,8 @@ class RawServer:
     def url(self, path: str = "/v1/chat") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -745,3 +746,101 @@ async def test_post_json_maps_timeout_to_upstream_timeout(serve: Serve, pool: Ht
     with pytest.raises(UpstreamTimeout):
         await asyncio.wait_for(post_json(pool, _upstream(0.3), server.url(), {}, {}), GUARD)
     assert time.monotonic() - started < GUARD
+
+
+# ---- TLS --------------------------------------------------------------------------------
+
+
+@dataclass
+class Certificate:
+    server: ssl.SSLContext  # serves a self-signed certificate for 127.0.0.1 and localhost
+    trusting: ssl.SSLContext  # a client context that trusts it (and verifies as usual)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test upstream")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    return Certificate(server, trusting)
+
+
+async def test_an_https_origin_is_reached_over_verified_tls_on_a_kept_alive_connection(
+    certificate: Certificate,
+) -> None:
+    server = RawServer(keep_alive(echo))
+    await server.start(tls=certificate.server)
+    client = H1Client(tls=certificate.trusting)
+    try:
+        url = f"https://127.0.0.1:{server.port}/v1/chat"
+        first = await asyncio.wait_for(
+            client.post(url, {}, b"one", total=GUARD, connect_timeout=GUARD), GUARD
+        )
+        second = await asyncio.wait_for(
+            client.post(url, {}, b"two", total=GUARD, connect_timeout=GUARD), GUARD
+        )
+        assert (first.body, second.body) == (b"echo:one", b"echo:two")
+        assert server.accepted == 1
+        assert server.requests[0].headers["host"] == f"127.0.0.1:{server.port}"
+    finally:
+        client.close()
+        await server.stop()
+
+
+async def test_an_https_origin_whose_certificate_is_not_trusted_is_refused(
+    certificate: Certificate,
+) -> None:
+    server = RawServer(keep_alive(echo))
+    await server.start(tls=certificate.server)
+    pool = HttpPool()
+    upstream = Upstream(model_id="m", provider=Provider.OPENAI, provider_model="m")
+    try:
+        with pytest.raises(UpstreamUnavailable) as refused:
+            # The default verification: the system's CAs, which never signed this one.
+            await asyncio.wait_for(
+                post_json(pool, upstream, f"https://127.0.0.1:{server.port}/v1/chat", {}, {}),
+                GUARD,
+            )
+        assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+        assert server.requests == []
+    finally:
+        await pool.close()
+        await server.stop()

@@ -335,11 +335,18 @@ class _Origin:
 class H1Client:
     """Pooled HTTP/1.1 requests with a body and a complete answer; one per event loop."""
 
-    def __init__(self, *, max_connections: int = 100, keepalive: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        keepalive: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls`: how https origins are verified (default: the system's CAs and hostname)."""
         self._max_connections = max_connections
         self._keepalive = keepalive
         self._origins: dict[tuple[str, str, int], _Origin] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
         self._targets: dict[str, tuple[tuple[str, str, int], bytes]] = {}
 
     def _split(self, url: str) -> tuple[tuple[str, str, int], bytes]:
