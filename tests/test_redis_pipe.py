@@ -121,3 +121,38 @@ async def test_a_password_the_server_refuses_is_an_authentication_error(redis_ur
     with pytest.raises(AuthenticationError):
         await client.execute_command("PING")
     await client.aclose()
+
+
+async def test_a_connection_lost_after_its_first_caller_went_away_is_made_again(
+    pipe: PipelinedRedis, direct: aioredis.Redis
+) -> None:
+    first = asyncio.ensure_future(pipe.execute_command("PING"))
+    await asyncio.sleep(0)  # connecting
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.sleep(0.1)  # the connection was made all the same
+    await pipe.execute_command("CLIENT", "SETNAME", "pipelined-first-gone")
+    clients = await direct.client_list()
+    (victim,) = [c["id"] for c in clients if c.get("name") == "pipelined-first-gone"]
+    await direct.client_kill_filter(_id=victim)
+    await asyncio.sleep(0.1)
+    assert await asyncio.wait_for(pipe.execute_command("PING"), 2) == b"PONG"
+
+
+async def test_a_server_that_never_answers_the_set_up_is_left_closed() -> None:
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # reads AUTH and SELECT, answers nothing, until the client leaves
+        closed.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://:secret@127.0.0.1:{port}/3", connect_timeout=0.2)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(client.execute_command("PING"), 2)
+        await asyncio.wait_for(closed.wait(), 2)
+    finally:
+        server.close()
+        await server.wait_closed()

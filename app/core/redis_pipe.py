@@ -162,9 +162,11 @@ class PipelinedRedis:
         return protocol.send(data, len(commands))
 
     async def _connection(self) -> _Protocol:
-        # Concurrent callers share one connection attempt.
+        # Concurrent callers share one connection attempt; a finished one (its caller went
+        # away before clearing it) is never reused, its connection may since have been lost.
         if (
             self._connecting is None
+            or self._connecting.done()
             or self._connecting.get_loop() is not asyncio.get_running_loop()
         ):
             self._connecting = asyncio.ensure_future(self._connect())
@@ -179,6 +181,7 @@ class PipelinedRedis:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path is not None:
@@ -204,11 +207,15 @@ class PipelinedRedis:
                     replies = protocol.send(b"".join(pack(c) for c in setup), len(setup))
                     for reply in replies:
                         await reply
-        except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
-        except ResponseError as exc:
-            protocol.transport.close()  # type: ignore[union-attr]
-            raise AuthenticationError(str(exc)) from exc
+        except BaseException as exc:
+            # A connection made but not set up (AUTH refused, or no answer in time) is closed.
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.close()
+            if isinstance(exc, ResponseError):
+                raise AuthenticationError(str(exc)) from exc
+            if isinstance(exc, OSError | TimeoutError):
+                raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
+            raise
         self._protocol = protocol
         return protocol
 
