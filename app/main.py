@@ -32,7 +32,7 @@ from app.operations.router import admin_router as operations_admin_router
 from app.operations.router import router as operations_router
 from app.prompts.router import admin_router as prompts_admin_router
 from app.queue.broker import build_broker
-from app.queue.port import DramatiqQueue, JobQueue
+from app.queue.port import JobQueue, build_queue
 from app.services import Services, build_services
 from app.settings.router import router as settings_admin_router
 from app.storage.factory import build_storage
@@ -79,7 +79,12 @@ def create_app(
                 stack.push_async_callback(app.state.storage.close)
             else:
                 app.state.storage = storage
-            jobs = queue or DramatiqQueue(build_broker(settings))
+            jobs: JobQueue
+            if queue is None:
+                jobs = build_queue(settings, build_broker(settings))
+                stack.push_async_callback(jobs.aclose)
+            else:
+                jobs = queue
             redis = build_redis(settings)
             stack.push_async_callback(redis.aclose)
             app.state.services = build_services(settings, app.state.storage, jobs, redis)

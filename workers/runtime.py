@@ -14,7 +14,7 @@ from app.config import BrokerKind, ProcessRole, Settings, StorageBackend
 from app.core.redis import build_redis
 from app.operations.runner import OperationRunner
 from app.queue.periodic import LocalTickLock, PeriodicRunner, PeriodicTask, RedisTickLock
-from app.queue.port import DramatiqQueue
+from app.queue.port import DramatiqQueue, build_queue
 from app.services import Services, build_handlers, build_services, job_timings
 from app.storage.factory import build_storage
 from app.storage.memory import MemoryStore
@@ -38,6 +38,8 @@ class Runtime:
         await self.services.outbound.aclose()
         await self.services.chat.close()
         await self.services.redis.aclose()
+        if isinstance(self.services.queue, DramatiqQueue):
+            await self.services.queue.aclose()
         await self.services.storage.close()
 
 
@@ -73,7 +75,7 @@ def get_runtime() -> Runtime:
 def _build(config: Settings) -> Runtime:
     asyncio.get_running_loop()  # engines bind to the loop that first uses them: the worker's
     storage = _storage or build_storage(config, memory_store=_memory_store)
-    queue = DramatiqQueue(dramatiq.get_broker())
+    queue = build_queue(config, dramatiq.get_broker())
     redis_client = build_redis(config)
     services = build_services(config, storage, queue, redis_client)
     worker_id = f"{socket.gethostname()}-{os.getpid()}"

@@ -26,7 +26,7 @@ from app.main import create_app
 from app.operations.entities import OperationKind
 from app.operations.service import OperationService, Owner
 from app.queue.broker import build_broker
-from app.queue.port import DramatiqQueue
+from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
 
@@ -129,7 +129,9 @@ async def submitter(clean: tuple[str, str]) -> AsyncIterator[OperationService]:
     await ApiKeyService(storage).ensure_key(
         key_id=OWNER.key_id or "admin", name="test", secret=ADMIN_KEY, admin=True
     )
-    yield OperationService(storage, DramatiqQueue(build_broker(settings)))
+    queue = build_queue(settings, build_broker(settings))
+    yield OperationService(storage, queue)
+    await queue.aclose()
     await storage.close()
 
 

@@ -21,7 +21,7 @@ from app.core.outbound import OutboundClient, OutboundPolicy
 from app.operations.entities import OperationKind
 from app.operations.service import OperationService, Owner
 from app.queue.broker import build_broker
-from app.queue.port import DramatiqQueue
+from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from app.webhooks.service import WebhookConfig, WebhookService
 from tests.conftest import truncate_all
@@ -73,7 +73,8 @@ async def emitter(clean: tuple[str, str]) -> AsyncIterator[Emitter]:
     env = worker_env(database_url, redis_url)
     settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
     storage = SqlStorage(make_database(database_url))
-    operations = OperationService(storage, DramatiqQueue(build_broker(settings)))
+    queue = build_queue(settings, build_broker(settings))
+    operations = OperationService(storage, queue)
     client = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
     service = WebhookService(
         storage,
@@ -85,6 +86,7 @@ async def emitter(clean: tuple[str, str]) -> AsyncIterator[Emitter]:
     operations.events = service
     yield Emitter(storage, operations, service)
     await client.aclose()
+    await queue.aclose()
     await storage.close()
 
 
