@@ -156,3 +156,35 @@ async def test_a_server_that_never_answers_the_set_up_is_left_closed() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_connection_that_stopped_answering_is_given_up_for_a_new_one() -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    async def first_silent_then_pong(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        connections.append(writer)
+        silent = len(connections) == 1  # the first connection hangs, as a frozen server would
+        while await reader.read(4096):
+            if not silent:
+                writer.write(b"+PONG\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(first_silent_then_pong, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", reply_timeout=0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.execute_command("PING"), 0.1)
+        # Not yet silent for `reply_timeout`: the connection is still given the benefit.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.execute_command("PING"), 0.1)
+        assert len(connections) == 1
+        await asyncio.sleep(0.3)
+        assert await asyncio.wait_for(client.execute_command("PING"), 2) == b"PONG"
+        assert len(connections) == 2
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()

@@ -9,7 +9,9 @@ It offers the part of redis-py's interface that `Metering` uses — `register_sc
 `pipeline(transaction=False)` with `evalsha` and `execute(raise_on_error=False)`, `set` and
 `aclose` — and raises redis-py's exceptions, so either client serves. A command whose caller
 went away (a timeout, a cancel) keeps its place in line and its reply is dropped; a broken
-connection fails every command in flight and the next command connects again.
+connection fails every command in flight and the next command connects again. So does a
+silent one: when commands have waited `reply_timeout` seconds without any reply (a hung server,
+a network gone without a reset), the next command gives that connection up and makes another.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +57,8 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.lost = False
+        # Since when commands have waited without a reply coming (meaningful while waiting).
+        self.quiet_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -71,6 +76,7 @@ class _Protocol(asyncio.Protocol):
             if not self.waiting:
                 self._fail(RedisConnectionError("a reply from Redis that nothing asked for"))
                 return
+            self.quiet_since = time.monotonic()
             waiter = self.waiting.popleft()
             if waiter.done():
                 continue  # its caller went away; the reply keeps the order
@@ -99,6 +105,8 @@ class _Protocol(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in range(count)]
+        if not self.waiting:
+            self.quiet_since = time.monotonic()
         self.waiting.extend(futures)
         self.transport.write(data)
         return futures
@@ -107,7 +115,9 @@ class _Protocol(asyncio.Protocol):
 class PipelinedRedis:
     """See the module docstring. One per event loop (its connection belongs to the loop)."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout: float = 2.0, reply_timeout: float = 5.0
+    ) -> None:
         options = parse_url(url)  # type: ignore[no-untyped-call]
         self._path: str | None = options.get("path")
         self._host: str = options.get("host") or "localhost"
@@ -119,6 +129,7 @@ class PipelinedRedis:
             raise ValueError("a unix:// Redis URL needs a path")
         self._tls = options.get("connection_class") is SSLConnection
         self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
 
@@ -156,10 +167,15 @@ class PipelinedRedis:
 
     async def _send(self, commands: Sequence[Sequence[Arg]]) -> list[asyncio.Future[Any]]:
         protocol = self._protocol
+        if protocol is not None and protocol.waiting and self._silent(protocol):
+            protocol._fail(RedisConnectionError("Redis stopped answering on this connection"))
         if protocol is None or protocol.lost or protocol.loop is not asyncio.get_running_loop():
             protocol = await self._connection()
         data = b"".join(pack(command) for command in commands)
         return protocol.send(data, len(commands))
+
+    def _silent(self, protocol: _Protocol) -> bool:
+        return time.monotonic() - protocol.quiet_since > self._reply_timeout
 
     async def _connection(self) -> _Protocol:
         # Concurrent callers share one connection attempt; a finished one (its caller went

@@ -36,8 +36,11 @@ class DramatiqQueue:
     Broker clients block, so sends run on a thread, a round of them per hand-off
     (`app.core.rounds`): under load one thread hop carries many messages instead of one each,
     and a lone send goes at once. Given `direct` (a client of a Redis broker's server), sends
-    skip the thread and the broker's client altogether (`RedisEnqueue`); a send cancelled
-    before it reached Redis is then one the sweeper re-sends, like any other missed send.
+    skip the thread and the broker's client altogether (`RedisEnqueue`). Either way a send
+    that fails is `Unavailable` (the caller leaves the job to the sweeper); one that timed out
+    may still have reached Redis, so the sweeper's re-send is then a harmless extra message.
+    A direct send cancelled before it was written is not marked unsent: the sweeper re-sends
+    it once the send is `resend_after` old, as it does any pending job's.
     """
 
     def __init__(self, broker: dramatiq.Broker, *, direct: PipelinedRedis | None = None) -> None:
@@ -95,7 +98,7 @@ class RedisEnqueue:
 
     It writes what `RedisBroker.enqueue` writes — the same message, through Dramatiq's own
     `dispatch` script with the broker's namespace and id — without the blocking client, so a
-    send needs neither a thread nor redis-py (about a fifth of the API's CPU per async job).
+    send needs neither a thread nor redis-py (a third of the API's CPU per async job).
     Dramatiq's enqueue middleware hooks run as they would. The script's queue maintenance,
     which a small share of dispatches do, is left to the workers' fetches.
     """
@@ -132,7 +135,7 @@ class RedisEnqueue:
                 broker.heartbeat_timeout,
                 broker.dead_message_ttl,
                 0,  # no maintenance
-                1,  # the fetch limit: unused by `enqueue`
+                1,  # the most ids a fetch (or maintenance) unpacks at once: unused here
                 options["redis_message_id"],
                 message.encode(),
             ),
@@ -141,7 +144,11 @@ class RedisEnqueue:
 
 
 def build_queue(settings: Settings, broker: dramatiq.Broker) -> DramatiqQueue:
-    """The queue over `broker`; on a real Redis its sends go out from the event loop."""
+    """The queue over `broker`; on a real Redis its sends go out from the event loop.
+
+    The direct client connects to `REDIS_URL`, the server and database `build_broker` gives the
+    broker's own client.
+    """
     if settings.BROKER is BrokerKind.REDIS and isinstance(broker, RedisBroker):
         return DramatiqQueue(broker, direct=PipelinedRedis(settings.REDIS_URL))
     return DramatiqQueue(broker)

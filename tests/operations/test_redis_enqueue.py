@@ -38,7 +38,8 @@ class SeenEnqueues(Middleware):
 
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
-    redis.Redis.from_url(redis_url).flushdb()
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
     return redis_settings(redis_url)
 
 
