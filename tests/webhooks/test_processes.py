@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -98,21 +99,17 @@ def delivery_statuses(database_url: str) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
-def running_delivery_owner(database_url: str) -> str:
-    found: list[str] = []
-
-    def running() -> bool:
-        with psycopg.connect(database_url) as conn:
-            row = conn.execute(
-                "SELECT lease_owner FROM operations WHERE status = 'running' "
-                "AND kind = 'webhook_delivery' LIMIT 1"
-            ).fetchone()
-        if row and row[0]:
-            found.append(row[0])
-        return bool(found)
-
-    wait_until(running, 30, interval=0.01)
-    return found[0]
+def delivering_worker(database_url: str, event_id: str) -> str:
+    """The lease owner of the running delivery job of `event_id`."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT o.lease_owner FROM operations o "
+            "JOIN webhook_deliveries d ON o.input->>'delivery_id' = d.id "
+            "WHERE d.event_id = %s AND o.status = 'running'",
+            (event_id,),
+        ).fetchone()
+    assert row is not None and row[0], f"no running delivery of event {event_id}"
+    return str(row[0])
 
 
 async def test_killing_a_worker_mid_delivery_loses_no_event(
@@ -120,8 +117,17 @@ async def test_killing_a_worker_mid_delivery_loses_no_event(
 ) -> None:
     database_url, redis_url = clean
 
+    # Once `hold` is set, requests wait unanswered until `release` is: the worker sending one
+    # then certainly holds its delivery when it is killed.
+    hold, release = threading.Event(), threading.Event()
+    held: list[str] = []
+
     async def slow_ok(request: Received) -> Reply:
-        await asyncio.sleep(0.1)
+        if hold.is_set() and not release.is_set():
+            held.append(request.headers["webhook-id"])
+            await asyncio.to_thread(release.wait, 30)
+        else:
+            await asyncio.sleep(0.1)
         return 200, b"ok"
 
     with ThreadedReceiver(slow_ok) as receiver:
@@ -150,9 +156,12 @@ async def test_killing_a_worker_mid_delivery_loses_no_event(
         await asyncio.to_thread(
             wait_until, lambda: delivery_statuses(database_url).get("succeeded", 0) >= 10, 60
         )
-        owner = await asyncio.to_thread(running_delivery_owner, database_url)
+        hold.set()
+        await asyncio.to_thread(wait_until, lambda: bool(held), 30, 0.01)
+        owner = await asyncio.to_thread(delivering_worker, database_url, held[0])
         os.kill(int(owner.rsplit("-", 1)[1]), signal.SIGKILL)
         killed_at = time.monotonic()
+        release.set()
         await asyncio.to_thread(
             wait_until,
             lambda: delivery_statuses(database_url) == {"succeeded": EVENTS + JOBS},
