@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class Periodic(dramatiq.Middleware):
-    """Prepares the runtime before the worker consumes, runs the periodic loop while it runs."""
+    """Prepares the runtime before the worker consumes, runs the periodic loop while it runs,
+    and closes the runtime once the worker's jobs are done."""
 
     def __init__(self) -> None:
         self._stop: asyncio.Event | None = None
@@ -64,6 +65,13 @@ class Periodic(dramatiq.Middleware):
                 self._future.result(timeout=5)
             except Exception:
                 log.exception("the periodic loop did not stop cleanly")
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # The jobs have finished (or were given up), so nothing uses the runtime any more; the
+        # AsyncIO middleware stops the event loop after this (after-hooks run in reverse order).
+        thread = get_event_loop_thread()
+        if thread is None or self._stop is None:
+            return
 
         async def close() -> None:
             await runtime.get_runtime().close()

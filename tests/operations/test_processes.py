@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 import redis
@@ -26,6 +27,7 @@ from app.main import create_app
 from app.operations.entities import OperationKind
 from app.operations.service import OperationService, Owner
 from app.queue.broker import build_broker
+from app.queue.names import USAGE_QUEUE
 from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
@@ -301,6 +303,38 @@ def test_a_worker_whose_whole_process_group_is_told_to_stop_exits_promptly(
 
     proc.wait(timeout=10)
     assert proc.returncode == 0
+
+
+async def test_a_job_running_when_its_worker_is_told_to_stop_finishes_there_with_its_usage(
+    clean: tuple[str, str], submitter: OperationService, processes: Processes
+) -> None:
+    database_url, redis_url = clean
+    env = env_for(database_url, redis_url, MOCK_LATENCY_MS="1500", JOB_LEASE_SECONDS="30")
+    proc = processes.start(["worker", "--processes", "1", "--threads", "2"], env)
+    operation, _ = await submitter.submit(
+        kind=OperationKind.CHAT_COMPLETION, input=chat(0), owner=OWNER
+    )
+    await asyncio.to_thread(wait_until, lambda: statuses(database_url) == {"running": 1}, 30)
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    await asyncio.to_thread(proc.wait, 20)
+
+    assert proc.returncode == 0
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT status, attempts FROM operations WHERE id = %s", (operation.id,)
+        ).fetchone()
+    # Finished by the worker that ran it, not left for the lease to run out (30 s here).
+    assert row == ("completed", 1)
+    # Its usage record went out in the last batch, on the queue for the next worker to write.
+    client = redis.Redis.from_url(redis_url)
+    queued = [
+        record["operation_id"]
+        for raw in client.hvals(f"gateway:{USAGE_QUEUE}.msgs")
+        for record in orjson.loads(raw)["args"][0]["usage"]
+    ]
+    client.close()
+    assert queued == [operation.id]
 
 
 def test_gateway_dev_answers_an_async_chat_completion_end_to_end(processes: Processes) -> None:
