@@ -781,16 +781,26 @@ class Metering:
         return keys, [pending[key] for key in keys]
 
     async def _send_corrections(self) -> None:
+        """Send the queued corrections on their own, as a round of the admission pipeline: an
+        admission arriving meanwhile waits for it, so it counts them whichever connection of
+        the client it gets."""
         while self._corrections:
-            keys, deltas = self._take_corrections()
-            if not keys:
+            if self._in_flight:
+                # The round under way, or the next, carries them; or this loop does, after it.
+                await asyncio.sleep(_CORRECTION_DELAY)
                 continue
+            self._in_flight = True
             try:
-                async with asyncio.timeout(self._options.redis_timeout):
-                    await self._adjust_script(keys=keys, args=deltas)
+                keys, deltas = self._take_corrections()
+                if keys:
+                    async with asyncio.timeout(self._options.redis_timeout):
+                        await self._adjust_script(keys=keys, args=deltas)
             except (RedisError, TimeoutError):
                 # The calls already happened; their records still count once batches are written.
                 log.warning("could not correct rate-limit and budget counters", exc_info=True)
+            finally:
+                self._in_flight = False
+                self._send_waiting()
 
     async def flush_corrections(self) -> None:
         """Send the queued counter corrections now, and wait for any being sent (shutdown)."""

@@ -18,6 +18,7 @@ from app.core.redis_pipe import PipelinedRedis
 from app.logs.entities import ExecutionLog, ExecutionType
 from app.models.entities import Model
 from app.storage.protocol import Storage
+from app.usage import metering as metering_module
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus, UsageType
 from app.usage.metering import UsageOutcome, _Expiring
 from app.usage.recorder import decode_batch, encode_batch
@@ -77,6 +78,27 @@ async def test_the_next_admission_counts_the_corrections_queued_before_it(
     await metering.settle(first, UsageOutcome(input_tokens=100, output_tokens=100))
     # No wait: the correction travels ahead of this admission's script.
     second = await metering.admit(Principal("key-next"), model, 100, 4900)
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 200 - 5000)
+
+
+async def test_an_admission_waits_for_corrections_already_on_their_way(
+    accounting: Accounting, model: Model, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await limited_key(storage, "key-race")
+    metering = accounting.metering
+    # The corrections go out on their own at once, and take a while to get there.
+    monkeypatch.setattr(metering_module, "_CORRECTION_DELAY", 0)
+    adjust = metering._adjust_script
+
+    async def slow_adjust(**kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await adjust(**kwargs)
+
+    monkeypatch.setattr(metering, "_adjust_script", slow_adjust)
+    first = await metering.admit(Principal("key-race"), model, 100, 4900)  # reserves 5000
+    await metering.settle(first, UsageOutcome(input_tokens=100, output_tokens=100))
+    await asyncio.sleep(0.01)  # the correction is on its way
+    second = await metering.admit(Principal("key-race"), model, 100, 4900)
     assert second.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 200 - 5000)
 
 
