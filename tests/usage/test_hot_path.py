@@ -94,6 +94,7 @@ async def test_an_admission_waits_for_corrections_already_on_their_way(
         await asyncio.sleep(0.05)
         return await adjust(**kwargs)
 
+    slow_adjust.sha = adjust.sha  # type: ignore[attr-defined]  # as admissions send it
     monkeypatch.setattr(metering, "_adjust_script", slow_adjust)
     first = await metering.admit(Principal("key-race"), model, 100, 4900)  # reserves 5000
     await metering.settle(first, UsageOutcome(input_tokens=100, output_tokens=100))
