@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
@@ -139,6 +140,20 @@ async def test_a_connection_lost_after_its_first_caller_went_away_is_made_again(
     assert await asyncio.wait_for(pipe.execute_command("PING"), 2) == b"PONG"
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def loopback_server(handler: Handler) -> AsyncIterator[int]:
+    """A hand-written server on a free loopback port (yields the port), closed on exit."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_server_that_never_answers_the_set_up_is_left_closed() -> None:
     closed = asyncio.Event()
 
@@ -146,16 +161,11 @@ async def test_a_server_that_never_answers_the_set_up_is_left_closed() -> None:
         await reader.read(-1)  # reads AUTH and SELECT, answers nothing, until the client leaves
         closed.set()
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = PipelinedRedis(f"redis://:secret@127.0.0.1:{port}/3", connect_timeout=0.2)
-    try:
+    async with loopback_server(silent) as port:
+        client = PipelinedRedis(f"redis://:secret@127.0.0.1:{port}/3", connect_timeout=0.2)
         with pytest.raises(RedisConnectionError):
             await asyncio.wait_for(client.execute_command("PING"), 2)
         await asyncio.wait_for(closed.wait(), 2)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_connection_that_stopped_answering_is_given_up_for_a_new_one() -> None:
@@ -171,20 +181,17 @@ async def test_a_connection_that_stopped_answering_is_given_up_for_a_new_one() -
                 writer.write(b"+PONG\r\n")
         writer.close()
 
-    server = await asyncio.start_server(first_silent_then_pong, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", reply_timeout=0.3)
-    try:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.execute_command("PING"), 0.1)
-        # Not yet silent for `reply_timeout`: the connection is still given the benefit.
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.execute_command("PING"), 0.1)
-        assert len(connections) == 1
-        await asyncio.sleep(0.3)
-        assert await asyncio.wait_for(client.execute_command("PING"), 2) == b"PONG"
-        assert len(connections) == 2
-    finally:
-        await client.aclose()
-        server.close()
-        await server.wait_closed()
+    async with loopback_server(first_silent_then_pong) as port:
+        client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", reply_timeout=0.3)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.execute_command("PING"), 0.1)
+            # Not yet silent for `reply_timeout`: the connection is still given the benefit.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.execute_command("PING"), 0.1)
+            assert len(connections) == 1
+            await asyncio.sleep(0.3)
+            assert await asyncio.wait_for(client.execute_command("PING"), 2) == b"PONG"
+            assert len(connections) == 2
+        finally:
+            await client.aclose()
