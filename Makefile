@@ -1,21 +1,35 @@
 # Shortcuts for developers and CI. `make run` and `make test` are the two that matter.
+#
+# Every target installs from uv.lock, so a fresh clone runs exactly the versions that were tested.
+# uv itself is a pinned release, put in .tools/ from PyPI the first time (or pass UV=/path/to/uv).
 
 PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV ?= $(TOOLS)/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test services lint format migrate bench
+# uv uses this interpreter for .venv and never downloads one of its own.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
 
-## venv: create .venv and install the project with its dev tools (again when pyproject changes)
-venv: $(STAMP)
+.PHONY: venv lock run test services lint format migrate bench
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet 'uv==$(UV_VERSION)'
+
+## venv: make .venv hold exactly what uv.lock says: the project, editable, and its dev tools
+# --locked also fails when pyproject.toml has changed without `make lock`.
+venv: $(UV)
+	$(UV) sync --locked --quiet
+
+## lock: upgrade every dependency to its newest allowed release (then run the tests, commit uv.lock)
+lock: $(UV)
+	$(UV) lock --upgrade
+	$(UV) sync --locked
 
 ## run: the whole gateway in one process (memory storage, fakeredis), no services needed
 run: venv

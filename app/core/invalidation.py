@@ -126,7 +126,7 @@ class InvalidationBus:
         finally:
             self.subscribed = False
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
 
 class InvalidatedCache(Generic[V]):
