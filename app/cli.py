@@ -196,6 +196,47 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when this host's gateway is healthy: the API answers /live, or (PROCESS_ROLE=worker)
+    every worker process has shown its event loop turning within the last few heartbeats."""
+    from pathlib import Path
+
+    from app.system.liveness import check_workers
+
+    settings = load_settings()
+    role = ProcessRole(args.role) if args.role else settings.PROCESS_ROLE
+    if role is ProcessRole.WORKER:
+        max_age = HEARTBEATS_MISSED * settings.WORKER_HEARTBEAT_SECONDS
+        problem = check_workers(Path(settings.WORKER_HEARTBEAT_DIR), max_age=max_age)
+    else:
+        problem = _live_problem(settings)
+    if problem is not None:
+        print(f"gateway healthcheck: {problem}", file=sys.stderr)
+        return 1
+    print("healthy")
+    return 0
+
+
+# A worker is unhealthy once this many heartbeats in a row have not come.
+HEARTBEATS_MISSED = 6
+
+
+def _live_problem(settings: Settings) -> str | None:
+    import urllib.error
+    import urllib.request
+
+    host = settings.HOST if settings.HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"http://{host}:{settings.PORT}/live"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as answer:
+            if answer.status == 200:
+                return None
+            return f"{url} answered {answer.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{url} did not answer: {reason}"
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -235,6 +276,10 @@ def _parser() -> argparse.ArgumentParser:
     create_key.add_argument("--name", default="Administrator", help="the key's name")
     command("seed", run_seed)
     command("rotate-secrets", run_rotate_secrets)
+    health = command("healthcheck", run_healthcheck)
+    health.add_argument(
+        "--role", choices=["api", "worker"], help="what to check (default: PROCESS_ROLE)"
+    )
     return parser
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 from enum import StrEnum
 from typing import Self
 
@@ -38,13 +40,36 @@ class ProcessRole(StrEnum):
     WORKER = "worker"
 
 
+MIN_SECRET_KEY_LENGTH = 32
+MIN_ADMIN_KEY_LENGTH = 20
+# Words of the sample values in docs and compose files, never of a generated key.
+_PLACEHOLDER_WORDS = ("change", "replace", "placeholder", "example", "secret")
+
+
+def weak_secret_problem(key: str) -> str | None:
+    """Why `key` is too weak to encrypt with (a phrase that follows "it"), or None."""
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        return f"is shorter than {MIN_SECRET_KEY_LENGTH} characters"
+    lowered = key.lower()
+    if any(word in lowered for word in _PLACEHOLDER_WORDS) or len(set(key)) < 12:
+        return "looks like a placeholder, not a random string"
+    return None
+
+
 class Settings(BaseSettings):
     """Every setting of the gateway; field names are the environment variable names."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=True,
+        # An error's text must not carry the environment it was read from (keys, passwords).
+        hide_input_in_errors=True,
     )
 
+    # `production` (the container image's default) refuses a missing, short or placeholder
+    # SECRET_KEY at start-up.
     ENVIRONMENT: str = "development"
     PROCESS_ROLE: ProcessRole = ProcessRole.DEV
     HOST: str = "127.0.0.1"
@@ -70,8 +95,23 @@ class Settings(BaseSettings):
     # collector's sight and collect less often (`app.core.heap`).
     GC_SETTLE: bool = True
 
-    # An API key with exactly this secret and admin rights is ensured at start-up (compose, CI).
+    # An API key with exactly this secret and admin rights is ensured at start-up (compose, CI,
+    # and a `make run` key that survives restarts).
     ADMIN_API_KEY: SecretStr | None = None
+
+    # A model validator, not a field one: a field validator's error would echo the value.
+    @model_validator(mode="after")
+    def _admin_key(self) -> Self:
+        value = self.ADMIN_API_KEY
+        if value is not None and not value.get_secret_value():
+            self.ADMIN_API_KEY = None  # `ADMIN_API_KEY=` (an empty line in .env): no such key
+        elif value is not None and len(value.get_secret_value()) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(
+                f"ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters long: it "
+                "opens every admin route. Make one with `python -c 'import secrets; "
+                'print("gw-" + secrets.token_urlsafe(32))\'`.'
+            )
+        return self
 
     # The administrator user created on first start; without a password one is generated and
     # printed once.
@@ -112,6 +152,12 @@ class Settings(BaseSettings):
     PURGE_INTERVAL_SECONDS: float = Field(default=300.0, gt=0)
     WORKER_THREADS: int = Field(default=8, ge=1, le=256)
     WORKER_PROCESSES: int = Field(default=1, ge=1, le=64)
+    # Each `gateway worker` process touches a file of its own here this often while its event
+    # loop turns; `gateway healthcheck` in a worker's container reads them.
+    WORKER_HEARTBEAT_DIR: str = Field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "llm-gateway-workers")
+    )
+    WORKER_HEARTBEAT_SECONDS: float = Field(default=5.0, gt=0, le=300)
     LONG_POLL_MAX_SECONDS: float = Field(default=30.0, ge=0)
 
     # The built-in mock provider (a model's parameters may override these).
@@ -233,6 +279,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 "DATABASE_URL must be a PostgreSQL URL such as "
                 "postgresql://user:password@host:5432/dbname."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _strong_secret_in_production(self) -> Self:
+        if self.ENVIRONMENT.strip().lower() != "production":
+            return self
+        keys = self.secret_keys() if self.SECRET_KEY is not None else []
+        # Only the first key encrypts; older ones stay accepted so that they can be rotated out.
+        problem = weak_secret_problem(keys[0]) if keys else "is not set"
+        if problem:
+            raise ValueError(
+                f"ENVIRONMENT=production needs a strong SECRET_KEY, and it {problem}: it encrypts "
+                "stored provider credentials and webhook secrets, and signs session tokens. Make "
+                "one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'` and keep "
+                "it: data encrypted with it cannot be read without it."
             )
         return self
 

@@ -37,6 +37,7 @@ from app.services import Services, build_services
 from app.settings.router import router as settings_admin_router
 from app.storage.factory import build_storage
 from app.storage.protocol import Storage
+from app.system.docs import install_docs
 from app.system.router import router as system_router
 from app.usage.router import budgets_router, usage_router
 from app.webhooks.router import router as webhooks_admin_router
@@ -109,12 +110,16 @@ def create_app(
         version=__version__,
         summary="One OpenAI-compatible API over many LLM providers, with durable jobs.",
         lifespan=lifespan,
+        # /docs is served from local assets (`install_docs`); ReDoc would load from a CDN.
+        docs_url=None,
+        redoc_url=None,
         # No OpenTelemetry export: without this, FastAPI asks the global OpenTelemetry
         # providers whether they are configured on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_docs(app)
     # The last added runs first: ids are assigned before anything else can answer. (Plain chat
     # completions are answered in front of this stack, by `GatewayApp`, which does the same.)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)

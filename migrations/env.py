@@ -16,6 +16,8 @@ from app.config import Settings
 from app.storage.sql import dsn
 
 config = context.config
+# The advisory lock that serialises concurrent migrations of one database ("gateway\0" in hex).
+LOCK = 0x6761746577617900
 target_metadata = SQLModel.metadata
 
 # Called from `app.storage.migrate`, the host process keeps its own logging.
@@ -63,6 +65,9 @@ def run_migrations_online() -> None:
                 render_item=render_item,
             )
             with context.begin_transaction():
+                # Processes that migrate as they start (Procfile) take turns: the later ones
+                # find the schema at head and have nothing to do. Released at commit.
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK})
                 context.run_migrations()
     finally:
         engine.dispose()

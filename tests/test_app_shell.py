@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -336,3 +337,16 @@ def test_a_storage_passed_in_is_used_and_left_open() -> None:
 def test_openapi_docs_are_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     assert "/ready" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_docs_page_loads_every_asset_from_the_gateway_itself(client: TestClient) -> None:
+    page = client.get("/docs").text
+    assert "://" not in page.replace("http://www.w3.org", "")  # no CDN, no other host
+    assets = re.findall(r"""(?:src|href)=["']?(/[^"'\s>]+)""", page)
+    assert {Path(url).suffix for url in assets} >= {".js", ".css"}
+    for url in assets:
+        answer = client.get(url)
+        assert answer.status_code == 200, url
+        assert len(answer.content) > 0, url
+    assert "/openapi.json" in page
+    assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN

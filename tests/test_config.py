@@ -91,3 +91,59 @@ def test_the_distributed_setup_is_accepted() -> None:
         PROCESS_ROLE="api", STORAGE_BACKEND="postgres", SECRET_KEY=SECRET, BROKER="redis"
     )
     assert settings.PROCESS_ROLE is ProcessRole.API
+
+
+STRONG = "kJ3v9QzR1xW7mN2pL5tY8bC4dF6gH0aS"
+
+
+@pytest.mark.parametrize(
+    ("secret", "reason"),
+    [
+        pytest.param(None, "is not set", id="missing"),
+        pytest.param("short-but-random-9f8e7d", "shorter than 32 characters", id="short"),
+        pytest.param("change-me-to-a-long-random-string", "placeholder", id="compose-sample"),
+        pytest.param("a" * 40, "placeholder", id="one-character"),
+        pytest.param("my-super-secret-production-key-2026", "placeholder", id="a-phrase"),
+    ],
+)
+def test_production_refuses_a_weak_secret_key_saying_how_to_make_one(
+    secret: str | None, reason: str
+) -> None:
+    values: dict[str, Any] = {"ENVIRONMENT": "production"}
+    if secret is not None:
+        values["SECRET_KEY"] = secret
+    with pytest.raises(ValidationError) as caught:
+        Settings(**values)
+    message = str(caught.value)
+    assert "ENVIRONMENT=production needs a strong SECRET_KEY" in message
+    assert reason in message
+    assert "secrets.token_urlsafe(32)" in message
+    if secret is not None:
+        assert secret not in message  # the refused value is never echoed
+
+
+def test_production_accepts_a_random_key_and_an_old_weak_one_behind_it_for_rotation() -> None:
+    settings = Settings(ENVIRONMENT="production", SECRET_KEY=f"{STRONG},old-short-key")
+    assert settings.secret_keys() == [STRONG, "old-short-key"]
+
+
+def test_a_weak_secret_key_is_accepted_outside_production() -> None:
+    assert Settings(SECRET_KEY="short").secret_keys() == ["short"]
+
+
+def test_an_empty_admin_api_key_means_none() -> None:
+    assert Settings(ADMIN_API_KEY="").ADMIN_API_KEY is None  # type: ignore[arg-type]
+
+
+def test_a_short_admin_api_key_is_refused_saying_how_to_make_one() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(ADMIN_API_KEY="gw-short")  # type: ignore[arg-type]
+    assert "ADMIN_API_KEY must be at least 20 characters" in str(caught.value)
+    assert "gw-short" not in str(caught.value)
+
+
+def test_a_refused_setup_does_not_echo_the_secrets_it_was_given() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(PROCESS_ROLE="api", SECRET_KEY="do-not-print-me-0123456789abcdef")  # type: ignore[arg-type]
+    assert "STORAGE_BACKEND=memory" in str(caught.value)
+    assert "do-not-print-me" not in str(caught.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import dramatiq
 import uvloop
@@ -10,7 +11,7 @@ import uvloop
 from app.config import Settings
 from app.queue.broker import build_broker
 from workers import runtime
-from workers.middleware import OneStopPerSignal, Periodic, QuickIdlePolling
+from workers.middleware import Heartbeat, OneStopPerSignal, Periodic, QuickIdlePolling
 
 _broker: dramatiq.Broker | None = None
 
@@ -21,8 +22,9 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
     # The AsyncIO middleware's event loop runs every job; uvloop's costs a fraction of the
     # default loop's CPU per socket event (database and Redis replies, a few per job).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    heartbeat = Heartbeat(Path(settings.WORKER_HEARTBEAT_DIR), settings.WORKER_HEARTBEAT_SECONDS)
     _broker = build_broker(
-        settings, middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling()]
+        settings, middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling(), heartbeat]
     )
     dramatiq.set_broker(_broker)
     return _broker

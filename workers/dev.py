@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, contextmanager
 import dramatiq
 from fastapi import FastAPI
 
-from app.config import Settings, StorageBackend
+from app.config import MIN_ADMIN_KEY_LENGTH, Settings, StorageBackend
 from app.main import create_app
 from app.queue.port import DramatiqQueue
 from app.seed import seed_services
@@ -45,6 +45,11 @@ async def announce_key(services: Services) -> None:
         return
     _, secret = await services.keys.create_key(name="gateway dev", admin=True)
     print(f"gateway dev: API key with admin rights for this session: {secret}", flush=True)
+    print(
+        "gateway dev: to keep one key across restarts, set ADMIN_API_KEY to a string of at "
+        f"least {MIN_ADMIN_KEY_LENGTH} characters (e.g. in .env)",
+        flush=True,
+    )
 
 
 def build_dev_app(settings: Settings) -> FastAPI:

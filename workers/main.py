@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from dramatiq.cli import main as dramatiq_main
 from dramatiq.cli import make_argument_parser
 
 from app.config import Settings
 from app.queue.names import ALL_QUEUES
+from app.system import liveness
 
 
 def run_worker(
@@ -23,6 +25,7 @@ def run_worker(
     if unknown:
         raise SystemExit(f"unknown queue(s) {', '.join(unknown)}; known: {', '.join(ALL_QUEUES)}")
     os.environ["PROCESS_ROLE"] = "worker"
+    liveness.forget_departed(Path(settings.WORKER_HEARTBEAT_DIR))  # files of a crashed run
     argv = [
         "workers.actors",
         "--processes",

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -15,6 +16,7 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from app.core import heap
 from app.gateway.chat import ensure_builtin_models
+from app.system import liveness
 from workers import runtime
 
 log = logging.getLogger(__name__)
@@ -132,3 +134,38 @@ class QuickIdlePolling(dramatiq.Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self._worker_process:
             worker.worker_timeout = self.IDLE_POLL_MS
+
+
+class Heartbeat(dramatiq.Middleware):
+    """Touches this `gateway worker` process's liveness file from its event loop while it runs,
+    so that `gateway healthcheck` sees a stuck or dead process (a worker serves no HTTP)."""
+
+    def __init__(self, directory: Path, interval: float) -> None:
+        self.directory = directory
+        self.interval = interval
+        self._worker_process = False
+        self._future: Future[Any] | None = None
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        self._worker_process = True  # only `gateway worker` processes boot through the CLI
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        thread = get_event_loop_thread()
+        if not self._worker_process or thread is None:
+            return
+
+        async def run() -> None:
+            while True:
+                try:
+                    liveness.beat(self.directory)
+                except OSError:
+                    log.exception("cannot write the liveness file in %s", self.directory)
+                await asyncio.sleep(self.interval)
+
+        self._future = asyncio.run_coroutine_threadsafe(run(), thread.loop)
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._future is not None:
+            self._future.cancel()
+            self._future = None
+            liveness.forget(self.directory)

@@ -8,11 +8,23 @@ from alembic import command
 from alembic.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# An installed package carries its revisions here (see pyproject.toml); a checkout has them at
+# the top of the project, where `alembic revision` writes new ones.
+_PACKAGED_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def migrations_dir() -> Path:
+    """The directory of Alembic's `env.py` and `versions/`."""
+    if _PACKAGED_MIGRATIONS.is_dir():
+        return _PACKAGED_MIGRATIONS
+    return PROJECT_ROOT / "migrations"
 
 
 def alembic_config(database_url: str) -> Config:
-    """The project's Alembic configuration, aimed at `database_url`."""
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    """The project's Alembic configuration, aimed at `database_url` (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("path_separator", "os")
     # Passed as an attribute, not an ini option, so a '%' in a password needs no escaping.
     config.attributes["database_url"] = database_url
     config.attributes["configure_logger"] = False
