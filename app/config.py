@@ -11,6 +11,8 @@ from typing import Self
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.egress import ProxyRules
+
 
 class StorageBackend(StrEnum):
     MEMORY = "memory"
@@ -169,6 +171,11 @@ class Settings(BaseSettings):
     UPSTREAM_CONNECT_TIMEOUT_SECONDS: float = Field(default=5.0, gt=0)
     UPSTREAM_MAX_RETRIES: int = Field(default=1, ge=0, le=10)
     UPSTREAM_MAX_CONNECTIONS: int = Field(default=200, ge=1)
+    # Upstream calls also follow the process environment's standard HTTPS_PROXY, HTTP_PROXY,
+    # ALL_PROXY and NO_PROXY (lower-case names too, read as curl and httpx read them), and all
+    # outbound TLS (upstreams, webhooks) trusts SSL_CERT_FILE / SSL_CERT_DIR instead of the
+    # system's CAs when set (`app/core/egress.py`). They are not fields, being read by other
+    # tools too; a proxy URL that cannot work is refused here.
     # A circuit breaker per upstream model opens after this many consecutive failures and lets
     # one trial call through after the cool-down.
     BREAKER_FAILURE_THRESHOLD: int = Field(default=5, ge=1)
@@ -280,6 +287,7 @@ class Settings(BaseSettings):
                 "DATABASE_URL must be a PostgreSQL URL such as "
                 "postgresql://user:password@host:5432/dbname."
             )
+        ProxyRules.from_environment()  # a ValueError here says which variable to fix
         return self
 
     @model_validator(mode="after")

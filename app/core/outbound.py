@@ -18,6 +18,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from app.core.egress import USER_AGENT, verified_context
 from app.core.errors import InvalidInput, Transient
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -262,10 +263,13 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
 class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, backend: GuardedBackend, limits: httpx.Limits) -> None:
+        # No proxy from the environment: the guard checks the address it connects to, and
+        # through a proxy that would be the proxy's, never the destination's.
         super().__init__(trust_env=False, limits=limits)
         # httpx takes no network backend, so its pool is rebuilt with ours (same settings).
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            # The CAs upstream calls trust (system or SSL_CERT_FILE), not httpx's certifi bundle.
+            ssl_context=verified_context(),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -297,7 +301,7 @@ class OutboundClient:
         *,
         resolver: Resolver | None = None,
         max_connections: int = 100,
-        user_agent: str = "llm-gateway",
+        user_agent: str = USER_AGENT,
     ) -> None:
         self.policy = policy or OutboundPolicy()
         self._backend = GuardedBackend(self.policy, resolver or system_resolver)

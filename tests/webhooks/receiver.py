@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -39,13 +40,16 @@ class Receiver:
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hook"
 
-    async def start(self) -> Receiver:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> Receiver:
+        """Listen on a free loopback port (over TLS with `tls`)."""
+        self.scheme = "https" if tls is not None else "http"
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

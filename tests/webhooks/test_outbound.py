@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from app import __version__
 from app.core.errors import InvalidInput
 from app.core.outbound import (
     ForbiddenDestination,
@@ -17,6 +19,7 @@ from app.core.outbound import (
     forbidden_reason,
     parse_host_address,
 )
+from tests.tls import make_authority
 from tests.webhooks.receiver import Received, Receiver, Reply, Respond
 
 LOOPBACK_ONLY = OutboundPolicy.parse("127.0.0.1/32")
@@ -253,3 +256,50 @@ async def test_a_slow_answer_times_out_as_a_whole(receiver: Receiver) -> None:
     finally:
         await client.aclose()
     assert asyncio.get_running_loop().time() - started < 1.5
+
+
+async def test_requests_say_they_come_from_this_gateway_version(receiver: Receiver) -> None:
+    client = OutboundClient(LOOPBACK_ONLY)
+    try:
+        await client.request("POST", receiver.url, content=b"{}", timeout=2)
+    finally:
+        await client.aclose()
+    assert receiver.requests[0].headers["user-agent"] == f"llm-gateway/{__version__}"
+
+
+async def test_the_proxy_of_the_environment_is_never_used(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The guard checks the address it connects to; through a proxy it could check nothing.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers
+    client = OutboundClient(LOOPBACK_ONLY)
+    try:
+        response = await client.request("GET", receiver.url, timeout=2)
+    finally:
+        await client.aclose()
+    assert response.status_code == 200 and len(receiver.requests) == 1
+
+
+async def test_https_endpoints_are_verified_against_the_operators_ca_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = make_authority(tmp_path)
+    server = await Receiver().start(tls=authority.server)
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        untrusting = OutboundClient(LOOPBACK_ONLY)
+        try:
+            with pytest.raises(OutboundFailed, match="connection failed"):
+                await untrusting.request("GET", server.url, timeout=2)
+        finally:
+            await untrusting.aclose()
+        monkeypatch.setenv("SSL_CERT_FILE", str(authority.ca_file))
+        trusting = OutboundClient(LOOPBACK_ONLY)
+        try:
+            response = await trusting.request("GET", server.url, timeout=2)
+        finally:
+            await trusting.aclose()
+    finally:
+        await server.close()
+    assert response.status_code == 200 and len(server.requests) == 1

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from app.core.egress import ProxyRefused
 from app.core.errors import (
     DomainError,
     InvalidInput,
@@ -133,6 +134,9 @@ def timeout_error(upstream: Upstream) -> UpstreamTimeout:
 
 
 def connection_error(upstream: Upstream, exc: BaseException) -> UpstreamUnavailable:
+    if isinstance(exc, ProxyRefused):
+        # Says where and what status, never the credentials (the proxy's `str` has none).
+        return UpstreamUnavailable(f"could not reach upstream model '{upstream.model_id}': {exc}")
     return UpstreamUnavailable(
         f"could not reach upstream model '{upstream.model_id}' ({type(exc).__name__})"
     )

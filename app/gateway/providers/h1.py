@@ -5,10 +5,13 @@ general client costs more CPU than the rest of the gateway's work: at 32 connect
 spends about 220 us of CPU per request on the development machine, this client about 45
 (`bench/http_clients.py` prints both). It does only what that call needs: one request at a
 time per connection, a pool of kept-alive connections per origin (plain TCP, or TLS verified
-against the system's CAs), a total deadline per request,
+against the system's CAs or `SSL_CERT_FILE`), a total deadline per request,
 Content-Length, chunked and read-until-close bodies (parsed by httptools, the parser uvicorn
-uses), and gzip or deflate bodies should a server send them unasked. Streams, redirects,
-proxies and cookies are not its business: streamed answers go through aiohttp.
+uses), and gzip or deflate bodies should a server send them unasked. Through an HTTP proxy
+(`app/core/egress.py` decides which), an http origin gets absolute-form requests on connections
+to the proxy, and an https origin a CONNECT tunnel with TLS to the origin inside, kept alive like
+any other connection. Streams, redirects and cookies are not its business: streamed answers go
+through aiohttp.
 
 A request that finds its kept-alive connection closed by the server before any byte of the
 answer came back (the server's idle timeout, crossing our reuse) is sent once more on a new
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 import httptools
+
+from app.core.egress import DIRECT, USER_AGENT, Proxy, ProxyRefused, ProxyRules, verified_context
 
 # Bounds on what one answer may hold; a larger one closes the connection with an error.
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -221,6 +226,36 @@ def _inflate(data: bytes, wbits: int) -> bytes:
             return b"".join(out)  # only gzip bodies may hold several members
 
 
+class _ProxyAnswer(asyncio.Protocol):
+    """Reads a proxy's answer to CONNECT up to the end of its head: its status code."""
+
+    def __init__(self) -> None:
+        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._head = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        if self.status.done():
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEADER_BYTES:
+                self.status.set_exception(ProtocolError("the proxy's answer is too large"))
+            return
+        parts = bytes(self._head[: self._head.find(b"\r\n")]).split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            self.status.set_exception(ProtocolError("unreadable answer from the proxy"))
+        elif len(self._head) > end + 4 and parts[1].startswith(b"2"):
+            # Nothing may come before our TLS handshake; bytes here are not the origin's.
+            self.status.set_exception(ProtocolError("the proxy sent data before the tunnel"))
+        else:
+            self.status.set_result(int(parts[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.status.done():
+            self.status.set_exception(Disconnected("the proxy closed the connection"))
+
+
 class _Origin:
     """The connections to one scheme, host and port: idle ones most recent last."""
 
@@ -231,10 +266,14 @@ class _Origin:
         tls: ssl.SSLContext | None,
         max_connections: int,
         keepalive: float,
+        proxy: Proxy | None = None,
+        connect_head: bytes = b"",
     ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
+        self.proxy = proxy
+        self.connect_head = connect_head  # the CONNECT request of a tunnel through `proxy`
         self.max_connections = max_connections
         self.keepalive = keepalive
         self.idle: deque[_Connection] = deque()
@@ -288,17 +327,43 @@ class _Origin:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(
-                    _Connection,
-                    self.host,
-                    self.port,
-                    ssl=self.tls,
-                    server_hostname=self.host if self.tls is not None else None,
-                )
+                if self.proxy is None:
+                    _, conn = await loop.create_connection(
+                        _Connection,
+                        self.host,
+                        self.port,
+                        ssl=self.tls,
+                        server_hostname=self.host if self.tls is not None else None,
+                    )
+                elif self.tls is None:
+                    _, conn = await loop.create_connection(
+                        _Connection, self.proxy.host, self.proxy.port
+                    )
+                else:
+                    conn = await self._tunnel(self.proxy, self.tls)
         except BaseException:
             self.count -= 1
             self._wake()
             raise
+        return conn
+
+    async def _tunnel(self, proxy: Proxy, tls: ssl.SSLContext) -> _Connection:
+        """A connection through `proxy` by CONNECT, with TLS to the origin inside it."""
+        loop = asyncio.get_running_loop()
+        transport, answer = await loop.create_connection(_ProxyAnswer, proxy.host, proxy.port)
+        try:
+            transport.write(self.connect_head)
+            status = await answer.status
+            if not 200 <= status < 300:
+                raise ProxyRefused(proxy, status)
+            conn = _Connection()
+            inner = await loop.start_tls(transport, conn, tls, server_hostname=self.host)
+        except BaseException:
+            transport.close()
+            raise
+        if inner is None:  # only for a transport already closing
+            raise Disconnected("the proxy closed the connection")
+        conn.connection_made(inner)  # start_tls hands the protocol over without telling it
         return conn
 
     def release(self, conn: _Connection) -> None:
@@ -342,12 +407,19 @@ class H1Client:
         max_connections: int = 100,
         keepalive: float = 30.0,
         tls: ssl.SSLContext | None = None,
+        proxies: ProxyRules = DIRECT,
+        user_agent: str = USER_AGENT,
     ) -> None:
-        """`tls`: how https origins are verified (default: the system's CAs and hostname)."""
+        """`tls`: how https origins are verified (default: the system's CAs, or `SSL_CERT_FILE`
+        and `SSL_CERT_DIR`, and the host name); `proxies`: which origins go through a proxy;
+        `user_agent`: sent unless a request carries its own."""
         self._max_connections = max_connections
         self._keepalive = keepalive
         self._origins: dict[tuple[str, str, int], _Origin] = {}
         self._tls = tls
+        self._proxies = proxies
+        self._agent = f"user-agent: {user_agent}"
+        self._agent_line = f"{self._agent}\r\n".encode("latin-1")
         self._targets: dict[str, tuple[tuple[str, str, int], bytes]] = {}
 
     def _split(self, url: str) -> tuple[tuple[str, str, int], bytes]:
@@ -367,8 +439,14 @@ class H1Client:
         target = quote(parts.path or "/", safe=_SAFE_PATH)
         if parts.query:
             target += "?" + quote(parts.query, safe=_SAFE_QUERY)
-        head = f"POST {target} HTTP/1.1\r\nhost: {shown}\r\n".encode("latin-1")
-        known = ((scheme, host, port), head)
+        head = f"POST {target} HTTP/1.1\r\nhost: {shown}\r\n"
+        proxy = self._proxies.select(scheme, host, port)
+        if proxy is not None and scheme == "http":
+            # To a proxy, the absolute form: it needs the origin to forward to.
+            head = f"POST http://{shown}{target} HTTP/1.1\r\nhost: {shown}\r\n"
+            if proxy.authorization is not None:
+                head += f"proxy-authorization: {proxy.authorization}\r\n"
+        known = ((scheme, host, port), head.encode("latin-1"))
         if len(self._targets) > 1000:
             self._targets.clear()
         self._targets[url] = known
@@ -377,12 +455,24 @@ class H1Client:
     def _origin(self, key: tuple[str, str, int]) -> _Origin:
         origin = self._origins.get(key)
         if origin is None:
+            scheme, host, port = key
             tls = None
-            if key[0] == "https":
+            if scheme == "https":
                 if self._tls is None:
-                    self._tls = ssl.create_default_context()
+                    self._tls = verified_context()
                 tls = self._tls
-            origin = _Origin(key[1], key[2], tls, self._max_connections, self._keepalive)
+            proxy = self._proxies.select(scheme, host, port)
+            connect = b""
+            if proxy is not None and tls is not None:
+                authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                lines = [f"CONNECT {authority} HTTP/1.1", f"host: {authority}"]
+                if proxy.authorization is not None:
+                    lines.append(f"proxy-authorization: {proxy.authorization}")
+                lines.append(self._agent)
+                connect = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            origin = _Origin(
+                host, port, tls, self._max_connections, self._keepalive, proxy, connect
+            )
             self._origins[key] = origin
         return origin
 
@@ -400,10 +490,14 @@ class H1Client:
         for a URL or header this client will not send."""
         key, start = self._split(url)
         head = [start]
+        agent = self._agent_line
         for name, value in headers.items():
             if any(c in name or c in value for c in _FORBIDDEN_IN_HEADERS):
                 raise ValueError(f"header {name!r} holds a line break or NUL")
+            if len(name) == 10 and name.lower() == "user-agent":
+                agent = b""
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        head.append(agent)
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         request = b"".join(head) + body
         origin = self._origin(key)
@@ -423,12 +517,16 @@ class H1Client:
                     conn, reused = await origin.acquire(min(connect_timeout, remaining))
             exchange = _Exchange(loop.create_future())
             try:
-                return await self._exchange(origin, conn, exchange, request, deadline)
+                response = await self._exchange(origin, conn, exchange, request, deadline)
             except Disconnected:
                 # Closed by the server as we reused it, before any byte of an answer: the
                 # request was never read, so it goes once more on another connection.
                 if attempt or not reused or exchange.started:
                     raise
+                continue
+            if response.status == 407 and origin.proxy is not None:
+                raise ProxyRefused(origin.proxy, 407)
+            return response
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -2,12 +2,14 @@
 
 A plain JSON call goes through `H1Client` (app/gateway/providers/h1.py), which costs a sixth
 of aiohttp's CPU per request; streamed answers go through one pooled aiohttp session per
-upstream origin.
+upstream origin. Both take their proxy from the same `ProxyRules`, read from the environment
+when the pool is built, and verify TLS the same way (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from app.core.egress import USER_AGENT, Proxy, ProxyRefused, ProxyRules, verified_context
 from app.gateway.providers.base import (
     JSON,
     Upstream,
@@ -29,9 +32,18 @@ from app.gateway.providers.h1 import H1Client
 class HttpPool:
     """Keeps connection pools per upstream origin, so calls reuse warm connections."""
 
-    def __init__(self, *, max_connections: int = 100, keepalive: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        keepalive: float = 30.0,
+        proxies: ProxyRules | None = None,
+    ) -> None:
+        """`proxies`: by default the environment's (`HTTPS_PROXY`, `NO_PROXY`…), read now."""
         self._max_connections = max_connections
         self._keepalive = keepalive
+        self.proxies = ProxyRules.from_environment() if proxies is None else proxies
+        self._tls: ssl.SSLContext | None = None
         self._sessions: dict[str, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
         self._clients: dict[asyncio.AbstractEventLoop, H1Client] = {}
 
@@ -42,7 +54,11 @@ class HttpPool:
         if client is None:
             for old in [old for old in self._clients if old.is_closed()]:
                 del self._clients[old]
-            client = H1Client(max_connections=self._max_connections, keepalive=self._keepalive)
+            client = H1Client(
+                max_connections=self._max_connections,
+                keepalive=self._keepalive,
+                proxies=self.proxies,
+            )
             self._clients[loop] = client
         return client
 
@@ -55,12 +71,33 @@ class HttpPool:
         # gets its own.
         if held is not None and held[0] is loop and not held[1].closed:
             return held[1]
+        if self._tls is None:
+            # Made on the first session, not at import as aiohttp's own: SSL_CERT_FILE counts.
+            self._tls = verified_context()
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=self._keepalive
+            limit=self._max_connections,
+            ttl_dns_cache=300,
+            keepalive_timeout=self._keepalive,
+            ssl=self._tls,
         )
-        session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        # trust_env stays off: the proxy is the one `self.proxies` chose, as for JSON calls.
+        session = aiohttp.ClientSession(
+            connector=connector, raise_for_status=False, headers={"user-agent": USER_AGENT}
+        )
         self._sessions[origin] = (loop, session)
         return session
+
+    def stream_proxy(self, url: str) -> Proxy | None:
+        """The proxy a stream to `url` goes through."""
+        if not self.proxies.configured:
+            return None
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            return None  # aiohttp refuses the URL itself, as without a proxy
+        return self.proxies.select(scheme, parts.hostname or "", port)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,18 +148,34 @@ async def open_stream(
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.timeout
     )
+    proxy = pool.stream_proxy(url)
+    options: dict[str, Any] = {}
+    if proxy is not None:
+        options["proxy"] = proxy.url
+        if url[:6].lower() == "https:":
+            options["proxy_headers"] = proxy.headers  # on the CONNECT
+        else:
+            headers = {**headers, **proxy.headers}  # the request itself goes to the proxy
     try:
         async with pool.session(url).post(
-            url, data=orjson.dumps(payload), headers=headers, timeout=timeout
+            url, data=orjson.dumps(payload), headers=headers, timeout=timeout, **options
         ) as response:
             if response.status >= 400:
                 raw = await response.read()
+                if response.status == 407 and proxy is not None:
+                    refused = ProxyRefused(proxy, 407)
+                    raise connection_error(upstream, refused) from refused
                 raise upstream_error(
                     upstream, response.status, raw, response.headers.get("retry-after")
                 )
             yield response
     except TimeoutError as exc:
         raise timeout_error(upstream) from exc
+    except aiohttp.ClientHttpProxyError as exc:
+        # Raised from the proxy's error, not aiohttp's: that one holds the request's headers.
+        assert proxy is not None
+        refused = ProxyRefused(proxy, exc.status)
+        raise connection_error(upstream, refused) from refused
     except aiohttp.ClientError as exc:
         raise connection_error(upstream, exc) from exc
 
