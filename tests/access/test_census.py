@@ -21,8 +21,6 @@ PUBLIC = frozenset(
         ("GET", "/live"),
         ("GET", "/ready"),
         ("GET", "/docs"),
-        ("GET", "/docs/oauth2-redirect"),
-        ("GET", "/redoc"),
         ("GET", "/openapi.json"),
         ("POST", "/auth/login"),
     }
