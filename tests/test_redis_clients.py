@@ -24,6 +24,8 @@ from app.operations.entities import OperationKind
 from app.queue.broker import build_broker
 from app.queue.names import QUEUES
 from app.queue.port import build_queue
+from app.storage.memory import MemoryStorage
+from app.system.checks import check_readiness, process_dependencies
 from app.usage.wiring import hot_path_redis
 from tests.operations.test_redis_enqueue import received
 from tests.redis_servers import Certificates, RedisServer
@@ -105,12 +107,25 @@ async def _job_send(settings: Settings, key: str, value: str) -> str:
         broker.close()
 
 
+async def _readiness(settings: Settings, key: str, value: str) -> str:
+    client = build_redis(settings)
+    try:
+        readiness = await check_readiness(process_dependencies(settings, MemoryStorage(), client))
+    finally:
+        await client.aclose()
+    check = readiness.checks["redis"]
+    if check.status != "ok":
+        raise ConnectionError(check.error)
+    return value
+
+
 CLIENTS: dict[str, RoundTrip] = {
     "pipelined": _pipelined,
     "metering": _metering,
     "async-client": _async_client,
     "broker": _broker,
     "job-send": _job_send,
+    "readiness": _readiness,
 }
 # The clients that write keys (the others send jobs or ping).
 KEY_CLIENTS = ("pipelined", "metering", "async-client", "broker")
