@@ -6,12 +6,15 @@ import os
 import secrets
 import tempfile
 from enum import StrEnum
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.egress import ProxyRules
+
+if TYPE_CHECKING:
+    from app.core.redis_url import RedisEndpoint
 
 
 class StorageBackend(StrEnum):
@@ -84,8 +87,25 @@ class Settings(BaseSettings):
     DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
 
+    # The Redis of the broker, counters, caches and locks when BROKER=redis: redis://, rediss://
+    # (TLS) or unix:///path, the database as the path or ?db=, a user and a percent-encoded
+    # password before the host; TLS options ssl_cert_reqs (none, optional, required: the
+    # default), ssl_ca_certs, ssl_ca_path, ssl_certfile, ssl_keyfile, ssl_password and
+    # ssl_check_hostname. Every Redis client of a process connects with `redis_endpoint()`.
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     BROKER: BrokerKind = BrokerKind.FAKEREDIS
+
+    @model_validator(mode="after")
+    def _usable_redis_url(self) -> Self:
+        if self.BROKER is BrokerKind.REDIS:
+            self.redis_endpoint()  # raises a sentence saying what to change
+        return self
+
+    def redis_endpoint(self) -> RedisEndpoint:
+        """Where REDIS_URL points and how to connect, parsed once for every client."""
+        from app.core.redis_url import parse_redis_url
+
+        return parse_redis_url(self.REDIS_URL)
 
     # Encrypts stored provider credentials and webhook secrets. Comma-separate several keys to
     # rotate: the first encrypts, all decrypt.

@@ -37,6 +37,7 @@ from app.services import Services, build_services
 from app.settings.router import router as settings_admin_router
 from app.storage.factory import build_storage
 from app.storage.protocol import Storage
+from app.system.checks import process_dependencies
 from app.system.docs import install_docs
 from app.system.router import router as system_router
 from app.usage.router import budgets_router, usage_router
@@ -89,6 +90,8 @@ def create_app(
             redis = build_redis(settings)
             stack.push_async_callback(redis.aclose)
             app.state.services = build_services(settings, app.state.storage, jobs, redis)
+            # What /ready probes: the database and Redis those services use.
+            app.state.dependencies = process_dependencies(settings, app.state.storage, redis)
             # Runs before Redis and storage close: buffered usage and logs are sent first.
             stack.push_async_callback(app.state.services.metering.close)
             stack.push_async_callback(app.state.services.outbound.aclose)

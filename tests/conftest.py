@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis
 
 from app.storage.protocol import Storage
+from tests.redis_servers import Certificates, RedisServer, make_certificates
 
 # A test process builds many apps: freezing the heap at each start-up (`app.core.heap`) would
 # keep every earlier app's reference cycles for the rest of the session.
@@ -110,3 +113,24 @@ async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     backend = SqlStorage(make_database(database_url, pool_size=20, max_overflow=20))
     yield backend
     await backend.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Starts redis-servers of the test's own (options of `RedisServer`); all stop at its end."""
+    servers: list[RedisServer] = []
+
+    def start(**options: Any) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}", **options)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.remove()
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA with a server certificate (127.0.0.1, localhost) and a client one, as PEM files."""
+    return make_certificates(tmp_path_factory.mktemp("tls"))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
+import redis
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
@@ -19,6 +20,7 @@ from app.config import Settings
 from app.core import errors
 from app.main import create_app
 from app.storage.memory import MemoryStorage
+from tests.redis_servers import RedisServer
 
 CLOSED_PORT_DB = "postgresql://postgres@127.0.0.1:1/gateway"
 
@@ -75,15 +77,104 @@ def test_ready_on_memory_storage_reports_the_backend(client: TestClient) -> None
     }
 
 
-def test_ready_pings_the_redis_client_the_app_holds() -> None:
-    app = create_app(Settings())
-    app.state.redis = fakeredis.FakeAsyncRedis()
-    with TestClient(app) as client:
+def redis_settings(database_url: str, redis_url: str, **extra: Any) -> Settings:
+    return Settings(
+        STORAGE_BACKEND="postgres",  # type: ignore[arg-type]
+        DATABASE_URL=database_url,
+        SECRET_KEY="test-secret-key-of-sufficient-length",  # type: ignore[arg-type]
+        BROKER="redis",  # type: ignore[arg-type]
+        REDIS_URL=redis_url,
+        **extra,
+    )
+
+
+def connections_received(server: RedisServer) -> int:
+    with redis.Redis(port=server.port) as client:
+        return int(client.info("stats")["total_connections_received"]) - 1  # less this one
+
+
+@pytest.mark.slow
+def test_ready_pings_the_redis_the_services_use_over_their_own_connections(
+    database_url: str, redis_server: Callable[..., RedisServer]
+) -> None:
+    server = redis_server()
+    # The response cache and metering on Redis too: all on the one server, probed once.
+    settings = redis_settings(
+        database_url, f"redis://127.0.0.1:{server.port}/0", CACHE_BACKEND="redis"
+    )
+    with TestClient(create_app(settings)) as client:
+        first = client.get("/ready")
+        assert first.status_code == 200
+        checks = first.json()["checks"]
+        assert set(checks) == {"database", "redis"}
+        assert all(c["status"] == "ok" and c["latency_ms"] >= 0 for c in checks.values())
+        opened = connections_received(server)
+        for _ in range(5):
+            assert client.get("/ready").status_code == 200
+        # No connection of its own per probe: the pool the services share answers.
+        assert connections_received(server) - opened == 1  # only the count's own
+
+
+@pytest.mark.slow
+def test_ready_is_503_naming_redis_while_it_is_down_and_200_once_it_is_back(
+    database_url: str, redis_server: Callable[..., RedisServer]
+) -> None:
+    server = redis_server()
+    settings = redis_settings(database_url, f"redis://127.0.0.1:{server.port}/0")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ready").status_code == 200
+        server.stop()
+        down = client.get("/ready")
+        assert down.status_code == 503
+        body = down.json()
+        assert body["status"] == "not_ready"
+        assert body["checks"]["database"]["status"] == "ok"
+        assert body["checks"]["redis"] == {
+            "status": "unavailable",
+            "error": "redis unreachable: ConnectionError",
+        }
+        server.start()
+        back = client.get("/ready")
+        assert back.status_code == 200, back.text
+        assert back.json()["status"] == "ready"
+
+
+@pytest.mark.slow
+def test_ready_is_503_naming_only_the_database_when_redis_answers(
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    server = redis_server()
+    settings = redis_settings(
+        CLOSED_PORT_DB, f"redis://127.0.0.1:{server.port}/0", DB_CONNECT_TIMEOUT=1
+    )
+    with TestClient(create_app(settings)) as client:
         response = client.get("/ready")
-    assert response.status_code == 200
-    redis_check = response.json()["checks"]["redis"]
-    assert redis_check["status"] == "ok"
-    assert redis_check["latency_ms"] >= 0
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"]["status"] == "unavailable"
+    assert "database" in checks["database"]["error"]
+    assert checks["redis"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_ready_probes_the_dependencies_at_once_each_within_its_time() -> None:
+    # A server that accepts connections and never answers stands for a hung database and Redis.
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:
+        port = silent.getsockname()[1]
+        settings = redis_settings(
+            f"postgresql://postgres@127.0.0.1:{port}/gateway",
+            f"redis://127.0.0.1:{port}/0",
+            DB_CONNECT_TIMEOUT=3,
+        )
+        with TestClient(create_app(settings)) as client:
+            started = time.monotonic()
+            response = client.get("/ready")
+            elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"] == {"status": "unavailable", "error": "no answer within 2.5 s"}
+    assert checks["redis"] == {"status": "unavailable", "error": "no answer within 2.5 s"}
+    assert 2.4 < elapsed < 4  # one probe's time, not the sum of both
 
 
 def test_ready_is_503_naming_the_database_when_postgres_is_unreachable() -> None:

@@ -12,14 +12,14 @@ def build_redis(settings: Settings) -> aioredis.Redis:
     if settings.BROKER is BrokerKind.REDIS:
         # A blocking pool waits (up to `timeout`) for a free connection under a burst of
         # concurrent requests; the default pool raises "Too many connections" past 100.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL,
+        pool = aioredis.BlockingConnectionPool(
             max_connections=100,
             timeout=5.0,
             socket_connect_timeout=2.0,
             socket_timeout=5.0,
+            **settings.redis_endpoint().pool_kwargs(asyncio=True),
         )
-        return aioredis.Redis(connection_pool=pool)
+        return aioredis.Redis.from_pool(pool)
     import fakeredis
 
     from app.queue.broker import fake_redis_server

@@ -12,6 +12,10 @@ went away (a timeout, a cancel) keeps its place in line and its reply is dropped
 connection fails every command in flight and the next command connects again. So does a
 silent one: when commands have waited `reply_timeout` seconds without any reply (a hung server,
 a network gone without a reset), the next command gives that connection up and makes another.
+
+It connects where and as the process's other clients do, from the same `RedisEndpoint`
+(`app.core.redis_url`): TCP, TLS with the context redis-py would build, or a unix socket, then
+AUTH with the user and password and SELECT of the database.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
-from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import (
     AuthenticationError,
     NoScriptError,
@@ -34,6 +37,8 @@ from redis.exceptions import (
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
 )
+
+from app.core.redis_url import RedisEndpoint, parse_redis_url
 
 Arg = str | bytes | int | float
 
@@ -116,18 +121,17 @@ class PipelinedRedis:
     """See the module docstring. One per event loop (its connection belongs to the loop)."""
 
     def __init__(
-        self, url: str, *, connect_timeout: float = 2.0, reply_timeout: float = 5.0
+        self,
+        endpoint: RedisEndpoint | str,
+        *,
+        connect_timeout: float = 2.0,
+        reply_timeout: float = 5.0,
     ) -> None:
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-        self._path: str | None = options.get("path")
-        self._host: str = options.get("host") or "localhost"
-        self._port: int = int(options.get("port") or 6379)
-        self._db = int(options.get("db") or 0)
-        self._username: str | None = options.get("username")
-        self._password: str | None = options.get("password")
-        if options.get("connection_class") is UnixDomainSocketConnection and not self._path:
-            raise ValueError("a unix:// Redis URL needs a path")
-        self._tls = options.get("connection_class") is SSLConnection
+        # The endpoint every client of the process shares (`Settings.redis_endpoint`), or a URL.
+        if isinstance(endpoint, str):
+            endpoint = parse_redis_url(endpoint)
+        self.endpoint = endpoint
+        self._ssl = endpoint.ssl_context()
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
@@ -197,28 +201,28 @@ class PipelinedRedis:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
         protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if self._path is not None:
-                    _, protocol = await loop.create_unix_connection(_Protocol, self._path)
+                if endpoint.path is not None:
+                    _, protocol = await loop.create_unix_connection(_Protocol, endpoint.path)
                 else:
-                    context = ssl.create_default_context() if self._tls else None
                     _, protocol = await loop.create_connection(
                         _Protocol,
-                        self._host,
-                        self._port,
-                        ssl=context,
-                        server_hostname=self._host if context is not None else None,
+                        endpoint.host,
+                        endpoint.port,
+                        ssl=self._ssl,
+                        server_hostname=endpoint.host if self._ssl is not None else None,
                     )
                 setup: list[Sequence[Arg]] = []
-                if self._password is not None:
-                    if self._username is not None:
-                        setup.append(("AUTH", self._username, self._password))
+                if endpoint.password is not None:
+                    if endpoint.username is not None:
+                        setup.append(("AUTH", endpoint.username, endpoint.password))
                     else:
-                        setup.append(("AUTH", self._password))
-                if self._db:
-                    setup.append(("SELECT", self._db))
+                        setup.append(("AUTH", endpoint.password))
+                if endpoint.db:
+                    setup.append(("SELECT", endpoint.db))
                 if setup:
                     replies = protocol.send(b"".join(pack(c) for c in setup), len(setup))
                     for reply in replies:
@@ -229,8 +233,15 @@ class PipelinedRedis:
                 protocol.transport.close()
             if isinstance(exc, ResponseError):
                 raise AuthenticationError(str(exc)) from exc
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise RedisConnectionError(
+                    f"the TLS certificate of Redis at {endpoint.address} failed verification "
+                    f"({exc.verify_message}): ssl_ca_certs in REDIS_URL names the CA to trust"
+                ) from exc
             if isinstance(exc, OSError | TimeoutError):
-                raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from exc
+                raise RedisConnectionError(
+                    f"cannot connect to Redis at {endpoint.address}: {exc!r}"
+                ) from exc
             raise
         self._protocol = protocol
         return protocol

@@ -40,9 +40,12 @@ def build_broker(settings: Settings, *, middleware: list[Any] | None = None) -> 
     elif settings.BROKER is BrokerKind.FAKEREDIS:
         broker = RedisBroker(client=fake_redis_client(), namespace="gateway")  # type: ignore[no-untyped-call]
     else:
-        client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_connect_timeout=2.0, socket_timeout=10.0
+        pool = redis.ConnectionPool(
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
+            **settings.redis_endpoint().pool_kwargs(asyncio=False),
         )
+        client = redis.Redis.from_pool(pool)
         broker = RedisBroker(client=client, namespace="gateway")  # type: ignore[no-untyped-call]
     broker.add_middleware(AsyncIO())
     for extra in middleware or []:

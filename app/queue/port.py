@@ -146,11 +146,11 @@ class RedisEnqueue:
 def build_queue(settings: Settings, broker: dramatiq.Broker) -> DramatiqQueue:
     """The queue over `broker`; on a real Redis its sends go out from the event loop.
 
-    The direct client connects to `REDIS_URL`, the server and database `build_broker` gives the
-    broker's own client.
+    The direct client connects where `build_broker` connects the broker's own client: both take
+    `settings.redis_endpoint()`.
     """
     if settings.BROKER is BrokerKind.REDIS and isinstance(broker, RedisBroker):
-        return DramatiqQueue(broker, direct=PipelinedRedis(settings.REDIS_URL))
+        return DramatiqQueue(broker, direct=PipelinedRedis(settings.redis_endpoint()))
     return DramatiqQueue(broker)
 
 

@@ -1,15 +1,15 @@
-"""Readiness probes of the dependencies a process needs, each bounded in time."""
+"""Readiness probes of the dependencies a process uses, concurrent and each bounded in time."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from app.config import BrokerKind, Settings
 from app.core.errors import DomainError
@@ -21,8 +21,51 @@ logger = logging.getLogger(__name__)
 # Orchestrators give up on a probe after a few seconds; answer before they do.
 CHECK_TIMEOUT = 2.5
 
+Probe = Callable[[], Awaitable[object]]
 
-async def _probe(name: str, call: Callable[[], Awaitable[object]], seconds: float) -> CheckRead:
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """One thing the process needs: asked by `probe`, or in-process (`backend`) and always up."""
+
+    name: str
+    probe: Probe | None = None
+    backend: str | None = None
+
+
+def process_dependencies(settings: Settings, storage: Storage, redis: Redis) -> list[Dependency]:
+    """What a process built by `build_services` on `storage` and `redis` talks to, once each.
+
+    Its database, and with BROKER=redis the one Redis server of REDIS_URL: the broker, job
+    sends, metering, caches, sessions and invalidation all connect there with the same
+    `Settings.redis_endpoint()`, so a ping through `redis`, the client the process shares,
+    stands for all of them. Otherwise its Redis is the in-process stand-in.
+    """
+    dependencies = [
+        Dependency("database", backend="memory")
+        if storage.name == "memory"
+        else Dependency("database", storage.check)
+    ]
+    if settings.BROKER is BrokerKind.REDIS:
+        dependencies.append(Dependency("redis", redis.ping))
+    elif settings.BROKER is BrokerKind.FAKEREDIS:
+        dependencies.append(Dependency("redis", backend="fakeredis"))
+    return dependencies
+
+
+def _reason(name: str, exc: Exception) -> str:
+    """Why `name` is unavailable, in words that cannot carry a host or a credential."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"{name} unreachable: TLS certificate verification failed"
+        if isinstance(cause, ssl.SSLError):
+            return f"{name} unreachable: TLS handshake failed"
+        cause = cause.__cause__ or cause.__context__
+    return f"{name} unreachable: {type(exc).__name__}"
+
+
+async def _probe(name: str, call: Probe, seconds: float) -> CheckRead:
     started = time.perf_counter()
     try:
         await asyncio.wait_for(call(), seconds)
@@ -35,46 +78,21 @@ async def _probe(name: str, call: Callable[[], Awaitable[object]], seconds: floa
     except Exception as exc:
         # Driver messages may carry hosts or credentials: log them, answer with the kind only.
         logger.warning("readiness: %s unavailable", name, exc_info=exc)
-        return CheckRead(status="unavailable", error=f"{name} unreachable: {type(exc).__name__}")
+        return CheckRead(status="unavailable", error=_reason(name, exc))
     return CheckRead(status="ok", latency_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
-async def _ping(client: Redis | None, url: str, socket_timeout: float) -> None:
-    if client is not None:
-        await client.ping()
-        return
-    client = Redis.from_url(
-        url,
-        socket_connect_timeout=socket_timeout,
-        socket_timeout=socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-    try:
-        await client.ping()
-    finally:
-        await client.aclose()
-
-
 async def check_readiness(
-    settings: Settings,
-    storage: Storage,
-    redis_client: Redis | None = None,
-    *,
-    seconds: float = CHECK_TIMEOUT,
+    dependencies: Sequence[Dependency], *, seconds: float = CHECK_TIMEOUT
 ) -> ReadyRead:
-    """Probe the storage and, when one is in use, Redis, concurrently, each within `seconds`."""
+    """Probe every dependency concurrently, each within `seconds`; ready when all answer."""
     checks: dict[str, CheckRead] = {}
     probes: dict[str, Awaitable[CheckRead]] = {}
-    if storage.name == "memory":
-        checks["database"] = CheckRead(status="ok", backend="memory")
-    else:
-        probes["database"] = _probe("database", storage.check, seconds)
-    if redis_client is not None or settings.BROKER is BrokerKind.REDIS:
-        probes["redis"] = _probe(
-            "redis", lambda: _ping(redis_client, settings.REDIS_URL, seconds), seconds
-        )
-    elif settings.BROKER is BrokerKind.FAKEREDIS:
-        checks["redis"] = CheckRead(status="ok", backend="fakeredis")
+    for dependency in dependencies:
+        if dependency.probe is None:
+            checks[dependency.name] = CheckRead(status="ok", backend=dependency.backend)
+        else:
+            probes[dependency.name] = _probe(dependency.name, dependency.probe, seconds)
     checks.update(zip(probes, await asyncio.gather(*probes.values()), strict=True))
     checks = dict(sorted(checks.items()))  # database, then redis
     ready = all(check.status == "ok" for check in checks.values())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app import __version__
-from app.core.deps import SettingsDep, StorageDep
 from app.system.checks import check_readiness
 from app.system.schemas import HealthRead, LiveRead, ReadyRead
 
@@ -29,12 +28,10 @@ async def live() -> LiveRead:
     response_model_exclude_none=True,
     responses={503: {"model": ReadyRead, "description": "A dependency is unavailable"}},
 )
-async def ready(
-    request: Request, response: Response, settings: SettingsDep, storage: StorageDep
-) -> ReadyRead:
-    """The process can serve requests: its database (and Redis, when used) answer."""
-    redis_client = getattr(request.app.state, "redis", None)
-    readiness = await check_readiness(settings, storage, redis_client)
+async def ready(request: Request, response: Response) -> ReadyRead:
+    """The process can serve requests: its database and its Redis, when it uses one, answer."""
+    # The dependencies the lifespan built the process's services on (`process_dependencies`).
+    readiness = await check_readiness(request.app.state.dependencies)
     if readiness.status != "ready":
         response.status_code = 503
     return readiness

@@ -92,7 +92,7 @@ def hot_path_redis(settings: Settings) -> PipelinedRedis | None:
     """
     if settings.BROKER is not BrokerKind.REDIS:
         return None
-    return PipelinedRedis(settings.REDIS_URL, connect_timeout=2.0)
+    return PipelinedRedis(settings.redis_endpoint(), connect_timeout=2.0)
 
 
 async def _days(accounting: Accounting, key: str, default: int) -> int:
