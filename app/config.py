@@ -9,6 +9,8 @@ from typing import Self
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.storage.database_url import SCHEMES, parse_database_url
+
 
 class StorageBackend(StrEnum):
     MEMORY = "memory"
@@ -41,8 +43,13 @@ class ProcessRole(StrEnum):
 class Settings(BaseSettings):
     """Every setting of the gateway; field names are the environment variable names."""
 
+    # Inputs are kept out of error messages: a refused DATABASE_URL carries a password.
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=True,
+        hide_input_in_errors=True,
     )
 
     ENVIRONMENT: str = "development"
@@ -52,10 +59,29 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
 
     STORAGE_BACKEND: StorageBackend = StorageBackend.MEMORY
+    # Query options both drivers (asyncpg at run time, psycopg for migrations) honour: sslmode,
+    # sslrootcert, sslcert, sslkey, sslpassword, sslcrl, target_session_attrs, application_name,
+    # options (`-c name=value` server settings), connect_timeout (replaces DB_CONNECT_TIMEOUT),
+    # host, port, dbname, user, password, passfile; any other is refused.
     DATABASE_URL: str = "postgresql://postgres@127.0.0.1:5432/gateway"
     DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
     DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
+    # A connection older than this is closed when it comes back to the pool instead of being
+    # reused (0: never), so processes follow a failover or a moved proxy within this time.
+    DB_POOL_MAX_LIFETIME_SECONDS: float = Field(default=1800.0, ge=0)
+    # asyncpg's cache of prepared statements. Turn it off behind PgBouncer in transaction or
+    # statement pooling mode, where the next transaction may run on another server connection
+    # that lacks them; every statement then costs one more round trip.
+    DB_STATEMENT_CACHE: bool = True
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        # Anything but a PostgreSQL URL is refused below, and only with the postgres backend.
+        if value.startswith(SCHEMES):
+            parse_database_url(value)
+        return value
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     BROKER: BrokerKind = BrokerKind.FAKEREDIS
