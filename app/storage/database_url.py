@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -44,7 +44,7 @@ OPTIONS = _PASSED + _TRANSLATED
 
 _FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile")
 _SECRETS = ("password", "sslpassword")
-# The pool keeps its sessions in UTC: days in usage summaries are UTC days.
+# The pool sets these on every session itself; a URL saying otherwise would be overruled.
 _FIXED_SETTINGS = {"timezone": "the gateway's sessions run in UTC"}
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
@@ -59,10 +59,10 @@ class DatabaseUrl:
 
     libpq: str  # for psycopg (Alembic, `gateway migrate`): every option, percent-encoded
     asyncpg: str  # for asyncpg: the options it honours from a URL
-    server_settings: dict[str, str] = field(default_factory=dict)  # application_name, options
-    connect_timeout: float | None = None
-    database: str = ""  # as named in the URL ("" when it leaves the name to the driver)
-    redacted: str = ""  # for messages: the URL with its secrets hidden
+    server_settings: dict[str, str]  # for asyncpg: application_name and those of `options`
+    connect_timeout: float | None
+    database: str  # as named in the URL ("" when it leaves the name to the driver)
+    redacted: str  # for messages: the URL with its secrets hidden
 
 
 def parse_database_url(url: str) -> DatabaseUrl:
