@@ -176,18 +176,29 @@ def run_rotate_secrets(args: argparse.Namespace) -> int:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    """Upgrade the database at DATABASE_URL to the latest schema."""
+    """Upgrade the database at DATABASE_URL to the latest schema (creating it if missing)."""
     import psycopg
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import OperationalError
 
+    from app.storage.database_url import InvalidDatabaseUrl, parse_database_url
     from app.storage.migrate import upgrade_to_head
+    from app.storage.provision import CannotCreateDatabase, create_database_if_missing
 
     settings = load_settings()
-    where = make_url(settings.DATABASE_URL).render_as_string(hide_password=True)
-    print(f"Migrating {where} to the latest schema...")
     try:
+        url = parse_database_url(settings.DATABASE_URL)
+    except InvalidDatabaseUrl as exc:  # not PostgreSQL: only the postgres backend refuses it
+        raise BadSettings(f"DATABASE_URL: {exc}") from exc
+    where = url.redacted
+    try:
+        created_on = create_database_if_missing(url)
+        if created_on is not None:
+            print(f"Created database {url.database} on {created_on}.")
+        print(f"Migrating {where} to the latest schema...")
         upgrade_to_head(settings.DATABASE_URL)
+    except CannotCreateDatabase as exc:
+        print(f"gateway migrate: {exc}", file=sys.stderr)
+        return 1
     except (OperationalError, psycopg.OperationalError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         print(f"gateway migrate: cannot reach the database at {where}: {reason}", file=sys.stderr)

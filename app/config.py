@@ -12,6 +12,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.egress import ProxyRules
+from app.storage.database_url import SCHEMES, parse_database_url
 
 if TYPE_CHECKING:
     from app.core.redis_url import RedisEndpoint
@@ -64,6 +65,7 @@ def weak_secret_problem(key: str) -> str | None:
 class Settings(BaseSettings):
     """Every setting of the gateway; field names are the environment variable names."""
 
+    # Inputs are kept out of error messages: a refused DATABASE_URL carries a password.
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",
@@ -82,10 +84,29 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
 
     STORAGE_BACKEND: StorageBackend = StorageBackend.MEMORY
+    # Query options both drivers (asyncpg at run time, psycopg for migrations) honour: sslmode,
+    # sslrootcert, sslcert, sslkey, sslpassword, sslcrl, target_session_attrs, application_name,
+    # options (`-c name=value` server settings), connect_timeout (replaces DB_CONNECT_TIMEOUT),
+    # host, port, dbname, user, password, passfile; any other is refused.
     DATABASE_URL: str = "postgresql://postgres@127.0.0.1:5432/gateway"
     DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
     DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
+    # A connection older than this is closed when it comes back to the pool instead of being
+    # reused (0: never), so processes follow a failover or a moved proxy within this time.
+    DB_POOL_MAX_LIFETIME_SECONDS: float = Field(default=1800.0, ge=0)
+    # asyncpg's cache of prepared statements. Turn it off behind PgBouncer in transaction or
+    # statement pooling mode, where the next transaction may run on another server connection
+    # that lacks them; every statement then costs one more round trip.
+    DB_STATEMENT_CACHE: bool = True
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        # Anything but a PostgreSQL URL is refused below, and only with the postgres backend.
+        if value.startswith(SCHEMES):
+            parse_database_url(value)
+        return value
 
     # The Redis of the broker, counters, caches and locks when BROKER=redis: redis://, rediss://
     # (TLS) or unix:///path, the database as the path or ?db=, a user and a percent-encoded

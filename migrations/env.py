@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 from typing import Any, Literal
 
+import psycopg
 import sqlalchemy as sa
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
@@ -13,7 +14,7 @@ from sqlmodel.sql.sqltypes import AutoString
 
 import app.schema  # noqa: F401  (registers every table in SQLModel.metadata)
 from app.config import Settings
-from app.storage.sql import dsn
+from app.storage.database_url import parse_database_url
 
 config = context.config
 # The advisory lock that serialises concurrent migrations of one database ("gateway\0" in hex).
@@ -28,9 +29,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 def database_url() -> str:
     """`-x url=…` first, then the URL a caller put in the config, then DATABASE_URL."""
     url = context.get_x_argument(as_dictionary=True).get("url")
-    url = url or config.attributes.get("database_url") or Settings().DATABASE_URL
-    # Migrations run synchronously, on SQLAlchemy's psycopg 3 dialect.
-    return "postgresql+psycopg://" + dsn(url).removeprefix("postgresql://")
+    return str(url or config.attributes.get("database_url") or Settings().DATABASE_URL)
 
 
 def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
@@ -43,7 +42,7 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
 def run_migrations_offline() -> None:
     """Write the SQL to stdout (`alembic upgrade head --sql`)."""
     context.configure(
-        url=database_url(),
+        url="postgresql+psycopg://",  # only the dialect: the SQL is written, not run
         target_metadata=target_metadata,
         literal_binds=True,
         compare_type=True,
@@ -54,8 +53,15 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    """Run the migrations on a connection of their own, in one transaction."""
-    engine = sa.create_engine(database_url(), poolclass=sa.NullPool)
+    """Run the migrations on a connection of their own, in one transaction.
+
+    Migrations run synchronously, on SQLAlchemy's psycopg 3 dialect; libpq reads the URL itself
+    (host lists, sslmode, application_name, options…), as the gateway checked it.
+    """
+    conninfo = parse_database_url(database_url()).libpq
+    engine = sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(conninfo), poolclass=sa.NullPool
+    )
     try:
         with engine.connect() as connection:
             context.configure(

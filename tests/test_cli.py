@@ -101,6 +101,10 @@ def test_migrate_upgrades_the_configured_database(
     fake = types.ModuleType("app.storage.migrate")
     fake.upgrade_to_head = upgraded.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "app.storage.migrate", fake)
+    present = types.ModuleType("app.storage.provision")
+    present.CannotCreateDatabase = type("CannotCreateDatabase", (Exception,), {})  # type: ignore[attr-defined]
+    present.create_database_if_missing = lambda url: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "app.storage.provision", present)
     monkeypatch.setenv("DATABASE_URL", "postgresql://gateway:s3cret@db.example:5432/gateway")
     assert main(["migrate"]) == 0
     assert upgraded == ["postgresql://gateway:s3cret@db.example:5432/gateway"]

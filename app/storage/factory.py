@@ -17,5 +17,7 @@ def build_storage(settings: Settings, *, memory_store: MemoryStore | None = None
         pool_size=settings.DB_POOL_SIZE,
         max_overflow=settings.DB_MAX_OVERFLOW,
         connect_timeout=settings.DB_CONNECT_TIMEOUT,
+        max_lifetime=settings.DB_POOL_MAX_LIFETIME_SECONDS,
+        statement_cache=settings.DB_STATEMENT_CACHE,
     )
     return SqlStorage(database)

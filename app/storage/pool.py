@@ -5,13 +5,16 @@ asyncpg's own pool wraps every acquire in a timeout and every release in a shiel
 a fresh idle timer; for the one-statement units of work that make up most of the traffic, that
 cost about twice the driver's work for the statement itself. This pool keeps the free
 connections on a stack (the most recently used goes out first, so the others age out), queues
-callers when all are taken, and closes connections that stayed free past `idle_lifetime`.
+callers when all are taken, closes connections that stayed free past `idle_lifetime`, and
+closes rather than reuses a connection given back past its `max_lifetime`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -23,6 +26,9 @@ from app.core.errors import Unavailable
 log = logging.getLogger(__name__)
 
 CLOSE_SECONDS = 5.0
+# Each connection's lifetime is shortened by up to this share, so that connections opened
+# together are not all replaced together.
+LIFETIME_JITTER = 0.1
 
 _UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -32,13 +38,23 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 class ConnectionPool:
     """At most `max_size` connections, opened on demand by `connect`."""
 
-    def __init__(self, connect: Connect, *, max_size: int, timeout: float, idle_lifetime: float):
+    def __init__(
+        self,
+        connect: Connect,
+        *,
+        max_size: int,
+        timeout: float,
+        idle_lifetime: float,
+        max_lifetime: float | None = None,
+    ):
         self._connect = connect
         self.max_size = max_size
         self.timeout = timeout
         self.idle_lifetime = idle_lifetime
-        self._free: list[tuple[asyncpg.Connection, float]] = []  # (connection, freed at)
-        self._busy: set[asyncpg.Connection] = set()
+        self.max_lifetime = max_lifetime or None  # 0: connections live as long as they work
+        # Each connection with the time past which it is closed when given back.
+        self._free: list[tuple[asyncpg.Connection, float, float]] = []  # (…, freed at, retire)
+        self._busy: dict[asyncpg.Connection, float] = {}  # connection → retire at
         self._size = 0  # open or opening
         # Callers waiting for a connection: given one, or None for "a slot is free, open one".
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
@@ -62,9 +78,9 @@ class ConnectionPool:
             if self._closed:
                 raise Unavailable("the database pool is closed")
             while self._free:
-                conn, _ = self._free.pop()
+                conn, _, retire_at = self._free.pop()
                 if not conn.is_closed():
-                    self._busy.add(conn)
+                    self._busy[conn] = retire_at
                     return conn
                 self._size -= 1
             if self._size < self.max_size:
@@ -76,18 +92,28 @@ class ConnectionPool:
 
     def release(self, conn: asyncpg.Connection) -> None:
         """Take back `conn`, free of any transaction (or closed: it is replaced on demand)."""
-        if conn not in self._busy:
+        retire_at = self._busy.pop(conn, None)
+        if retire_at is None:
             return
-        self._busy.discard(conn)
-        if self._closed or conn.is_closed():
+        now = time.monotonic()
+        if self._closed or conn.is_closed() or now >= retire_at:
             self._drop(conn)
             return
         if self._hand(conn):
-            self._busy.add(conn)
+            self._busy[conn] = retire_at
             return
-        self._free.append((conn, time.monotonic()))
+        self._free.append((conn, now, retire_at))
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self.idle_lifetime, self._expire)
+
+    def discard(self, conn: asyncpg.Connection) -> None:
+        """Take back a connection that failed, and close it. The free ones go too: idle at the
+        same time, they are likely dead as well (the server restarted or went away) without
+        knowing it yet, and the next caller should get a new connection, not one of them."""
+        conn.terminate()
+        free, self._free = self._free, []
+        self._retire(free)
+        self.release(conn)
 
     async def close(self) -> None:
         """Close every connection: free ones now, busy ones once they come back (terminated
@@ -109,7 +135,7 @@ class ConnectionPool:
             except TimeoutError:
                 for conn in list(self._busy):
                     conn.terminate()
-                    self._busy.discard(conn)
+                    del self._busy[conn]
                     self._size -= 1
         if self._closing:
             await asyncio.wait(self._closing)
@@ -124,14 +150,23 @@ class ConnectionPool:
             self._size -= 1
             self._pass_slot()
             if isinstance(exc, _UNREACHABLE):
+                # The driver's reason (a refused TLS upgrade, a wrong password) is for the
+                # operator; callers, who may be clients, are told the database is unreachable.
+                log.warning("cannot open a database connection: %s", exc)
                 raise Unavailable(f"database unreachable: {type(exc).__name__}") from exc
             raise
         if self._closed:
             self._size -= 1
             await _close(conn)
             raise Unavailable("the database pool is closed")
-        self._busy.add(conn)
+        self._busy[conn] = self._retire_at()
         return conn
+
+    def _retire_at(self) -> float:
+        if self.max_lifetime is None:
+            return math.inf
+        lifetime = self.max_lifetime * (1 - LIFETIME_JITTER * random.random())
+        return time.monotonic() + lifetime
 
     async def _wait(self) -> asyncpg.Connection | None:
         waiter: asyncio.Future[asyncpg.Connection | None] = (
@@ -176,8 +211,8 @@ class ConnectionPool:
                 return True
         return False
 
-    def _retire(self, free: list[tuple[asyncpg.Connection, float]]) -> None:
-        for conn, _ in free:
+    def _retire(self, free: list[tuple[asyncpg.Connection, float, float]]) -> None:
+        for conn, _, _ in free:
             self._size -= 1
             self._close_later(conn)
 

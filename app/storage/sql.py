@@ -27,6 +27,7 @@ from app.core.errors import (
     StaleVersion,
     Unavailable,
 )
+from app.storage.database_url import parse_database_url
 from app.storage.mapping import (
     TableInfo,
     check_changes,
@@ -43,22 +44,11 @@ from app.storage.mapping import (
 from app.storage.pool import ConnectionPool
 from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Where
 
-
-def dsn(url: str) -> str:
-    """Accept `postgresql://…`, `postgres://…` and SQLAlchemy's `postgresql+driver://…`."""
-    for prefix in (
-        "postgresql+psycopg://",
-        "postgresql+asyncpg://",
-        "postgresql://",
-        "postgres://",
-    ):
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    raise ValueError(f"not a PostgreSQL URL: {url.split('@')[-1]}")
-
-
 # Connections free for this long are closed: a quiet process holds few.
 IDLE_LIFETIME = 60.0
+# Connections older than this are closed when given back, so that a process follows a failover
+# or a moved proxy, and no server-side memory grows for the life of the process.
+MAX_LIFETIME = 1800.0
 
 
 async def _prepare(conn: asyncpg.Connection) -> None:
@@ -70,7 +60,12 @@ async def _prepare(conn: asyncpg.Connection) -> None:
 
 
 class Database:
-    """The connections to one database, opened in the event loop that first uses them."""
+    """The connections to one database, opened in the event loop that first uses them.
+
+    A `connect_timeout` in the URL takes the place of the `connect_timeout` argument. Without
+    `statement_cache`, asyncpg prepares no named statements, which a PgBouncer in transaction
+    pooling mode could not keep on the connection they were prepared on.
+    """
 
     def __init__(
         self,
@@ -80,15 +75,25 @@ class Database:
         max_overflow: int = 10,
         connect_timeout: float = 5.0,
         idle_lifetime: float = IDLE_LIFETIME,
+        max_lifetime: float | None = MAX_LIFETIME,
+        statement_cache: bool = True,
     ) -> None:
-        self.dsn = dsn(url)
+        parsed = parse_database_url(url)
+        self.dsn = parsed.asyncpg
         self.max_size = pool_size + max_overflow
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = parsed.connect_timeout or connect_timeout
+        self._options: dict[str, Any] = {
+            "timeout": self.connect_timeout,
+            "server_settings": {**parsed.server_settings, "timezone": "UTC"},
+        }
+        if not statement_cache:
+            self._options["statement_cache_size"] = 0
         self._pool = ConnectionPool(
             self._connect,
             max_size=self.max_size,
-            timeout=connect_timeout,
+            timeout=self.connect_timeout,
             idle_lifetime=idle_lifetime,
+            max_lifetime=max_lifetime,
         )
 
     @property
@@ -102,10 +107,12 @@ class Database:
     def release(self, conn: asyncpg.Connection) -> None:
         self._pool.release(conn)
 
+    def discard(self, conn: asyncpg.Connection) -> None:
+        """Give back a connection that failed: it (and the free ones) will not be used again."""
+        self._pool.discard(conn)
+
     async def _connect(self) -> asyncpg.Connection:
-        conn: asyncpg.Connection = await asyncpg.connect(
-            self.dsn, timeout=self.connect_timeout, server_settings={"timezone": "UTC"}
-        )
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn, **self._options)
         try:
             await _prepare(conn)
         except BaseException:
@@ -119,11 +126,22 @@ class Database:
 
 
 def make_database(
-    url: str, *, pool_size: int = 10, max_overflow: int = 10, connect_timeout: float = 5.0
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    connect_timeout: float = 5.0,
+    max_lifetime: float | None = MAX_LIFETIME,
+    statement_cache: bool = True,
 ) -> Database:
     """One pool per process (and per event loop): `pool_size + max_overflow` connections at most."""
     return Database(
-        url, pool_size=pool_size, max_overflow=max_overflow, connect_timeout=connect_timeout
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        connect_timeout=connect_timeout,
+        max_lifetime=max_lifetime,
+        statement_cache=statement_cache,
     )
 
 
@@ -189,6 +207,21 @@ def _refused_argument(exc: BaseException) -> bool:
     )
 
 
+_InternalClientError = asyncpg.exceptions._base.InternalClientError
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """An error after which the connection must not be used again, though it may not know yet
+    that it is dead: the socket failed, the server reported the connection broken (class 08) or
+    its session ended (57P01 administrator command, 57P02 crash, 57P05 idle timeout…), or the
+    driver is stuck after a message it did not expect (the server's last words, read before
+    the end of the stream)."""
+    if isinstance(exc, OSError | _InternalClientError):
+        return True
+    state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+    return state is not None and state.startswith(("08", "57P"))
+
+
 def _translate(
     exc: Exception,
     info: TableInfo | None,
@@ -227,7 +260,7 @@ def _translate(
         if state is not None and state.startswith(("08", "53", "57")):
             return Unavailable(f"database unavailable: {type(exc).__name__}")
         raise exc
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | _InternalClientError):
         return Unavailable(f"database unavailable: {type(exc).__name__}")
     raise exc
 
@@ -267,6 +300,7 @@ class SqlUnitOfWork:
         self._in_transaction = False
         self._callbacks: list[Callable[[], Any]] = []
         self._failed = False
+        self._lost = False  # the connection failed: the pool must not hand it out again
         self._done = False
 
     def repo(self, entity_type: type[E]) -> SqlRepository[E]:
@@ -299,7 +333,13 @@ class SqlUnitOfWork:
             if self._in_transaction and self._conn is not None:
                 try:
                     await self._conn.execute("COMMIT")
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                except (
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    _InternalClientError,
+                    OSError,
+                ) as exc:
+                    self._lost = _lost_connection(exc)
                     raise _translate(exc, info=None) from exc
                 self._in_transaction = False
         finally:
@@ -316,15 +356,22 @@ class SqlUnitOfWork:
         if conn is None:
             return
         # A unit that leaves with its transaction open (an error, a cancellation) rolls it back;
-        # a connection that cannot is closed, and the pool opens another when one is needed.
+        # a connection that cannot, or that failed, is closed, and the pool opens another when
+        # one is needed.
         try:
-            if conn.is_in_transaction() and not conn.is_closed():
+            if not self._lost and conn.is_in_transaction() and not conn.is_closed():
                 await conn.execute("ROLLBACK")
+        except _DRIVER_ERRORS:
+            # The server drops the transaction of a connection that ends.
+            self._lost = True
         except BaseException:
             conn.terminate()
             raise
         finally:
-            self._database.release(conn)
+            if self._lost:
+                self._database.discard(conn)
+            else:
+                self._database.release(conn)
 
     def _usable(self) -> None:
         if self._failed:
@@ -352,6 +399,7 @@ class SqlUnitOfWork:
         # A failed statement aborts the transaction; one refused before it was sent does not,
         # and a failed autocommit statement left nothing behind.
         self._failed = not self._autocommit and not _refused_argument(exc)
+        self._lost = self._lost or _lost_connection(exc)
         if isinstance(exc, TypeError | ValueError) and not isinstance(exc, _ClientDataError):
             # A JSON value the serializer refuses.
             return InvalidInput(f"{info.kind if info else 'query'}: {exc}")
@@ -409,6 +457,7 @@ class SqlUnitOfWork:
 _DRIVER_ERRORS = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    _InternalClientError,
     OSError,
     TimeoutError,
     TypeError,

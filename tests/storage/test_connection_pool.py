@@ -1,16 +1,21 @@
-"""The PostgreSQL connection pool: callers queue for a connection when all are taken, broken
-and idle connections are replaced or closed, and nothing handed out is ever lost."""
+"""The PostgreSQL connection pool: callers queue for a connection when all are taken, broken,
+idle and old connections are replaced or closed, and nothing handed out is ever lost."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
+import psycopg
 import pytest
 
 from app.core.errors import Unavailable
-from app.storage.sql import Database
+from app.operations.entities import Operation
+from app.storage.sql import Database, SqlStorage
+from tests.conftest import truncate_all
+from tests.storage.test_contract import op
 
 pytestmark = pytest.mark.postgres
 
@@ -130,3 +135,121 @@ async def test_close_waits_for_connections_in_use_and_refuses_new_callers(
     one.release(conn)
     await asyncio.wait_for(closing, 2)
     assert conn.is_closed() and one.pool.size == 0
+
+
+def terminate(database_url: str, pids: list[int]) -> None:
+    """End these backends from another connection, waiting until they are gone; the event loop
+    is blocked meanwhile, so the pool cannot have noticed."""
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+
+
+async def test_connections_whose_backends_were_terminated_are_not_handed_out_again(
+    database_url: str,
+) -> None:
+    database = Database(database_url, pool_size=3, max_overflow=0)
+    storage = SqlStorage(database)
+    try:
+        held = [await database.acquire() for _ in range(3)]
+        terminated = [conn.get_server_pid() for conn in held]
+        for conn in held:
+            database.release(conn)
+        terminate(database_url, terminated)
+
+        with contextlib.suppress(Unavailable):
+            await storage.check()  # may have drawn a dead connection, and said so
+        await storage.check()  # the next one is healthy
+
+        live = [await database.acquire() for _ in range(database.pool.size)]
+        try:
+            pids = [await conn.fetchval("SELECT pg_backend_pid()") for conn in live]
+        finally:
+            for conn in live:
+                database.release(conn)
+        assert live and not set(pids) & set(terminated)
+    finally:
+        await database.close()
+
+
+async def test_a_connection_the_server_reports_broken_is_not_reused(one: Database) -> None:
+    storage = SqlStorage(one)
+    before = await backend_pid(one)
+    async with storage.unit_of_work() as uow:
+        with pytest.raises(Unavailable, match="ConnectionFailure"):
+            await uow._fetch(
+                "DO $$ BEGIN RAISE EXCEPTION 'lost' USING ERRCODE = 'connection_failure'; END $$",
+                {},
+                None,
+            )
+    assert await backend_pid(one) != before
+    assert one.pool.size == 1
+
+
+async def test_a_statement_timeout_keeps_the_connection(database_url: str) -> None:
+    timeout = "options=-c%20statement_timeout%3D50"
+    url = database_url + ("&" if "?" in database_url else "?") + timeout
+    database = Database(url, pool_size=1, max_overflow=0)
+    storage = SqlStorage(database)
+    try:
+        before = await backend_pid(database)
+        async with storage.unit_of_work() as uow:
+            with pytest.raises(Unavailable, match="QueryCanceled"):
+                await uow._fetch("SELECT pg_sleep(1)", {}, None)
+        assert await backend_pid(database) == before
+    finally:
+        await database.close()
+
+
+async def test_a_connection_past_its_lifetime_is_closed_when_given_back(database_url: str) -> None:
+    database = Database(database_url, pool_size=1, max_overflow=0, max_lifetime=0.3)
+    try:
+        conn = await database.acquire()
+        first = conn.get_server_pid()
+        database.release(conn)  # young: kept
+        assert await backend_pid(database) == first
+        await asyncio.sleep(0.4)
+        assert await backend_pid(database) == first  # handed out once more, closed on release
+        assert await backend_pid(database) != first
+        assert database.pool.size == 1
+    finally:
+        await database.close()
+
+
+async def test_without_a_lifetime_a_connection_is_kept(database_url: str) -> None:
+    database = Database(database_url, pool_size=1, max_overflow=0, max_lifetime=0)
+    try:
+        first = await backend_pid(database)
+        await asyncio.sleep(0.1)
+        assert await backend_pid(database) == first
+    finally:
+        await database.close()
+
+
+@pytest.mark.parametrize("statement_cache", [True, False])
+async def test_without_the_statement_cache_no_named_statements_are_prepared(
+    database_url: str, statement_cache: bool
+) -> None:
+    truncate_all(database_url)
+    database = Database(database_url, pool_size=1, max_overflow=0, statement_cache=statement_cache)
+    storage = SqlStorage(database)
+    try:
+        for n in range(3):
+            async with storage.unit_of_work() as uow:
+                await uow.repo(Operation).add(op(n))
+                await uow.commit()
+            async with storage.unit_of_work() as uow:
+                found = await uow.repo(Operation).get(op(n).id)
+                assert found is not None
+                await uow.repo(Operation).update(found)
+                await uow.commit()
+            async with storage.unit_of_work() as uow:
+                assert len((await uow.repo(Operation).find(limit=10)).items) == n + 1
+        conn = await database.acquire()
+        try:
+            prepared = await conn.fetchval("SELECT count(*) FROM pg_prepared_statements")
+        finally:
+            database.release(conn)
+        assert (prepared > 0) is statement_cache
+    finally:
+        await database.close()
