@@ -104,14 +104,6 @@ class ModelService:
         async with self._storage.unit_of_work() as uow:
             return await uow.repo(Model).find(*where, order_by=["id"], limit=limit, after=after)
 
-    async def list_enabled(self) -> builtins.list[Model]:
-        """Every enabled model, ordered by id."""
-        async with self._storage.unit_of_work() as uow:
-            page = await uow.repo(Model).find(
-                Where.eq("enabled", True), order_by=["id"], limit=_LISTED_MAX
-            )
-        return page.items
-
     async def list_callable(self) -> builtins.list[Model | ModelChain]:
         """Every name a call may give in `model`, ordered by id (what `/v1/models` lists): the
         enabled models, and the enabled chains with an enabled model among their steps."""
