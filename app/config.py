@@ -230,7 +230,10 @@ class Settings(BaseSettings):
     RATE_LIMIT_TOKENS_PER_MINUTE: int | None = Field(default=None, ge=0)
     RATE_LIMIT_REQUESTS_PER_DAY: int | None = Field(default=None, ge=0)
     RATE_LIMIT_TOKENS_PER_DAY: int | None = Field(default=None, ge=0)
-    # Reserved for a call that sets no max_tokens (tokens and maximum cost at admission).
+    # Output tokens reserved (tokens and maximum cost at admission) for a call that sets no
+    # max_tokens, at most what the model's context window leaves after the input, or its own
+    # max_tokens. Unlike a client's max_tokens it need not fit under a limit or budget: such a
+    # call is refused only when its input does not fit, and settlement counts the real usage.
     METERING_DEFAULT_MAX_OUTPUT_TOKENS: int = Field(default=4096, ge=1)
     # How long a process trusts its cached key limits and budgets before reading them again.
     METERING_CACHE_SECONDS: float = Field(default=2.0, ge=0)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 from app.core.errors import InvalidInput
 from app.core.jsonvalues import INT64_MAX, INT64_MIN, out_of_range_int
@@ -60,6 +69,24 @@ class NamedToolChoice(BaseModel):
     function: ToolChoiceFunction
 
 
+def _one_tool_choice(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # One error naming `tool_choice`, rather than one per member of the union (whose names
+    # would end up in the error's `param`).
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "invalid_tool_choice",
+            'must be "none", "auto", "required" or {"type": "function", "function": '
+            '{"name": "<a function of tools>"}}',
+        ) from None
+
+
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | NamedToolChoice, WrapValidator(_one_tool_choice)
+]
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -101,7 +128,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = Field(default=None, max_length=256)
@@ -128,6 +155,13 @@ class ChatCompletionRequest(BaseModel):
             raise InvalidInput("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise InvalidInput("tool_choice requires tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            name = self.tool_choice.function.name
+            if all(tool.function.name != name for tool in self.tools):
+                raise InvalidInput(
+                    f"tool_choice names the function '{name}', which is not among the tools",
+                    param="tool_choice",
+                )
         if (
             self.response_format is not None
             and self.response_format.type == "json_schema"

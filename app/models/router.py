@@ -23,21 +23,20 @@ admin_router = APIRouter(prefix="/admin/models", tags=["admin: models"])
 
 @router.get("/v1/models", response_model=OpenAIModelList)
 async def list_models(principal: PrincipalDep, services: ServicesDep) -> OpenAIModelList:
-    """The models this gateway serves (enabled ones only)."""
-    models = [
-        m for m in await services.models.list_enabled() if principal.can_use(Resource.MODELS, m.id)
-    ]
-    return OpenAIModelList(data=[OpenAIModel.of(m) for m in models])
+    """The enabled models and chains this key may call."""
+    callable_ = await services.models.list_callable()
+    listed = [named for named in callable_ if principal.can_use(Resource.MODELS, named.id)]
+    return OpenAIModelList(data=[OpenAIModel.of(named) for named in listed])
 
 
 @router.get("/v1/models/{model_id}", response_model=OpenAIModel)
 async def retrieve_model(
     model_id: str, principal: PrincipalDep, services: ServicesDep
 ) -> OpenAIModel:
-    """One enabled model; an unknown or disabled one is a 404."""
-    model = await services.models.get_enabled(model_id)
-    principal.ensure_can_use(Resource.MODELS, model.id, param="model")
-    return OpenAIModel.of(model)
+    """One enabled model or chain; an unknown or disabled one is a 404."""
+    named = await services.models.get_callable(model_id)
+    principal.ensure_can_use(Resource.MODELS, named.id, param="model")
+    return OpenAIModel.of(named)
 
 
 @admin_router.post("", response_model=ModelRead, status_code=201)

@@ -18,7 +18,11 @@ from pydantic import (
 from app.core.ids import MODEL_NAME_MAX, is_model_name
 from app.core.schemas import ListPage
 from app.credentials.entities import Provider
+from app.gateway.entities import ModelChain
 from app.models.entities import Model, ModelKind
+
+# `owned_by` of a chain in `/v1/models`: it is the gateway's routing, not a provider's model.
+CHAIN_OWNER = "gateway"
 
 # Shown as a JSON number: a client reading a price expects one, and six places fit a float.
 Price = Annotated[
@@ -135,7 +139,7 @@ class ModelList(ListPage[ModelRead]):
 
 
 class OpenAIModel(BaseModel):
-    """OpenAI's model object."""
+    """OpenAI's model object (a chain is listed as one, owned by the gateway)."""
 
     id: str
     object: Literal["model"] = "model"
@@ -143,8 +147,9 @@ class OpenAIModel(BaseModel):
     owned_by: str
 
     @classmethod
-    def of(cls, model: Model) -> OpenAIModel:
-        return cls(id=model.id, created=int(model.created_at.timestamp()), owned_by=model.provider)
+    def of(cls, named: Model | ModelChain) -> OpenAIModel:
+        owner = named.provider if isinstance(named, Model) else CHAIN_OWNER
+        return cls(id=named.id, created=int(named.created_at.timestamp()), owned_by=owner)
 
 
 class OpenAIModelList(BaseModel):

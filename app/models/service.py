@@ -104,13 +104,39 @@ class ModelService:
         async with self._storage.unit_of_work() as uow:
             return await uow.repo(Model).find(*where, order_by=["id"], limit=limit, after=after)
 
-    async def list_enabled(self) -> builtins.list[Model]:
-        """Every enabled model, ordered by id (what `/v1/models` lists)."""
+    async def list_callable(self) -> builtins.list[Model | ModelChain]:
+        """Every name a call may give in `model`, ordered by id (what `/v1/models` lists): the
+        enabled models, and the enabled chains with an enabled model among their steps."""
         async with self._storage.unit_of_work() as uow:
-            page = await uow.repo(Model).find(
+            models = await uow.repo(Model).find(
                 Where.eq("enabled", True), order_by=["id"], limit=_LISTED_MAX
             )
-        return page.items
+            chains = await uow.repo(ModelChain).find(
+                Where.eq("enabled", True), order_by=["id"], limit=_LISTED_MAX
+            )
+        enabled = {m.id for m in models.items}
+        # A model answers to its name before a chain does (`ChatService.resolve`): one entry.
+        callable_chains = [
+            c for c in chains.items if c.id not in enabled and _routes_somewhere(c, enabled)
+        ]
+        return sorted([*models.items, *callable_chains], key=lambda named: named.id)
+
+    async def get_callable(self, name: str, *, param: str | None = "model") -> Model | ModelChain:
+        """The enabled model or callable chain `name`; anything else is `ModelNotFound`."""
+        async with self._storage.unit_of_work() as uow:
+            model = await uow.repo(Model).get(name)
+            if model is not None:
+                if not model.enabled:
+                    raise ModelNotFound(name, param=param)
+                return model
+            chain = await uow.repo(ModelChain).get(name)
+            if chain is None or not chain.enabled:
+                raise ModelNotFound(name, param=param)
+            ids = [str(step.get("model_id")) for step in chain.steps]
+            enabled = {m.id for m in await uow.repo(Model).get_many(ids) if m.enabled}
+        if not _routes_somewhere(chain, enabled):
+            raise ModelNotFound(name, param=param)
+        return chain
 
     async def update(self, model_id: str, changes: ModelUpdate) -> Model:
         """Apply the fields given; `config_version` moves when the answers could change."""
@@ -175,3 +201,8 @@ class ModelService:
                 f"not '{model.provider.value}'",
                 param="credential_id",
             )
+
+
+def _routes_somewhere(chain: ModelChain, enabled_models: set[str]) -> bool:
+    """Whether a call to `chain` reaches a model (disabled steps drop out of a chain)."""
+    return chain.enabled and any(str(s.get("model_id")) in enabled_models for s in chain.steps)

@@ -3,9 +3,11 @@
 `admit` checks the rate limits of the key and its team and reserves the call's estimated
 tokens and maximum cost against every applicable budget, all in one Lua script, so the
 limits hold across every API process and concurrent calls cannot overshoot a hard budget
-by more than one call's maximum cost. `settle` corrects the reservations with the real
-counts and queues the usage record and execution log; `release` gives a call's
-reservations back when no upstream call was made.
+by more than one call's maximum cost. A call without `max_tokens` reserves a default output
+allowance that need not fit (`output_reservation`): a limit smaller than that allowance still
+admits calls whose input fits. `settle` corrects the reservations with the real counts and
+queues the usage record and execution log; `release` gives a call's reservations back when no
+upstream call was made.
 
 Per call this costs one Redis round trip: the corrections `settle` and `release` make are
 queued and travel in the same pipeline as the next admission's script (or are sent right
@@ -58,7 +60,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # KEYS: the rate counters, then the budget counters. ARGV[1]: how many rate counters; then
-# per rate counter: limit, amount, ttl in ms; then per budget counter: limit, amount.
+# per rate counter: limit, amount, firm amount, ttl in ms; then per budget counter: limit,
+# amount, firm amount. A counter refuses a call when it is full or the call's firm amount (its
+# input, and its output when the client capped it) does not fit; the whole amount is reserved.
 # Returns {1, rate values...} when admitted, {0, i, value} when rate counter i is full,
 # {2, j, value} when budget j would be crossed, {3, j...} when budget counters are missing.
 _ADMIT = """
@@ -74,24 +78,24 @@ if #missing > 0 then
 end
 local values = {}
 for i = 1, n_rate do
-  local limit = tonumber(ARGV[3 * i - 1])
-  local amount = tonumber(ARGV[3 * i])
+  local limit = tonumber(ARGV[4 * i - 2])
+  local firm = tonumber(ARGV[4 * i])
   local current = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if current + amount > limit then return {0, i, current} end
+  if current >= limit or current + firm > limit then return {0, i, current} end
 end
-local base = 1 + 3 * n_rate
+local base = 1 + 4 * n_rate
 for j = 1, n - n_rate do
-  local limit = tonumber(ARGV[base + 2 * j - 1])
-  local amount = tonumber(ARGV[base + 2 * j])
+  local limit = tonumber(ARGV[base + 3 * j - 2])
+  local firm = tonumber(ARGV[base + 3 * j])
   local current = tonumber(redis.call('GET', KEYS[n_rate + j]))
-  if current >= limit or current + amount > limit then return {2, j, current} end
+  if current >= limit or current + firm > limit then return {2, j, current} end
 end
 for i = 1, n_rate do
-  values[i] = redis.call('INCRBY', KEYS[i], ARGV[3 * i])
-  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1]) end
+  values[i] = redis.call('INCRBY', KEYS[i], ARGV[4 * i - 1])
+  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[4 * i + 1]) end
 end
 for j = 1, n - n_rate do
-  redis.call('INCRBY', KEYS[n_rate + j], ARGV[base + 2 * j])
+  redis.call('INCRBY', KEYS[n_rate + j], ARGV[base + 3 * j - 1])
 end
 table.insert(values, 1, 1)
 return values
@@ -149,8 +153,10 @@ class _Counter:
     key: str
     dimension: str  # "requests" or "tokens"
     limit: int
-    amount: int
+    amount: int  # reserved
+    firm: int  # the part of `amount` that must fit under `limit`
     reset_at: float  # unix seconds
+    scope: str  # "key" or "team"
 
 
 @dataclass
@@ -201,6 +207,31 @@ class MeteringOptions:
     # Bound on each Redis call of the hot path (its client may have no socket timeout, which
     # would cost a task per command in redis-py).
     redis_timeout: float = 5.0
+
+
+def output_reservation(
+    model: Model, prompt_tokens: int, max_output_tokens: int | None, default: int
+) -> tuple[int, int]:
+    """The output tokens to reserve for a call, and how many of them must fit under a limit.
+
+    A client's `max_tokens` is a cap the call may use in full, so all of it must fit. Without
+    one the call reserves an allowance (`default`, or less when the model's own `max_tokens`
+    is lower) that a limit or budget need not hold: the call is admitted while its input fits,
+    and settlement puts the real count in place of the allowance. Either way no more than the
+    model's context window leaves after the input is reserved.
+    """
+    firm = max_output_tokens is not None
+    output = max(0, max_output_tokens) if max_output_tokens is not None else default
+    if not firm:
+        # What the upstream is sent when the client sets nothing (`chat.SAMPLING_DEFAULTS`).
+        configured = model.parameters.get("max_completion_tokens") or model.parameters.get(
+            "max_tokens"
+        )
+        if isinstance(configured, int) and 0 < configured < output:
+            output = configured
+    if model.context_window is not None:
+        output = min(output, max(0, model.context_window - prompt_tokens))
+    return output, output if firm else 0
 
 
 class _Expiring:
@@ -308,7 +339,7 @@ class Metering:
         ] = {}
         self._plans: dict[
             tuple[str | None, str | None],
-            tuple[RateLimits, RateLimits, RateLimits | None, list[tuple[str, str, int, int]]],
+            tuple[RateLimits, RateLimits, RateLimits | None, list[tuple[str, str, str, int, int]]],
         ] = {}
         self._budget_cache = _Expiring(options.cache_seconds)
         # Admissions waiting for the pipeline in flight to return, and the one being sent.
@@ -333,38 +364,48 @@ class Metering:
         """Check the rate limits and reserve tokens and maximum cost; raises when refused.
 
         `model` is the model (or its id) that will answer first; a fallback's price is
-        reconciled at `settle`.
+        reconciled at `settle`. `max_output_tokens` is the client's cap (`max_tokens`), None
+        when it set none; see `output_reservation` for what is reserved then.
         """
         if isinstance(model, str):
             model = await self._model(model)
-        output = max_output_tokens
-        if output is None:
-            output = self._options.default_max_output_tokens
-        tokens = max(0, estimated_input_tokens) + max(0, output)
-        cost = model_cost_micros(model, max(0, estimated_input_tokens), max(0, output))
+        prompt = max(0, estimated_input_tokens)
+        output, firm_output = output_reservation(
+            model, prompt, max_output_tokens, self._options.default_max_output_tokens
+        )
+        tokens = prompt + output
+        cost = model_cost_micros(model, prompt, output)
+        firm_cost = cost if firm_output == output else model_cost_micros(model, prompt, firm_output)
         now = time.time()
-        counters = await self._counters(principal, tokens, now)
+        counters = await self._counters(principal, tokens, prompt + firm_output, now)
         budgets, budget_keys = self._applicable(
             await self._enabled_budgets(), principal.key_id, principal.team_id, model.id, now
         )
         keys = [c.key for c in counters] + budget_keys
         args: list[int] = [len(counters)]
         for c in counters:
-            args += [c.limit, c.amount, int((c.reset_at - now) * 1000) + 1000]
+            args += [c.limit, c.amount, c.firm, int((c.reset_at - now) * 1000) + 1000]
         for b in budgets:
-            args += [b.hard_limit_micros, cost]
+            args += [b.hard_limit_micros, cost, firm_cost]
         result = await self._run_admit(keys, args, budgets)
         if result[0] == 0:
-            self._refuse_rate(counters[int(result[1]) - 1], int(result[2]), counters, now)
+            counter = counters[int(result[1]) - 1]
+            self._refuse_rate(counter, int(result[2]), counters, now, prompt, max_output_tokens)
         if result[0] == 2:
             budget = budgets[int(result[1]) - 1]
-            raise BudgetExceeded(
-                f"budget '{budget.name}' ({budget.scope.value}, {budget.period.value}) has "
-                f"no room for this request: {int(result[2])} of "
-                f"{budget.hard_limit_micros} micro-dollars used, this request may cost up "
-                f"to {cost}",
-                budget_id=budget.id,
-            )
+            used = int(result[2])
+            name = f"budget '{budget.name}' ({budget.scope.value}, {budget.period.value})"
+            if used >= budget.hard_limit_micros:
+                message = (
+                    f"{name} is used up: {used} of {budget.hard_limit_micros} micro-dollars spent"
+                )
+            else:
+                message = (
+                    f"{name} has no room for this request: {used} of "
+                    f"{budget.hard_limit_micros} micro-dollars used, this request may cost up "
+                    f"to {firm_cost}"
+                )
+            raise BudgetExceeded(message, budget_id=budget.id)
         values = [int(v) for v in result[1:]]
         return Admission(
             key_id=principal.key_id,
@@ -498,6 +539,7 @@ class Metering:
         for keys, args, _ in batch:
             pipe.evalsha(self._admit_script.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+        corrected_late = False
         if fixed:
             adjusted = replies.pop(0)
             if isinstance(adjusted, NoScriptError):
@@ -505,10 +547,17 @@ class Metering:
                     adjusted = await self._adjust_script(keys=fixed, args=deltas)
                 except RedisError as exc:
                     adjusted = exc
+                else:
+                    # The admissions ran before these corrections: a refused one (which
+                    # changed nothing) is asked again now that they are counted.
+                    corrected_late = True
             if isinstance(adjusted, Exception):
                 log.warning("could not correct rate-limit and budget counters: %s", adjusted)
         for index, (keys, args, _) in enumerate(batch):
-            if isinstance(replies[index], NoScriptError):
+            reply = replies[index]
+            if isinstance(reply, NoScriptError) or (
+                corrected_late and isinstance(reply, list) and reply[0] in (0, 2)
+            ):
                 try:
                     replies[index] = await self._admit_script(keys=keys, args=args)
                 except RedisError as exc:
@@ -528,14 +577,27 @@ class Metering:
             )
 
     def _refuse_rate(
-        self, counter: _Counter, value: int, counters: list[_Counter], now: float
+        self,
+        counter: _Counter,
+        value: int,
+        counters: list[_Counter],
+        now: float,
+        prompt: int,
+        max_output_tokens: int | None,
     ) -> None:
         retry_after = max(0.0, counter.reset_at - now)
         window = "minute" if counter.reset_at - now <= MINUTE else "day"
-        if counter.amount > counter.limit:
+        if counter.firm > counter.limit:
+            # No window will ever admit it: say which limit, and what to change.
+            owner = "this API key" if counter.scope == "key" else "the team"
+            needs = f"about {prompt} tokens of input (estimated)"
+            fix = "shorten the input"
+            if max_output_tokens is not None and counter.firm > prompt:
+                needs += f" plus {counter.firm - prompt} of max_tokens"
+                fix = "lower max_tokens or shorten the input"
             message = (
-                f"this request may use {counter.amount} tokens, more than the limit of "
-                f"{counter.limit} tokens per {window}: lower max_tokens or the input"
+                f"this request needs {needs}, more than {owner}'s limit of {counter.limit} "
+                f"tokens per {window} (tokens_per_{window}): {fix}"
             )
         else:
             message = (
@@ -549,7 +611,9 @@ class Metering:
             headers=_headers(counters, values, now, refused=counter),
         )
 
-    async def _counters(self, principal: _Principal, tokens: int, now: float) -> list[_Counter]:
+    async def _counters(
+        self, principal: _Principal, tokens: int, firm_tokens: int, now: float
+    ) -> list[_Counter]:
         own = getattr(principal, "rate_limits", None)
         if isinstance(own, Mapping):
             key_limits = self._parsed_limits(own)
@@ -562,15 +626,18 @@ class Metering:
         team_limits = await self._team_limits(team_id) if team_id is not None else None
         plan = self._plan(principal.key_id, team_id, key_limits, defaults, team_limits)
         counters = []
-        for prefix, dimension, window, limit in plan:
+        for scope, prefix, dimension, window, limit in plan:
             bucket = int(now // window)
+            requests = dimension == "requests"
             counters.append(
                 _Counter(
                     key=f"{prefix}{bucket}",
                     dimension=dimension,
                     limit=limit,
-                    amount=1 if dimension == "requests" else tokens,
+                    amount=1 if requests else tokens,
+                    firm=1 if requests else firm_tokens,
                     reset_at=(bucket + 1) * window,
+                    scope=scope,
                 )
             )
         return counters
@@ -593,9 +660,9 @@ class Metering:
         key_limits: RateLimits,
         defaults: RateLimits,
         team_limits: RateLimits | None,
-    ) -> list[tuple[str, str, int, int]]:
-        """`(counter key prefix, dimension, window, limit)` of every limit on the caller, kept
-        while the same limit objects (cached for `cache_seconds`) apply."""
+    ) -> list[tuple[str, str, str, int, int]]:
+        """`(scope, counter key prefix, dimension, window, limit)` of every limit on the caller,
+        kept while the same limit objects (cached for `cache_seconds`) apply."""
         known = self._plans.get((key_id, team_id))
         if (
             known is not None
@@ -610,7 +677,13 @@ class Metering:
         if team_id is not None and team_limits is not None:
             scopes.append(("team", team_id, team_limits))
         plan = [
-            (f"gateway:rl:{scope}:{scope_id}:{dimension}:{window}:", dimension, window, limit)
+            (
+                scope,
+                f"gateway:rl:{scope}:{scope_id}:{dimension}:{window}:",
+                dimension,
+                window,
+                limit,
+            )
             for scope, scope_id, limits in scopes
             for dimension, window, limit in limits.windows()
         ]

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.access.permissions import KeyPermissions
 from app.core.errors import NotFound
 from app.credentials.entities import Provider
 from app.gateway.schemas import ChainCreate, ChainStep
@@ -237,3 +238,70 @@ async def test_models_and_chains_never_share_a_name_and_a_chained_model_stays(
     assert clash.status_code == 409 and "chain" in clash.json()["error"]["message"]
     refused = await client.delete("/admin/models/step-one")
     assert refused.status_code == 409 and "'duo'" in refused.json()["error"]["message"]
+
+
+async def add_chain(client: httpx.AsyncClient, chain_id: str, *steps: str, **body: Any) -> None:
+    payload = {"id": chain_id, "name": chain_id, "steps": [{"model_id": s} for s in steps]}
+    response = await client.post("/admin/chains", json={**payload, **body})
+    assert response.status_code == 201, response.text
+
+
+async def test_v1_models_lists_the_chains_a_call_can_go_through_beside_the_models(
+    client: httpx.AsyncClient, services: Services
+) -> None:
+    await add_model(client, id="step-on")
+    await add_model(client, id="step-off", enabled=False)
+    await add_chain(client, "duo", "step-off", "step-on")
+    await add_chain(client, "resting", "step-on", enabled=False)
+    await add_chain(client, "nowhere", "step-off")  # its only model is disabled
+    response = await client.get("/v1/models", headers=await user_headers(services))
+    assert response.status_code == 200
+    body = response.json()
+    ids = [m["id"] for m in body["data"]]
+    assert "duo" in ids and "step-on" in ids
+    assert not {"resting", "nowhere", "step-off"} & set(ids)
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    (duo,) = [m for m in body["data"] if m["id"] == "duo"]
+    assert set(duo) == {"id", "object", "created", "owned_by"}
+    assert duo["object"] == "model" and isinstance(duo["created"], int)
+    assert duo["owned_by"] == "gateway"
+    # The listed chain answers a chat call under the same name.
+    call = {"model": "duo", "messages": [{"role": "user", "content": "hi"}]}
+    answered = await client.post("/v1/chat/completions", json=call)
+    assert answered.status_code == 200 and answered.json()["model"] == "step-on"
+
+
+async def test_v1_models_lists_only_the_chains_the_key_may_call(
+    client: httpx.AsyncClient, services: Services
+) -> None:
+    await add_model(client, id="step-on")
+    await add_chain(client, "duo", "step-on")
+    await add_chain(client, "trio", "step-on")
+    only_duo = KeyPermissions(models=["duo"])
+    _, secret = await services.keys.create_key(name="limited", permissions=only_duo)
+    limited = {"Authorization": f"Bearer {secret}"}
+    listed = await client.get("/v1/models", headers=limited)
+    assert [m["id"] for m in listed.json()["data"]] == ["duo"]
+    # The rule the chat route applies to the chain's name.
+    trio = {"model": "trio", "messages": [{"role": "user", "content": "hi"}]}
+    refused = await client.post("/v1/chat/completions", json=trio, headers=limited)
+    assert refused.status_code == 403
+    assert (await client.get("/v1/models/duo", headers=limited)).json()["owned_by"] == "gateway"
+    assert (await client.get("/v1/models/trio", headers=limited)).status_code == 403
+
+
+async def test_v1_model_retrieves_a_chain_and_404s_one_that_cannot_be_called(
+    client: httpx.AsyncClient, services: Services
+) -> None:
+    await add_model(client, id="step-on")
+    await add_model(client, id="step-off", enabled=False)
+    await add_chain(client, "duo", "step-on")
+    await add_chain(client, "resting", "step-on", enabled=False)
+    await add_chain(client, "nowhere", "step-off")
+    headers = await user_headers(services)
+    found = await client.get("/v1/models/duo", headers=headers)
+    assert found.status_code == 200 and found.json()["id"] == "duo"
+    for missing in ("resting", "nowhere"):
+        response = await client.get(f"/v1/models/{missing}", headers=headers)
+        assert response.status_code == 404, missing
+        assert response.json()["error"]["code"] == "model_not_found"

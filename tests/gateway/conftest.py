@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
 
@@ -69,6 +70,17 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
 def services(app: FastAPI) -> Services:
     services: Services = app.state.services
     return services
+
+
+@pytest.fixture
+async def sdk(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK, holding the admin key, talking to `app`."""
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+    client = openai.AsyncOpenAI(
+        api_key=ADMIN, base_url="http://gateway/v1", http_client=http, max_retries=0
+    )
+    yield client
+    await http.aclose()
 
 
 @pytest.fixture

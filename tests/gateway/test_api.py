@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from fastapi import FastAPI
 
 from app.credentials.entities import Provider
 from app.main import create_app
@@ -21,6 +20,8 @@ from app.storage.protocol import Storage
 from tests.fakes import RecordingQueue
 from tests.gateway.conftest import ADMIN, add_models, chat, gateway_settings, store_models
 from tests.gateway.upstream import FakeUpstream, Fault, free_port
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,40 @@ from tests.gateway.upstream import FakeUpstream, Fault, free_port
         ({"seed": "abc"}, "seed"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function"}}, "tool_choice"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+            "tool_choice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            "tools.0.function.parameters",
+        ),
+        (  # a schema the mock cannot follow
+            {
+                "tools": [
+                    TOOL,
+                    {"type": "function", "function": {"name": "g", "parameters": {"type": "t"}}},
+                ],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tools.1.function.parameters",
+        ),
+        ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 1}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 async def test_out_of_range_parameters_are_400_naming_the_field(
@@ -162,16 +197,6 @@ async def test_chain_admin_crud_checks_steps_and_requires_admin(
 
 
 # --- the official SDK ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def sdk(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
-    client = openai.AsyncOpenAI(
-        api_key=ADMIN, base_url="http://gateway/v1", http_client=http, max_retries=0
-    )
-    yield client
-    await http.aclose()
 
 
 async def test_the_sdk_chats_streams_lists_models_and_embeds(sdk: openai.AsyncOpenAI) -> None:

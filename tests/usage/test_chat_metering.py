@@ -159,3 +159,47 @@ async def test_a_rate_limit_holds_across_two_api_processes_on_real_redis(
         ]
         statuses = [r.status_code for r in await asyncio.gather(*calls)]
     assert statuses.count(200) == 6 and statuses.count(429) == 10
+
+
+async def test_a_small_token_limit_admits_calls_without_max_tokens_and_counts_their_usage(
+    client: httpx.AsyncClient, storage: Storage
+) -> None:
+    async with storage.unit_of_work() as uow:
+        await uow.repo(Model).add(
+            PRICED.model_copy(update={"id": "windowed-mock", "context_window": 128_000})
+        )
+        await uow.commit()
+    created = await client.post(
+        "/admin/keys",
+        json={"name": "small", "rate_limits": {"tokens_per_minute": 1000}},
+        headers=ADMIN,
+    )
+    key = {"Authorization": f"Bearer {created.json()['key']}"}
+    call = {"model": "windowed-mock", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=call, headers=key)
+        assert response.status_code == 200, response.text
+    services = services_of(client)
+    await services.metering.flush_corrections()
+    # One counter per minute: the calls may straddle two.
+    counters = await services.redis.keys(f"gateway:rl:key:{created.json()['id']}:tokens:60:*")
+    counted = sum([int(await services.redis.get(counter)) for counter in counters])
+    usage = response.json()["usage"]
+    assert counted == 3 * usage["total_tokens"]
+    await services.metering.buffer.flush()
+    assert (
+        sum(r.input_tokens + r.output_tokens for r in await records(storage))
+        == 3 * usage["total_tokens"]
+    )
+
+
+async def test_an_input_larger_than_the_token_limit_is_a_429_naming_the_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    key = await new_key(client, rate_limits={"tokens_per_minute": 1000})
+    call = {"model": "priced-mock", "messages": [{"role": "user", "content": "word " * 1000}]}
+    refused = await client.post("/v1/chat/completions", json=call, headers=key)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert "tokens_per_minute" in error["message"] and "1000" in error["message"]

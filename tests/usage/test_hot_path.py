@@ -315,3 +315,20 @@ async def test_scripts_redis_lost_are_loaded_again(
     await redis.script_flush()  # as after a Redis restart
     second = await metering.admit(Principal("key-flush"), model, 100, 100)  # with the correction
     assert second.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 110 - 200)
+
+
+async def test_an_admission_refused_before_its_corrections_were_counted_is_asked_again(
+    accounting: Accounting, model: Model, storage: Storage, redis: aioredis.Redis
+) -> None:
+    async with storage.unit_of_work() as uow:
+        await create(uow, ApiKey, id="key-late", team_id=None, rate_limits={"tpm": 1000})
+        await uow.commit()
+    metering = accounting.metering
+    await redis.script_flush()  # a fresh Redis: no script loaded yet
+    first = await metering.admit(Principal("key-late"), model, 10, None)  # reserves 4106
+    await metering.settle(first, UsageOutcome(input_tokens=10, output_tokens=10))
+    # The correction rides with this admission, and Redis has no correction script yet: the
+    # admission runs first, sees the reservation and refuses, and is asked again.
+    second = await metering.admit(Principal("key-late"), model, 10, None)
+    tokens_key = next(key for key, dimension in second.rate_keys if dimension == "tokens")
+    assert await counter(redis, tokens_key) == 20 + 4106

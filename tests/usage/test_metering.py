@@ -14,7 +14,7 @@ from app.credentials.entities import Provider
 from app.models.entities import Model
 from app.storage.protocol import Storage
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus
-from app.usage.metering import Caller, UsageOutcome
+from app.usage.metering import Admission, Caller, UsageOutcome, output_reservation
 from app.usage.pricing import cost_micros
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
@@ -281,3 +281,134 @@ async def test_a_fallback_model_is_charged_at_its_own_price(
     await accounting.metering.buffer.flush()
     (record,) = await all_records(storage)
     assert record.model_id == "cheap" and record.cost_micros == 0
+
+
+# --- what a call without max_tokens reserves ---------------------------------------------------
+
+# A model with a 128k context window, at $2/M input and $10/M output.
+WINDOWED = Model(
+    id="windowed",
+    name="Windowed",
+    provider=Provider.MOCK,
+    provider_model="mock",
+    context_window=128_000,
+    input_price_per_million=Decimal("2"),
+    output_price_per_million=Decimal("10"),
+)
+
+
+@pytest.fixture
+async def windowed(storage: Storage) -> Model:
+    async with storage.unit_of_work() as uow:
+        added = await uow.repo(Model).add(WINDOWED.model_copy())
+        await uow.commit()
+    return added
+
+
+async def counter_value(redis: aioredis.Redis, key: str) -> int:
+    return int(await redis.get(key) or 0)
+
+
+def tokens_key(admission: Admission) -> str:
+    return next(key for key, dimension in admission.rate_keys if dimension == "tokens")
+
+
+@pytest.mark.parametrize(
+    ("context_window", "parameters", "prompt", "max_tokens", "expected"),
+    [
+        (None, {}, 10, None, (4096, 0)),  # the default allowance, none of it firm
+        (128_000, {}, 10, None, (4096, 0)),
+        (1000, {}, 900, None, (100, 0)),  # what the window leaves after the input
+        (1000, {}, 1200, None, (0, 0)),
+        (None, {"max_tokens": 300}, 10, None, (300, 0)),  # the model's own cap
+        (None, {"max_tokens": 9000}, 10, None, (4096, 0)),
+        (None, {}, 10, 50, (50, 50)),  # the client's cap, all of it firm
+        (None, {}, 10, 9000, (9000, 9000)),
+        (1000, {}, 900, 500, (100, 100)),
+        (None, {"max_tokens": 300}, 10, 500, (500, 500)),
+    ],
+)
+def test_the_output_reservation_is_the_clients_cap_or_a_bounded_allowance(
+    context_window: int | None,
+    parameters: dict[str, int],
+    prompt: int,
+    max_tokens: int | None,
+    expected: tuple[int, int],
+) -> None:
+    model = WINDOWED.model_copy(update={"context_window": context_window, "parameters": parameters})
+    assert output_reservation(model, prompt, max_tokens, 4096) == expected
+
+
+async def test_a_limit_below_the_output_allowance_admits_a_call_without_max_tokens(
+    accounting: Accounting, windowed: Model, storage: Storage, redis: aioredis.Redis
+) -> None:
+    await set_limits(storage, "key-small", {"tokens_per_minute": 1000})
+    principal = Principal("key-small")
+    metering = accounting.metering
+    first = await metering.admit(principal, windowed, 12, None)
+    assert first.reserved_tokens == 12 + 4096
+    # While its allowance is reserved, the window is full for the next call.
+    with pytest.raises(RateLimited, match="rate limit reached"):
+        await metering.admit(principal, windowed, 12, None)
+    await metering.settle(first, UsageOutcome(input_tokens=10, output_tokens=30))
+    await metering.flush_corrections()
+    assert await counter_value(redis, tokens_key(first)) == 40  # the real usage
+    second = await metering.admit(principal, windowed, 12, None)
+    await metering.settle(second, UsageOutcome(input_tokens=10, output_tokens=25))
+    await metering.flush_corrections()
+    assert await counter_value(redis, tokens_key(second)) == 40 + 35
+
+
+async def test_a_call_whose_input_alone_exceeds_the_limit_is_refused_naming_the_limit(
+    accounting: Accounting, windowed: Model, storage: Storage, redis: aioredis.Redis
+) -> None:
+    await set_limits(storage, "key-tiny", {"tokens_per_minute": 1000})
+    principal = Principal("key-tiny")
+    with pytest.raises(RateLimited) as refused:
+        await accounting.metering.admit(principal, windowed, 1001, None)
+    message = refused.value.message
+    assert "tokens_per_minute" in message and "1000" in message and "1001" in message
+    assert "shorten the input" in message and "max_tokens" not in message
+    with pytest.raises(RateLimited) as capped:
+        await accounting.metering.admit(principal, windowed, 100, 901)
+    assert "lower max_tokens" in capped.value.message
+    # Neither refusal counted anything.
+    assert await redis.keys("gateway:rl:key:key-tiny:tokens:*") == []
+
+
+async def test_the_clients_max_tokens_caps_the_reservation(
+    accounting: Accounting, windowed: Model, storage: Storage, redis: aioredis.Redis
+) -> None:
+    await set_limits(storage, "key-cap", {"tokens_per_minute": 1000})
+    admission = await accounting.metering.admit(Principal("key-cap"), windowed, 20, 100)
+    assert admission.reserved_tokens == 120
+    assert admission.reserved_cost_micros == cost_micros(Decimal("2"), Decimal("10"), 20, 100)
+    assert await counter_value(redis, tokens_key(admission)) == 120
+    assert admission.headers["x-ratelimit-remaining-tokens"] == "880"
+
+
+async def test_a_budget_smaller_than_the_allowance_admits_a_call_without_max_tokens(
+    accounting: Accounting, windowed: Model, redis: aioredis.Redis
+) -> None:
+    # 4096 output tokens at $10/M may cost 40960 µ$: far more than this budget holds.
+    await accounting.budgets.create(
+        name="small",
+        scope=BudgetScope.KEY,
+        scope_id="key-b",
+        period=BudgetPeriod.DAILY,
+        hard_limit_micros=1000,
+    )
+    metering = accounting.metering
+    admission = await metering.admit(Principal("key-b"), windowed, 100, None)
+    assert admission.reserved_cost_micros == cost_micros(Decimal("2"), Decimal("10"), 100, 4096)
+    await metering.settle(admission, UsageOutcome(input_tokens=100, output_tokens=30))
+    await metering.flush_corrections()
+    (budget_key,) = admission.budget_keys
+    assert await counter_value(redis, budget_key) == 100 * 2 + 30 * 10  # the real cost
+    # An input whose own cost does not fit is refused, naming what it may cost.
+    with pytest.raises(BudgetExceeded, match="may cost up to 1000"):
+        await metering.admit(Principal("key-b"), windowed, 500, None)
+    # A client's max_tokens must fit in full.
+    with pytest.raises(BudgetExceeded):
+        await metering.admit(Principal("key-b"), windowed, 10, 60)
+    await metering.admit(Principal("key-b"), windowed, 10, 40)
