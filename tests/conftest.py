@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from app.storage.protocol import Storage
-from tests.redis_servers import Certificates, RedisServer, make_certificates
+from tests.redis_servers import RedisServer
+from tests.tls import Certificates, make_certificates
 
 # A test process builds many apps: freezing the heap at each start-up (`app.core.heap`) would
 # keep every earlier app's reference cycles for the rest of the session.

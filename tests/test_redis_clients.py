@@ -28,7 +28,8 @@ from app.storage.memory import MemoryStorage
 from app.system.checks import check_readiness, process_dependencies
 from app.usage.wiring import hot_path_redis
 from tests.operations.test_redis_enqueue import received
-from tests.redis_servers import Certificates, RedisServer
+from tests.redis_servers import RedisServer
+from tests.tls import Certificates
 
 pytestmark = pytest.mark.slow
 

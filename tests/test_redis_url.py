@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from app.cli import main
 from app.config import Settings
 from app.core.redis_url import RedisEndpoint, RedisUrlError, TlsOptions, parse_redis_url
-from tests.redis_servers import Certificates
+from tests.tls import Certificates
 
 SECRET = "test-secret-key-of-sufficient-length"
 
