@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import redis
 
+from app.config import Settings
 from app.storage.protocol import Storage
 from tests.redis_servers import RedisServer
 from tests.tls import Certificates, make_certificates
@@ -18,6 +19,9 @@ from tests.tls import Certificates, make_certificates
 # A test process builds many apps: freezing the heap at each start-up (`app.core.heap`) would
 # keep every earlier app's reference cycles for the rest of the session.
 os.environ.setdefault("GC_SETTLE", "false")
+
+# Settings built by tests never read the checkout's `.env` (a developer's ADMIN_API_KEY, say).
+Settings.model_config["env_file"] = None
 
 # One database per test session, so two sessions on one server never disturb each other.
 TEST_DATABASE_URL = os.environ.get(

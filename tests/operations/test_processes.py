@@ -77,7 +77,7 @@ class Processes:
         out = subprocess.PIPE if pipe else (self.logs / f"{len(self.started)}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "app", *args],
-            cwd=ROOT,
+            cwd=self.logs,  # not the checkout: a developer's .env there must not leak in
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

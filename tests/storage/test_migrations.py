@@ -119,7 +119,7 @@ def test_processes_migrating_one_database_at_once_take_turns(migrations_url: str
     migrators = [
         subprocess.Popen(
             [sys.executable, "-c", script, migrations_url],
-            cwd=PROJECT_ROOT,
+            cwd="/",  # any directory: the package finds its migrations
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

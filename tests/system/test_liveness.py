@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.system import liveness
-from tests.operations.test_processes import ROOT, Processes, env_for, free_port
+from tests.operations.test_processes import Processes, env_for, free_port
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_files_of_departed_processes_are_forgotten_and_running_ones_kept(tmp_pat
 def _healthcheck(env: dict[str, str], role: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app", "healthcheck", "--role", role],
-        cwd=ROOT,
+        cwd=env.get("HOME", "/"),  # not the checkout, whose .env would be read
         env=env,
         capture_output=True,
         text=True,
