@@ -30,13 +30,20 @@ from app.core.events import EventSink
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
 from app.operations.service import count_child_finished, mark_unsent
-from app.operations.transitions import TERMINAL, move
+from app.operations.transitions import TERMINAL, Transition, move, transition
 from app.queue.port import JobQueue
 from app.storage.protocol import Append, IfNull, Increment, Storage, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
+
+# Every status the runner writes by a conditional update; checked against the table at import.
+CLAIM = transition(OperationStatus.PENDING, OperationStatus.RUNNING)
+COMPLETE = transition(OperationStatus.RUNNING, OperationStatus.COMPLETED)
+FAIL = transition(OperationStatus.RUNNING, OperationStatus.FAILED)
+RETRY = transition(OperationStatus.RUNNING, OperationStatus.PENDING)
+_RUNNING = Where.eq("status", OperationStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,12 @@ class Claim:
     held_at: float = field(default_factory=time.monotonic)  # when it last was seen held
     lost: bool = False
 
-    def held(self) -> tuple[Where, Where]:
-        """The conditions under which the job is still this claim's."""
-        return Where.eq("status", OperationStatus.RUNNING), Where.eq("lease_token", self.token)
+    def held(self, step: Transition | None = None) -> tuple[Where, Where]:
+        """The conditions under which the job is still this claim's, and `step` may be taken.
+
+        Without `step` (a heartbeat, progress) the job must merely still be running.
+        """
+        return (step.where if step else _RUNNING), Where.eq("lease_token", self.token)
 
 
 @dataclass
@@ -228,7 +238,7 @@ class OperationRunner:
             claimed = await uow.repo(Operation).update_where(
                 operation_id,
                 {
-                    "status": OperationStatus.RUNNING,
+                    **CLAIM.changes,
                     "attempts": Increment(1),
                     "lease_owner": self.worker_id,
                     "lease_token": token,
@@ -238,7 +248,7 @@ class OperationRunner:
                         ({"worker": self.worker_id, "started_at": now.isoformat()},)
                     ),
                 },
-                Where.eq("status", OperationStatus.PENDING),
+                CLAIM.where,
             )
         if claimed is None:
             return None  # claimed by another delivery, finished, cancelled, or unknown
@@ -291,27 +301,30 @@ class OperationRunner:
     async def _finish(
         self,
         claim: Claim,
+        step: Transition,
         changes: dict[str, Any],
         then: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
     ) -> bool:
-        """Write a final outcome if the claim still holds, then `then` in the same unit.
+        """Take `step` with `changes` if the claim still holds, then `then` in the same unit.
 
         Without `then` it is one conditional statement; with it, a transaction (retried whole
         when what `then` touches changed meanwhile).
         """
+        changes = {**changes, **step.changes}
+        held = claim.held(step)
         while True:
             try:
                 if then is None:
                     async with self.storage.unit_of_work(autocommit=True) as uow:
                         if await uow.repo(Operation).write_where(
-                            claim.operation_id, changes, *claim.held()
+                            claim.operation_id, changes, *held
                         ):
                             return True
                     log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
                     return False
                 async with self.storage.unit_of_work() as uow:
                     written = await uow.repo(Operation).update_where(
-                        claim.operation_id, changes, *claim.held()
+                        claim.operation_id, changes, *held
                     )
                     if written is None:
                         log.info(
@@ -344,22 +357,21 @@ class OperationRunner:
     async def _complete(self, operation: Operation, claim: Claim, result: Any) -> bool:
         changes = {
             **self._closed(claim.attempt_log, "completed"),
-            "status": OperationStatus.COMPLETED,
             "result": result,
             "error_type": None,
             "error_message": None,
             "finished_at": utcnow(),
         }
-        then = await self._aftermath(operation, OperationStatus.COMPLETED)
-        return await self._finish(claim, changes, then)
+        then = await self._aftermath(operation, COMPLETE.target)
+        return await self._finish(claim, COMPLETE, changes, then)
 
     async def _finish_failed(
         self, operation: Operation, claim: Claim, error_type: str, message: str
     ) -> bool:
         closed = self._closed(claim.attempt_log, "failed", message)
         changes = {**closed, **self._failed(error_type, message)}
-        then = await self._aftermath(operation, OperationStatus.FAILED)
-        return await self._finish(claim, changes, then)
+        then = await self._aftermath(operation, FAIL.target)
+        return await self._finish(claim, FAIL, changes, then)
 
     async def _attempt_failed(self, operation: Operation, claim: Claim, exc: Exception) -> bool:
         error_type, message = describe(exc)
@@ -371,29 +383,29 @@ class OperationRunner:
         if not transient or claim.attempt >= operation.max_attempts:
             if transient:
                 message = f"{message} (gave up after {claim.attempt} attempts)"
-            then = await self._aftermath(operation, OperationStatus.FAILED)
-            return await self._finish(claim, {**closed, **self._failed(error_type, message)}, then)
+            then = await self._aftermath(operation, FAIL.target)
+            changes = {**closed, **self._failed(error_type, message)}
+            return await self._finish(claim, FAIL, changes, then)
         # A `RetryLater` job keeps its own schedule (webhook deliveries).
         delay = exc.retry_after if isinstance(exc, RetryLater) else self.backoff(claim.attempt)
         run_after = utcnow() + timedelta(seconds=delay)
         changes = {
             **closed,
-            "status": OperationStatus.PENDING,
             "error_type": error_type,
             "error_message": message,
             "run_after": run_after,
             "enqueued_at": run_after,
             "send_count": operation.send_count + 1,
         }
-        if not await self._finish(claim, changes):
+        if not await self._finish(claim, RETRY, changes):
             return False
         await self._send(operation, delay)
         return True
 
     @staticmethod
     def _failed(error_type: str, message: str) -> dict[str, Any]:
+        """What a failure records besides its status (which `FAIL` or `move` sets)."""
         return {
-            "status": OperationStatus.FAILED,
             "error_type": error_type,
             "error_message": message,
             "finished_at": utcnow(),

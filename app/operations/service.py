@@ -142,8 +142,8 @@ class OperationService:
         if not children:
             raise InvalidInput("a parent operation needs at least one child", param="children")
         now = utcnow()
-        parent = self._new(kind, input, owner, 1, meta)
-        parent.status = OperationStatus.RUNNING
+        # Born running (it is never claimed), so no status change is made here.
+        parent = self._new(kind, input, owner, 1, meta, status=OperationStatus.RUNNING)
         parent.started_at = now
         parent.enqueued_at = None
         parent.send_count = 0
@@ -188,13 +188,14 @@ class OperationService:
         *,
         idempotency_key: str | None = None,
         digest: str | None = None,
+        status: OperationStatus = OperationStatus.PENDING,
     ) -> Operation:
         now = utcnow()
         return construct(
             Operation,
             id=new_id(OPERATION_ID_PREFIX),
             kind=kind,
-            status=OperationStatus.PENDING,
+            status=status,
             queue=QUEUES.get(kind, "none"),
             owner_key_id=owner.key_id,
             owner_team_id=owner.team_id,
