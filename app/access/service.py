@@ -34,6 +34,7 @@ from app.core.errors import (
 from app.core.events import EventSink, NullSink
 from app.core.ids import new_id
 from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
+from app.core.loading import LoadingCache
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,15 @@ class ApiKeyService:
         self._storage = storage
         self._events = events or NullSink()
         self._bus = bus or InvalidationBus(None)
-        self._cache: InvalidatedCache[_CachedKey] = InvalidatedCache(
-            self._bus, KEYS_TOPIC, ttl=cache_seconds
+        # Keys by prefix: concurrent requests with a key not (or no longer) cached share one
+        # read instead of each opening a connection; an unknown prefix is kept only briefly.
+        self._cache: LoadingCache[str, _CachedKey] = LoadingCache(
+            lambda prefix: self._read(prefix),
+            ttl=lambda entry: self._bus.ttl(
+                cache_seconds if entry.found else UNKNOWN_KEY_CACHE_SECONDS
+            ),
         )
+        self._bus.on(KEYS_TOPIC, self._forget)
         # Keys by id, for jobs checked when they run; invalidations name prefixes, so any
         # change to any key empties it.
         self._by_id: InvalidatedCache[ApiKey | None] = InvalidatedCache(
@@ -166,7 +173,6 @@ class ApiKeyService:
         )
         self._bus.on(KEYS_TOPIC, lambda _prefix: self._by_id.drop(ALL))
         self._touched: dict[str, float] = {}
-        self._reading: dict[str, asyncio.Future[_CachedKey]] = {}
         self._pending: dict[str, datetime] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -378,7 +384,7 @@ class ApiKeyService:
         prefix = secret[:PREFIX_LENGTH]
         entry = self._cache.get(prefix)
         if entry is None:
-            entry = await self._read_shared(prefix)
+            entry = await self._cache.load(prefix)
         if not entry.found or not hmac.compare_digest(entry.secret_hash, hash_secret(secret)):
             raise Unauthenticated("Invalid API key")
         if entry.status is not ApiKeyStatus.ACTIVE:
@@ -390,30 +396,6 @@ class ApiKeyService:
         assert entry.principal is not None
         self._touch(entry.principal.key_id)
         return entry.principal
-
-    async def _read_shared(self, prefix: str) -> _CachedKey:
-        """One database read per prefix at a time: when a cached key expires under load, the
-        concurrent requests wait for the same read instead of each opening a connection."""
-        pending = self._reading.get(prefix)
-        if pending is None:
-            pending = asyncio.ensure_future(self._read_and_fill(prefix))
-            self._reading[prefix] = pending
-            pending.add_done_callback(lambda done: self._read_done(prefix, done))
-        # Shielded: a caller that goes away does not cancel the read the others wait for.
-        return await asyncio.shield(pending)
-
-    async def _read_and_fill(self, prefix: str) -> _CachedKey:
-        generation = self._cache.generation
-        entry = await self._read(prefix)
-        ttl = None if entry.found else UNKNOWN_KEY_CACHE_SECONDS
-        self._cache.fill(prefix, entry, generation, ttl=ttl)
-        return entry
-
-    def _read_done(self, prefix: str, done: asyncio.Future[_CachedKey]) -> None:
-        if self._reading.get(prefix) is done:
-            del self._reading[prefix]
-        if not done.cancelled():
-            done.exception()  # retrieved: the callers have it
 
     async def _read(self, prefix: str) -> _CachedKey:
         async with self._storage.unit_of_work() as uow:
@@ -433,7 +415,13 @@ class ApiKeyService:
 
     def invalidate_all(self) -> None:
         """Forget every cached key in this process (tests, and changes to teams)."""
-        self._cache.drop("*")
+        self._cache.clear()
+
+    def _forget(self, prefix: str) -> None:
+        if prefix == ALL:
+            self._cache.clear()
+        else:
+            self._cache.forget(prefix)
 
     # -- last use ---------------------------------------------------------------------------
 

@@ -6,9 +6,7 @@ the direct API call and the job share every one of them.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import functools
 import os
 import struct
 import time
@@ -25,6 +23,7 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.core.loading import LoadingCache
 from app.credentials.entities import Provider, StoredCredential
 from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks
 from app.gateway.entities import ModelChain
@@ -144,13 +143,6 @@ class ChatStream:
     cache: CacheLookup | None = None
 
 
-@dataclass
-class _Cached:
-    expires: float
-    route: Route
-    kind: ModelKind
-
-
 class ChatService:
     """Resolves the model or chain a client named, and calls its providers."""
 
@@ -184,10 +176,12 @@ class ChatService:
             cooldown=self._config.breaker_cooldown,
             clock=clock,
         )
-        self._routes: dict[str, _Cached] = {}
-        # Loads in flight: callers that find a route expired at the same moment share one read.
-        self._loading: dict[str, asyncio.Future[_Cached]] = {}
-        self._generation = 0
+        # A route expired less than a lifetime ago is answered while one reload runs in the
+        # background, so no call waits for the database (a failed reload drops it).
+        lifetime = self._config.route_cache_seconds
+        self._routes: LoadingCache[str, tuple[Route, ModelKind]] = LoadingCache(
+            lambda name: self._load_route(name), ttl=lifetime, grace=lifetime, clock=clock
+        )
         # Set by the composition root when CACHE_BACKEND is on.
         self.cache: ResponseCache | None = None
 
@@ -197,65 +191,28 @@ class ChatService:
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget cached routes (all, or the one for `name`) after a model or chain changed."""
-        self._generation += 1
         if name is None:
             self._routes.clear()
-            self._loading.clear()
         else:
-            self._routes.pop(name, None)
-            self._loading.pop(name, None)
+            self._routes.forget(name)
 
     # --- resolve ----------------------------------------------------------------------------
 
     async def resolve(self, name: str, *, kind: ModelKind = ModelKind.CHAT) -> Route:
         """The route for the model or chain `name`; unknown or disabled is `NotFound`."""
         cached = self._routes.get(name)
-        now = self._clock()
-        if cached is None or cached.expires <= now:
-            lifetime = self._config.route_cache_seconds
-            if cached is not None and now < cached.expires + lifetime:
-                # Expired less than a lifetime ago: answered while one reload runs in the
-                # background, so no call waits for the database (a failed reload drops it).
-                self._start_reload(name)
+        if cached is None:
+            if self._config.route_cache_seconds <= 0:
+                cached = await self._load_route(name)
             else:
-                cached = await self._reload(name)
-        if cached.kind is not kind:
+                cached = await self._routes.load(name)
+        route, route_kind = cached
+        if route_kind is not kind:
             raise InvalidInput(
-                f"model '{name}' is a {cached.kind.value} model and cannot serve this endpoint",
+                f"model '{name}' is a {route_kind.value} model and cannot serve this endpoint",
                 param="model",
             )
-        return cached.route
-
-    async def _reload(self, name: str) -> _Cached:
-        if self._config.route_cache_seconds <= 0:
-            return await self._load_cached(name)
-        # Shielded: a caller that goes away (client disconnect) does not cancel the others' read.
-        return await asyncio.shield(self._start_reload(name))
-
-    def _start_reload(self, name: str) -> asyncio.Future[_Cached]:
-        pending = self._loading.get(name)
-        if pending is None:
-            pending = asyncio.ensure_future(self._load_cached(name))
-            self._loading[name] = pending
-            pending.add_done_callback(functools.partial(self._loaded, name, self._generation))
-        return pending
-
-    async def _load_cached(self, name: str) -> _Cached:
-        route, route_kind = await self._load_route(name)
-        return _Cached(self._clock() + self._config.route_cache_seconds, route, route_kind)
-
-    def _loaded(self, name: str, generation: int, done: asyncio.Future[_Cached]) -> None:
-        if self._loading.get(name) is done:
-            del self._loading[name]
-        if done.cancelled() or done.exception() is not None:
-            # The callers got the error; a model gone or disabled is not answered from the
-            # old route any longer, and is read again next time.
-            if generation == self._generation:
-                self._routes.pop(name, None)
-            return
-        # A read that began before an invalidation may hold the old model: not kept.
-        if generation == self._generation:
-            self._routes[name] = done.result()
+        return route
 
     async def resolve_model(self, model_id: str) -> Route:
         """Kept for callers that only check that a chat model exists."""

@@ -45,6 +45,7 @@ from app.core.errors import (
     Unavailable,
 )
 from app.core.ids import new_id
+from app.core.loading import LoadingCache
 from app.credentials.entities import Provider
 from app.logs.entities import ExecutionStatus, ExecutionType
 from app.models.entities import Model
@@ -234,70 +235,6 @@ def output_reservation(
     return output, output if firm else 0
 
 
-class _Expiring:
-    """Values refreshed every `ttl` seconds, each read by one load at a time.
-
-    When an entry expires under load, every concurrent call would otherwise start its own
-    database read (and overflow the connection pool): they share one. A value that expired
-    less than `ttl` ago is still answered while its refresh runs in the background, so no
-    call waits for the database; a failed refresh drops it, and the next call waits.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._values: dict[str, tuple[float, Any]] = {}
-        self._loading: dict[str, asyncio.Future[Any]] = {}
-        self._generation = 0
-
-    def get(self, key: str) -> Any:
-        hit = self._values.get(key)
-        if hit is None or time.monotonic() - hit[0] > self.ttl:
-            return None
-        return hit[1]
-
-    def put(self, key: str, value: Any) -> None:
-        if len(self._values) > 10_000:
-            self._values.clear()
-        self._values[key] = (time.monotonic(), value)
-
-    async def get_or_load(self, key: str, load: Callable[[], Awaitable[T]]) -> T:
-        """The value of `key`, loaded by `load()` (shared by concurrent callers) when missing."""
-        hit = self._values.get(key)
-        if hit is not None:
-            age = time.monotonic() - hit[0]
-            if age <= 2 * self.ttl:
-                if age > self.ttl:
-                    self._load(key, load)  # refreshed in the background meanwhile
-                value: T = hit[1]
-                return value
-        # Shielded: a caller that goes away (client disconnect) does not cancel the others' read.
-        loaded: T = await asyncio.shield(self._load(key, load))
-        return loaded
-
-    def _load(self, key: str, load: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
-        pending = self._loading.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(load())
-            self._loading[key] = pending
-            pending.add_done_callback(functools.partial(self._loaded, key, self._generation))
-        return pending
-
-    def _loaded(self, key: str, generation: int, done: asyncio.Future[Any]) -> None:
-        if self._loading.get(key) is done:
-            del self._loading[key]
-        if done.cancelled() or done.exception() is not None:
-            self._values.pop(key, None)  # no stale answer after a failed read
-            return  # the exception went to the waiting callers; the next call reads again
-        # A read that began before `clear` may hold what was just changed: not kept.
-        if generation == self._generation and self.ttl > 0:
-            self.put(key, done.result())
-
-    def clear(self) -> None:
-        self._generation += 1
-        self._values.clear()
-        self._loading.clear()
-
-
 # An admission to send: counter keys, script arguments, and (when it waits) its answer.
 _Pending = tuple[list[str], list[int], "asyncio.Future[list[Any]] | None"]
 _Waiting = tuple[list[str], list[int], "asyncio.Future[list[Any]]"]
@@ -332,7 +269,15 @@ class Metering:
         self.config = config
         self._admit_script = redis.register_script(_ADMIT)
         self._adjust_script = redis.register_script(_ADJUST)
-        self._limits = _Expiring(options.cache_seconds)
+        # Refreshed every `cache_seconds`; a value expired less than that ago is answered while
+        # its refresh runs, so no call waits for the database.
+        limits = functools.partial(
+            LoadingCache, ttl=options.cache_seconds, grace=options.cache_seconds, max_entries=10_000
+        )
+        self._key_limits: LoadingCache[str, RateLimits] = limits(self._read_key_limits)
+        self._team_limits: LoadingCache[str, RateLimits] = limits(self._read_team_limits)
+        self._default_limits: LoadingCache[str, RateLimits] = limits(self._read_default_limits)
+        self._models: LoadingCache[str, Model] = limits(self._read_model)
         self._parsed: dict[int, tuple[Mapping[str, Any], RateLimits]] = {}
         self._applicable_budgets: dict[
             tuple[str | None, str | None, str], tuple[list[Budget], int, list[Budget], list[str]]
@@ -341,7 +286,9 @@ class Metering:
             tuple[str | None, str | None],
             tuple[RateLimits, RateLimits, RateLimits | None, list[tuple[str, str, str, int, int]]],
         ] = {}
-        self._budget_cache = _Expiring(options.cache_seconds)
+        self._enabled_budgets: LoadingCache[str, list[Budget]] = limits(
+            lambda _enabled: budgets.enabled()
+        )
         # Admissions waiting for the pipeline in flight to return, and the one being sent.
         self._admissions: list[_Waiting] = []
         self._in_flight = False
@@ -352,7 +299,7 @@ class Metering:
 
     def forget_budgets(self) -> None:
         """Drop the cached budgets (this process changed one)."""
-        self._budget_cache.clear()
+        self._enabled_budgets.clear()
 
     async def admit(
         self,
@@ -379,7 +326,11 @@ class Metering:
         now = time.time()
         counters = await self._counters(principal, tokens, prompt + firm_output, now)
         budgets, budget_keys = self._applicable(
-            await self._enabled_budgets(), principal.key_id, principal.team_id, model.id, now
+            await self._enabled_budgets.get_or_load("enabled"),
+            principal.key_id,
+            principal.team_id,
+            model.id,
+            now,
         )
         keys = [c.key for c in counters] + budget_keys
         args: list[int] = [len(counters)]
@@ -618,12 +569,12 @@ class Metering:
         if isinstance(own, Mapping):
             key_limits = self._parsed_limits(own)
         elif principal.key_id is not None:
-            key_limits = await self._key_limits(principal.key_id)
+            key_limits = await self._key_limits.get_or_load(principal.key_id)
         else:
             key_limits = _NO_LIMITS
-        defaults = await self._default_limits()
+        defaults = await self._default_limits.get_or_load("defaults")
         team_id = principal.team_id
-        team_limits = await self._team_limits(team_id) if team_id is not None else None
+        team_limits = await self._team_limits.get_or_load(team_id) if team_id is not None else None
         plan = self._plan(principal.key_id, team_id, key_limits, defaults, team_limits)
         counters = []
         for scope, prefix, dimension, window, limit in plan:
@@ -692,55 +643,39 @@ class Metering:
         self._plans[key_id, team_id] = (key_limits, defaults, team_limits, plan)
         return plan
 
-    async def _key_limits(self, key_id: str) -> RateLimits:
-        async def load() -> RateLimits:
-            async with self._storage.unit_of_work() as uow:
-                key = await uow.repo(ApiKey).get(key_id)
-            return RateLimits.from_json(key.rate_limits if key is not None else None)
+    async def _read_key_limits(self, key_id: str) -> RateLimits:
+        async with self._storage.unit_of_work() as uow:
+            key = await uow.repo(ApiKey).get(key_id)
+        return RateLimits.from_json(key.rate_limits if key is not None else None)
 
-        return await self._limits.get_or_load(f"key:{key_id}", load)
-
-    async def _default_limits(self) -> RateLimits:
+    async def _read_default_limits(self, _defaults: str) -> RateLimits:
         """The limits of a key without its own: app configuration, else the settings."""
+        limits = self._options.default_limits
+        if self.config is not None:
+            try:
+                values = {name: await self.config(key) for name, key in _DEFAULT_KEYS.items()}
+            except Exception:
+                log.warning("app configuration unavailable; default limits from settings")
+            else:
+                if any(v is not None for v in values.values()):
+                    # 0 stands for "unlimited" in the app configuration.
+                    limits = RateLimits.from_json({k: v for k, v in values.items() if v})
+        return limits
 
-        async def load() -> RateLimits:
-            limits = self._options.default_limits
-            if self.config is not None:
-                try:
-                    values = {name: await self.config(key) for name, key in _DEFAULT_KEYS.items()}
-                except Exception:
-                    log.warning("app configuration unavailable; default limits from settings")
-                else:
-                    if any(v is not None for v in values.values()):
-                        # 0 stands for "unlimited" in the app configuration.
-                        limits = RateLimits.from_json({k: v for k, v in values.items() if v})
-            return limits
-
-        return await self._limits.get_or_load("defaults", load)
-
-    async def _team_limits(self, team_id: str) -> RateLimits:
-        async def load() -> RateLimits:
-            async with self._storage.unit_of_work() as uow:
-                team = await uow.repo(Team).get(team_id)
-            return RateLimits.from_json(team.rate_limits if team is not None else None)
-
-        return await self._limits.get_or_load(f"team:{team_id}", load)
+    async def _read_team_limits(self, team_id: str) -> RateLimits:
+        async with self._storage.unit_of_work() as uow:
+            team = await uow.repo(Team).get(team_id)
+        return RateLimits.from_json(team.rate_limits if team is not None else None)
 
     async def _model(self, model_id: str) -> Model:
         """The model's prices (cached: they change rarely, and a stale price is reconciled)."""
+        return await self._models.get_or_load(model_id)
 
-        async def load() -> Model:
-            async with self._storage.unit_of_work() as uow:
-                found = await uow.repo(Model).get(model_id)
-            # An unknown model (removed meanwhile) is priced at zero rather than failing the call.
-            return found or Model(
-                id=model_id, name=model_id, provider=Provider.MOCK, provider_model=""
-            )
-
-        return await self._limits.get_or_load(f"model:{model_id}", load)
-
-    async def _enabled_budgets(self) -> list[Budget]:
-        return await self._budget_cache.get_or_load("enabled", self._budgets.enabled)
+    async def _read_model(self, model_id: str) -> Model:
+        async with self._storage.unit_of_work() as uow:
+            found = await uow.repo(Model).get(model_id)
+        # An unknown model (removed meanwhile) is priced at zero rather than failing the call.
+        return found or Model(id=model_id, name=model_id, provider=Provider.MOCK, provider_model="")
 
     async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
         """Correct the reservations with the real counts and queue the record and the log.

@@ -264,7 +264,7 @@ async def test_an_expired_route_is_served_while_it_reloads_and_dropped_when_gone
 ) -> None:
     chat_service = services.chat
     now = [1000.0]
-    chat_service._clock = lambda: now[0]
+    chat_service._routes.clock = lambda: now[0]
     chat_service.invalidate()
     lifetime = services.settings.ROUTE_CACHE_SECONDS
     await chat_service.resolve("mock")

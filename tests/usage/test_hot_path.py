@@ -20,7 +20,7 @@ from app.models.entities import Model
 from app.storage.protocol import Storage
 from app.usage import metering as metering_module
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus, UsageType
-from app.usage.metering import UsageOutcome, _Expiring
+from app.usage.metering import UsageOutcome
 from app.usage.recorder import decode_batch, encode_batch
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
@@ -129,69 +129,25 @@ async def test_settled_rows_are_the_entities_json(
     assert stored is not None and stored.cost_micros == 44
 
 
-async def test_an_expired_entry_is_read_once_for_all_concurrent_callers() -> None:
-    cache = _Expiring(60)
-    reads = 0
+async def test_concurrent_admissions_of_a_key_read_its_limits_once(
+    accounting: Accounting, model: Model, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await limited_key(storage, "key-crowd")
+    metering = accounting.metering
+    cache = metering._key_limits
+    reads: list[str] = []
+    read = cache._load
 
-    async def load() -> str:
-        nonlocal reads
-        reads += 1
-        await asyncio.sleep(0.02)
-        return "value"
-
-    values = await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(30)))
-    assert values == ["value"] * 30 and reads == 1
-    assert await cache.get_or_load("k", load) == "value" and reads == 1  # kept
-
-
-async def test_a_read_that_spans_a_clear_is_not_kept() -> None:
-    cache = _Expiring(60)
-    reads = 0
-
-    async def load() -> int:
-        nonlocal reads
-        reads += 1
-        await asyncio.sleep(0.02)
-        return reads
-
-    pending = asyncio.ensure_future(cache.get_or_load("k", load))
-    await asyncio.sleep(0.005)
-    cache.clear()  # e.g. this process changed a budget meanwhile
-    assert await pending == 1
-    assert await cache.get_or_load("k", load) == 2
-
-
-async def test_a_failed_read_reaches_every_caller_and_is_not_kept() -> None:
-    cache = _Expiring(60)
-    attempts = 0
-
-    async def load() -> str:
-        nonlocal attempts
-        attempts += 1
+    async def counted(key_id: str) -> Any:
+        reads.append(key_id)
         await asyncio.sleep(0.01)
-        if attempts == 1:
-            raise ConnectionError("database down")
-        return "back"
+        return await read(key_id)
 
-    results = await asyncio.gather(
-        *(cache.get_or_load("k", load) for _ in range(5)), return_exceptions=True
+    monkeypatch.setattr(cache, "_load", counted)
+    admissions = await asyncio.gather(
+        *(metering.admit(Principal("key-crowd"), model, 1, 1) for _ in range(20))
     )
-    assert all(isinstance(r, ConnectionError) for r in results)
-    assert await cache.get_or_load("k", load) == "back"
-
-
-@pytest.mark.parametrize("ttl", [0.0])
-async def test_without_a_lifetime_nothing_is_kept(ttl: float) -> None:
-    cache = _Expiring(ttl)
-    reads = 0
-
-    async def load() -> int:
-        nonlocal reads
-        reads += 1
-        return reads
-
-    assert await cache.get_or_load("k", load) == 1
-    assert await cache.get_or_load("k", load) == 2
+    assert len(admissions) == 20 and reads == ["key-crowd"]
 
 
 async def test_with_a_redis_broker_metering_uses_a_client_of_its_own(
@@ -225,55 +181,6 @@ async def test_a_redis_that_does_not_answer_makes_the_call_unavailable_in_time(
     assert time.monotonic() - started < 2
     await metering._redis.aclose()
     server.close()
-
-
-async def test_a_just_expired_value_is_answered_while_one_refresh_runs() -> None:
-    cache = _Expiring(0.05)
-    reads = 0
-
-    async def load() -> int:
-        nonlocal reads
-        reads += 1
-        await asyncio.sleep(0.02)
-        return reads
-
-    assert await cache.get_or_load("k", load) == 1
-    await asyncio.sleep(0.06)  # expired, but less than a lifetime ago
-    answers = await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(10)))
-    assert answers == [1] * 10  # nobody waited for the database
-    await asyncio.sleep(0.03)
-    assert await cache.get_or_load("k", load) == 2 and reads == 2
-
-
-async def test_a_failed_refresh_drops_the_old_value() -> None:
-    cache = _Expiring(0.05)
-    fail = False
-
-    async def load() -> str:
-        if fail:
-            raise ConnectionError("database down")
-        return "old"
-
-    assert await cache.get_or_load("k", load) == "old"
-    await asyncio.sleep(0.06)
-    fail = True
-    assert await cache.get_or_load("k", load) == "old"  # its refresh fails in the background
-    await asyncio.sleep(0.01)
-    with pytest.raises(ConnectionError):
-        await cache.get_or_load("k", load)
-
-
-async def test_a_long_expired_value_is_read_again_before_answering() -> None:
-    cache = _Expiring(0.02)
-    version = "old"
-
-    async def load() -> str:
-        return version
-
-    assert await cache.get_or_load("k", load) == "old"
-    await asyncio.sleep(0.05)  # more than two lifetimes
-    version = "new"
-    assert await cache.get_or_load("k", load) == "new"
 
 
 async def test_admissions_of_one_turn_share_a_pipeline_and_still_hold_the_limit(
