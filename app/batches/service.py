@@ -20,6 +20,7 @@ from app.batches.entities import (
     StoredFile,
 )
 from app.core.clock import utcnow
+from app.core.error_status import code_status
 from app.core.errors import Conflict, InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
@@ -52,22 +53,6 @@ ENDPOINTS: dict[str, BatchEndpoint] = {
         "/v1/chat/completions", ChatCompletionRequest, OperationKind.CHAT_COMPLETION
     ),
     "/v1/embeddings": BatchEndpoint("/v1/embeddings", EmbeddingRequest, OperationKind.EMBEDDING),
-}
-
-# A failed line's status code and OpenAI error type, from the error code its job stored.
-_ERROR_STATUS: dict[str, tuple[int, str]] = {
-    "invalid_request": (400, "invalid_request_error"),
-    "invalid_id": (400, "invalid_request_error"),
-    "unauthenticated": (401, "authentication_error"),
-    "budget_exceeded": (402, "insufficient_quota"),
-    "permission_denied": (403, "permission_error"),
-    "not_found": (404, "not_found_error"),
-    "conflict": (409, "invalid_request_error"),
-    "rate_limit_exceeded": (429, "rate_limit_error"),
-    "transient_failure": (502, "api_error"),
-    "upstream_error": (502, "api_error"),
-    "unavailable": (503, "service_unavailable_error"),
-    "timeout": (504, "api_error"),
 }
 
 
@@ -622,7 +607,7 @@ def _failed_line(child: Operation, unrun_code: str) -> dict[str, Any]:
         )
         return {**base, "response": None, "error": {"code": unrun_code, "message": message}}
     code = child.error_type or "internal_error"
-    status, type_ = _ERROR_STATUS.get(code, (500, "api_error"))
+    status, type_ = code_status(code)
     body = {
         "error": {"message": child.error_message or "", "type": type_, "param": None, "code": code}
     }

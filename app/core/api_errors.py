@@ -13,63 +13,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.core.errors import (
-    BudgetExceeded,
-    Cancelled,
-    CircuitOpen,
-    Conflict,
-    DomainError,
-    InvalidInput,
-    NotFound,
-    PermissionDenied,
-    RateLimited,
-    Transient,
-    Unauthenticated,
-    Unavailable,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
-)
+from app.core.error_status import domain_status, error_type
+from app.core.errors import DomainError, RateLimited, UpstreamRateLimited
 
 logger = logging.getLogger(__name__)
-
-# Looked up along the error's MRO, so a subclass (DuplicateKey, InvalidId…) inherits its family's.
-DOMAIN_STATUS: dict[type[DomainError], tuple[int, str]] = {
-    InvalidInput: (400, "invalid_request_error"),
-    Unauthenticated: (401, "authentication_error"),
-    BudgetExceeded: (402, "insufficient_quota"),
-    PermissionDenied: (403, "permission_error"),
-    NotFound: (404, "not_found_error"),
-    Conflict: (409, "invalid_request_error"),
-    Cancelled: (409, "invalid_request_error"),
-    RateLimited: (429, "rate_limit_error"),
-    Transient: (502, "api_error"),
-    Unavailable: (503, "service_unavailable_error"),
-    UpstreamRateLimited: (429, "rate_limit_error"),
-    UpstreamTimeout: (504, "api_error"),
-    CircuitOpen: (503, "service_unavailable_error"),
-}
 
 # Codes for HTTP errors raised by the framework rather than the domain.
 _HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
 _MAX_LISTED_ERRORS = 3
-
-
-def error_type(status: int) -> str:
-    """The OpenAI error type that clients expect for an HTTP status."""
-    if status == 401:
-        return "authentication_error"
-    if status == 403:
-        return "permission_error"
-    if status == 404:
-        return "not_found_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status == 503:
-        return "service_unavailable_error"
-    if status >= 500:
-        return "api_error"
-    return "invalid_request_error"
 
 
 def error_body(
@@ -93,20 +44,6 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _domain_status(exc: DomainError) -> tuple[int, str]:
-    if isinstance(exc, UpstreamRejected):
-        return exc.status, error_type(exc.status)
-    for cls in type(exc).__mro__:
-        if cls in DOMAIN_STATUS:
-            return DOMAIN_STATUS[cls]
-    return 500, "api_error"
-
-
-def domain_status(exc: DomainError) -> tuple[int, str]:
-    """The HTTP status and OpenAI error type of a domain error (also sent in a stream)."""
-    return _domain_status(exc)
-
-
 async def _domain_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DomainError)
     return domain_error_response(exc, request.method, request.url.path)
@@ -115,7 +52,7 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
 def domain_error_response(exc: DomainError, method: str, path: str) -> JSONResponse:
     """The response to a domain error raised while serving `method path` (also used by the
     layers that answer below FastAPI's exception handlers)."""
-    status, type_ = _domain_status(exc)
+    status, type_ = domain_status(exc)
     headers = None
     if isinstance(exc, RateLimited | UpstreamRateLimited):
         # `retry-after` must be whole seconds; the OpenAI SDK prefers the precise `-ms` variant.

@@ -14,7 +14,8 @@ from starlette.background import BackgroundTask
 
 from app.access.deps import AdminDep, PrincipalDep, ServicesDep
 from app.access.service import Principal
-from app.core.api_errors import domain_status, error_body
+from app.core.api_errors import error_body
+from app.core.error_status import domain_status
 from app.core.errors import DomainError, InvalidInput
 from app.gateway.cache import CacheControl, tenant_of
 from app.gateway.chat import ChatStream

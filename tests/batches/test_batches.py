@@ -15,11 +15,11 @@ import pytest
 from fastapi import FastAPI
 
 from app.batches.entities import Batch, StoredFile
-from app.batches.service import BatchService
+from app.batches.service import BatchService, _failed_line
 from app.config import Settings
 from app.core.clock import utcnow
 from app.main import create_app
-from app.operations.entities import Operation, OperationStatus
+from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.runner import JobTimings, OperationRunner
 from app.services import Services, build_handlers
 from app.storage.protocol import Storage, UnitOfWork, Where
@@ -483,3 +483,24 @@ async def test_an_embeddings_batch_returns_vectors_keyed_by_custom_id(gateway: G
     assert all(len(v) > 0 for v in vectors) and vectors[0] != vectors[1]
     (refused,) = await lines_of(client, done.error_file_id)
     assert refused["custom_id"] == "chat" and refused["error"]["code"] == "invalid_url"
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("upstream_timeout", 504), ("upstream_rate_limited", 429), ("circuit_open", 503)],
+)
+def test_a_failed_line_carries_the_status_the_api_answers_for_its_error(
+    code: str, status: int
+) -> None:
+    child = Operation(
+        id="op_line",
+        kind=OperationKind.CHAT_COMPLETION,
+        status=OperationStatus.FAILED,
+        queue="chat",
+        meta={"custom_id": "q1"},
+        error_type=code,
+        error_message="the upstream gave up",
+    )
+    line = _failed_line(child, "batch_cancelled")
+    assert line["response"]["status_code"] == status
+    assert line["response"]["body"]["error"]["code"] == code
