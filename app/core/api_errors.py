@@ -14,9 +14,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.error_status import domain_status, error_type
-from app.core.errors import DomainError, RateLimited, UpstreamRateLimited
+from app.core.errors import DomainError, RateLimited, Unavailable, UpstreamRateLimited
 
 logger = logging.getLogger(__name__)
+
+UNAVAILABLE_RETRY_AFTER_SECONDS = 1
 
 # Codes for HTTP errors raised by the framework rather than the domain.
 _HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
@@ -64,6 +66,9 @@ def domain_error_response(exc: DomainError, method: str, path: str) -> JSONRespo
         extra = exc.details.get("headers")
         if isinstance(extra, dict):
             headers.update({str(k): str(v) for k, v in extra.items()})
+    elif isinstance(exc, Unavailable):
+        # A dependency is down: worth another try shortly (the OpenAI SDK honours this).
+        headers = {"retry-after": str(UNAVAILABLE_RETRY_AFTER_SECONDS)}
     if status >= 500:
         logger.warning("%s on %s %s: %s", type(exc).__name__, method, path, exc)
     return error_response(

@@ -59,6 +59,10 @@ async def _prepare(conn: asyncpg.Connection) -> None:
         )
 
 
+# Seconds the client waits beyond the server's statement timeout before giving up on the link.
+CLIENT_TIMEOUT_MARGIN = 2.0
+
+
 class Database:
     """The connections to one database, opened in the event loop that first uses them.
 
@@ -77,6 +81,7 @@ class Database:
         idle_lifetime: float = IDLE_LIFETIME,
         max_lifetime: float | None = MAX_LIFETIME,
         statement_cache: bool = True,
+        statement_timeout: float = 0.0,
     ) -> None:
         parsed = parse_database_url(url)
         self.dsn = parsed.asyncpg
@@ -88,6 +93,17 @@ class Database:
         }
         if not statement_cache:
             self._options["statement_cache_size"] = 0
+        given = parsed.server_settings.get("statement_timeout", "")
+        if given.isdigit():  # milliseconds, from DATABASE_URL's options: that one rules
+            statement_timeout = int(given) / 1000
+        elif statement_timeout > 0 and not given:
+            self._options["server_settings"]["statement_timeout"] = str(
+                round(statement_timeout * 1000)
+            )
+        if statement_timeout > 0:
+            # The server's own cancellation comes first and keeps the connection; this bounds a
+            # wait on a link that went silent (the connection is then dropped).
+            self._options["command_timeout"] = statement_timeout + CLIENT_TIMEOUT_MARGIN
         self._pool = ConnectionPool(
             self._connect,
             max_size=self.max_size,
@@ -133,6 +149,7 @@ def make_database(
     connect_timeout: float = 5.0,
     max_lifetime: float | None = MAX_LIFETIME,
     statement_cache: bool = True,
+    statement_timeout: float = 0.0,
 ) -> Database:
     """One pool per process (and per event loop): `pool_size + max_overflow` connections at most."""
     return Database(
@@ -142,6 +159,7 @@ def make_database(
         connect_timeout=connect_timeout,
         max_lifetime=max_lifetime,
         statement_cache=statement_cache,
+        statement_timeout=statement_timeout,
     )
 
 
@@ -216,8 +234,8 @@ def _lost_connection(exc: BaseException) -> bool:
     its session ended (57P01 administrator command, 57P02 crash, 57P05 idle timeout…), or the
     driver is stuck after a message it did not expect (the server's last words, read before
     the end of the stream)."""
-    if isinstance(exc, OSError | _InternalClientError):
-        return True
+    if isinstance(exc, OSError | TimeoutError | _InternalClientError):
+        return True  # a statement given up on by the client may still be running
     state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
     return state is not None and state.startswith(("08", "57P"))
 
