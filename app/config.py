@@ -99,10 +99,18 @@ class Settings(BaseSettings):
     # statement pooling mode, where the next transaction may run on another server connection
     # that lacks them; every statement then costs one more round trip.
     DB_STATEMENT_CACHE: bool = True
-    # The longest a statement may run: the server cancels it then (`statement_timeout`, unless
-    # DATABASE_URL's `options` sets one), and the client gives up a little later on a link that
-    # went silent, so a request meets a 503 instead of hanging. 0 turns both off.
-    DB_STATEMENT_TIMEOUT_SECONDS: float = Field(default=10.0, ge=0, le=3600)
+    # The longest a statement of an API process may run: the server cancels it then
+    # (`statement_timeout`, unless DATABASE_URL's `options` sets one), and the client gives up a
+    # little later on a link that went silent, so a request meets a 503 instead of hanging.
+    # Workers take the second, longer bound: retention and roll-ups delete in bulk. 0: no bound.
+    DB_STATEMENT_TIMEOUT_SECONDS: float = Field(default=5.0, ge=0, le=3600)
+    WORKER_DB_STATEMENT_TIMEOUT_SECONDS: float = Field(default=300.0, ge=0, le=86400)
+
+    def statement_timeout(self) -> float:
+        """The statement timeout of this process's database connections."""
+        if self.PROCESS_ROLE is ProcessRole.WORKER:
+            return self.WORKER_DB_STATEMENT_TIMEOUT_SECONDS
+        return self.DB_STATEMENT_TIMEOUT_SECONDS
 
     @field_validator("DATABASE_URL")
     @classmethod

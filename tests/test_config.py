@@ -147,3 +147,14 @@ def test_a_refused_setup_does_not_echo_the_secrets_it_was_given() -> None:
         Settings(PROCESS_ROLE="api", SECRET_KEY="do-not-print-me-0123456789abcdef")  # type: ignore[arg-type]
     assert "STORAGE_BACKEND=memory" in str(caught.value)
     assert "do-not-print-me" not in str(caught.value)
+
+
+def test_workers_bound_their_statements_more_loosely_than_the_api() -> None:
+    api = Settings(
+        PROCESS_ROLE="api", STORAGE_BACKEND="postgres", SECRET_KEY=SECRET, BROKER="redis"
+    )  # type: ignore[arg-type]
+    worker = Settings(
+        PROCESS_ROLE="worker", STORAGE_BACKEND="postgres", SECRET_KEY=SECRET, BROKER="redis"
+    )  # type: ignore[arg-type]
+    assert api.statement_timeout() == api.DB_STATEMENT_TIMEOUT_SECONDS == 5.0
+    assert worker.statement_timeout() == worker.WORKER_DB_STATEMENT_TIMEOUT_SECONDS == 300.0

@@ -19,6 +19,6 @@ def build_storage(settings: Settings, *, memory_store: MemoryStore | None = None
         connect_timeout=settings.DB_CONNECT_TIMEOUT,
         max_lifetime=settings.DB_POOL_MAX_LIFETIME_SECONDS,
         statement_cache=settings.DB_STATEMENT_CACHE,
-        statement_timeout=settings.DB_STATEMENT_TIMEOUT_SECONDS,
+        statement_timeout=settings.statement_timeout(),
     )
     return SqlStorage(database)
