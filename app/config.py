@@ -247,7 +247,9 @@ class Settings(BaseSettings):
     # max_tokens. Unlike a client's max_tokens it need not fit under a limit or budget: such a
     # call is refused only when its input does not fit, and settlement counts the real usage.
     METERING_DEFAULT_MAX_OUTPUT_TOKENS: int = Field(default=4096, ge=1)
-    # How long a process trusts its cached key limits and budgets before reading them again.
+    # How long a process trusts its cached key and team limits, budgets and prices before
+    # reading them again; admin changes drop them in every process at once (invalidation
+    # channel), so this only bounds staleness when that channel is down (then 1 s at most).
     METERING_CACHE_SECONDS: float = Field(default=2.0, ge=0)
     USAGE_FLUSH_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
     USAGE_FLUSH_MAX_RECORDS: int = Field(default=200, ge=1, le=5000)

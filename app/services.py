@@ -31,7 +31,7 @@ from app.prompts.service import PromptService
 from app.queue.batches import DramatiqBatchSender
 from app.queue.port import DramatiqQueue, JobQueue
 from app.settings.registry import registry_for
-from app.settings.service import ConfigService
+from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
 from app.usage.entities import UsageType
 from app.usage.metering import Caller, Metering
@@ -100,7 +100,9 @@ class Services:
             outbound=self.outbound,
             on_change=self.chat.invalidate,
         )
-        self.models = ModelService(self.storage, on_change=self.chat.invalidate)
+        self.models = ModelService(
+            self.storage, on_change=self.chat.invalidate, bus=self.invalidation
+        )
         self.prompts = PromptService(self.storage)
         self.chat.credentials = self.credentials
         self.chat.prompts = self.prompts
@@ -116,7 +118,10 @@ class Services:
                 else None
             ),
             config=lambda key: app_config_value(self, key),
+            bus=self.invalidation,
         )
+        # The default rate limits may come from the app configuration.
+        self.invalidation.on(CONFIG_TOPIC, lambda _key: self.metering.forget("defaults"))
 
     @property
     def metering(self) -> Metering:

@@ -36,7 +36,10 @@ class Periodic(dramatiq.Middleware):
             raise RuntimeError("the AsyncIO middleware must come before Periodic")
 
         async def prepare() -> None:
-            await ensure_builtin_models(runtime.get_runtime().services.storage)
+            services = runtime.get_runtime().services
+            # Follow the admin API's changes (keys, budgets, limits, prices) as API processes do.
+            await services.invalidation.start()
+            await ensure_builtin_models(services.storage)
 
         # Before consuming: a job for `mock` taken at boot must find the model, not fail for good.
         try:

@@ -34,6 +34,7 @@ class Runtime:
     periodic: PeriodicRunner
 
     async def close(self) -> None:
+        await self.services.invalidation.stop()
         await self.services.metering.close()  # buffered usage and logs go out first
         await self.services.outbound.aclose()
         await self.services.chat.close()

@@ -33,7 +33,7 @@ from app.core.errors import (
 )
 from app.core.events import EventSink, NullSink
 from app.core.ids import new_id
-from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
+from app.core.invalidation import ALL, METERING_TOPIC, InvalidatedCache, InvalidationBus
 from app.core.loading import LoadingCache
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
@@ -289,7 +289,11 @@ class ApiKeyService:
                 setattr(key, name, value)
             return await uow.repo(ApiKey).update(key)
 
-        return await self._change(key_id, apply)
+        key = await self._change(key_id, apply)
+        if "rate_limits" in changes:
+            # Calls carry the key's limits (dropped above); jobs' admissions read them by id.
+            await self._bus.publish(METERING_TOPIC, f"key:{key_id}")
+        return key
 
     async def suspend_key(self, key_id: str) -> ApiKey:
         return await self._set_status(key_id, ApiKeyStatus.SUSPENDED)

@@ -9,7 +9,7 @@ from app.access.entities import ApiKey, Team, TeamMember, TeamRole, TeamStatus, 
 from app.access.service import KEYS_TOPIC
 from app.core.errors import Conflict, DuplicateKey, NotFound
 from app.core.ids import new_id
-from app.core.invalidation import InvalidationBus
+from app.core.invalidation import METERING_TOPIC, InvalidationBus
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
 ADMIN_TEAM_ID = "team-administrators"
@@ -82,6 +82,8 @@ class TeamService:
                     setattr(team, name, changes[name])
             team = await uow.repo(Team).update(team)
             await uow.commit()
+        if "rate_limits" in changes:
+            await self._bus.publish(METERING_TOPIC, f"team:{team_id}")
         return team
 
     async def suspend_team(self, team_id: str) -> Team:
@@ -117,6 +119,7 @@ class TeamService:
                 )
             await uow.repo(Team).delete(team_id)
             await uow.commit()
+        await self._bus.publish(METERING_TOPIC, f"team:{team_id}")
 
     # -- members ----------------------------------------------------------------------------
 

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 # one Redis server (on different databases) from clearing each other's caches.
 CHANNEL = "gateway:invalidate:db{db}"
 ALL = "*"
+# What admission reads (app/usage/metering.py) and the admin API changes. Its items name one
+# entry: `budgets` (the enabled budgets), `key:<id>` and `team:<id>` (their rate limits),
+# `model:<id>` (its prices), `defaults` (the default rate limits). Defined here because the
+# access, model and usage services all publish on it.
+METERING_TOPIC = "metering"
 # How long a cached entry may be served when no invalidation message can reach this process.
 UNSUBSCRIBED_TTL = 1.0
 _PING_EVERY = 10.0

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from app.core.invalidation import METERING_TOPIC, InvalidationBus
 from app.credentials.entities import Provider, StoredCredential
 from app.gateway.entities import ModelChain
 from app.models.entities import Model
@@ -36,11 +37,20 @@ class ModelService:
     """Create, change and list models; resolve the enabled ones clients may call."""
 
     def __init__(
-        self, storage: Storage, *, on_change: Callable[[str | None], None] | None = None
+        self,
+        storage: Storage,
+        *,
+        on_change: Callable[[str | None], None] | None = None,
+        bus: InvalidationBus | None = None,
     ) -> None:
         self._storage = storage
         # Told the id of every model that changed, so routes cached in memory are dropped.
         self._on_change = on_change or (lambda model_id: None)
+        # Metering in every process caches prices (and an unknown model's zero price).
+        self._bus = bus or InvalidationBus(None, shared=False)
+
+    async def _priced(self, model_id: str) -> None:
+        await self._bus.publish(METERING_TOPIC, f"model:{model_id}")
 
     async def create(self, data: ModelCreate) -> Model:
         """Register a model; its credential must exist and be for the same provider."""
@@ -72,6 +82,7 @@ class ModelService:
                 await uow.commit()
         except DuplicateKey as exc:
             raise Conflict(f"model '{data.id}' already exists", param="id") from exc
+        await self._priced(model.id)
         log.info("model %s created (provider %s)", model.id, model.provider.value)
         return model
 
@@ -159,6 +170,7 @@ class ModelService:
             model = await repo.update(model)
             uow.on_commit(lambda: self._on_change(model_id))
             await uow.commit()
+        await self._priced(model_id)
         log.info("model %s updated (%s)", model_id, ", ".join(sorted(changed)) or "no change")
         return model
 
@@ -179,6 +191,7 @@ class ModelService:
                 raise NotFound("model", model_id)
             uow.on_commit(lambda: self._on_change(model_id))
             await uow.commit()
+        await self._priced(model_id)
         log.info("model %s deleted", model_id)
 
     @staticmethod

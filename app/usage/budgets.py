@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from app.core.clock import utcnow
-from app.core.errors import InvalidInput, NotFound
+from app.core.errors import InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
+from app.core.invalidation import METERING_TOPIC, InvalidationBus
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 from app.usage.entities import Budget, BudgetPeriod, BudgetScope, BudgetStatus, UsageRecord
 from app.usage.periods import period_end, period_start
@@ -18,6 +19,7 @@ from app.usage.periods import period_end, period_start
 DEFAULT_THRESHOLDS = (50, 80, 100)
 THRESHOLD_EVENT = "budget.threshold_reached"
 EXCEEDED_EVENT = "budget.exceeded"
+_WRITE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +135,17 @@ def _check_limits(hard: int, soft: int | None, thresholds: Sequence[int]) -> Non
 class BudgetService:
     """Administration of budgets and the accounting of recorded spend against them."""
 
-    def __init__(self, storage: Storage, events: EventSink) -> None:
+    def __init__(
+        self, storage: Storage, events: EventSink, bus: InvalidationBus | None = None
+    ) -> None:
         self._storage = storage
         self.events = events
+        self._bus = bus or InvalidationBus(None, shared=False)
+
+    async def _changed(self) -> None:
+        """Tell every process's metering to read the budgets again (after the commit, so a
+        process that reads at once sees the change)."""
+        await self._bus.publish(METERING_TOPIC, "budgets")
 
     async def create(
         self,
@@ -175,6 +185,7 @@ class BudgetService:
         async with self._storage.unit_of_work() as uow:
             budget = await uow.repo(Budget).add(budget)
             await uow.commit()
+        await self._changed()
         return budget
 
     async def get(self, budget_id: str) -> Budget:
@@ -217,8 +228,25 @@ class BudgetService:
         return page.items
 
     async def update(self, budget_id: str, changes: BudgetChanges) -> Budget:
-        """Apply `changes`; alerts already fired in this period stay fired."""
+        """Apply `changes`; alerts already fired in this period stay fired.
+
+        The usage writer charges spend to the budget meanwhile (a new version), so a stale
+        version is applied again on a fresh read rather than answered with a conflict.
+        """
         check_prefixed("budget", "budget", budget_id)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                budget = await self._update_once(budget_id, changes)
+            except StaleVersion:
+                if attempts >= _WRITE_ATTEMPTS:
+                    raise
+                continue
+            await self._changed()
+            return budget
+
+    async def _update_once(self, budget_id: str, changes: BudgetChanges) -> Budget:
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(Budget)
             budget = await repo.get(budget_id)
@@ -253,12 +281,13 @@ class BudgetService:
         return budget
 
     async def delete(self, budget_id: str) -> None:
-        """Remove the budget; calls stop counting against it within the cache period."""
+        """Remove the budget; calls in every process stop counting against it."""
         check_prefixed("budget", "budget", budget_id)
         async with self._storage.unit_of_work() as uow:
             if not await uow.repo(Budget).delete(budget_id):
                 raise NotFound("budget", budget_id, param="id")
             await uow.commit()
+        await self._changed()
 
     async def reset_due(self) -> int:
         """Start the new period of every budget whose period ended; returns how many."""
@@ -271,6 +300,8 @@ class BudgetService:
                     await repo.update(budget)
                     rolled += 1
             await uow.commit()
+        if rolled:
+            await self._changed()
         return rolled
 
     async def record_spend(self, uow: UnitOfWork, records: Iterable[UsageRecord]) -> None:

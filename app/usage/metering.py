@@ -45,6 +45,7 @@ from app.core.errors import (
     Unavailable,
 )
 from app.core.ids import new_id
+from app.core.invalidation import ALL, METERING_TOPIC, InvalidationBus
 from app.core.loading import LoadingCache
 from app.credentials.entities import Provider
 from app.logs.entities import ExecutionStatus, ExecutionType
@@ -259,6 +260,7 @@ class Metering:
         *,
         config: ConfigLookup | None = None,
         owns_redis: bool = False,
+        bus: InvalidationBus | None = None,
     ) -> None:
         self._storage = storage
         self._redis = redis
@@ -269,10 +271,17 @@ class Metering:
         self.config = config
         self._admit_script = redis.register_script(_ADMIT)
         self._adjust_script = redis.register_script(_ADJUST)
-        # Refreshed every `cache_seconds`; a value expired less than that ago is answered while
-        # its refresh runs, so no call waits for the database.
+        # Forgotten in every process when the admin API changes them (`METERING_TOPIC`), and
+        # refreshed every `cache_seconds` (every second at most while such messages cannot
+        # arrive); a value expired less than that ago is answered while its refresh runs, so
+        # no call waits for the database.
+        self._bus = bus or InvalidationBus(None, shared=False)
+        lifetime = options.cache_seconds
         limits = functools.partial(
-            LoadingCache, ttl=options.cache_seconds, grace=options.cache_seconds, max_entries=10_000
+            LoadingCache,
+            ttl=lambda _value: self._bus.ttl(lifetime),
+            grace=lifetime,
+            max_entries=10_000,
         )
         self._key_limits: LoadingCache[str, RateLimits] = limits(self._read_key_limits)
         self._team_limits: LoadingCache[str, RateLimits] = limits(self._read_team_limits)
@@ -296,10 +305,32 @@ class Metering:
         # Counter key -> delta not yet sent to Redis (see `_adjust`).
         self._corrections: dict[str, int] = {}
         self._corrector: asyncio.Task[None] | None = None
+        self._bus.on(METERING_TOPIC, self.forget)
 
-    def forget_budgets(self) -> None:
-        """Drop the cached budgets (this process changed one)."""
-        self._enabled_budgets.clear()
+    def forget(self, item: str) -> None:
+        """Drop the cached copy of what `item` (a `METERING_TOPIC` item) names."""
+        kind, _, name = item.partition(":")
+        if kind == "budgets":
+            self._enabled_budgets.clear()
+        elif kind == "key" and name:
+            self._key_limits.forget(name)
+        elif kind == "team" and name:
+            self._team_limits.forget(name)
+        elif kind == "model" and name:
+            self._models.forget(name)
+        elif kind == "defaults":
+            self._default_limits.clear()
+        else:  # ALL (a lost subscription) or an item of a newer release: drop everything
+            if item != ALL:
+                log.warning("unknown metering invalidation %r; dropping every cached entry", item)
+            for cache in (
+                self._enabled_budgets,
+                self._key_limits,
+                self._team_limits,
+                self._models,
+                self._default_limits,
+            ):
+                cache.clear()
 
     async def admit(
         self,

@@ -103,7 +103,7 @@ async def usage_summary(
 
 @budgets_router.post("", response_model=BudgetRead, status_code=201)
 async def create_budget(body: BudgetCreate, admin: AdminDep, services: ServicesDep) -> BudgetRead:
-    """Create a budget; it applies to calls within a couple of seconds in every process."""
+    """Create a budget; every process applies it to calls from when this answers."""
     budget = await services.accounting.budgets.create(
         name=body.name,
         description=body.description,
@@ -116,7 +116,6 @@ async def create_budget(body: BudgetCreate, admin: AdminDep, services: ServicesD
         alert_thresholds=body.alert_thresholds,
         enabled=body.enabled,
     )
-    services.metering.forget_budgets()
     return BudgetRead.of(budget)
 
 
@@ -161,7 +160,6 @@ async def update_budget(
             enabled=body.enabled,
         ),
     )
-    services.metering.forget_budgets()
     return BudgetRead.of(budget)
 
 
@@ -169,5 +167,4 @@ async def update_budget(
 async def delete_budget(budget_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
     """Delete a budget."""
     await services.accounting.budgets.delete(budget_id)
-    services.metering.forget_budgets()
     return Deleted(id=budget_id, object="budget")

@@ -9,6 +9,7 @@ from typing import Any
 from app.config import BrokerKind, Settings
 from app.core.errors import NotFound
 from app.core.events import EventSink
+from app.core.invalidation import InvalidationBus
 from app.core.redis_pipe import PipelinedRedis
 from app.logs.service import LogService
 from app.queue.periodic import PeriodicTask
@@ -50,9 +51,15 @@ def build_accounting(
     *,
     sender: BatchSender | None = None,
     config: ConfigLookup | None = None,
+    bus: InvalidationBus | None = None,
 ) -> Accounting:
-    """The accounting services; batches go to `sender`, or are written in-process without one."""
-    budgets = BudgetService(storage, events)
+    """The accounting services; batches go to `sender`, or are written in-process without one.
+
+    Budget, limit and price changes reach the caches of metering through `bus` (the process's
+    invalidation channel; without one, only this process's).
+    """
+    bus = bus or InvalidationBus(None, shared=False)
+    budgets = BudgetService(storage, events, bus)
     usage = UsageService(storage, budgets)
     buffer = AccountingBuffer(
         sender or DirectSender(usage),
@@ -79,6 +86,7 @@ def build_accounting(
         options,
         config=config,
         owns_redis=hot is not None,
+        bus=bus,
     )
     return Accounting(metering=metering, usage=usage, budgets=budgets, logs=LogService(storage))
 
