@@ -4,9 +4,10 @@ every process, and a lock that doubles each time it is imposed."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Any
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.config import Settings
@@ -15,6 +16,8 @@ from app.core.errors import LoginThrottled
 log = logging.getLogger(__name__)
 
 _PREFIX = "gateway:login:"
+# Each subject (`user:<name>`, `addr:<address>`) has a failures counter, a lock and a strike count.
+_PARTS = ("fails:", "lock:", "strikes:")
 # How long the number of locks already imposed on a subject is remembered after the last one,
 # so a patient attacker keeps meeting the longest lock instead of starting again from 1 s.
 _STRIKE_MEMORY_MS = 24 * 3600 * 1000
@@ -87,7 +90,7 @@ class LoginThrottle:
     refusing would lock every user out while Redis is down.
     """
 
-    def __init__(self, redis: Any, limits: ThrottleLimits) -> None:
+    def __init__(self, redis: aioredis.Redis, limits: ThrottleLimits) -> None:
         self._limits = limits
         self._attempt = redis.register_script(_ATTEMPT)
         self._succeeded = redis.register_script(_SUCCEEDED)
@@ -136,7 +139,7 @@ class LoginThrottle:
         which, _, budget = subjects[int(locked) - 1]
         if new:
             log.warning(
-                "sign-in locked for %.0f s: %s went over %d failed attempts (user '%s' from %s)",
+                "sign-in locked for %g s: %s went over %d failed attempts (user '%s' from %s)",
                 wait,
                 which,
                 budget,
@@ -144,7 +147,7 @@ class LoginThrottle:
                 address,
             )
         raise LoginThrottled(
-            f"Too many failed sign-in attempts; try again in {max(1, round(wait))} s",
+            f"Too many failed sign-in attempts; try again in {max(1, math.ceil(wait))} s",
             retry_after=wait,
         )
 
@@ -157,6 +160,3 @@ class LoginThrottle:
             await self._succeeded(keys=keys)
         except (RedisError, OSError) as exc:
             log.warning("could not clear the failed sign-ins of user '%s': %s", username, exc)
-
-
-_PARTS = ("fails:", "lock:", "strikes:")
