@@ -195,6 +195,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    # Sign-in throttling (`POST /auth/login`), counted in Redis across processes. After more
+    # than LOGIN_MAX_FAILURES failed attempts on one username within the window, the account is
+    # locked for LOGIN_LOCK_SECONDS, doubling with each further lock up to LOGIN_LOCK_MAX_SECONDS;
+    # a locked account refuses even the right password (429). A client address gets the larger
+    # LOGIN_ADDRESS_MAX_FAILURES budget across all usernames. 0 turns either off. The address is
+    # the connection's peer; uvicorn takes it from X-Forwarded-For only when the peer is one of
+    # FORWARDED_ALLOW_IPS (uvicorn's own setting, 127.0.0.1 by default).
+    LOGIN_MAX_FAILURES: int = Field(default=5, ge=0)
+    LOGIN_ADDRESS_MAX_FAILURES: int = Field(default=20, ge=0)
+    LOGIN_FAILURE_WINDOW_SECONDS: float = Field(default=900.0, gt=0)
+    LOGIN_LOCK_SECONDS: float = Field(default=1.0, ge=0.001)
+    LOGIN_LOCK_MAX_SECONDS: float = Field(default=900.0, ge=0.001)
+
+    @model_validator(mode="after")
+    def _coherent_login_locks(self) -> Self:
+        if self.LOGIN_LOCK_MAX_SECONDS < self.LOGIN_LOCK_SECONDS:
+            raise ValueError(
+                "LOGIN_LOCK_MAX_SECONDS is the longest sign-in lock, so it cannot be shorter than "
+                "the first one (LOGIN_LOCK_SECONDS): raise it or lower LOGIN_LOCK_SECONDS."
+            )
+        return self
+
     # The job engine.
     JOB_MAX_ATTEMPTS: int = Field(default=3, ge=1, le=100)
     JOB_LEASE_SECONDS: float = Field(default=5.0, gt=0)

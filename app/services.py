@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from app.access.service import ApiKeyService
 from app.access.teams import TeamService
+from app.access.throttle import LoginThrottle, ThrottleLimits
 from app.access.tokens import TokenCodec
 from app.access.users import UserService
 from app.batches.service import BatchService, FileService
@@ -78,7 +79,12 @@ class Services:
         )
         self.webhooks.watch(self.invalidation)
         self.keys = ApiKeyService(self.storage, events=self.events, bus=self.invalidation)
-        self.users = UserService(self.storage, self.redis, TokenCodec(self.settings))
+        self.users = UserService(
+            self.storage,
+            self.redis,
+            TokenCodec(self.settings),
+            LoginThrottle(self.redis, ThrottleLimits.of(self.settings)),
+        )
         self.teams = TeamService(self.storage, self.invalidation)
         self.config = ConfigService(
             self.storage, self.invalidation, registry=registry_for(self.settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.access.deps import AdminDep, ServicesDep, SessionDep
 from app.access.entities import ApiKeyStatus, TeamStatus
@@ -44,9 +44,13 @@ def limits(values: Mapping[LimitName, int]) -> dict[str, int]:
 
 
 @auth_router.post("/login", response_model=TokenRead)
-async def login(body: LoginRequest, services: ServicesDep) -> TokenRead:
-    """Exchange a username and password for a session token."""
-    token, claims, _ = await services.users.login(username=body.username, password=body.password)
+async def login(request: Request, body: LoginRequest, services: ServicesDep) -> TokenRead:
+    """Exchange a username and password for a session token (429 after repeated failures)."""
+    token, claims, _ = await services.users.login(
+        username=body.username,
+        password=body.password,
+        address=request.client.host if request.client else None,
+    )
     expires_in = int((claims.expires_at - utcnow()).total_seconds())
     return TokenRead(access_token=token, expires_in=expires_in, expires_at=claims.expires_at)
 

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from app.access.entities import User, UserStatus
 from app.access.passwords import burn_verification, hash_password, needs_rehash, verify_password
 from app.access.service import Principal
+from app.access.throttle import LoginThrottle
 from app.access.tokens import TokenClaims, TokenCodec
 from app.core.clock import utcnow
 from app.core.errors import (
@@ -33,10 +34,17 @@ _SIGN_IN_FAILED = "Incorrect username or password"
 class UserService:
     """Accounts and their sessions; a session is a signed token that sign-out revokes."""
 
-    def __init__(self, storage: Storage, redis: aioredis.Redis, tokens: TokenCodec) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        redis: aioredis.Redis,
+        tokens: TokenCodec,
+        throttle: LoginThrottle | None = None,
+    ) -> None:
         self._storage = storage
         self._redis = redis
         self.tokens = tokens
+        self._throttle = throttle
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -114,8 +122,14 @@ class UserService:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def login(self, *, username: str, password: str) -> tuple[str, TokenClaims, User]:
-        """A session token for valid credentials of an active user; `Unauthenticated` otherwise."""
+    async def login(
+        self, *, username: str, password: str, address: str | None = None
+    ) -> tuple[str, TokenClaims, User]:
+        """A session token for valid credentials of an active user; `Unauthenticated` otherwise,
+        and `LoginThrottled` while the account or the client `address` is locked."""
+        if self._throttle is not None:
+            # Before the password hash: a flood of guesses costs one Redis call each.
+            await self._throttle.attempt(username=username, address=address)
         async with self._storage.unit_of_work() as uow:
             user = await _by_username(uow, username)
         if user is None:
@@ -133,6 +147,8 @@ class UserService:
                 current.password_hash = upgraded
             user = await uow.repo(User).update(current)
             await uow.commit()
+        if self._throttle is not None:
+            await self._throttle.succeeded(username=username, address=address)
         token, claims = self.tokens.issue(user.id)
         return token, claims, user
 

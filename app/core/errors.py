@@ -100,6 +100,12 @@ class RateLimited(DomainError):
         self.retry_after = retry_after
 
 
+class LoginThrottled(RateLimited):
+    """Too many failed sign-ins for an account or from an address: refused until the lock ends."""
+
+    code = "login_throttled"
+
+
 class BudgetExceeded(DomainError):
     """A hard budget limit would be crossed."""
 
