@@ -1,5 +1,7 @@
-"""Input that JSON allows but nothing downstream can hold (integers past 64 bits, control
-characters in a model name): refused with a 400 naming the field, never a 500 later on."""
+"""Input that JSON allows but nothing downstream can hold (integers past 64 bits, numbers
+past a double, lone UTF-16 surrogates, control characters in a model name): refused with a 400
+naming the field on every path (direct, streamed, as a job, as a batch line, embeddings), never
+a 500 later on."""
 
 from __future__ import annotations
 
@@ -9,7 +11,14 @@ import httpx
 import pytest
 
 from app.core.errors import InvalidInput
-from app.core.jsonvalues import INT64_MAX, INT64_MIN, out_of_range_int
+from app.core.jsonvalues import (
+    INT64_MAX,
+    INT64_MIN,
+    LONE_SURROGATE,
+    NOT_FINITE,
+    OUT_OF_INT64,
+    unencodable,
+)
 from app.gateway.schemas import ChatCompletionRequest
 from tests.gateway.conftest import chat
 
@@ -58,15 +67,23 @@ async def test_the_64_bit_bounds_themselves_are_accepted(client: httpx.AsyncClie
 
 def test_the_job_path_refuses_them_too() -> None:
     # A batch line or a stored job is checked by the same `check()` the API calls.
-    request = ChatCompletionRequest.model_validate(chat("mock", max_tokens=HUGE))
+    request = ChatCompletionRequest.model_validate(chat("mock", seed=HUGE))
     with pytest.raises(InvalidInput) as refused:
         request.check()
-    assert refused.value.param == "max_tokens"
+    assert refused.value.param == "seed"
 
 
-def test_out_of_range_int_ignores_booleans_floats_and_strings() -> None:
-    assert out_of_range_int({"a": True, "b": 1e300, "c": str(HUGE), "d": [1, {"e": -1}]}) is None
-    assert out_of_range_int({"a": [0, {"b": HUGE}]}) == "a.1.b"
+def test_unencodable_passes_booleans_finite_floats_and_text_with_surrogate_pairs() -> None:
+    fine = {"a": True, "b": 1e300, "c": str(HUGE), "d": [1, {"e": -1}], "f": "\U0001f600 é"}
+    assert unencodable(fine) is None
+
+
+def test_unencodable_names_the_first_value_that_cannot_go_on() -> None:
+    assert unencodable({"a": [0, {"b": HUGE}]}) == ("a.1.b", OUT_OF_INT64)
+    assert unencodable({"a": [1.0, float("-inf")]}) == ("a.1", NOT_FINITE)
+    assert unencodable({"a": {"b": ["ok", "x\ud800"]}}) == ("a.b.1", LONE_SURROGATE)
+    # A key that is such text is named escaped, so the error can be sent as JSON.
+    assert unencodable({"a": {"x\udc00": 1}}) == ("a.x\\udc00", LONE_SURROGATE)
 
 
 @pytest.mark.parametrize(
