@@ -25,7 +25,7 @@ def escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode() if has_lone_surrogate(text) else text
 
 
-def unencodable(value: object, path: str = "") -> tuple[str, str] | None:
+def unencodable(value: object) -> tuple[str, str] | None:
     """The dotted path of the first value in `value` that cannot go on as JSON, and why.
 
     JSON numbers have no size limit and JSON strings may escape half a UTF-16 pair, but the
@@ -34,29 +34,36 @@ def unencodable(value: object, path: str = "") -> tuple[str, str] | None:
     refused where it enters rather than failing later inside a job or an upstream call. A key
     that is such text is named with its surrogate escaped, so the error itself can be sent.
     """
-    if isinstance(value, str):
-        if has_lone_surrogate(value):
-            return path, LONE_SURROGATE
+    found = _first_unencodable(value)
+    if found is None:
         return None
+    reversed_path, reason = found
+    return ".".join(reversed(reversed_path)), reason
+
+
+def _first_unencodable(value: object) -> tuple[list[str], str] | None:
+    # Every request is walked: the path is built only for the value refused, innermost first.
+    # The surrogate test is inlined (isascii first): most text is ASCII, and a call costs more.
+    if isinstance(value, str):
+        return None if value.isascii() or not _SURROGATE.search(value) else ([], LONE_SURROGATE)
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        if INT64_MIN <= value <= INT64_MAX:
-            return None
-        return path, OUT_OF_INT64
+        return None if INT64_MIN <= value <= INT64_MAX else ([], OUT_OF_INT64)
     if isinstance(value, float):
-        return None if math.isfinite(value) else (path, NOT_FINITE)
+        return None if math.isfinite(value) else ([], NOT_FINITE)
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and has_lone_surrogate(key):
-                key = escaped(key)
-                return (f"{path}.{key}" if path else key), LONE_SURROGATE
-            found = unencodable(item, f"{path}.{key}" if path else str(key))
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                return [escaped(key)], LONE_SURROGATE
+            found = _first_unencodable(item)
             if found is not None:
+                found[0].append(str(key))
                 return found
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            found = unencodable(item, f"{path}.{index}" if path else str(index))
+            found = _first_unencodable(item)
             if found is not None:
+                found[0].append(str(index))
                 return found
     return None
