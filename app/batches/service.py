@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from app.batches.entities import (
     ACTIVE,
@@ -24,6 +25,7 @@ from app.core.error_status import code_status
 from app.core.errors import Conflict, InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
+from app.core.jsonvalues import escaped, has_lone_surrogate
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.service import ChildSpec, OperationService, Owner, cancel_in
@@ -44,7 +46,7 @@ class BatchEndpoint:
     """A URL batch lines may call: how its body is checked, and the job kind that runs it."""
 
     url: str
-    request: type[BaseModel]
+    request: type[ChatCompletionRequest] | type[EmbeddingRequest]
     kind: OperationKind
 
 
@@ -167,9 +169,26 @@ class FileService:
         return stored
 
 
+def _load_line(line: str) -> Any:
+    """One JSONL line's value, read as the API reads a request body.
+
+    orjson refuses what Python's parser (the API's) reads: a lone surrogate escape (`\\ud800`),
+    1e309, NaN. Such a line is read all the same, so the check that follows refuses it naming
+    the field, as the API would, rather than calling the whole line invalid JSON.
+    """
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(line)
+        except (ValueError, RecursionError):
+            pass
+        raise
+
+
 def _is_object(line: str) -> bool:
     try:
-        return isinstance(orjson.loads(line), dict)
+        return isinstance(_load_line(line), dict)
     except orjson.JSONDecodeError:
         return False
 
@@ -678,7 +697,7 @@ def _parse_lines(
             continue
         total += 1
         try:
-            record = orjson.loads(raw)
+            record = _load_line(raw)
         except orjson.JSONDecodeError as exc:
             refuse(number, "invalid_json_line", f"line {number} is not valid JSON ({exc})")
             continue
@@ -691,6 +710,14 @@ def _parse_lines(
                 number,
                 "missing_custom_id",
                 f"line {number} has no custom_id string",
+                param="custom_id",
+            )
+            continue
+        if has_lone_surrogate(custom_id):
+            refuse(
+                number,
+                "invalid_custom_id",
+                f"line {number}: custom_id must not contain a lone UTF-16 surrogate",
                 param="custom_id",
             )
             continue
@@ -745,15 +772,14 @@ def _check_body(body: Any, target: BatchEndpoint) -> dict[str, Any] | tuple[str,
         parsed = target.request.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(["body", *(str(p) for p in first.get("loc", ()))])
+        field = ".".join(["body", *(escaped(str(p)) for p in first.get("loc", ()))])
         return field, f"{field}: {first.get('msg', 'invalid value')}"
     if getattr(parsed, "stream", None):
         return "body.stream", "body.stream: a batch request cannot be streamed"
-    check = getattr(parsed, "check", None)
-    if check is not None:
-        try:
-            check()
-        except InvalidInput as exc:
-            field = f"body.{exc.param}" if exc.param else "body"
-            return field, f"{field}: {exc.message}"
-    return parsed.model_dump(exclude_none=True, by_alias=True)
+    try:
+        return parsed.check()
+    except InvalidInput as exc:
+        field = f"body.{exc.param}" if exc.param else "body"
+        # A sentence may already start with the field it names.
+        reason = exc.message.removeprefix(f"{exc.param}: ")
+        return field, f"{field}: {reason}"

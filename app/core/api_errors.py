@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.error_status import domain_status, error_type
 from app.core.errors import DomainError, RateLimited, Unavailable, UpstreamRateLimited
+from app.core.jsonvalues import escaped
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def domain_error_response(exc: DomainError, method: str, path: str) -> JSONRespo
 
 def _field(loc: Sequence[Any]) -> str | None:
     """`("body", "messages", 0, "content")` → `"messages.0.content"`."""
-    parts = [str(p) for p in loc]
+    parts = [escaped(str(p)) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
         parts = parts[1:]
     return ".".join(parts) or None

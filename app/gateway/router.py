@@ -230,6 +230,7 @@ async def embeddings(
 ) -> Any:
     """Embedding vectors for a string or a list of strings, from a model of kind `embedding`."""
     principal.ensure_can_call(request.model)
+    request.check()
     route = await services.chat.resolve(request.model, kind=ModelKind.EMBEDDING)
     async with services.metering.metered(
         principal,

@@ -16,7 +16,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.core.errors import InvalidInput
-from app.core.jsonvalues import INT64_MAX, INT64_MIN, out_of_range_int
+from app.core.jsonvalues import unencodable
+
+# Far above any model's output limit, and below what token arithmetic and budgets can hold.
+MAX_TOKENS = 1_000_000
 
 FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 # A model or chain name: no control characters, which no id can hold (PostgreSQL refuses NUL).
@@ -105,6 +108,9 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]]
+
+
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions` with OpenAI's parameter ranges."""
 
@@ -113,15 +119,16 @@ class ChatCompletionRequest(BaseModel):
 
     model: ModelName
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # `allow_inf_nan=False`: Python's JSON parser reads 1e309 as infinity, and NaN as itself.
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     n: int | None = Field(default=None, ge=1, le=128)
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: LogitBias | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
@@ -140,13 +147,7 @@ class ChatCompletionRequest(BaseModel):
         Returns the request as OpenAI JSON (`None`s left out), a dict the caller owns: the
         range check needs it, and so does whatever the request becomes next.
         """
-        dumped = self.model_dump(by_alias=True, exclude_none=True)
-        too_big = out_of_range_int(dumped)
-        if too_big is not None:
-            raise InvalidInput(
-                f"{too_big}: integers must fit in 64 bits (from {INT64_MIN} to {INT64_MAX})",
-                param=too_big,
-            )
+        dumped = _encodable_dump(self)
         if self.stream_options is not None and not self.stream:
             raise InvalidInput(
                 "stream_options is only allowed when stream is true", param="stream_options"
@@ -183,20 +184,43 @@ class ChatCompletionRequest(BaseModel):
         return any((m.model_extra or {}).get("prompt_id") for m in self.messages)
 
 
+def _encodable_dump(request: BaseModel) -> dict[str, Any]:
+    """The request as OpenAI JSON (`None`s left out), refused when a value in it, extra
+    parameters included, is text or a number that cannot go on (see `unencodable`)."""
+    dumped = request.model_dump(by_alias=True, exclude_none=True)
+    found = unencodable(dumped)
+    if found is not None:
+        field, reason = found
+        raise InvalidInput(f"{field}: {reason}", param=field)
+    return dumped
+
+
 class EmbeddingRequest(BaseModel):
     """`POST /v1/embeddings`."""
 
     model: ModelName
-    input: (
-        Annotated[str, StringConstraints(min_length=1)]
-        | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)]
-    )
+    # Emptiness is judged in `check`: constraints here would name a member of the union
+    # (`input.constrained-str`) rather than the field in errors.
+    input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, le=8192)
     user: str | None = Field(default=None, max_length=256)
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check(self) -> dict[str, Any]:
+        """What the schema cannot say; returns the request as OpenAI JSON, as
+        `ChatCompletionRequest.check` does."""
+        if self.input == "" or self.input == []:
+            raise InvalidInput("input must not be empty", param="input")
+        if isinstance(self.input, list):
+            for index, text in enumerate(self.input):
+                if not text:
+                    raise InvalidInput(
+                        f"input.{index}: the inputs must not be empty", param=f"input.{index}"
+                    )
+        return _encodable_dump(self)
 
 
 class OperationAccepted(BaseModel):

@@ -16,7 +16,7 @@ from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
-from app.core.jsonvalues import out_of_range_int
+from app.core.jsonvalues import unencodable
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
@@ -56,7 +56,8 @@ def request_hash(kind: OperationKind, payload: dict[str, Any]) -> str:
             {"kind": kind.value, "input": payload}, option=orjson.OPT_SORT_KEYS
         )
     except TypeError as exc:  # e.g. an integer past 64 bits, which JSON itself allows
-        field = out_of_range_int(payload)
+        found = unencodable(payload)
+        field = found[0] if found is not None else None
         raise InvalidInput(f"the request cannot be stored as a job: {exc}", param=field) from exc
     return hashlib.sha256(canonical).hexdigest()
 
