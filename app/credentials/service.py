@@ -21,7 +21,12 @@ from app.core.errors import (
 )
 from app.core.outbound import OutboundClient
 from app.credentials.entities import Provider, StoredCredential
-from app.credentials.schemas import SECRET_MARK, CredentialCreate, CredentialUpdate
+from app.credentials.schemas import (
+    SECRET_MARK,
+    CredentialCreate,
+    CredentialUpdate,
+    has_url_credentials,
+)
 from app.models.entities import Model
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
@@ -328,6 +333,14 @@ class CredentialService:
         if credential.endpoint is None and default is None:
             raise InvalidInput(
                 f"a '{credential.provider.value}' credential needs its endpoint to be tested",
+                param="endpoint",
+            )
+        if credential.endpoint is not None and has_url_credentials(credential.endpoint):
+            # Only rows stored before the API refused them.
+            raise InvalidInput(
+                f"the endpoint of credential '{credential.id}' carries a user name or password "
+                "(user:pass@); put credentials in the credential's secret, not in the endpoint "
+                "URL",
                 param="endpoint",
             )
         base = (credential.endpoint or default or "").rstrip("/")
