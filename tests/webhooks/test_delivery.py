@@ -14,14 +14,14 @@ import pytest
 
 from app.core.clock import utcnow
 from app.core.crypto import SecretBox
-from app.core.errors import Conflict
+from app.core.errors import Conflict, InvalidInput
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.runner import JobContext, JobTimings, OperationRunner
 from app.operations.service import OperationService, Owner
 from app.services import Services, build_handlers
 from app.storage.protocol import Storage, Where
-from app.webhooks.entities import DeliveryStatus, WebhookDelivery, WebhookStatus
+from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 from app.webhooks.service import WebhookConfig, WebhookService
 from tests.webhooks.receiver import InvalidSignature, Received, Receiver, Reply, verify
 
@@ -138,6 +138,82 @@ async def test_a_delivery_carries_a_signature_a_standard_verifier_accepts(
     assert entry["duration_ms"] >= 0 and entry["response_excerpt"] == '{"ok": true}'
     with pytest.raises(InvalidSignature):
         verify("whsec_" + "A" * 32, request.headers, request.body)
+
+
+TOKEN = "Bearer hook-token-0123456789"
+
+
+async def stored_headers(storage: Storage, webhook_id: str) -> dict[str, str]:
+    async with storage.unit_of_work() as uow:
+        webhook = await uow.repo(Webhook).get(webhook_id)
+    assert webhook is not None
+    return webhook.headers
+
+
+async def test_header_values_are_stored_encrypted_and_sent_in_clear(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, secret = await rig.webhooks.create(
+        url=receiver.url, headers={"Authorization": TOKEN, "X-Tenant": "acme"}
+    )
+    stored = await stored_headers(rig.storage, webhook.id)
+    assert sorted(stored) == ["Authorization", "X-Tenant"]
+    assert "hook-token" not in str(stored) and "acme" not in str(stored)
+    await rig.emit("api_key.created", {})
+    await rig.drain()
+    (request,) = receiver.requests
+    assert request.headers["authorization"] == TOKEN and request.headers["x-tenant"] == "acme"
+    verify(secret, request.headers, request.body)
+
+
+async def test_headers_stored_in_clear_before_encryption_are_still_sent(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, _ = await rig.webhooks.create(url=receiver.url)
+    async with rig.storage.unit_of_work() as uow:
+        webhook.headers = {"X-Legacy": "plain-value"}
+        await uow.repo(Webhook).update(webhook)
+        await uow.commit()
+    await rig.emit("api_key.created", {})
+    await rig.drain()
+    (request,) = receiver.requests
+    assert request.headers["x-legacy"] == "plain-value"
+
+
+async def test_an_update_sending_a_masked_value_keeps_the_stored_one(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, _ = await rig.webhooks.create(url=receiver.url, headers={"Authorization": TOKEN})
+    await rig.webhooks.update(webhook.id, headers={"Authorization": "***", "X-New": "fresh"})
+    with pytest.raises(InvalidInput) as refused:
+        await rig.webhooks.update(webhook.id, headers={"X-Unknown": "***"})
+    assert refused.value.param == "headers.X-Unknown"
+    assert "fresh" not in str(await stored_headers(rig.storage, webhook.id))
+    await rig.emit("api_key.created", {})
+    await rig.drain()
+    (request,) = receiver.requests
+    assert request.headers["authorization"] == TOKEN and request.headers["x-new"] == "fresh"
+
+
+async def test_headers_no_configured_key_can_read_fail_the_delivery_without_retrying(
+    storage: Storage, receiver: Receiver
+) -> None:
+    rig = make_rig(storage)
+    try:
+        webhook, _ = await rig.webhooks.create(url=receiver.url, headers={"Authorization": TOKEN})
+        other_key = "secretbox:" + SecretBox(["another-key"]).encrypt(TOKEN)
+        async with storage.unit_of_work() as uow:
+            webhook.headers = {"Authorization": other_key}
+            await uow.repo(Webhook).update(webhook)
+            await uow.commit()
+        await rig.emit("api_key.created", {})
+        await rig.drain()
+    finally:
+        await rig.client.aclose()
+    assert receiver.requests == []
+    (delivery,) = await rig.deliveries(webhook.id)
+    assert delivery.status == DeliveryStatus.FAILED and delivery.attempts == 1
+    assert delivery.error == "the webhook headers cannot be read (SECRET_KEY)"
 
 
 async def test_events_go_only_to_enabled_subscriptions_of_their_type(
