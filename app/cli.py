@@ -153,15 +153,15 @@ def run_seed(args: argparse.Namespace) -> int:
 
 
 def run_rotate_secrets(args: argparse.Namespace) -> int:
-    """Re-encrypt every stored credential with the first key of SECRET_KEY."""
+    """Re-encrypt every stored secret with the first key of SECRET_KEY."""
     import asyncio
 
     from app.core.crypto import UndecryptableSecret
     from app.core.errors import Unavailable
-    from app.credentials.commands import CannotRotate, rotate_secrets
+    from app.rotation import CannotRotate, rotate_secrets
 
     try:
-        count = asyncio.run(rotate_secrets(load_settings()))
+        rotated = asyncio.run(rotate_secrets(load_settings()))
     except CannotRotate as exc:
         print(f"gateway rotate-secrets: {exc}", file=sys.stderr)
         return 2
@@ -171,7 +171,7 @@ def run_rotate_secrets(args: argparse.Namespace) -> int:
     except Unavailable as exc:
         print(f"gateway rotate-secrets: {exc.message}", file=sys.stderr)
         return 1
-    print(f"Re-encrypted {count} credential secret(s) with the newest key.")
+    print(f"Re-encrypted {rotated.summary()} with the newest key.")
     return 0
 
 

@@ -18,12 +18,27 @@ SECRET_MARK = "{secret}"
 MAX_SECRET_LENGTH = 16_384
 
 
-def _check_endpoint(value: str | None) -> str | None:
+URL_CREDENTIALS_REFUSED = (
+    "must not carry a user name or password (user:pass@): put credentials in the credential's "
+    "secret, not in the endpoint URL"
+)
+
+
+def has_url_credentials(url: str) -> bool:
+    """Whether `url` carries `user[:password]@` before its host."""
+    return "@" in urlsplit(url).netloc
+
+
+def check_endpoint(value: str | None) -> str | None:
+    """An http(s) URL with a host and no credentials in it, or None."""
     if value is None:
         return None
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    # Stored in clear and refused by the streaming client beside an Authorization header.
+    if has_url_credentials(value):
+        raise ValueError(URL_CREDENTIALS_REFUSED)
     return value
 
 
@@ -40,14 +55,15 @@ def _check_template(value: str | None) -> str | None:
 
 
 def masked_endpoint(endpoint: str | None) -> str | None:
-    """The endpoint with any password in its URL replaced, so it can be shown and logged."""
-    if endpoint is None:
-        return None
-    parts = urlsplit(endpoint)
-    if parts.password is None:
+    """The endpoint with any user name and password in its URL replaced, so it can be shown.
+
+    New endpoints cannot carry them; rows stored before that was refused may.
+    """
+    if endpoint is None or not has_url_credentials(endpoint):
         return endpoint
+    parts = urlsplit(endpoint)
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 class CredentialCreate(BaseModel):
@@ -71,7 +87,7 @@ class CredentialCreate(BaseModel):
     header_value_template: str | None = Field(default=None, max_length=200)
     enabled: bool = True
 
-    _endpoint = field_validator("endpoint")(_check_endpoint)
+    _endpoint = field_validator("endpoint")(check_endpoint)
     _secret = field_validator("secret")(_check_secret)
     _template = field_validator("header_value_template")(_check_template)
 
@@ -97,7 +113,7 @@ class CredentialUpdate(BaseModel):
     header_value_template: str | None = Field(default=None, max_length=200)
     enabled: bool | None = None
 
-    _endpoint = field_validator("endpoint")(_check_endpoint)
+    _endpoint = field_validator("endpoint")(check_endpoint)
     _secret = field_validator("secret")(_check_secret)
     _template = field_validator("header_value_template")(_check_template)
 

@@ -16,12 +16,18 @@ from app.core.errors import (
     DuplicateKey,
     InvalidInput,
     NotFound,
+    StaleVersion,
     Transient,
     Unavailable,
 )
 from app.core.outbound import OutboundClient
 from app.credentials.entities import Provider, StoredCredential
-from app.credentials.schemas import SECRET_MARK, CredentialCreate, CredentialUpdate
+from app.credentials.schemas import (
+    SECRET_MARK,
+    CredentialCreate,
+    CredentialUpdate,
+    has_url_credentials,
+)
 from app.models.entities import Model
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
@@ -265,27 +271,42 @@ class CredentialService:
         )
 
     async def rotate_secrets(self) -> int:
-        """Re-encrypt every stored secret with the newest key; returns how many were rewritten."""
+        """Re-encrypt every stored secret with the newest key; returns how many were rewritten.
+
+        Each credential is rewritten in its own unit of work, so an interrupted run keeps what
+        it did and running it again is harmless.
+        """
         rotated = 0
         after: str | None = None
         while True:
             async with self._storage.unit_of_work() as uow:
-                repo = uow.repo(StoredCredential)
-                page = await repo.find(
+                page = await uow.repo(StoredCredential).find(
                     Where.is_null("secret_encrypted", False),
                     order_by=["id"],
                     limit=100,
                     after=after,
                 )
-                for credential in page.items:
-                    assert credential.secret_encrypted is not None
-                    credential.secret_encrypted = self._box.rotate(credential.secret_encrypted)
-                    await repo.update(credential)
-                    rotated += 1
-                await uow.commit()
+            for credential in page.items:
+                rotated += await self._rotate_one(credential)
             if page.next_cursor is None:
                 return rotated
             after = page.next_cursor
+
+    async def _rotate_one(self, credential: StoredCredential | None) -> int:
+        while credential is not None and credential.secret_encrypted is not None:
+            try:
+                async with self._storage.unit_of_work() as uow:
+                    credential.secret_encrypted = self._box.rotate(credential.secret_encrypted)
+                    await uow.repo(StoredCredential).update(credential)
+                    await uow.commit()
+                return 1
+            except StaleVersion:
+                # Changed meanwhile: rotate what it holds now.
+                async with self._storage.unit_of_work() as uow:
+                    credential = await uow.repo(StoredCredential).get(credential.id)
+            except NotFound:
+                return 0
+        return 0
 
     @staticmethod
     async def _bump_models(uow: UnitOfWork, credential_id: str) -> None:
@@ -328,6 +349,14 @@ class CredentialService:
         if credential.endpoint is None and default is None:
             raise InvalidInput(
                 f"a '{credential.provider.value}' credential needs its endpoint to be tested",
+                param="endpoint",
+            )
+        if credential.endpoint is not None and has_url_credentials(credential.endpoint):
+            # Only rows stored before the API refused them.
+            raise InvalidInput(
+                f"the endpoint of credential '{credential.id}' carries a user name or password "
+                "(user:pass@); put credentials in the credential's secret, not in the endpoint "
+                "URL",
                 param="endpoint",
             )
         base = (credential.endpoint or default or "").rstrip("/")

@@ -25,6 +25,7 @@ from app.core.errors import (
 )
 from app.core.loading import LoadingCache
 from app.credentials.entities import Provider, StoredCredential
+from app.credentials.schemas import has_url_credentials
 from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks
 from app.gateway.entities import ModelChain
 from app.gateway.providers.anthropic import AnthropicProvider
@@ -274,6 +275,17 @@ class ChatService:
         base_url = parameters.get("base_url") or endpoint
         if model.provider is Provider.AZURE_OPENAI and not base_url:
             raise Unavailable(f"model '{model.id}' has no Azure endpoint configured")
+        if base_url and has_url_credentials(base_url):
+            # Only rows stored before the API refused them; checked once per route load.
+            where = (
+                f"the parameters.base_url of model '{model.id}'"
+                if parameters.get("base_url")
+                else f"the endpoint of credential '{model.credential_id}'"
+            )
+            raise Unavailable(
+                f"{where} carries a user name or password (user:pass@); put credentials in "
+                "the credential's secret, not in the endpoint URL"
+            )
         return Upstream(
             model_id=model.id,
             provider=model.provider,

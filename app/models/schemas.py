@@ -18,6 +18,7 @@ from pydantic import (
 from app.core.ids import MODEL_NAME_MAX, is_model_name
 from app.core.schemas import ListPage
 from app.credentials.entities import Provider
+from app.credentials.schemas import check_endpoint
 from app.gateway.entities import ModelChain
 from app.models.entities import Model, ModelKind
 
@@ -53,11 +54,15 @@ class ModelParameters(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     system_prompt: str | None = None
     timeout_ms: int | None = Field(default=None, ge=1)
+    # Overrides the credential's endpoint; like it, an http(s) URL without credentials in it.
+    base_url: str | None = Field(default=None, max_length=2000)
     max_retries: int | None = Field(default=None, ge=0, le=20)
     # The built-in mock provider's behaviour.
     mock_latency_ms: float | None = Field(default=None, ge=0, le=600_000)
     mock_failure_rate: float | None = Field(default=None, ge=0, le=1)
     mock_failure: Literal["transient", "permanent", "timeout", "rate_limit"] | None = None
+
+    _base_url = field_validator("base_url")(check_endpoint)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -47,7 +47,8 @@ class Webhook(Entity, table=True):
     previous_secret_encrypted: str | None = text(None)
     previous_secret_expires_at: datetime | None = instant()
     events: list[str] = json_list()
-    # Non-secret headers only: they are shown back to administrators.
+    # Custom headers by name; each value is "secretbox:" + its ciphertext (or, in rows written
+    # before values were encrypted, the value in clear). Only the names are ever shown.
     headers: dict[str, str] = json_object()
     status: WebhookStatus = choice(WebhookStatus, WebhookStatus.ACTIVE, index=True)
     failure_count: int = 0

@@ -10,6 +10,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from app.core.schemas import ListPage
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 
+# How a custom header's value is shown; sent back in an update, it keeps the stored value.
+MASKED_HEADER = "***"
+
 
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -22,7 +25,10 @@ class WebhookCreate(BaseModel):
         max_length=100,
         description="Event types, `<group>.*` or `*`; empty means every event.",
     )
-    headers: dict[str, str] = Field(default_factory=dict, description="Sent with each delivery.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Sent with each delivery; the values are stored encrypted and never shown.",
+    )
     enabled: bool = True
     secret: str | None = Field(
         default=None, description="A `whsec_<base64>` secret to use instead of a generated one."
@@ -36,7 +42,10 @@ class WebhookUpdate(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
     events: list[str] | None = Field(default=None, max_length=100)
-    headers: dict[str, str] | None = None
+    headers: dict[str, str] | None = Field(
+        default=None,
+        description="Replaces every custom header; a value of `***` keeps that header's value.",
+    )
     enabled: bool | None = None
 
 
@@ -49,7 +58,7 @@ class WebhookRead(BaseModel):
     description: str | None
     url: str
     events: list[str]
-    headers: dict[str, str]
+    headers: dict[str, str] = Field(description="The custom header names; every value is `***`.")
     enabled: bool
     status: WebhookStatus
     disabled_reason: str | None
@@ -69,7 +78,7 @@ class WebhookRead(BaseModel):
             description=webhook.description,
             url=webhook.url,
             events=webhook.events,
-            headers=webhook.headers,
+            headers=dict.fromkeys(webhook.headers, MASKED_HEADER),
             enabled=webhook.status == WebhookStatus.ACTIVE,
             status=webhook.status,
             disabled_reason=webhook.disabled_reason,

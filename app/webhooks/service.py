@@ -32,6 +32,7 @@ from app.operations.transitions import TERMINAL
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.webhooks import catalogue
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
+from app.webhooks.schemas import MASKED_HEADER
 from app.webhooks.signing import new_secret, secret_key, signature_header
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ RESERVED_HEADERS = frozenset(
     }
 )
 UNSET: Any = object()
+# Custom header values are stored as this mark followed by their ciphertext; a value without
+# it was stored in clear before values were encrypted, and is sent as it is.
+ENCRYPTED_HEADER = "secretbox:"
 
 
 class DeliveryAbandoned(DomainError):
@@ -139,6 +143,63 @@ def check_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return dict(headers)
 
 
+@dataclass(frozen=True)
+class WebhookRotation:
+    """How many webhook values `rotate_webhook_secrets` rewrote under the newest key."""
+
+    secrets: int = 0  # signing secrets, current and previous
+    header_values: int = 0
+
+
+def seal_header(box: SecretBox, stored: str) -> str:
+    """A stored header value encrypted under the newest key (a clear-text one is encrypted)."""
+    if stored.startswith(ENCRYPTED_HEADER):
+        return ENCRYPTED_HEADER + box.rotate(stored[len(ENCRYPTED_HEADER) :])
+    return ENCRYPTED_HEADER + box.encrypt(stored)
+
+
+async def rotate_webhook_secrets(storage: Storage, box: SecretBox) -> WebhookRotation:
+    """Re-encrypt every webhook's secrets and header values under the newest key.
+
+    Each webhook is rewritten in its own unit of work, so an interrupted run keeps what it did
+    and running it again is harmless; a webhook a delivery changed meanwhile is read again.
+    """
+    total = WebhookRotation()
+    after: str | None = None
+    while True:
+        async with storage.unit_of_work() as uow:
+            page = await uow.repo(Webhook).find(order_by=["id"], limit=100, after=after)
+        for webhook in page.items:
+            done = await _rotate_webhook(storage, box, webhook)
+            total = WebhookRotation(
+                total.secrets + done.secrets, total.header_values + done.header_values
+            )
+        if page.next_cursor is None:
+            return total
+        after = page.next_cursor
+
+
+async def _rotate_webhook(
+    storage: Storage, box: SecretBox, webhook: Webhook | None
+) -> WebhookRotation:
+    while webhook is not None:
+        previous = webhook.previous_secret_encrypted
+        webhook.secret_encrypted = box.rotate(webhook.secret_encrypted)
+        webhook.previous_secret_encrypted = box.rotate(previous) if previous else None
+        webhook.headers = {name: seal_header(box, v) for name, v in webhook.headers.items()}
+        try:
+            async with storage.unit_of_work() as uow:
+                await uow.repo(Webhook).update(webhook)
+                await uow.commit()
+            return WebhookRotation(1 + (previous is not None), len(webhook.headers))
+        except StaleVersion:
+            async with storage.unit_of_work() as uow:
+                webhook = await uow.repo(Webhook).get(webhook.id)
+        except NotFound:
+            break
+    return WebhookRotation()
+
+
 class WebhookService:
     """Subscriptions, events and deliveries; it is also the `EventSink` of the gateway."""
 
@@ -193,7 +254,7 @@ class WebhookService:
             url=url,
             secret_encrypted=self._box.encrypt(secret),
             events=check_events(events or []),
-            headers=check_headers(headers or {}),
+            headers=self._sealed_headers(check_headers(headers or {}), {}),
             status=WebhookStatus.ACTIVE if enabled else WebhookStatus.PAUSED,
         )
         async with self._storage.unit_of_work() as uow:
@@ -240,11 +301,13 @@ class WebhookService:
         if events is not UNSET:
             changes["events"] = check_events(events)
         if headers is not UNSET:
-            changes["headers"] = check_headers(headers)
+            headers = check_headers(headers)
 
         def change(webhook: Webhook) -> None:
             for field, value in changes.items():
                 setattr(webhook, field, value)
+            if headers is not UNSET:
+                webhook.headers = self._sealed_headers(headers, webhook.headers)
             if enabled is UNSET:
                 return
             if not enabled:
@@ -258,6 +321,37 @@ class WebhookService:
                 webhook.failure_count = 0
 
         return await self._change(webhook_id, change)
+
+    def _sealed_headers(
+        self, headers: Mapping[str, str], stored: Mapping[str, str]
+    ) -> dict[str, str]:
+        """`headers` as stored: each value encrypted; a masked one keeps its `stored` value."""
+        sealed: dict[str, str] = {}
+        for name, value in headers.items():
+            if value != MASKED_HEADER:
+                sealed[name] = ENCRYPTED_HEADER + self._box.encrypt(value)
+            elif name in stored:
+                sealed[name] = self._sealed(stored[name])
+            else:
+                raise InvalidInput(
+                    f"the header '{name}' has no stored value to keep: send its value",
+                    param=f"headers.{name}",
+                )
+        return sealed
+
+    def _sealed(self, stored: str) -> str:
+        if stored.startswith(ENCRYPTED_HEADER):
+            return stored
+        return ENCRYPTED_HEADER + self._box.encrypt(stored)
+
+    def _header_values(self, webhook: Webhook) -> dict[str, str]:
+        """The custom headers to send, decrypted (`UndecryptableSecret` if a key is missing)."""
+        return {
+            name: self._box.decrypt(value[len(ENCRYPTED_HEADER) :])
+            if value.startswith(ENCRYPTED_HEADER)
+            else value
+            for name, value in webhook.headers.items()
+        }
 
     async def delete(self, webhook_id: str) -> None:
         """Remove a subscription and its delivery log; its pending deliveries are dropped."""
@@ -560,8 +654,14 @@ class WebhookService:
             return AttemptOutcome(
                 None, None, elapsed(), "the webhook secret cannot be read (SECRET_KEY)", False
             )
+        try:
+            custom = self._header_values(webhook)
+        except UndecryptableSecret:
+            return AttemptOutcome(
+                None, None, elapsed(), "the webhook headers cannot be read (SECRET_KEY)", False
+            )
         headers = {
-            **webhook.headers,
+            **custom,
             "content-type": "application/json",
             "webhook-id": delivery.event_id,
             "webhook-timestamp": str(timestamp),

@@ -123,10 +123,69 @@ async def test_update_replaces_the_secret_and_switching_to_env_var_drops_it(
     assert cleared.json()["has_secret"] is False
 
 
-async def test_a_password_in_the_endpoint_url_is_masked(client: httpx.AsyncClient) -> None:
-    response = await create(client, endpoint="https://user:hunter2@proxy.example/v1")
-    assert "hunter2" not in response.text
-    assert response.json()["endpoint"] == "https://user:***@proxy.example/v1"
+@pytest.mark.parametrize(
+    "endpoint", ["https://user:hunter2@proxy.example/v1", "https://hunter2@proxy.example/v1"]
+)
+async def test_credentials_in_the_endpoint_url_are_refused_on_create_and_update(
+    client: httpx.AsyncClient, services: Services, endpoint: str
+) -> None:
+    refused = await create(client, endpoint=endpoint)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "endpoint"
+    assert "put credentials in the credential's secret" in error["message"]
+    assert "hunter2" not in refused.text
+    assert (await create(client, endpoint="https://proxy.example/v1")).status_code == 201
+    changed = await client.patch("/admin/credentials/openai-main", json={"endpoint": endpoint})
+    assert changed.status_code == 400, changed.text
+    assert changed.json()["error"]["param"] == "endpoint"
+    assert "hunter2" not in changed.text
+    assert (await services.credentials.get("openai-main")).endpoint == "https://proxy.example/v1"
+
+
+async def stored_with_url_credentials(services: Services) -> None:
+    """A credential saved before URL credentials were refused (written past the API)."""
+    await services.credentials.create(
+        CredentialCreate(id="legacy", provider=Provider.OPENAI, secret=SECRET)
+    )
+    async with services.storage.unit_of_work() as uow:
+        stored = await uow.repo(StoredCredential).get("legacy")
+        assert stored is not None
+        stored.endpoint = "https://user:hunter2@proxy.example/v1"
+        await uow.repo(StoredCredential).update(stored)
+        await uow.commit()
+
+
+async def test_a_stored_endpoint_with_url_credentials_is_shown_masked(
+    client: httpx.AsyncClient, services: Services
+) -> None:
+    await stored_with_url_credentials(services)
+    shown = await client.get("/admin/credentials/legacy")
+    assert shown.status_code == 200
+    assert "hunter2" not in shown.text and "user" not in shown.json()["endpoint"]
+    assert shown.json()["endpoint"] == "https://***@proxy.example/v1"
+
+
+async def test_a_stored_endpoint_with_url_credentials_fails_calls_with_a_clear_error(
+    client: httpx.AsyncClient, services: Services
+) -> None:
+    await stored_with_url_credentials(services)
+    model = {"id": "via-legacy", "provider": "openai", "provider_model": "gpt-4o"}
+    created = await client.post("/admin/models", json={**model, "credential_id": "legacy"})
+    assert created.status_code == 201, created.text
+    headers = await user_headers(services)
+    chat = {"model": "via-legacy", "messages": [{"role": "user", "content": "hi"}]}
+    for stream in (False, True):
+        answer = await client.post(
+            "/v1/chat/completions", json={**chat, "stream": stream}, headers=headers
+        )
+        assert answer.status_code == 503, answer.text
+        message = answer.json()["error"]["message"]
+        assert "the endpoint of credential 'legacy' carries a user name or password" in message
+        assert "hunter2" not in answer.text
+    tested = await client.post("/admin/credentials/legacy/test")
+    assert tested.status_code == 400, tested.text
+    assert tested.json()["error"]["param"] == "endpoint" and "hunter2" not in tested.text
 
 
 async def test_listing_pages_through_credentials_by_id(client: httpx.AsyncClient) -> None:

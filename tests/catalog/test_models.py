@@ -59,6 +59,8 @@ async def test_a_created_model_has_every_field_and_version_1(client: httpx.Async
         ({"provider": "openai"}, "credential_id"),
         ({"credential_id": "missing"}, "credential_id"),
         ({"parameters": {"temperature": 2.5}}, "parameters.temperature"),
+        ({"parameters": {"base_url": "https://u:p@proxy.example/v1"}}, "parameters.base_url"),
+        ({"parameters": {"base_url": "proxy.example"}}, "parameters.base_url"),
         ({"input_price_per_million": -1}, "input_price_per_million"),
         ({"context_window": 0}, "context_window"),
         ({"unknown": 1}, "unknown"),
@@ -70,6 +72,21 @@ async def test_invalid_models_are_400_naming_the_field(
     response = await add_model(client, **body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+async def test_url_credentials_in_base_url_are_refused_on_update_naming_the_field(
+    client: httpx.AsyncClient,
+) -> None:
+    assert (await add_model(client, parameters={"base_url": "https://proxy.example"})).is_success
+    changed = await client.patch(
+        "/admin/models/m-1", json={"parameters": {"base_url": "https://key@proxy.example/v1"}}
+    )
+    assert changed.status_code == 400, changed.text
+    error = changed.json()["error"]
+    assert error["param"] == "parameters.base_url"
+    assert "not in the endpoint URL" in error["message"] and "key@" not in changed.text
+    kept = (await client.get("/admin/models/m-1")).json()
+    assert kept["parameters"]["base_url"] == "https://proxy.example"
 
 
 @pytest.mark.parametrize("name", ["gpt-4.1-mini", "llama3.1:8b", "claude_3_5"])

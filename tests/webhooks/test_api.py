@@ -91,6 +91,29 @@ async def test_the_secret_is_shown_at_creation_and_rotation_only(client: httpx.A
     assert rotated.json()["secret"] not in (await client.get("/admin/webhooks", headers=AUTH)).text
 
 
+async def test_header_values_are_never_shown_only_their_names(
+    client: httpx.AsyncClient,
+) -> None:
+    token = "Bearer hook-token-0123456789"
+    created = await create(client, headers={"Authorization": token})
+    path = f"/admin/webhooks/{created['id']}"
+    shown = await client.get(path, headers=AUTH)
+    listed = await client.get("/admin/webhooks", headers=AUTH)
+    changed = await client.patch(
+        path, json={"headers": {"Authorization": "***", "X-Tenant": "acme"}}, headers=AUTH
+    )
+    for response in (shown, listed, changed):
+        assert response.status_code == 200, response.text
+        assert "hook-token" not in response.text
+    assert created["headers"] == {"Authorization": "***"}
+    assert shown.json()["headers"] == {"Authorization": "***"}
+    assert listed.json()["data"][0]["headers"] == {"Authorization": "***"}
+    assert changed.json()["headers"] == {"Authorization": "***", "X-Tenant": "***"}
+    unknown = await client.patch(path, json={"headers": {"X-Other": "***"}}, headers=AUTH)
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["param"] == "headers.X-Other"
+
+
 @pytest.mark.parametrize(
     ("body", "param", "code"),
     [

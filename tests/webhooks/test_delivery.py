@@ -14,15 +14,18 @@ import pytest
 
 from app.core.clock import utcnow
 from app.core.crypto import SecretBox
-from app.core.errors import Conflict
+from app.core.errors import Conflict, InvalidInput
 from app.core.outbound import OutboundClient, OutboundPolicy
+from app.credentials.entities import Provider
+from app.credentials.schemas import CredentialCreate
+from app.credentials.service import CredentialService
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.runner import JobContext, JobTimings, OperationRunner
 from app.operations.service import OperationService, Owner
 from app.services import Services, build_handlers
 from app.storage.protocol import Storage, Where
-from app.webhooks.entities import DeliveryStatus, WebhookDelivery, WebhookStatus
-from app.webhooks.service import WebhookConfig, WebhookService
+from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
+from app.webhooks.service import WebhookConfig, WebhookService, rotate_webhook_secrets
 from tests.webhooks.receiver import InvalidSignature, Received, Receiver, Reply, verify
 
 FAST = JobTimings(lease=2, heartbeat=0.5, retry_base=0.01, retry_max=0.05, resend_after=1)
@@ -76,13 +79,13 @@ async def echo(ctx: JobContext) -> dict[str, Any]:
     return {"echo": ctx.operation.input}
 
 
-def make_rig(storage: Storage, **config: Any) -> Rig:
+def make_rig(storage: Storage, box: SecretBox | None = None, **config: Any) -> Rig:
     queue = TimedQueue()
     operations = OperationService(storage, queue)
     client = OutboundClient(OutboundPolicy.parse("127.0.0.1"))
     settings = {"schedule": (0, 0.05, 0.05), "timeout": 2.0, **config}
     webhooks = WebhookService(
-        storage, operations, SecretBox(["test-key"]), client, WebhookConfig(**settings)
+        storage, operations, box or SecretBox(["test-key"]), client, WebhookConfig(**settings)
     )
     operations.events = webhooks
     handlers = build_handlers(cast(Services, SimpleNamespace(webhooks=webhooks)))
@@ -138,6 +141,127 @@ async def test_a_delivery_carries_a_signature_a_standard_verifier_accepts(
     assert entry["duration_ms"] >= 0 and entry["response_excerpt"] == '{"ok": true}'
     with pytest.raises(InvalidSignature):
         verify("whsec_" + "A" * 32, request.headers, request.body)
+
+
+TOKEN = "Bearer hook-token-0123456789"
+
+
+async def stored_headers(storage: Storage, webhook_id: str) -> dict[str, str]:
+    async with storage.unit_of_work() as uow:
+        webhook = await uow.repo(Webhook).get(webhook_id)
+    assert webhook is not None
+    return webhook.headers
+
+
+async def test_header_values_are_stored_encrypted_and_sent_in_clear(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, secret = await rig.webhooks.create(
+        url=receiver.url, headers={"Authorization": TOKEN, "X-Tenant": "acme"}
+    )
+    stored = await stored_headers(rig.storage, webhook.id)
+    assert sorted(stored) == ["Authorization", "X-Tenant"]
+    assert "hook-token" not in str(stored) and "acme" not in str(stored)
+    await rig.emit("api_key.created", {})
+    await rig.drain()
+    (request,) = receiver.requests
+    assert request.headers["authorization"] == TOKEN and request.headers["x-tenant"] == "acme"
+    verify(secret, request.headers, request.body)
+
+
+async def test_headers_stored_in_clear_before_encryption_are_still_sent(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, _ = await rig.webhooks.create(url=receiver.url)
+    async with rig.storage.unit_of_work() as uow:
+        webhook.headers = {"X-Legacy": "plain-value"}
+        await uow.repo(Webhook).update(webhook)
+        await uow.commit()
+    await rig.emit("api_key.created", {})
+    await rig.drain()
+    (request,) = receiver.requests
+    assert request.headers["x-legacy"] == "plain-value"
+
+
+async def test_an_update_sending_a_masked_value_keeps_the_stored_one(
+    rig: Rig, receiver: Receiver
+) -> None:
+    webhook, _ = await rig.webhooks.create(url=receiver.url, headers={"Authorization": TOKEN})
+    await rig.webhooks.update(webhook.id, headers={"Authorization": "***", "X-New": "fresh"})
+    with pytest.raises(InvalidInput) as refused:
+        await rig.webhooks.update(webhook.id, headers={"X-Unknown": "***"})
+    assert refused.value.param == "headers.X-Unknown"
+    assert "fresh" not in str(await stored_headers(rig.storage, webhook.id))
+    await rig.emit("api_key.created", {})
+    await rig.drain()
+    (request,) = receiver.requests
+    assert request.headers["authorization"] == TOKEN and request.headers["x-new"] == "fresh"
+
+
+async def test_headers_no_configured_key_can_read_fail_the_delivery_without_retrying(
+    storage: Storage, receiver: Receiver
+) -> None:
+    rig = make_rig(storage)
+    try:
+        webhook, _ = await rig.webhooks.create(url=receiver.url, headers={"Authorization": TOKEN})
+        other_key = "secretbox:" + SecretBox(["another-key"]).encrypt(TOKEN)
+        async with storage.unit_of_work() as uow:
+            webhook.headers = {"Authorization": other_key}
+            await uow.repo(Webhook).update(webhook)
+            await uow.commit()
+        await rig.emit("api_key.created", {})
+        await rig.drain()
+    finally:
+        await rig.client.aclose()
+    assert receiver.requests == []
+    (delivery,) = await rig.deliveries(webhook.id)
+    assert delivery.status == DeliveryStatus.FAILED and delivery.attempts == 1
+    assert delivery.error == "the webhook headers cannot be read (SECRET_KEY)"
+
+
+async def test_rotation_re_encrypts_every_secret_so_the_old_key_can_be_dropped(
+    storage: Storage, receiver: Receiver
+) -> None:
+    old, both, new = SecretBox(["old"]), SecretBox(["new", "old"]), SecretBox(["new"])
+    await CredentialService(storage, old).create(
+        CredentialCreate(id="c", provider=Provider.OPENAI, secret="sk-rotated")
+    )
+    before = make_rig(storage, old, rotation_overlap=3600)
+    try:
+        webhook, first = await before.webhooks.create(
+            url=receiver.url, headers={"Authorization": TOKEN}
+        )
+        _, second = await before.webhooks.rotate_secret(webhook.id)
+        plain, plain_secret = await before.webhooks.create(url=receiver.url, events=["batch.*"])
+        async with storage.unit_of_work() as uow:
+            plain.headers = {"X-Legacy": "plain-value"}  # stored before values were encrypted
+            await uow.repo(Webhook).update(plain)
+            await uow.commit()
+    finally:
+        await before.client.aclose()
+
+    assert await CredentialService(storage, both).rotate_secrets() == 1
+    rotated = await rotate_webhook_secrets(storage, both)
+    assert (rotated.secrets, rotated.header_values) == (3, 2)
+    assert "plain-value" not in str(await stored_headers(storage, plain.id))
+    again = await rotate_webhook_secrets(storage, both)  # running it twice is harmless
+    assert again == rotated and await CredentialService(storage, both).rotate_secrets() == 1
+
+    assert (await CredentialService(storage, new).reveal("c")).secret == "sk-rotated"
+    after = make_rig(storage, new, rotation_overlap=3600)
+    try:
+        await after.emit("batch.completed", {})
+        await after.drain()
+    finally:
+        await after.client.aclose()
+    assert {d.status for d in await after.deliveries()} == {DeliveryStatus.SUCCEEDED}
+    (hooked,) = [r for r in receiver.requests if "authorization" in r.headers]
+    (legacy,) = [r for r in receiver.requests if "x-legacy" in r.headers]
+    verify(first, hooked.headers, hooked.body)
+    verify(second, hooked.headers, hooked.body)
+    assert hooked.headers["authorization"] == TOKEN
+    verify(plain_secret, legacy.headers, legacy.body)
+    assert legacy.headers["x-legacy"] == "plain-value"
 
 
 async def test_events_go_only_to_enabled_subscriptions_of_their_type(
