@@ -8,9 +8,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
+from app.config import Settings
 from app.core.errors import Unavailable
+from app.main import create_app
+from app.operations.entities import Operation
 from app.storage.sql import CLIENT_TIMEOUT_MARGIN, SqlStorage, make_database
 
 pytestmark = pytest.mark.postgres
@@ -125,5 +129,50 @@ async def test_without_a_timeout_statements_may_run_long(database_url: str) -> N
         async with storage.unit_of_work() as uow:
             (row,) = await uow._fetch("SHOW statement_timeout", {}, None)
         assert row[0] == "0"
+    finally:
+        await storage.close()
+
+
+async def test_a_client_whose_job_meets_a_silent_database_gets_a_503_to_retry_not_a_hang(
+    database_url: str, link: FreezableLink
+) -> None:
+    admin = "gw-bounded-waits-admin-key-0123456789"
+    settings = Settings(
+        STORAGE_BACKEND="postgres",
+        DATABASE_URL=_through(database_url, link.port),
+        SECRET_KEY="test-secret-key-of-sufficient-length",
+        ADMIN_API_KEY=admin,  # type: ignore[arg-type]
+        DB_STATEMENT_TIMEOUT_SECONDS=0.5,
+        DB_CONNECT_TIMEOUT=1.0,
+        GC_SETTLE=False,
+    )
+    app = create_app(settings)
+    headers = {"Authorization": f"Bearer {admin}"}
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hello"}]}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            accepted = await client.post(
+                "/v1/chat/completions?async=true", json=body, headers=headers
+            )
+            assert accepted.status_code == 202
+
+            link.frozen.set()
+            started = time.monotonic()
+            refused = await client.post(
+                "/v1/chat/completions?async=true", json=body, headers=headers
+            )
+            waited = time.monotonic() - started
+
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "service_unavailable_error"
+            assert waited < 0.5 + CLIENT_TIMEOUT_MARGIN + 1.5
+            link.frozen.clear()
+    # Nothing accepted was lost: the first job's row is there.
+    storage = SqlStorage(make_database(database_url))
+    try:
+        async with storage.unit_of_work() as uow:
+            assert await uow.repo(Operation).get(accepted.json()["operation_id"]) is not None
     finally:
         await storage.close()
