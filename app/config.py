@@ -300,8 +300,9 @@ class Settings(BaseSettings):
     CACHE_SEMANTIC_THRESHOLD: float = Field(default=0.95, gt=0, le=1)
     CACHE_SEMANTIC_MAX_ENTRIES: int = Field(default=500, ge=1, le=100_000)
 
-    # Calls to user-configured URLs (webhooks and later features) refuse loopback, private and
-    # other internal addresses, except these comma-separated host names or CIDR ranges.
+    # Calls to user-configured URLs (webhooks, provider endpoints, models' base_url) refuse
+    # loopback, private and other internal addresses, except these comma-separated host names,
+    # addresses or CIDR ranges (a local vLLM or Ollama needs `localhost`). Dev mode allows no more.
     OUTBOUND_ALLOWED_HOSTS: str = ""
 
     # Webhooks: seconds before each delivery attempt (the first is usually 0).

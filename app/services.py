@@ -107,7 +107,10 @@ class Services:
             on_change=self.chat.invalidate,
         )
         self.models = ModelService(
-            self.storage, on_change=self.chat.invalidate, bus=self.invalidation
+            self.storage,
+            on_change=self.chat.invalidate,
+            bus=self.invalidation,
+            policy=self.outbound.policy,
         )
         self.prompts = PromptService(self.storage)
         self.chat.credentials = self.credentials
@@ -191,6 +194,7 @@ def build_services(
                 breaker_threshold=settings.BREAKER_FAILURE_THRESHOLD,
                 breaker_cooldown=settings.BREAKER_COOLDOWN_SECONDS,
                 route_cache_seconds=settings.ROUTE_CACHE_SECONDS,
+                policy=outbound.policy,
             ),
         ),
     )

@@ -63,6 +63,8 @@ def settings() -> Settings:
         ADMIN_API_KEY=ADMIN,
         ADMIN_DEFAULT_PASSWORD="bench-admin-password",
         LOG_LEVEL="WARNING",
+        # The benchmark's upstream runs on this machine, which provider calls refuse unless listed.
+        OUTBOUND_ALLOWED_HOSTS="127.0.0.1,::1,localhost",
     )
 
 

@@ -152,37 +152,72 @@ class OutboundPolicy:
     def allows_address(self, address: IPAddress) -> bool:
         return any(address.version == n.version and address in n for n in self.networks)
 
-    def check_address(self, host: str, address: IPAddress) -> None:
+    def check_address(self, host: str, address: IPAddress, *, param: str = "url") -> None:
         """Raise `ForbiddenDestination` unless `address` (of `host`) may be called."""
         if self.allows_host(host) or self.allows_address(address):
             return
         reason = forbidden_reason(address)
         if reason is not None:
             shown = host if host.strip("[]") == str(address) else f"{host} ({address})"
-            raise ForbiddenDestination(f"refusing to call {shown}: {reason}", param="url")
+            raise ForbiddenDestination(f"refusing to call {shown}: {reason}", param=param)
 
-    def check_url(self, url: str) -> httpx.URL:
+    def check_host(self, host: str, *, param: str = "url") -> IPAddress | None:
+        """Refuse a cloud metadata host name or a forbidden literal address; the address, if
+        `host` spells one (a name is checked with its addresses when a connection opens)."""
+        if host.lower().rstrip(".") in METADATA_HOSTS and not self.allows_host(host):
+            raise ForbiddenDestination(
+                f"refusing to call {host}: a cloud metadata host", param=param
+            )
+        address = parse_host_address(host)
+        if address is not None:
+            self.check_address(host, address, param=param)
+        return address
+
+    def check_url(self, url: str, *, param: str = "url") -> httpx.URL:
         """A parsed http(s) URL, refused early when its host is a forbidden literal address.
 
         Host names are checked again, with their addresses, when a connection is opened.
+        `param` names the field the URL came from in the error.
         """
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError) as exc:
-            raise InvalidInput(f"'{url}' is not a valid URL", param="url") from exc
+            raise InvalidInput(f"'{url}' is not a valid URL", param=param) from exc
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise InvalidInput("the URL must start with http:// or https://", param="url")
+            raise InvalidInput("the URL must start with http:// or https://", param=param)
         if parsed.userinfo:
-            raise InvalidInput("the URL must not carry a user name or password", param="url")
-        host = parsed.host
-        if host.lower().rstrip(".") in METADATA_HOSTS and not self.allows_host(host):
-            raise ForbiddenDestination(
-                f"refusing to call {host}: a cloud metadata host", param="url"
-            )
-        address = parse_host_address(host)
-        if address is not None:
-            self.check_address(host, address)
+            raise InvalidInput("the URL must not carry a user name or password", param=param)
+        self.check_host(parsed.host, param=param)
         return parsed
+
+    async def checked_addresses(
+        self, host: str, port: int, resolver: Resolver | None = None
+    ) -> list[IPAddress]:
+        """The addresses of `host`, all of them allowed, or `ForbiddenDestination`.
+
+        Connect to one of these, never to `host` again: a second DNS answer could differ.
+        """
+        literal = self.check_host(host)
+        if literal is not None:
+            return [literal]
+        try:
+            answers = await (resolver or system_resolver)(host, port)
+        except OSError as exc:
+            raise OutboundFailed(f"could not resolve {host}") from exc
+        found = [parse_host_address(a) or ipaddress.ip_address(a) for a in answers]
+        if not found:
+            raise OutboundFailed(f"could not resolve {host}")
+        # Every answer is checked: one private address among public ones is refused too.
+        for address in found:
+            self.check_address(host, address)
+        return found
+
+
+def connectable(address: IPAddress) -> str:
+    """`address` as a socket connects to it (an IPv4-mapped IPv6 address as plain IPv4)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -203,25 +238,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def checked_addresses(self, host: str, port: int) -> list[IPAddress]:
         """The addresses of `host`, all of them allowed, or `ForbiddenDestination`."""
-        if host.lower().rstrip(".") in METADATA_HOSTS and not self._policy.allows_host(host):
-            raise ForbiddenDestination(
-                f"refusing to call {host}: a cloud metadata host", param="url"
-            )
-        literal = parse_host_address(host)
-        if literal is not None:
-            found = [literal]
-        else:
-            try:
-                answers = await self._resolver(host, port)
-            except OSError as exc:
-                raise OutboundFailed(f"could not resolve {host}") from exc
-            found = [parse_host_address(a) or ipaddress.ip_address(a) for a in answers]
-            if not found:
-                raise OutboundFailed(f"could not resolve {host}")
-        # Every answer is checked: one private address among public ones is refused too.
-        for address in found:
-            self._policy.check_address(host, address)
-        return found
+        return await self._policy.checked_addresses(host, port, self._resolver)
 
     async def connect_tcp(
         self,
@@ -236,9 +253,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         for address in addresses:
             try:
                 return await self._inner.connect_tcp(
-                    str(address.ipv4_mapped or address)
-                    if isinstance(address, ipaddress.IPv6Address)
-                    else str(address),
+                    connectable(address),
                     port,
                     timeout=timeout,
                     local_address=local_address,

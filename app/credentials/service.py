@@ -113,6 +113,8 @@ class CredentialService:
 
     async def create(self, data: CredentialCreate) -> StoredCredential:
         """Store a new credential, encrypting its secret."""
+        if data.endpoint is not None:
+            self._outbound.policy.check_url(data.endpoint, param="endpoint")
         credential = StoredCredential(
             id=data.id,
             name=data.name or data.id,
@@ -156,6 +158,8 @@ class CredentialService:
     async def update(self, credential_id: str, changes: CredentialUpdate) -> StoredCredential:
         """Apply the fields given; a new secret replaces an env var reference and vice versa."""
         values = changes.model_dump(exclude_unset=True, exclude={"secret"})
+        if changes.endpoint is not None:
+            self._outbound.policy.check_url(changes.endpoint, param="endpoint")
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(StoredCredential)
             credential = await repo.get(credential_id)

@@ -24,6 +24,7 @@ from app.core.errors import (
     UpstreamUnavailable,
 )
 from app.core.loading import LoadingCache
+from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider, StoredCredential
 from app.credentials.schemas import has_url_credentials
 from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks
@@ -117,6 +118,8 @@ class UpstreamSettings:
     breaker_threshold: int = 5
     breaker_cooldown: float = 30.0
     route_cache_seconds: float = 2.0
+    # Which addresses provider URLs may reach (OUTBOUND_ALLOWED_HOSTS; public ones only by default).
+    policy: OutboundPolicy = field(default_factory=OutboundPolicy)
 
 
 @dataclass
@@ -162,7 +165,9 @@ class ChatService:
         self.credentials: CredentialSource = credentials or EnvCredentials(storage)
         self.prompts = prompts
         self._clock = clock
-        self._pool = HttpPool(max_connections=self._config.max_connections)
+        self._pool = HttpPool(
+            max_connections=self._config.max_connections, policy=self._config.policy
+        )
         self.mock = MockProvider(mock_defaults)
         openai = OpenAIProvider(self._pool)
         self.providers: dict[Provider, ChatProvider] = {

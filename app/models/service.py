@@ -9,6 +9,7 @@ from collections.abc import Callable
 from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
 from app.core.invalidation import METERING_TOPIC, InvalidationBus
+from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider, StoredCredential
 from app.gateway.entities import ModelChain
 from app.models.entities import Model
@@ -42,18 +43,27 @@ class ModelService:
         *,
         on_change: Callable[[str | None], None] | None = None,
         bus: InvalidationBus | None = None,
+        policy: OutboundPolicy | None = None,
     ) -> None:
         self._storage = storage
+        # `parameters.base_url` is checked as webhook URLs are (OUTBOUND_ALLOWED_HOSTS).
+        self._policy = policy or OutboundPolicy()
         # Told the id of every model that changed, so routes cached in memory are dropped.
         self._on_change = on_change or (lambda model_id: None)
         # Metering in every process caches prices (and an unknown model's zero price).
         self._bus = bus or InvalidationBus(None, shared=False)
+
+    def _check_base_url(self, url: str | None) -> None:
+        """A 400 naming the field for a URL at a forbidden literal address (names: at connect)."""
+        if url is not None:
+            self._policy.check_url(url, param="parameters.base_url")
 
     async def _priced(self, model_id: str) -> None:
         await self._bus.publish(METERING_TOPIC, f"model:{model_id}")
 
     async def create(self, data: ModelCreate) -> Model:
         """Register a model; its credential must exist and be for the same provider."""
+        self._check_base_url(data.parameters.base_url)
         model = Model(
             id=data.id,
             name=data.name or data.id,
@@ -153,6 +163,7 @@ class ModelService:
         """Apply the fields given; `config_version` moves when the answers could change."""
         values = changes.model_dump(exclude_unset=True, exclude={"parameters"})
         if changes.parameters is not None:
+            self._check_base_url(changes.parameters.base_url)
             values["parameters"] = changes.parameters.as_dict()
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(Model)

@@ -277,11 +277,15 @@ async def test_a_loopback_endpoint_is_refused_unless_the_operator_allows_it(
 ) -> None:
     from app.core.outbound import OutboundClient
 
+    # Saved while the operator allowed loopback, tested after the allowance went away.
+    assert (await create(client, endpoint=upstream.url)).status_code == 201
     services.credentials._outbound = OutboundClient()
-    await create(client, endpoint=upstream.url)
     body = (await client.post("/admin/credentials/openai-main/test")).json()
     assert body["ok"] is False and "loopback" in body["error"]
     assert upstream.requests == []
+    refused = await create(client, endpoint=upstream.url)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "endpoint"
 
 
 async def test_a_mock_credential_always_tests_ok(client: httpx.AsyncClient) -> None:

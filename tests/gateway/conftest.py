@@ -48,6 +48,8 @@ def gateway_settings(**overrides: Any) -> Settings:
         "BREAKER_COOLDOWN_SECONDS": 0.3,
         "UPSTREAM_TIMEOUT_SECONDS": 1.0,
         "UPSTREAM_MAX_RETRIES": 0,
+        # The fake upstream listens on loopback, which provider calls refuse unless listed.
+        "OUTBOUND_ALLOWED_HOSTS": "127.0.0.1",
         **overrides,
     }
     return Settings(**values)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from app.core.errors import UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
+from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider
 from app.gateway.providers import h1
 from app.gateway.providers.base import Upstream
@@ -23,6 +24,9 @@ from app.gateway.providers.http import HttpPool, post_json
 
 # The longest any single wait in these tests may take before it counts as a hang.
 GUARD = 2.0
+
+# The test servers listen on loopback, which provider calls refuse unless allowed.
+LOOPBACK = OutboundPolicy.parse("127.0.0.1,::1,localhost")
 
 
 # ---- a raw HTTP server ----------------------------------------------------------------------
@@ -698,7 +702,7 @@ def _upstream(timeout: float = GUARD) -> Upstream:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[HttpPool]:
-    pool = HttpPool()
+    pool = HttpPool(policy=LOOPBACK)
     yield pool
     await pool.close()
 
@@ -830,7 +834,7 @@ async def test_an_https_origin_whose_certificate_is_not_trusted_is_refused(
 ) -> None:
     server = RawServer(keep_alive(echo))
     await server.start(tls=certificate.server)
-    pool = HttpPool()
+    pool = HttpPool(policy=LOOPBACK)
     upstream = Upstream(model_id="m", provider=Provider.OPENAI, provider_model="m")
     try:
         with pytest.raises(UpstreamUnavailable) as refused:

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from app import __version__
 from app.core.errors import UpstreamUnavailable
+from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider
 from app.gateway.providers.base import Upstream
 from app.gateway.providers.http import HttpPool, open_stream, post_json, sse_events
@@ -35,6 +36,9 @@ from tests.tls import Authority, make_authority
 GUARD = 3.0
 BODY = {"messages": [{"role": "user", "content": "hello there"}]}
 ANSWER = "echo: hello there"
+
+# The test servers listen on loopback, which provider calls refuse unless allowed.
+LOOPBACK = OutboundPolicy.parse("127.0.0.1,::1,localhost")
 
 
 # ---- a forwarding proxy -------------------------------------------------------------------
@@ -209,7 +213,7 @@ async def make_pool() -> AsyncIterator[MakePool]:
     pools: list[HttpPool] = []
 
     def make() -> HttpPool:
-        pools.append(HttpPool())
+        pools.append(HttpPool(policy=LOOPBACK))
         return pools[-1]
 
     yield make

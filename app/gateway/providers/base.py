@@ -12,6 +12,7 @@ from app.core.egress import ProxyRefused
 from app.core.errors import (
     DomainError,
     InvalidInput,
+    Unavailable,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
@@ -127,6 +128,22 @@ def upstream_error(
     if status == 404:
         return UpstreamRejected(message, status=404, param="model")
     return UpstreamRejected(message, status=400 if status != 413 else 413)
+
+
+def forbidden_error(upstream: Upstream, exc: DomainError) -> Unavailable:
+    """A provider URL whose address the outbound policy refuses: no byte was sent to it."""
+    return Unavailable(
+        f"model '{upstream.model_id}' cannot be called: {exc.message} (an operator can allow "
+        "a self-hosted provider with OUTBOUND_ALLOWED_HOSTS)"
+    )
+
+
+def redirect_error(upstream: Upstream, status: int) -> UpstreamUnavailable:
+    """A 3xx answer: provider calls never follow redirects, which could lead anywhere."""
+    return UpstreamUnavailable(
+        f"upstream model '{upstream.model_id}' ({upstream.provider}) answered HTTP {status}, a "
+        "redirect, which the gateway does not follow: configure the final URL instead"
+    )
 
 
 def timeout_error(upstream: Upstream) -> UpstreamTimeout:

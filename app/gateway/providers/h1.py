@@ -10,8 +10,10 @@ Content-Length, chunked and read-until-close bodies (parsed by httptools, the pa
 uses), and gzip or deflate bodies should a server send them unasked. Through an HTTP proxy
 (`app/core/egress.py` decides which), an http origin gets absolute-form requests on connections
 to the proxy, and an https origin a CONNECT tunnel with TLS to the origin inside, kept alive like
-any other connection. Streams, redirects and cookies are not its business: streamed answers go
-through aiohttp.
+any other connection. Given an `OutboundPolicy`, each new direct connection goes to an address
+of the host that the policy allowed (a kept-alive one costs nothing more). Streams, redirects
+and cookies are not its business: a 3xx is returned as any answer, never followed, and
+streamed answers go through aiohttp.
 
 A request that finds its kept-alive connection closed by the server before any byte of the
 answer came back (the server's idle timeout, crossing our reuse) is sent once more on a new
@@ -32,6 +34,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 from app.core.egress import DIRECT, USER_AGENT, Proxy, ProxyRefused, ProxyRules, verified_context
+from app.core.outbound import OutboundPolicy, connectable
 
 # Bounds on what one answer may hold; a larger one closes the connection with an error.
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -268,12 +271,14 @@ class _Origin:
         keepalive: float,
         proxy: Proxy | None = None,
         connect_head: bytes = b"",
+        policy: OutboundPolicy | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.proxy = proxy
         self.connect_head = connect_head  # the CONNECT request of a tunnel through `proxy`
+        self.policy = policy  # checks the addresses of each direct connection it opens
         self.max_connections = max_connections
         self.keepalive = keepalive
         self.idle: deque[_Connection] = deque()
@@ -327,7 +332,9 @@ class _Origin:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                if self.proxy is None:
+                if self.proxy is None and self.policy is not None:
+                    conn = await self._connect_checked(self.policy)
+                elif self.proxy is None:
                     _, conn = await loop.create_connection(
                         _Connection,
                         self.host,
@@ -346,6 +353,30 @@ class _Origin:
             self._wake()
             raise
         return conn
+
+    async def _connect_checked(self, policy: OutboundPolicy) -> _Connection:
+        """A connection to one of the host's addresses, each checked by `policy` first.
+
+        The socket goes to the checked address itself, so a second DNS answer cannot lead
+        elsewhere; TLS still verifies the certificate against the host name.
+        """
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for address in await policy.checked_addresses(self.host, self.port):
+            try:
+                _, conn = await loop.create_connection(
+                    _Connection,
+                    connectable(address),
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
+                )
+            except OSError as exc:
+                last = exc
+                continue
+            return conn
+        assert last is not None
+        raise last
 
     async def _tunnel(self, proxy: Proxy, tls: ssl.SSLContext) -> _Connection:
         """A connection through `proxy` by CONNECT, with TLS to the origin inside it."""
@@ -409,15 +440,18 @@ class H1Client:
         tls: ssl.SSLContext | None = None,
         proxies: ProxyRules = DIRECT,
         user_agent: str = USER_AGENT,
+        policy: OutboundPolicy | None = None,
     ) -> None:
         """`tls`: how https origins are verified (default: the system's CAs, or `SSL_CERT_FILE`
         and `SSL_CERT_DIR`, and the host name); `proxies`: which origins go through a proxy;
-        `user_agent`: sent unless a request carries its own."""
+        `user_agent`: sent unless a request carries its own; `policy`: the addresses it may
+        connect to (None: any; the gateway's pool always gives one)."""
         self._max_connections = max_connections
         self._keepalive = keepalive
         self._origins: dict[tuple[str, str, int], _Origin] = {}
         self._tls = tls
         self._proxies = proxies
+        self._policy = policy
         self._agent = f"user-agent: {user_agent}"
         self._agent_line = f"{self._agent}\r\n".encode("latin-1")
         self._targets: dict[str, tuple[tuple[str, str, int], bytes]] = {}
@@ -462,6 +496,10 @@ class H1Client:
                     self._tls = verified_context()
                 tls = self._tls
             proxy = self._proxies.select(scheme, host, port)
+            if self._policy is not None:
+                # Once per origin. Through a proxy, the operator's own choice, only the name's
+                # literal form can be checked: the proxy resolves it, out of our sight.
+                self._policy.check_host(host)
             connect = b""
             if proxy is not None and tls is not None:
                 authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -471,7 +509,14 @@ class H1Client:
                 lines.append(self._agent)
                 connect = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
             origin = _Origin(
-                host, port, tls, self._max_connections, self._keepalive, proxy, connect
+                host,
+                port,
+                tls,
+                self._max_connections,
+                self._keepalive,
+                proxy,
+                connect,
+                self._policy,
             )
             self._origins[key] = origin
         return origin

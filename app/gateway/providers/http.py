@@ -3,12 +3,16 @@
 A plain JSON call goes through `H1Client` (app/gateway/providers/h1.py), which costs a sixth
 of aiohttp's CPU per request; streamed answers go through one pooled aiohttp session per
 upstream origin. Both take their proxy from the same `ProxyRules`, read from the environment
-when the pool is built, and verify TLS the same way (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured).
+when the pool is built, verify TLS the same way (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured),
+and connect only to addresses the same `OutboundPolicy` allows (checked per new connection, so
+a provider URL cannot reach loopback, private or metadata addresses unless the operator listed
+them in `OUTBOUND_ALLOWED_HOSTS`). Neither follows redirects: a 3xx is an upstream error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,16 +21,47 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from app.core.egress import USER_AGENT, Proxy, ProxyRefused, ProxyRules, verified_context
+from app.core.outbound import ForbiddenDestination, OutboundPolicy, parse_host_address
 from app.gateway.providers.base import (
     JSON,
     Upstream,
     connection_error,
+    forbidden_error,
+    redirect_error,
     timeout_error,
     upstream_error,
 )
 from app.gateway.providers.h1 import H1Client
+
+
+class GuardedResolver(AbstractResolver):
+    """The default resolver, refusing a host any of whose addresses the policy forbids.
+
+    aiohttp connects to the address resolved here (and caches it), so what was checked is what
+    is called. Literal addresses never reach a resolver: `HttpPool.session` checks those.
+    """
+
+    def __init__(self, policy: OutboundPolicy) -> None:
+        self._policy = policy
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            address = parse_host_address(answer["host"])
+            if address is None:
+                raise OSError(f"unreadable address {answer['host']!r} for {host}")
+            self._policy.check_address(host, address)
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class HttpPool:
@@ -38,8 +73,11 @@ class HttpPool:
         max_connections: int = 100,
         keepalive: float = 30.0,
         proxies: ProxyRules | None = None,
+        policy: OutboundPolicy | None = None,
     ) -> None:
-        """`proxies`: by default the environment's (`HTTPS_PROXY`, `NO_PROXY`…), read now."""
+        """`proxies`: by default the environment's (`HTTPS_PROXY`, `NO_PROXY`…), read now;
+        `policy`: the addresses upstream calls may reach (by default public ones only)."""
+        self.policy = policy or OutboundPolicy()
         self._max_connections = max_connections
         self._keepalive = keepalive
         self.proxies = ProxyRules.from_environment() if proxies is None else proxies
@@ -58,6 +96,7 @@ class HttpPool:
                 max_connections=self._max_connections,
                 keepalive=self._keepalive,
                 proxies=self.proxies,
+                policy=self.policy,
             )
             self._clients[loop] = client
         return client
@@ -74,11 +113,18 @@ class HttpPool:
         if self._tls is None:
             # Made on the first session, not at import as aiohttp's own: SSL_CERT_FILE counts.
             self._tls = verified_context()
+        # Once per origin: a forbidden literal address or metadata host is refused here.
+        self.policy.check_host(parts.hostname or "")
+        # Through a proxy (the operator's own choice) the connector resolves only the proxy's
+        # name, which the policy must not judge, and the origin's name is the proxy's to resolve:
+        # only its literal form, checked above, can be.
+        resolver = None if self.stream_proxy(url) is not None else GuardedResolver(self.policy)
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             ttl_dns_cache=300,
             keepalive_timeout=self._keepalive,
             ssl=self._tls,
+            resolver=resolver,
         )
         # trust_env stays off: the proxy is the one `self.proxies` chose, as for JSON calls.
         session = aiohttp.ClientSession(
@@ -124,8 +170,12 @@ async def post_json(
         )
     except TimeoutError as exc:
         raise timeout_error(upstream) from exc
+    except ForbiddenDestination as exc:
+        raise forbidden_error(upstream, exc) from exc
     except (OSError, ValueError) as exc:  # ConnectionError is an OSError
         raise connection_error(upstream, exc) from exc
+    if 300 <= response.status < 400:
+        raise redirect_error(upstream, response.status)
     if response.status >= 400:
         raise upstream_error(
             upstream, response.status, response.body, response.headers.get("retry-after")
@@ -158,8 +208,16 @@ async def open_stream(
             headers = {**headers, **proxy.headers}  # the request itself goes to the proxy
     try:
         async with pool.session(url).post(
-            url, data=orjson.dumps(payload), headers=headers, timeout=timeout, **options
+            url,
+            data=orjson.dumps(payload),
+            headers=headers,
+            timeout=timeout,
+            # A redirect could lead to an address the policy refuses, with the secret along.
+            allow_redirects=False,
+            **options,
         ) as response:
+            if 300 <= response.status < 400:
+                raise redirect_error(upstream, response.status)
             if response.status >= 400:
                 raw = await response.read()
                 if response.status == 407 and proxy is not None:
@@ -171,6 +229,8 @@ async def open_stream(
             yield response
     except TimeoutError as exc:
         raise timeout_error(upstream) from exc
+    except ForbiddenDestination as exc:
+        raise forbidden_error(upstream, exc) from exc
     except aiohttp.ClientHttpProxyError as exc:
         # Raised from the proxy's error, not aiohttp's: that one holds the request's headers.
         assert proxy is not None
