@@ -19,6 +19,7 @@ from app.core import heap
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from app.core.provide import register
 from app.core.redis import build_redis
 from app.credentials.router import admin_router as credentials_admin_router
 from app.fastpath import GatewayApp
@@ -90,6 +91,7 @@ def create_app(
             redis = build_redis(settings)
             stack.push_async_callback(redis.aclose)
             app.state.services = build_services(settings, app.state.storage, jobs, redis)
+            register(app, app.state.services.by_type())
             # What /ready probes: the database and Redis those services use.
             app.state.dependencies = process_dependencies(settings, app.state.storage, redis)
             # Runs before Redis and storage close: buffered usage and logs are sent first.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 
 import redis.asyncio as aioredis
 
@@ -23,6 +24,7 @@ from app.gateway.chains import ChainService
 from app.gateway.chat import ChatService, UpstreamSettings
 from app.gateway.providers.mock import MockBehaviour
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.logs.service import LogService
 from app.models.entities import ModelKind
 from app.models.service import ModelService
 from app.operations.entities import OperationKind
@@ -34,9 +36,11 @@ from app.queue.port import DramatiqQueue, JobQueue
 from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
+from app.usage.budgets import BudgetService
 from app.usage.entities import UsageType
 from app.usage.metering import Caller, Metering
 from app.usage.pricing import estimate_message_tokens
+from app.usage.service import UsageService
 from app.usage.wiring import Accounting, app_config_value, build_accounting
 from app.webhooks.service import WebhookConfig, WebhookService
 
@@ -131,6 +135,21 @@ class Services:
         )
         # The default rate limits may come from the app configuration.
         self.invalidation.on(CONFIG_TOPIC, lambda _key: self.metering.forget("defaults"))
+
+    def by_type(self) -> dict[type, object]:
+        """Every service under its declared type: what routes are handed (`app.core.provide`)."""
+        hints = typing.get_type_hints(type(self))
+        provided: dict[type, object] = {hints[f.name]: getattr(self, f.name) for f in fields(self)}
+        accounting = self.accounting
+        provided.update(
+            {
+                Metering: accounting.metering,
+                UsageService: accounting.usage,
+                BudgetService: accounting.budgets,
+                LogService: accounting.logs,
+            }
+        )
+        return provided
 
     @property
     def metering(self) -> Metering:
