@@ -31,7 +31,6 @@ from app.access.service import Principal
 from app.core.api_errors import domain_error_response, unexpected_error_response
 from app.core.errors import DomainError, Unauthenticated
 from app.core.middleware import REQUEST_ID_HEADER, new_request_id, request_id_var, sane_request_id
-from app.gateway.cache import CacheControl
 from app.gateway.router import answer_directly, submit_job
 from app.gateway.schemas import ChatCompletionRequest
 from app.operations.router import poll_response
@@ -175,10 +174,9 @@ class FastPaths:
         async def produce(services: Services, principal: Principal) -> Response:
             if job:
                 return await submit_job(
-                    request, principal, services, head.cache_control, head.idempotency_key
+                    services.calls, principal, request, head.cache_control, head.idempotency_key
                 )
-            control = CacheControl.parse(head.cache_control)
-            return await answer_directly(request, principal, services, control)
+            return await answer_directly(services.calls, principal, request, head.cache_control)
 
         await self._answer(scope, receive, send, head, produce)
 

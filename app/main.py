@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.access.bootstrap import bootstrap_access, start_access, stop_access
+from app.access.bootstrap import bootstrap_access
 from app.access.router import admin_router as access_admin_router
 from app.access.router import auth_router
 from app.access.teams import ADMIN_TEAM_ID
@@ -94,12 +94,9 @@ def create_app(
             register(app, app.state.services.by_type())
             # What /ready probes: the database and Redis those services use.
             app.state.dependencies = process_dependencies(settings, app.state.storage, redis)
-            # Runs before Redis and storage close: buffered usage and logs are sent first.
-            stack.push_async_callback(app.state.services.metering.close)
-            stack.push_async_callback(app.state.services.outbound.aclose)
-            await start_access(app.state.services)
-            stack.push_async_callback(stop_access, app.state.services)
-            stack.push_async_callback(app.state.services.chat.close)
+            # Closed before Redis and storage: buffered usage and logs are sent first.
+            await app.state.services.start()
+            stack.push_async_callback(app.state.services.aclose)
             try:
                 await bootstrap(app.state.services)
             except Unavailable as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import redis.asyncio as aioredis
 
@@ -16,20 +16,22 @@ from app.batches.service import BatchService, FileService
 from app.config import BrokerKind, Settings
 from app.core.crypto import SecretBox
 from app.core.events import EventSink
-from app.core.invalidation import InvalidationBus
+from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.service import CredentialService
-from app.gateway.cache import CacheControl, Embedder, build_response_cache, tenant_of
+from app.gateway.cache import Embedder, build_response_cache
+from app.gateway.calls import GatewayCalls
 from app.gateway.chains import ChainService
 from app.gateway.chat import ChatService, UpstreamSettings
+from app.gateway.jobs import gateway_handlers
 from app.gateway.providers.mock import MockBehaviour
-from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.gateway.schemas import EmbeddingRequest
 from app.logs.service import LogService
-from app.models.entities import ModelKind
 from app.models.service import ModelService
 from app.operations.entities import OperationKind
-from app.operations.runner import Handler, JobContext, JobTimings
+from app.operations.runner import Handler, JobTimings
 from app.operations.service import OperationService
+from app.operations.submit import JobSubmitter
 from app.prompts.service import PromptService
 from app.queue.batches import DramatiqBatchSender
 from app.queue.port import DramatiqQueue, JobQueue
@@ -37,104 +39,49 @@ from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
 from app.usage.budgets import BudgetService
-from app.usage.entities import UsageType
-from app.usage.metering import Caller, Metering
-from app.usage.pricing import estimate_message_tokens
+from app.usage.metering import Metering
 from app.usage.service import UsageService
-from app.usage.wiring import Accounting, app_config_value, build_accounting
+from app.usage.wiring import Accounting, app_config_reader, build_accounting
+from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService
 
 
 @dataclass
 class Services:
-    """Every service, sharing one storage backend and one queue port."""
+    """Every service of one process, each built with what it depends on (`build_services`)."""
 
     settings: Settings
     storage: Storage
     queue: JobQueue
     # Counters, caches, locks and invalidation messages (the in-process stand-in in dev mode).
     redis: aioredis.Redis
+    # The channel that drops cached copies (keys, configuration, routes, limits) everywhere.
+    invalidation: InvalidationBus
+    # The one client for user-configured URLs.
+    outbound: OutboundClient
+    # Subscriptions and deliveries; also the `events` sink every service records events on.
+    webhooks: WebhookService
     events: EventSink
     operations: OperationService
+    keys: ApiKeyService
+    users: UserService
+    teams: TeamService
+    config: ConfigService
+    files: FileService
+    batches: BatchService
+    credentials: CredentialService
+    models: ModelService
+    prompts: PromptService
+    chains: ChainService
     chat: ChatService
-    # The one client for user-configured URLs, and the webhooks (also the `events` sink).
-    outbound: OutboundClient
-    webhooks: WebhookService
-    # Built from the fields above, so adding them needs no change to the composition roots.
-    files: FileService = field(init=False)
-    batches: BatchService = field(init=False)
-    credentials: CredentialService = field(init=False)
-    models: ModelService = field(init=False)
-    prompts: PromptService = field(init=False)
-    chains: ChainService = field(init=False)
-    # Rate limits, budgets, usage records and execution logs; `metering` is what calls use.
-    accounting: Accounting = field(init=False)
-    # Access: API keys, users and their sessions, teams, app configuration, and the channel that
-    # drops their cached copies in every process.
-    invalidation: InvalidationBus = field(init=False)
-    keys: ApiKeyService = field(init=False)
-    users: UserService = field(init=False)
-    teams: TeamService = field(init=False)
-    config: ConfigService = field(init=False)
+    # Rate limits, budgets, usage records and execution logs.
+    accounting: Accounting
+    # The one path of every LLM call: permissions, admission, cache, upstream, settlement.
+    calls: GatewayCalls
 
-    def __post_init__(self) -> None:
-        self.invalidation = InvalidationBus(
-            self.redis, shared=self.settings.BROKER is BrokerKind.REDIS
-        )
-        self.webhooks.watch(self.invalidation)
-        self.keys = ApiKeyService(self.storage, events=self.events, bus=self.invalidation)
-        self.users = UserService(
-            self.storage,
-            self.redis,
-            TokenCodec(self.settings),
-            LoginThrottle(self.redis, ThrottleLimits.of(self.settings)),
-        )
-        self.teams = TeamService(self.storage, self.invalidation)
-        self.config = ConfigService(
-            self.storage, self.invalidation, registry=registry_for(self.settings)
-        )
-        self.files = FileService(self.storage, max_bytes=self.settings.FILE_MAX_BYTES)
-        self.batches = BatchService(
-            self.storage,
-            self.operations,
-            self.files,
-            self.events,
-            max_requests=self.settings.BATCH_MAX_REQUESTS,
-        )
-        self.chat.cache = build_response_cache(
-            self.settings, redis=self.redis, embed=_embedder(self.chat, self.settings)
-        )
-        self.credentials = CredentialService(
-            self.storage,
-            SecretBox(self.settings.secret_keys()),
-            outbound=self.outbound,
-            on_change=self.chat.invalidate,
-        )
-        self.models = ModelService(
-            self.storage,
-            on_change=self.chat.invalidate,
-            bus=self.invalidation,
-            policy=self.outbound.policy,
-        )
-        self.prompts = PromptService(self.storage)
-        self.chat.credentials = self.credentials
-        self.chat.prompts = self.prompts
-        self.chains = ChainService(self.storage, on_change=self.chat.invalidate)
-        self.accounting = build_accounting(
-            self.settings,
-            self.storage,
-            self.redis,
-            self.events,
-            sender=(
-                DramatiqBatchSender(self.queue.broker)
-                if isinstance(self.queue, DramatiqQueue)
-                else None
-            ),
-            config=lambda key: app_config_value(self, key),
-            bus=self.invalidation,
-        )
-        # The default rate limits may come from the app configuration.
-        self.invalidation.on(CONFIG_TOPIC, lambda _key: self.metering.forget("defaults"))
+    @property
+    def metering(self) -> Metering:
+        return self.accounting.metering
 
     def by_type(self) -> dict[type, object]:
         """Every service under its declared type: what routes are handed (`app.core.provide`)."""
@@ -151,14 +98,129 @@ class Services:
         )
         return provided
 
-    @property
-    def metering(self) -> Metering:
-        """What every LLM call goes through: `admit`, then `settle` or `release`."""
-        return self.accounting.metering
+    async def start(self) -> None:
+        """Start the background work of these services: following invalidations."""
+        await self.invalidation.start()
+
+    async def aclose(self) -> None:
+        """Stop the background work and close what these services opened; buffered usage,
+        logs and `last_used_at` instants go out first. Storage, queue and Redis stay open:
+        they belong to whoever passed them in."""
+        await self.invalidation.stop()
+        await self.keys.close()
+        await self.metering.close()
+        await self.outbound.aclose()
+        await self.chat.close()
+
+
+def build_services(
+    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
+) -> Services:
+    """The composition root of the services: each built once, from the ones it depends on."""
+    invalidation = InvalidationBus(redis, shared=settings.BROKER is BrokerKind.REDIS)
+    box = SecretBox(settings.secret_keys())
+    outbound = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
+    # The sink submits its delivery jobs with a submitter of its own; jobs emit through it.
+    webhooks = WebhookService(
+        storage,
+        JobSubmitter(storage, queue, max_attempts=settings.JOB_MAX_ATTEMPTS),
+        box,
+        outbound,
+        WebhookConfig(
+            schedule=tuple(settings.webhook_retry_schedule()),
+            timeout=settings.WEBHOOK_TIMEOUT_SECONDS,
+            disable_after=settings.WEBHOOK_DISABLE_AFTER_SECONDS,
+            rotation_overlap=settings.WEBHOOK_ROTATION_OVERLAP_SECONDS,
+            retention=settings.WEBHOOK_DELIVERY_RETENTION_SECONDS,
+        ),
+        bus=invalidation,
+    )
+    operations = OperationService(
+        storage, queue, max_attempts=settings.JOB_MAX_ATTEMPTS, events=webhooks
+    )
+    keys = ApiKeyService(storage, events=webhooks, bus=invalidation)
+    config = ConfigService(storage, invalidation, registry=registry_for(settings))
+    files = FileService(storage, max_bytes=settings.FILE_MAX_BYTES)
+
+    def routes_changed(name: str | None) -> None:
+        invalidation.dispatch(ROUTES_TOPIC, name or ALL)
+
+    credentials = CredentialService(storage, box, outbound=outbound, on_change=routes_changed)
+    prompts = PromptService(storage)
+    chat = ChatService(
+        storage,
+        mock_defaults=MockBehaviour(
+            latency_ms=settings.MOCK_LATENCY_MS, failure_rate=settings.MOCK_FAILURE_RATE
+        ),
+        upstream=UpstreamSettings(
+            timeout=settings.UPSTREAM_TIMEOUT_SECONDS,
+            connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT_SECONDS,
+            max_retries=settings.UPSTREAM_MAX_RETRIES,
+            max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
+            breaker_threshold=settings.BREAKER_FAILURE_THRESHOLD,
+            breaker_cooldown=settings.BREAKER_COOLDOWN_SECONDS,
+            route_cache_seconds=settings.ROUTE_CACHE_SECONDS,
+            policy=outbound.policy,
+        ),
+        credentials=credentials,
+        prompts=prompts,
+        bus=invalidation,
+    )
+    accounting = build_accounting(
+        settings,
+        storage,
+        redis,
+        webhooks,
+        sender=(DramatiqBatchSender(queue.broker) if isinstance(queue, DramatiqQueue) else None),
+        config=app_config_reader(config),
+        bus=invalidation,
+    )
+    # The default rate limits may come from the app configuration.
+    invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    return Services(
+        settings=settings,
+        storage=storage,
+        queue=queue,
+        redis=redis,
+        invalidation=invalidation,
+        outbound=outbound,
+        webhooks=webhooks,
+        events=webhooks,
+        operations=operations,
+        keys=keys,
+        users=UserService(
+            storage,
+            redis,
+            TokenCodec(settings),
+            LoginThrottle(redis, ThrottleLimits.of(settings)),
+        ),
+        teams=TeamService(storage, invalidation),
+        config=config,
+        files=files,
+        batches=BatchService(
+            storage, operations, files, webhooks, max_requests=settings.BATCH_MAX_REQUESTS
+        ),
+        credentials=credentials,
+        models=ModelService(
+            storage, on_change=routes_changed, bus=invalidation, policy=outbound.policy
+        ),
+        prompts=prompts,
+        chains=ChainService(storage, on_change=routes_changed),
+        chat=chat,
+        accounting=accounting,
+        calls=GatewayCalls(
+            chat,
+            accounting.metering,
+            keys,
+            operations,
+            cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+        ),
+    )
 
 
 def _embedder(chat: ChatService, settings: Settings) -> Embedder | None:
-    """The semantic cache's embeddings: CACHE_SEMANTIC_MODEL through the gateway's own route."""
+    """The semantic cache's embeddings: CACHE_SEMANTIC_MODEL through the gateway's own route
+    (not metered: they are the gateway's own cost, made on behalf of the call being cached)."""
     model = settings.CACHE_SEMANTIC_MODEL
     if model is None:
         return None
@@ -168,55 +230,6 @@ def _embedder(chat: ChatService, settings: Settings) -> Embedder | None:
         return [list(item["embedding"]) for item in body["data"]]
 
     return embed
-
-
-def build_services(
-    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
-) -> Services:
-    mock = MockBehaviour(
-        latency_ms=settings.MOCK_LATENCY_MS, failure_rate=settings.MOCK_FAILURE_RATE
-    )
-    operations = OperationService(storage, queue, max_attempts=settings.JOB_MAX_ATTEMPTS)
-    outbound = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
-    webhooks = WebhookService(
-        storage,
-        operations,
-        SecretBox(settings.secret_keys()),
-        outbound,
-        WebhookConfig(
-            schedule=tuple(settings.webhook_retry_schedule()),
-            timeout=settings.WEBHOOK_TIMEOUT_SECONDS,
-            disable_after=settings.WEBHOOK_DISABLE_AFTER_SECONDS,
-            rotation_overlap=settings.WEBHOOK_ROTATION_OVERLAP_SECONDS,
-            retention=settings.WEBHOOK_DELIVERY_RETENTION_SECONDS,
-        ),
-    )
-    # The sink submits delivery jobs through `operations`, which emits through the sink.
-    operations.events = webhooks
-    return Services(
-        settings=settings,
-        storage=storage,
-        queue=queue,
-        redis=redis,
-        events=webhooks,
-        operations=operations,
-        outbound=outbound,
-        webhooks=webhooks,
-        chat=ChatService(
-            storage,
-            mock_defaults=mock,
-            upstream=UpstreamSettings(
-                timeout=settings.UPSTREAM_TIMEOUT_SECONDS,
-                connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT_SECONDS,
-                max_retries=settings.UPSTREAM_MAX_RETRIES,
-                max_connections=settings.UPSTREAM_MAX_CONNECTIONS,
-                breaker_threshold=settings.BREAKER_FAILURE_THRESHOLD,
-                breaker_cooldown=settings.BREAKER_COOLDOWN_SECONDS,
-                route_cache_seconds=settings.ROUTE_CACHE_SECONDS,
-                policy=outbound.policy,
-            ),
-        ),
-    )
 
 
 def job_timings(settings: Settings) -> JobTimings:
@@ -231,70 +244,11 @@ def job_timings(settings: Settings) -> JobTimings:
 
 
 def build_handlers(services: Services) -> dict[OperationKind, Handler]:
-    """What a worker runs for each kind of job."""
-
-    def owner(ctx: JobContext) -> Caller:
-        return Caller(ctx.operation.owner_key_id, ctx.operation.owner_team_id)
-
-    async def chat_completion(ctx: JobContext) -> object:
-        request = ChatCompletionRequest.model_validate(ctx.operation.input)
-        # The key's permissions as they are when the job runs (async calls and batch lines).
-        await services.keys.ensure_job_allowed(
-            ctx.operation.owner_key_id, request.model, request.messages
-        )
-        await ctx.checkpoint()  # before the upstream call: a cancelled job makes none
-        # Rate limits and budgets apply when the job runs, as they do to a direct call.
-        route = await services.chat.resolve(request.model)
-        async with services.metering.metered(
-            owner(ctx),
-            route.steps[0].upstream.model_id,
-            estimate_message_tokens(m.text() for m in request.messages),
-            request.max_completion_tokens or request.max_tokens,
-            operation_id=ctx.operation.id,
-            is_async=True,
-        ) as call:
-            answer = await services.chat.complete(
-                request,
-                tenant=tenant_of(ctx.operation.owner_team_id, ctx.operation.owner_key_id),
-                cache_control=CacheControl.parse(ctx.operation.meta.get("cache_control")),
-            )
-            call.done_with_usage(
-                answer.usage,
-                model_id=answer.model_id,
-                cache_hit=answer.cache is not None and answer.cache.hit,
-                request_body=request,
-                response_body=answer.body,
-            )
-        return answer.body
-
-    async def embedding(ctx: JobContext) -> object:
-        request = EmbeddingRequest.model_validate(ctx.operation.input)
-        await services.keys.ensure_job_allowed(ctx.operation.owner_key_id, request.model)
-        await ctx.checkpoint()
-        route = await services.chat.resolve(request.model, kind=ModelKind.EMBEDDING)
-        async with services.metering.metered(
-            owner(ctx),
-            route.steps[0].upstream.model_id,
-            estimate_message_tokens(request.inputs()),
-            0,
-            usage_type=UsageType.EMBEDDING,
-            operation_id=ctx.operation.id,
-            is_async=True,
-        ) as call:
-            model_id, body = await services.chat.embed(request)
-            call.done_with_usage(body.get("usage"), model_id=model_id)
-        return body
-
-    async def webhook_delivery(ctx: JobContext) -> object:
-        return await services.webhooks.deliver(
-            str(ctx.operation.input["delivery_id"]),
-            operation_id=ctx.operation.id,
-            attempt=ctx.attempt,
-            max_attempts=ctx.operation.max_attempts,
-        )
-
-    return {
-        OperationKind.CHAT_COMPLETION: chat_completion,
-        OperationKind.WEBHOOK_DELIVERY: webhook_delivery,
-        OperationKind.EMBEDDING: embedding,
-    }
+    """What a worker runs for each kind of job: every domain's handlers (its `jobs.py`)."""
+    handlers: dict[OperationKind, Handler] = {}
+    for domain in (gateway_handlers(services.calls), webhook_handlers(services.webhooks)):
+        overlap = handlers.keys() & domain.keys()
+        if overlap:
+            raise RuntimeError(f"two handlers for {sorted(overlap)}")
+        handlers.update(domain)
+    return handlers

@@ -166,7 +166,7 @@ async def run(logs: Path) -> None:
     operations = OperationService(storage, DramatiqQueue(build_broker(settings)))
     client = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
     webhooks = WebhookService(
-        storage, operations, SecretBox(settings.secret_keys()), client, WebhookConfig()
+        storage, operations.jobs, SecretBox(settings.secret_keys()), client, WebhookConfig()
     )
     operations.events = webhooks
     receiver = FastReceiver()

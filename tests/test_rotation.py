@@ -33,7 +33,7 @@ async def store_under(database_url: str, key: str) -> str:
             CredentialCreate(id="c", provider=Provider.OPENAI, secret="sk-rotated")
         )
         webhooks = WebhookService(
-            storage, OperationService(storage, RecordingQueue(storage)), box, client
+            storage, OperationService(storage, RecordingQueue(storage)).jobs, box, client
         )
         webhook, _ = await webhooks.create(
             url="https://hooks.example.com/in", headers={"Authorization": "Bearer t"}

@@ -38,7 +38,7 @@ class Periodic(dramatiq.Middleware):
         async def prepare() -> None:
             services = runtime.get_runtime().services
             # Follow the admin API's changes (keys, budgets, limits, prices) as API processes do.
-            await services.invalidation.start()
+            await services.start()
             await ensure_builtin_models(services.storage)
 
         # Before consuming: a job for `mock` taken at boot must find the model, not fail for good.

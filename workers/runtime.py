@@ -34,10 +34,7 @@ class Runtime:
     periodic: PeriodicRunner
 
     async def close(self) -> None:
-        await self.services.invalidation.stop()
-        await self.services.metering.close()  # buffered usage and logs go out first
-        await self.services.outbound.aclose()
-        await self.services.chat.close()
+        await self.services.aclose()  # buffered usage and logs go out first
         await self.services.redis.aclose()
         if isinstance(self.services.queue, DramatiqQueue):
             await self.services.queue.aclose()

@@ -360,16 +360,9 @@ class ApiKeyService:
 
     # -- checking ---------------------------------------------------------------------------
 
-    async def ensure_job_allowed(
-        self, key_id: str | None, model: str, messages: Iterable[Any] = ()
-    ) -> None:
-        """Check a queued call against its key as it is now (a job may run long after submit).
-
-        A key revoked, suspended or expired since, or whose permissions no longer cover the
-        model or a referenced prompt, gets `PermissionDenied`; jobs without a key pass.
-        """
-        if key_id is None:
-            return
+    async def job_principal(self, key_id: str) -> Principal:
+        """The principal of the key that submitted a job, as the key is now (a job may run long
+        after its submit): a key revoked, suspended or expired since is `PermissionDenied`."""
         key = self._by_id.get(key_id)
         if key is None:
             generation = self._by_id.generation
@@ -379,7 +372,7 @@ class ApiKeyService:
         if key is None or effective_status(key) is not ApiKeyStatus.ACTIVE:
             state = effective_status(key).value if key is not None else "deleted"
             raise PermissionDenied(f"the API key that submitted this request is {state}")
-        principal_of(key).ensure_can_call(model, messages)
+        return principal_of(key)
 
     async def authenticate(self, secret: str) -> Principal:
         """The principal of an active, unexpired key; `Unauthenticated` otherwise."""

@@ -18,7 +18,7 @@ from app.batches.schemas import (
     FileObject,
     page_ids,
 )
-from app.operations.service import Owner
+from app.operations.submit import Owner
 
 router = APIRouter(tags=["batches"])
 

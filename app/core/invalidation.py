@@ -27,6 +27,9 @@ ALL = "*"
 # `model:<id>` (its prices), `defaults` (the default rate limits). Defined here because the
 # access, model and usage services all publish on it.
 METERING_TOPIC = "metering"
+# The routes a model or chain name resolves to (app/gateway/chat.py); items are the name, or
+# `ALL` after a credential changed. Dispatched in the process that made the change.
+ROUTES_TOPIC = "routes"
 # How long a cached entry may be served when no invalidation message can reach this process.
 UNSUBSCRIBED_TTL = 1.0
 _PING_EVERY = 10.0
@@ -60,7 +63,7 @@ class InvalidationBus:
 
     async def publish(self, topic: str, item: str = ALL) -> None:
         """Drop `item` here at once, then tell every other process."""
-        self._dispatch(topic, item)
+        self.dispatch(topic, item)
         if self._redis is None:
             return
         try:
@@ -81,13 +84,14 @@ class InvalidationBus:
             self._task = None
             self.subscribed = False
 
-    def _dispatch(self, topic: str, item: str) -> None:
+    def dispatch(self, topic: str, item: str = ALL) -> None:
+        """Drop `item` in this process only (what `publish` does first)."""
         for handler in self._handlers.get(topic, ()):
             handler(item)
 
     def _dispatch_everything(self) -> None:
         for topic in self._handlers:
-            self._dispatch(topic, ALL)
+            self.dispatch(topic, ALL)
 
     async def _listen(self) -> None:
         backoff = 0.1
@@ -127,7 +131,7 @@ class InvalidationBus:
                     data = message["data"]
                     text = data.decode() if isinstance(data, bytes) else str(data)
                     topic, _, item = text.partition(":")
-                    self._dispatch(topic, item or ALL)
+                    self.dispatch(topic, item or ALL)
         finally:
             self.subscribed = False
             with contextlib.suppress(Exception):

@@ -1,7 +1,7 @@
-"""Chat completions and embeddings: resolve → route → call the provider → build the response.
+"""Chat completions and embeddings upstream: resolve → prepare → call the providers of a route.
 
-Each step is its own method so that access checks, usage accounting and caching can wrap them;
-the direct API call and the job share every one of them.
+Each step is its own method so that the one gateway call (`app/gateway/calls.py`) can put
+permissions, admission, the response cache and settlement around them.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.loading import LoadingCache
 from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider, StoredCredential
 from app.credentials.schemas import has_url_credentials
-from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks
 from app.gateway.entities import ModelChain
 from app.gateway.providers.anthropic import AnthropicProvider
 from app.gateway.providers.base import JSON, ChatProvider, Upstream
@@ -128,8 +128,6 @@ class ChatAnswer:
 
     model_id: str
     body: JSON
-    # What the response cache did (None when caching is off); its headers go to the client.
-    cache: CacheLookup | None = None
 
     @property
     def usage(self) -> JSON:
@@ -144,7 +142,6 @@ class ChatStream:
     model_id: str
     chunks: AsyncIterator[JSON]
     usage: JSON | None = None
-    cache: CacheLookup | None = None
 
 
 class ChatService:
@@ -158,8 +155,11 @@ class ChatService:
         upstream: UpstreamSettings | None = None,
         credentials: CredentialSource | None = None,
         prompts: PromptExpander | None = None,
+        bus: InvalidationBus | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`bus`: cached routes are dropped on its `ROUTES_TOPIC` (a model, chain or credential
+        changed); without one, only `invalidate` drops them."""
         self._storage = storage
         self._config = upstream or UpstreamSettings()
         self.credentials: CredentialSource = credentials or EnvCredentials(storage)
@@ -188,8 +188,8 @@ class ChatService:
         self._routes: LoadingCache[str, tuple[Route, ModelKind]] = LoadingCache(
             lambda name: self._load_route(name), ttl=lifetime, grace=lifetime, clock=clock
         )
-        # Set by the composition root when CACHE_BACKEND is on.
-        self.cache: ResponseCache | None = None
+        if bus is not None:
+            bus.on(ROUTES_TOPIC, lambda item: self.invalidate(None if item == ALL else item))
 
     async def close(self) -> None:
         """Close the upstream connection pools."""
@@ -219,10 +219,6 @@ class ChatService:
                 param="model",
             )
         return route
-
-    async def resolve_model(self, model_id: str) -> Route:
-        """Kept for callers that only check that a chat model exists."""
-        return await self.resolve(model_id)
 
     async def _load_route(self, name: str) -> tuple[Route, ModelKind]:
         async with self._storage.unit_of_work() as uow:
@@ -338,87 +334,23 @@ class ChatService:
     # --- call -------------------------------------------------------------------------------
 
     async def call(self, route: Route, body: JSON) -> ChatAnswer:
-        """The first answer along `route`."""
+        """The first answer along `route`, as the client sees it: `model` is the gateway model
+        that answered."""
 
         async def attempt(upstream: Upstream) -> JSON:
             provider = self.providers[upstream.provider]
             return await provider.chat(upstream, self._with_defaults(upstream, body))
 
         step, answer = await run_route(route, attempt, self.breakers)
+        answer["model"] = step.upstream.model_id
+        answer.setdefault("object", "chat.completion")
         return ChatAnswer(model_id=step.upstream.model_id, body=answer)
-
-    @staticmethod
-    def build_response(answer: ChatAnswer) -> ChatAnswer:
-        """The answer as the client sees it: `model` is the gateway model that answered."""
-        answer.body["model"] = answer.model_id
-        answer.body.setdefault("object", "chat.completion")
-        return answer
-
-    async def complete(
-        self,
-        request: ChatCompletionRequest,
-        *,
-        tenant: str | None = None,
-        cache_control: CacheControl | None = None,
-        checked: JSON | None = None,
-    ) -> ChatAnswer:
-        """An OpenAI `chat.completion` for `request`, from the cache when it holds one.
-
-        `tenant` (see `cache.tenant_of`) scopes cached answers; without it nothing is cached.
-        `checked`: what `request.check()` returned, when the caller already checked it.
-        """
-        route = await self.resolve(request.model)
-        body = await self.prepare(request, checked)
-        lookup = await self._cache_lookup(route, body, tenant, cache_control)
-        if lookup is not None and lookup.response is not None:
-            model_id = str(lookup.response.get("model", route.name))
-            return ChatAnswer(model_id, lookup.response, lookup)
-        answer = self.build_response(await self.call(route, body))
-        if lookup is not None and self.cache is not None:
-            await self.cache.store(lookup, answer.body)
-            answer.cache = lookup
-        return answer
-
-    async def _cache_lookup(
-        self, route: Route, body: JSON, tenant: str | None, control: CacheControl | None
-    ) -> CacheLookup | None:
-        if self.cache is None or tenant is None:
-            return None
-        # Every model the route may call, at its configuration: a change to any is a new key.
-        version = ",".join(
-            f"{s.upstream.model_id}:{s.upstream.config_version}" for s in route.steps
-        )
-        return await self.cache.lookup(
-            body, model=route.name, config_version=version, tenant=tenant, control=control
-        )
 
     # --- stream -----------------------------------------------------------------------------
 
-    async def open_stream(
-        self,
-        request: ChatCompletionRequest,
-        *,
-        tenant: str | None = None,
-        cache_control: CacheControl | None = None,
-        checked: JSON | None = None,
-    ) -> ChatStream:
-        """A stream whose first chunk has arrived, so failures before it can still fall back.
-
-        A cached completion is replayed as chunks; a streamed answer is not stored.
-        `checked`: what `request.check()` returned, when the caller already checked it.
-        """
-        route = await self.resolve(request.model)
-        body = await self.prepare(request, checked)
-        lookup = await self._cache_lookup(route, body, tenant, cache_control)
-        if lookup is not None and lookup.response is not None:
-            cached = lookup.response
-
-            async def replay() -> AsyncIterator[JSON]:
-                for chunk in completion_chunks(cached, include_usage=request.wants_usage_chunk()):
-                    yield chunk
-
-            model_id = str(cached.get("model", route.name))
-            return ChatStream(model_id, replay(), cached.get("usage"), lookup)
+    async def open_stream(self, route: Route, body: JSON, include_usage: bool) -> ChatStream:
+        """A stream along `route` whose first chunk has arrived, so failures before it can
+        still fall back; `include_usage`: the client asked for the usage chunk."""
 
         async def attempt(upstream: Upstream) -> tuple[AsyncIterator[JSON], JSON]:
             provider = self.providers[upstream.provider]
@@ -426,8 +358,8 @@ class ChatService:
             return chunks, await anext(chunks)
 
         step, (chunks, first) = await run_route(route, attempt, self.breakers)
-        stream = ChatStream(model_id=step.upstream.model_id, chunks=chunks, cache=lookup)
-        stream.chunks = self._relay(stream, first, chunks, request.wants_usage_chunk())
+        stream = ChatStream(model_id=step.upstream.model_id, chunks=chunks)
+        stream.chunks = self._relay(stream, first, chunks, include_usage)
         return stream
 
     async def _relay(

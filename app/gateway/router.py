@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from app.access.deps import AdminDep, PrincipalDep, ServicesDep
+from app.access.deps import AdminDep, PrincipalDep
 from app.access.service import Principal
 from app.core.api_errors import error_body
 from app.core.error_status import domain_status
-from app.core.errors import DomainError, InvalidInput
-from app.gateway.cache import CacheControl, tenant_of
-from app.gateway.chat import ChatStream
+from app.core.errors import DomainError
+from app.core.provide import provide
+from app.gateway.cache import CacheControl
+from app.gateway.calls import CallContext, GatewayCalls
+from app.gateway.chains import ChainService
 from app.gateway.entities import ModelChain
 from app.gateway.schemas import (
     ChainCreate,
@@ -30,15 +31,11 @@ from app.gateway.schemas import (
     EmbeddingRequest,
     OperationAccepted,
 )
-from app.models.entities import ModelKind
-from app.operations.entities import OperationKind
-from app.operations.service import Owner
-from app.services import Services
-from app.usage.entities import UsageType
-from app.usage.metering import Admission, UsageOutcome
-from app.usage.pricing import estimate_message_tokens
 
 log = logging.getLogger(__name__)
+
+CallsDep = Annotated[GatewayCalls, Depends(provide(GatewayCalls))]
+ChainsDep = Annotated[ChainService, Depends(provide(ChainService))]
 
 router = APIRouter(tags=["chat"])
 admin_router = APIRouter(prefix="/admin/chains", tags=["admin: chains"])
@@ -67,9 +64,9 @@ def _sse_error(exc: DomainError) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-async def _sse(stream: ChatStream) -> AsyncIterator[bytes]:
+async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     try:
-        async for chunk in stream.chunks:
+        async for chunk in chunks:
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
     except DomainError as exc:
         # Headers are gone already: the error travels as an event, and the SDK raises it.
@@ -79,86 +76,50 @@ async def _sse(stream: ChatStream) -> AsyncIterator[bytes]:
 
 
 async def answer_directly(
-    request: ChatCompletionRequest,
+    calls: GatewayCalls,
     principal: Principal,
-    services: Services,
-    control: CacheControl,
-    *,
-    checked: bool = False,
+    request: ChatCompletionRequest,
+    cache_control: str | None,
 ) -> Response:
-    """Admit, call, settle: the answer to a chat completion made directly (not as a job).
-
-    `checked`: the caller already verified that the key may use the model and prompts.
-    """
-    if not checked:
-        principal.ensure_can_call(request.model, request.messages)
-    # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
-    wire = request.check()
-    tenant = tenant_of(principal.team_id, principal.key_id)
-    # Rate limits and budgets: admitted against the route's first model, settled below.
-    route = await services.chat.resolve(request.model)
-    admission = await services.metering.admit(
-        principal,
-        route.steps[0].upstream.model_id,
-        estimate_message_tokens(m.text() for m in request.messages),
-        request.max_completion_tokens or request.max_tokens,
-    )
+    """The answer to a chat completion made directly (not as a job), streamed or not."""
+    context = CallContext(cache_control=CacheControl.parse(cache_control))
     if request.stream:
-        try:
-            stream = await services.chat.open_stream(
-                request, tenant=tenant, cache_control=control, checked=wire
-            )
-        except BaseException as exc:
-            await services.metering.fail(admission, exc)
-            raise
-        cached = stream.cache.headers() if stream.cache is not None else {}
-        metered = services.metering.stream(
-            admission,
-            _sse(stream),
-            lambda: stream.usage,
-            model_id=stream.model_id,
-            cache_hit=stream.cache is not None and stream.cache.hit,
-        )
+        streamed = await calls.stream(principal, request, context)
         return StreamingResponse(
-            metered,
+            _sse(streamed.chunks),
             media_type="text/event-stream",
             headers={
-                MODEL_HEADER: stream.model_id,
+                MODEL_HEADER: streamed.model_id,
                 "cache-control": "no-cache",
-                **cached,
-                **admission.headers,
+                **streamed.headers,
             },
         )
-    try:
-        answer = await services.chat.complete(
-            request, tenant=tenant, cache_control=control, checked=wire
-        )
-    except BaseException as exc:
-        await services.metering.fail(admission, exc)
-        raise
-    outcome = UsageOutcome(
-        input_tokens=int(answer.usage.get("prompt_tokens") or 0),
-        output_tokens=int(answer.usage.get("completion_tokens") or 0),
-        model_id=answer.model_id,
-        cache_hit=answer.cache is not None and answer.cache.hit,
-        request_body=request,
-        response_body=answer.body,
-        latency_ms=int((time.monotonic() - admission.started) * 1000),
-    )
-    cache_headers = answer.cache.headers() if answer.cache else {}
-    response = _json(answer.body, answer.model_id, {**cache_headers, **admission.headers})
+    completion = await calls.complete(principal, request, context)
+    response = _json(completion.body, completion.model_id, completion.headers)
     # Settled once the answer is on its way: the reservation already holds the call's place in
     # the limits and budgets, settling only corrects it, and the client need not wait on that.
-    response.background = BackgroundTask(_settle, services, admission, outcome)
+    response.background = BackgroundTask(completion.settle)
     return response
 
 
-async def _settle(services: Services, admission: Admission, outcome: UsageOutcome) -> None:
-    try:
-        await services.metering.settle(admission, outcome)
-    except Exception:
-        # The reservation stands (it expires with its window); the answer was delivered.
-        log.exception("settling a chat completion's usage failed")
+async def submit_job(
+    calls: GatewayCalls,
+    principal: Principal,
+    request: ChatCompletionRequest,
+    cache_control: str | None,
+    idempotency_key: str | None,
+) -> Response:
+    """Accept a chat completion as a job: 202 with the operation to poll, once it is committed."""
+    accepted = await calls.submit(
+        principal, request, cache_control=cache_control, idempotency_key=idempotency_key
+    )
+    operation = accepted.operation
+    # The shape of `OperationAccepted`, built directly: this is the route jobs are submitted on.
+    body = {"operation_id": operation.id, "status": operation.status.value}
+    headers = {"Location": f"/v1/operations/{operation.id}"}
+    if not accepted.created:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(orjson.dumps(body), 202, headers, media_type="application/json")
 
 
 @router.post(
@@ -171,77 +132,23 @@ async def _settle(services: Services, admission: Admission, outcome: UsageOutcom
 async def chat_completions(
     request: ChatCompletionRequest,
     principal: PrincipalDep,
-    services: ServicesDep,
+    calls: CallsDep,
     run_async: bool = Query(default=False, alias="async"),
     idempotency_key: str | None = Header(default=None, max_length=255),
     cache_control: str | None = Header(default=None, max_length=200),
 ) -> Any:
     """A chat completion, streamed with `stream: true`; with `?async=true`, a job to poll."""
     # Plain direct calls rarely get here: `app.fastpath` answers them through `answer_directly`.
-    principal.ensure_can_call(request.model, request.messages)
-    control = CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
     if not run_async:
-        return await answer_directly(request, principal, services, control, checked=True)
-    return await submit_job(
-        request, principal, services, cache_control, idempotency_key, checked=True
-    )
-
-
-async def submit_job(
-    request: ChatCompletionRequest,
-    principal: Principal,
-    services: Services,
-    cache_control: str | None,
-    idempotency_key: str | None,
-    *,
-    checked: bool = False,
-) -> Response:
-    """Accept a chat completion as a job: 202 with the operation to poll, once it is committed.
-
-    `checked`: the caller already verified that the key may use the model and prompts, and
-    parsed `cache_control`.
-    """
-    if not checked:
-        principal.ensure_can_call(request.model, request.messages)
-        CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
-    if request.stream:
-        raise InvalidInput("an async request cannot be streamed", param="stream")
-    wire = request.check()
-    await services.chat.resolve(request.model)  # an unknown model is refused now, not later
-    operation, created = await services.operations.submit(
-        kind=OperationKind.CHAT_COMPLETION,
-        input=wire,
-        owner=Owner(key_id=principal.key_id, team_id=principal.team_id),
-        idempotency_key=idempotency_key,
-        # The worker applies the same cache policy as a direct call would.
-        meta={"cache_control": cache_control} if cache_control else None,
-    )
-    # The shape of `OperationAccepted`, built directly: this is the route jobs are submitted on.
-    body = {"operation_id": operation.id, "status": operation.status.value}
-    headers = {"Location": f"/v1/operations/{operation.id}"}
-    if not created:
-        headers["Idempotent-Replayed"] = "true"
-    return Response(orjson.dumps(body), 202, headers, media_type="application/json")
+        return await answer_directly(calls, principal, request, cache_control)
+    return await submit_job(calls, principal, request, cache_control, idempotency_key)
 
 
 @router.post("/v1/embeddings", tags=["embeddings"], responses=_ERRORS)
-async def embeddings(
-    request: EmbeddingRequest, principal: PrincipalDep, services: ServicesDep
-) -> Any:
+async def embeddings(request: EmbeddingRequest, principal: PrincipalDep, calls: CallsDep) -> Any:
     """Embedding vectors for a string or a list of strings, from a model of kind `embedding`."""
-    principal.ensure_can_call(request.model)
-    request.check()
-    route = await services.chat.resolve(request.model, kind=ModelKind.EMBEDDING)
-    async with services.metering.metered(
-        principal,
-        route.steps[0].upstream.model_id,
-        estimate_message_tokens(request.inputs()),
-        0,
-        usage_type=UsageType.EMBEDDING,
-    ) as call:
-        model_id, body = await services.chat.embed(request)
-        call.done_with_usage(body.get("usage"), model_id=model_id)
-    return _json(body, model_id, call.headers)
+    embedded = await calls.embed(principal, request)
+    return _json(embedded.body, embedded.model_id, embedded.headers)
 
 
 def _chain_read(chain: ModelChain) -> ChainRead:
@@ -257,33 +164,33 @@ def _chain_read(chain: ModelChain) -> ChainRead:
 
 
 @admin_router.get("", response_model=ChainList)
-async def list_chains(admin: AdminDep, services: ServicesDep) -> ChainList:
+async def list_chains(admin: AdminDep, chains: ChainsDep) -> ChainList:
     """Every model chain."""
-    return ChainList(data=[_chain_read(c) for c in await services.chains.list_chains()])
+    return ChainList(data=[_chain_read(c) for c in await chains.list_chains()])
 
 
 @admin_router.post("", response_model=ChainRead, status_code=201)
-async def create_chain(data: ChainCreate, admin: AdminDep, services: ServicesDep) -> ChainRead:
+async def create_chain(data: ChainCreate, admin: AdminDep, chains: ChainsDep) -> ChainRead:
     """A new chain; clients call it by putting its id in `model`."""
-    return _chain_read(await services.chains.create(data))
+    return _chain_read(await chains.create(data))
 
 
 @admin_router.get("/{chain_id}", response_model=ChainRead)
-async def get_chain(chain_id: str, admin: AdminDep, services: ServicesDep) -> ChainRead:
+async def get_chain(chain_id: str, admin: AdminDep, chains: ChainsDep) -> ChainRead:
     """One chain."""
-    return _chain_read(await services.chains.get(chain_id))
+    return _chain_read(await chains.get(chain_id))
 
 
 @admin_router.patch("/{chain_id}", response_model=ChainRead)
 async def update_chain(
-    chain_id: str, data: ChainUpdate, admin: AdminDep, services: ServicesDep
+    chain_id: str, data: ChainUpdate, admin: AdminDep, chains: ChainsDep
 ) -> ChainRead:
     """Change a chain's name, steps or enabled flag."""
-    return _chain_read(await services.chains.update(chain_id, data))
+    return _chain_read(await chains.update(chain_id, data))
 
 
 @admin_router.delete("/{chain_id}", status_code=204)
-async def delete_chain(chain_id: str, admin: AdminDep, services: ServicesDep) -> Response:
+async def delete_chain(chain_id: str, admin: AdminDep, chains: ChainsDep) -> Response:
     """Remove a chain."""
-    await services.chains.delete(chain_id)
+    await chains.delete(chain_id)
     return Response(status_code=204)

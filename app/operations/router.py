@@ -11,7 +11,7 @@ from app.access.service import Principal
 from app.core.errors import InvalidInput
 from app.operations.entities import OperationKind, OperationStatus
 from app.operations.schemas import OperationList, OperationRead
-from app.operations.service import Owner
+from app.operations.submit import Owner
 from app.services import Services
 
 router = APIRouter(tags=["operations"])

@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
-from app.core.ids import check_prefixed, new_id
-from app.core.jsonvalues import unencodable
+from app.core.ids import check_prefixed
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.events import emit_finished
+from app.operations.submit import OPERATION_ID_PREFIX, JobSubmitter, Owner, request_hash
 from app.operations.transitions import TERMINAL, move
-from app.queue.names import QUEUES
 from app.queue.port import JobQueue
 from app.storage.grouped import GroupInsert
-from app.storage.mapping import construct
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 
 log = logging.getLogger(__name__)
-
-OPERATION_ID_PREFIX = "op"
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """Who submits or reads jobs: an API key and its team; administrators see every job."""
-
-    key_id: str | None
-    team_id: str | None = None
-    admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,19 +31,6 @@ class ChildSpec:
     kind: OperationKind
     input: dict[str, Any]
     meta: dict[str, Any] | None = None
-
-
-def request_hash(kind: OperationKind, payload: dict[str, Any]) -> str:
-    """A fingerprint of what was asked, to tell a retried request from a different one."""
-    try:
-        canonical = orjson.dumps(
-            {"kind": kind.value, "input": payload}, option=orjson.OPT_SORT_KEYS
-        )
-    except TypeError as exc:  # e.g. an integer past 64 bits, which JSON itself allows
-        found = unencodable(payload)
-        field = found[0] if found is not None else None
-        raise InvalidInput(f"the request cannot be stored as a job: {exc}", param=field) from exc
-    return hashlib.sha256(canonical).hexdigest()
 
 
 def check_operation_id(value: str) -> str:
@@ -78,11 +49,10 @@ class OperationService:
         events: EventSink | None = None,
     ) -> None:
         self._storage = storage
-        self._queue = queue
+        self.jobs = JobSubmitter(storage, queue, max_attempts=max_attempts)
         self._inserts = GroupInsert(storage, Operation)
-        self._max_attempts = max_attempts
-        # Where `operation.cancelled` goes; set after construction when the sink itself
-        # submits jobs through this service (webhook deliveries).
+        # Where `operation.cancelled` goes (the webhooks' sink, which submits its deliveries
+        # through a `JobSubmitter` of its own).
         self.events = events
 
     # ---- submit ----------------------------------------------------------------------------
@@ -107,7 +77,7 @@ class OperationService:
             existing = await self._find_idempotent(owner, idempotency_key, digest)
             if existing is not None:
                 return existing, False
-        operation = self._new(
+        operation = self.jobs.new(
             kind, input, owner, max_attempts, meta, idempotency_key=idempotency_key, digest=digest
         )
         try:
@@ -121,7 +91,7 @@ class OperationService:
             if existing is None:
                 raise
             return existing, False
-        await self._send([operation])
+        await self.jobs.send([operation])
         return operation, True
 
     async def submit_parent(
@@ -144,12 +114,12 @@ class OperationService:
             raise InvalidInput("a parent operation needs at least one child", param="children")
         now = utcnow()
         # Born running (it is never claimed), so no status change is made here.
-        parent = self._new(kind, input, owner, 1, meta, status=OperationStatus.RUNNING)
+        parent = self.jobs.new(kind, input, owner, 1, meta, status=OperationStatus.RUNNING)
         parent.started_at = now
         parent.enqueued_at = None
         parent.send_count = 0
         parent.children_total = len(children)
-        kids = [self._new(c.kind, c.input, owner, None, c.meta) for c in children]
+        kids = [self.jobs.new(c.kind, c.input, owner, None, c.meta) for c in children]
         for kid in kids:
             kid.parent_id = parent.id
         async with self._storage.unit_of_work() as uow:
@@ -158,7 +128,7 @@ class OperationService:
                 await uow.repo(Operation).add(kid)
             if attach is not None:
                 await attach(uow, parent)
-            self._send_after_commit(uow, kids)
+            self.jobs.send_after_commit(uow, kids)
             await uow.commit()
         return parent
 
@@ -173,56 +143,9 @@ class OperationService:
         meta: dict[str, Any] | None = None,
     ) -> Operation:
         """Inside the caller's `uow`: add a pending job, sent once that unit commits."""
-        operation = self._new(kind, input, owner, max_attempts, meta)
-        operation.request_hash = request_hash(kind, input)
-        await uow.repo(Operation).add(operation)
-        self._send_after_commit(uow, [operation])
-        return operation
-
-    def _new(
-        self,
-        kind: OperationKind,
-        payload: dict[str, Any],
-        owner: Owner,
-        max_attempts: int | None,
-        meta: dict[str, Any] | None,
-        *,
-        idempotency_key: str | None = None,
-        digest: str | None = None,
-        status: OperationStatus = OperationStatus.PENDING,
-    ) -> Operation:
-        now = utcnow()
-        return construct(
-            Operation,
-            id=new_id(OPERATION_ID_PREFIX),
-            kind=kind,
-            status=status,
-            queue=QUEUES.get(kind, "none"),
-            owner_key_id=owner.key_id,
-            owner_team_id=owner.team_id,
-            input=payload,
-            max_attempts=max_attempts or self._max_attempts,
-            # Counted as sent now: the send follows the commit, and a failed send clears it.
-            enqueued_at=now,
-            send_count=1,
-            meta=meta or {},
-            idempotency_key=idempotency_key,
-            request_hash=digest,
-            created_at=now,
-            updated_at=now,
+        return await self.jobs.submit_in(
+            uow, kind=kind, input=input, owner=owner, max_attempts=max_attempts, meta=meta
         )
-
-    def _send_after_commit(self, uow: UnitOfWork, operations: list[Operation]) -> None:
-        uow.on_commit(lambda: self._send(operations))
-
-    async def _send(self, operations: list[Operation]) -> None:
-        """Send committed jobs; one the broker does not take is left for the sweeper."""
-        for operation in operations:
-            try:
-                await self._queue.send(operation.id, OperationKind(operation.kind))
-            except Exception:
-                log.warning("broker unreachable; job %s left for the sweeper", operation.id)
-                await mark_unsent(self._storage, operation.id)
 
     async def _find_idempotent(self, owner: Owner, key: str, digest: str) -> Operation | None:
         async with self._storage.unit_of_work() as uow:
@@ -326,28 +249,15 @@ class OperationService:
                 raise NotFound("operation", operation_id)
             move(operation, OperationStatus.PENDING)
             now = utcnow()
-            operation.max_attempts = operation.attempts + self._max_attempts
+            operation.max_attempts = operation.attempts + self.jobs.max_attempts
             operation.error_type = operation.error_message = None
             operation.finished_at = operation.run_after = None
             operation.enqueued_at = now
             operation.send_count += 1
             operation = await uow.repo(Operation).update(operation)
-            self._send_after_commit(uow, [operation])
+            self.jobs.send_after_commit(uow, [operation])
             await uow.commit()
         return operation
-
-
-async def mark_unsent(storage: Storage, operation_id: str) -> None:
-    """Record that a committed job's message did not reach the broker (the sweeper sends it)."""
-    try:
-        async with storage.unit_of_work() as uow:
-            current = await uow.repo(Operation).get(operation_id)
-            if current is not None and current.status == OperationStatus.PENDING:
-                current.enqueued_at = None
-                await uow.repo(Operation).update(current)
-                await uow.commit()
-    except Exception:  # the sweeper's stale-send rule covers this too
-        log.exception("could not mark job %s as unsent", operation_id)
 
 
 async def cancel_in(

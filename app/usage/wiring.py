@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from app.config import BrokerKind, Settings
 from app.core.errors import NotFound
@@ -136,12 +136,18 @@ def accounting_tasks(accounting: Accounting, settings: Settings) -> list[Periodi
     ]
 
 
-async def app_config_value(services: Any, key: str) -> Any:
-    """`services.config.get(key)` once the app configuration service exists; None if unset."""
-    config = getattr(services, "config", None)
-    if config is None:
-        return None
-    try:
-        return await config.get(key)
-    except NotFound:
-        return None
+class _ConfigSource(Protocol):
+    async def get(self, key: str) -> Any: ...
+
+
+def app_config_reader(config: _ConfigSource) -> ConfigLookup:
+    """Reads one application setting from `config` (the app configuration service); None when
+    it is not a known setting."""
+
+    async def read(key: str) -> Any:
+        try:
+            return await config.get(key)
+        except NotFound:
+            return None
+
+    return read

@@ -27,7 +27,7 @@ from app.core.ids import check_prefixed, new_id
 from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
 from app.core.outbound import ForbiddenDestination, OutboundClient, OutboundFailed
 from app.operations.entities import Operation, OperationKind
-from app.operations.service import OperationService, Owner
+from app.operations.submit import JobSubmitter, Owner
 from app.operations.transitions import TERMINAL
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.webhooks import catalogue
@@ -206,24 +206,25 @@ class WebhookService:
     def __init__(
         self,
         storage: Storage,
-        operations: OperationService,
+        jobs: JobSubmitter,
         box: SecretBox,
         client: OutboundClient,
         config: WebhookConfig | None = None,
+        *,
+        bus: InvalidationBus | None = None,
     ) -> None:
+        """`jobs` submits the delivery jobs. With `bus`, which events active subscriptions want
+        is cached, dropped on every subscription change in any process (`interested` is then
+        free for the events no one wants)."""
         self._storage = storage
-        self._operations = operations
+        self._jobs = jobs
         self._box = box
         self._client = client
         self.config = config or WebhookConfig()
-        self._bus: InvalidationBus | None = None
-        self._interest: InvalidatedCache[list[list[str]]] | None = None
-
-    def watch(self, bus: InvalidationBus) -> None:
-        """Cache which events active subscriptions want, dropped on every subscription change
-        in any process (`interested` is then free for the events no one wants)."""
         self._bus = bus
-        self._interest = InvalidatedCache(bus, WEBHOOKS_TOPIC, ttl=INTEREST_SECONDS)
+        self._interest: InvalidatedCache[list[list[str]]] | None = (
+            InvalidatedCache(bus, WEBHOOKS_TOPIC, ttl=INTEREST_SECONDS) if bus is not None else None
+        )
 
     async def _changed(self) -> None:
         if self._bus is not None:
@@ -453,7 +454,7 @@ class WebhookService:
         return await uow.repo(WebhookDelivery).add(delivery)
 
     async def _submit(self, uow: UnitOfWork, delivery: WebhookDelivery) -> Operation:
-        return await self._operations.submit_in(
+        return await self._jobs.submit_in(
             uow,
             kind=OperationKind.WEBHOOK_DELIVERY,
             input={"delivery_id": delivery.id},

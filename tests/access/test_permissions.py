@@ -11,7 +11,7 @@ import pytest
 from app.core.errors import PermissionDenied
 from app.operations.entities import Operation, OperationKind
 from app.operations.runner import JobContext
-from app.operations.service import Owner
+from app.operations.submit import Owner
 from app.services import build_handlers
 from tests.access.conftest import ADMIN, new_key, services_of
 

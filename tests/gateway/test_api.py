@@ -103,11 +103,11 @@ async def test_async_requests_run_the_same_validation_and_resolution(
     assert accepted.status_code == 202
 
 
-async def test_chat_job_handler_returns_the_completion_body(services: Services) -> None:
-    from app.gateway.schemas import ChatCompletionRequest
-
-    answer = await services.chat.complete(ChatCompletionRequest.model_validate(chat("mock")))
-    assert answer.model_id == "mock" and answer.body["object"] == "chat.completion"
+async def test_a_completion_names_the_gateway_model_that_answered(services: Services) -> None:
+    route = await services.chat.resolve("mock")
+    answer = await services.chat.call(route, {"messages": chat("mock")["messages"]})
+    assert answer.model_id == "mock"
+    assert answer.body["model"] == "mock" and answer.body["object"] == "chat.completion"
 
 
 async def test_mock_behaviour_comes_from_model_parameters(

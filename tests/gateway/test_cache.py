@@ -357,8 +357,8 @@ async def cached_app(backend: CacheBackend) -> AsyncIterator[FastAPI]:
     application = create_app(settings, storage=storage, queue=queue)
     async with application.router.lifespan_context(application):
         services: Services = application.state.services
-        assert services.chat.cache is not None  # the settings turned it on
-        services.chat.cache = ResponseCache(backend)
+        assert services.calls.cache is not None  # the settings turned it on
+        services.calls.cache = ResponseCache(backend)
         application.state.queue = queue
         yield application
 

@@ -29,9 +29,9 @@ def answered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = answer_directly
 
-    async def recording(request: Any, *args: Any, **kwargs: Any) -> Any:
+    async def recording(calls_: Any, principal: Any, request: Any, *args: Any) -> Any:
         calls.append(request.model)
-        return await original(request, *args, **kwargs)
+        return await original(calls_, principal, request, *args)
 
     monkeypatch.setattr(fastpath, "answer_directly", recording)
     return calls
@@ -54,9 +54,9 @@ def submitted(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
     calls: list[str | None] = []
     original = submit_job
 
-    async def recording(request: Any, principal: Any, services: Any, *args: Any) -> Any:
+    async def recording(calls_: Any, principal: Any, request: Any, *args: Any) -> Any:
         calls.append(args[1])
-        return await original(request, principal, services, *args)
+        return await original(calls_, principal, request, *args)
 
     monkeypatch.setattr(fastpath, "submit_job", recording)
     return calls
@@ -145,8 +145,9 @@ async def test_fast_path_errors_have_the_routes_shape(
     )
     assert bad_cache.status_code == 400
     assert bad_cache.json()["error"]["param"] == "Cache-Control"
-    # Refused before the call: unknown model answered by the fast path, the others earlier.
-    assert answered == ["no-such-model"]
+    # The fast path answered the unknown model and the bad header itself (the call refused
+    # both); the missing key was refused before any call.
+    assert answered == ["no-such-model", "mock"]
 
 
 async def test_a_body_over_the_limit_is_413_on_the_fast_path(client: httpx.AsyncClient) -> None:

@@ -19,7 +19,8 @@ from app.core.errors import (
 )
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.runner import Handler, JobContext, JobTimings, OperationRunner
-from app.operations.service import ChildSpec, OperationService, Owner
+from app.operations.service import ChildSpec, OperationService
+from app.operations.submit import Owner
 from app.operations.transitions import TRANSITIONS, move
 from app.storage.protocol import Storage
 from tests.fakes import RecordingQueue

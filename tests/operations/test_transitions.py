@@ -12,7 +12,8 @@ import pytest
 from app.core.errors import IllegalTransition, Transient
 from app.operations.entities import OperationKind, OperationStatus
 from app.operations.runner import JobContext, JobTimings, OperationRunner
-from app.operations.service import OperationService, Owner
+from app.operations.service import OperationService
+from app.operations.submit import Owner
 from app.operations.transitions import TRANSITIONS, transition
 from app.storage.memory import MemoryRepository
 from app.storage.protocol import Op, Storage, Where

@@ -6,7 +6,8 @@ import pytest
 
 from app.core.errors import InvalidInput
 from app.operations.entities import Operation, OperationKind
-from app.operations.service import OperationService, Owner
+from app.operations.service import OperationService
+from app.operations.submit import Owner
 from app.storage.protocol import Storage, Where
 from tests.fakes import RecordingQueue
 

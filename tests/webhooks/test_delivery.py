@@ -6,8 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import pytest
@@ -21,10 +20,11 @@ from app.credentials.schemas import CredentialCreate
 from app.credentials.service import CredentialService
 from app.operations.entities import Operation, OperationKind, OperationStatus
 from app.operations.runner import JobContext, JobTimings, OperationRunner
-from app.operations.service import OperationService, Owner
-from app.services import Services, build_handlers
+from app.operations.service import OperationService
+from app.operations.submit import Owner
 from app.storage.protocol import Storage, Where
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
+from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService, rotate_webhook_secrets
 from tests.webhooks.receiver import InvalidSignature, Received, Receiver, Reply, verify
 
@@ -85,10 +85,10 @@ def make_rig(storage: Storage, box: SecretBox | None = None, **config: Any) -> R
     client = OutboundClient(OutboundPolicy.parse("127.0.0.1"))
     settings = {"schedule": (0, 0.05, 0.05), "timeout": 2.0, **config}
     webhooks = WebhookService(
-        storage, operations, box or SecretBox(["test-key"]), client, WebhookConfig(**settings)
+        storage, operations.jobs, box or SecretBox(["test-key"]), client, WebhookConfig(**settings)
     )
     operations.events = webhooks
-    handlers = build_handlers(cast(Services, SimpleNamespace(webhooks=webhooks)))
+    handlers = webhook_handlers(webhooks)
     handlers[OperationKind.CHAT_COMPLETION] = echo
     runner = OperationRunner(storage, queue, handlers, worker_id="w", timings=FAST, events=webhooks)
     return Rig(storage, queue, operations, webhooks, runner, client)

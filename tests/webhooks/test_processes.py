@@ -20,7 +20,8 @@ from app.config import Settings
 from app.core.crypto import SecretBox
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.operations.entities import OperationKind
-from app.operations.service import OperationService, Owner
+from app.operations.service import OperationService
+from app.operations.submit import Owner
 from app.queue.broker import build_broker
 from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
@@ -79,7 +80,7 @@ async def emitter(clean: tuple[str, str]) -> AsyncIterator[Emitter]:
     client = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
     service = WebhookService(
         storage,
-        operations,
+        operations.jobs,
         SecretBox(settings.secret_keys()),
         client,
         WebhookConfig(schedule=tuple(settings.webhook_retry_schedule())),

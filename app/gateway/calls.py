@@ -1,0 +1,347 @@
+"""The one path of a gateway call: every LLM call, whatever starts it, goes through here.
+
+A route answering a client, the fast path, an async job, a batch line, and the workflow steps,
+experiments and evaluations to come all call `GatewayCalls`, which does, in this order:
+
+1. **permission**: the caller may use the model (or chain) and every stored prompt referenced;
+2. **check**: the request as the provider will get it (a malformed one is a 400 before anything
+   is counted against a limit);
+3. **resolution**: the model or chain to a route of upstream models;
+4. **admission**: rate limits and budgets, reserved against the route's first model
+   (`Metering.admit`; a refusal is a 429 or a 402, the same from every context);
+5. **cache, upstream**: the response cache when the request allows it, else the route;
+6. **settlement**: the usage record, cost and execution log (`Metering.settle`), or the
+   reservation given back when no upstream call was made (`Metering.fail`).
+
+The result is typed (`Completion`, `Streamed`, `Embedded`); turning it into an HTTP response or a
+job result is the caller's business. A `CallContext` says what started the call, which the usage
+record and execution log keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from app.access.service import ApiKeyService
+from app.core.errors import InvalidInput
+from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks, tenant_of
+from app.gateway.chat import ChatAnswer, ChatService, ChatStream
+from app.gateway.providers.base import JSON
+from app.gateway.routing import Route
+from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.models.entities import ModelKind
+from app.operations.entities import Operation, OperationKind
+from app.operations.service import OperationService
+from app.operations.submit import Owner
+from app.usage.entities import UsageType
+from app.usage.metering import Admission, Metering, UsageOutcome
+from app.usage.pricing import estimate_message_tokens
+
+log = logging.getLogger(__name__)
+
+
+class CallSource(StrEnum):
+    """What started a gateway call."""
+
+    DIRECT = "direct"  # a client's request, answered (or streamed) in the response
+    ASYNC_JOB = "async_job"  # a job submitted with `?async=true`
+    BATCH_LINE = "batch_line"  # one line of a batch file, a child job of the batch
+    WORKFLOW_STEP = "workflow_step"
+    EXPERIMENT = "experiment"
+    EVALUATION = "evaluation"
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What started the call, the job it runs in, and the cache policy it asked for."""
+
+    source: CallSource = CallSource.DIRECT
+    operation_id: str | None = None
+    cache_control: CacheControl | None = None
+
+    @property
+    def is_async(self) -> bool:
+        return self.source is not CallSource.DIRECT
+
+    @classmethod
+    def of_job(cls, operation: Operation) -> CallContext:
+        """The context of a call a job makes: a batch line when the job is a batch's child."""
+        source = CallSource.BATCH_LINE if operation.parent_id else CallSource.ASYNC_JOB
+        control = CacheControl.parse(operation.meta.get("cache_control"))
+        return cls(source=source, operation_id=operation.id, cache_control=control)
+
+
+DIRECT = CallContext()
+
+
+class Caller(Protocol):
+    """Who a call is made for: an authenticated key (`Principal`), or a job's owner."""
+
+    @property
+    def key_id(self) -> str | None: ...
+
+    @property
+    def team_id(self) -> str | None: ...
+
+    def ensure_can_call(self, model: str, messages: Iterable[Any] = ()) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Keyless:
+    """A job's owner without an API key (submitted by the gateway itself): no key permissions
+    apply, its team's limits and budgets still do."""
+
+    team_id: str | None = None
+    key_id: None = None
+
+    def ensure_can_call(self, model: str, messages: Iterable[Any] = ()) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class Settlement:
+    """A call's usage, cost and log, still to be recorded (after the answer is on its way)."""
+
+    metering: Metering
+    admission: Admission
+    outcome: UsageOutcome
+
+    async def __call__(self) -> None:
+        try:
+            await self.metering.settle(self.admission, self.outcome)
+        except Exception:
+            # The reservation stands (it expires with its window); the answer was delivered.
+            log.exception("settling a call's usage failed")
+
+
+@dataclass(slots=True)
+class Completion:
+    """A chat completion: the OpenAI body, the model that answered, the headers to answer with
+    (rate limits, cache), and its settlement, to run once the answer is delivered."""
+
+    body: JSON
+    model_id: str
+    headers: dict[str, str]
+    settle: Settlement
+
+
+@dataclass(slots=True)
+class Streamed:
+    """A started stream: the model that answers, its chunks (settled when they end), headers."""
+
+    model_id: str
+    chunks: AsyncIterator[JSON]
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class Embedded:
+    """An embeddings `list` object, the model that answered, and the headers (already settled)."""
+
+    body: JSON
+    model_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A call accepted as a job: the job, and whether this request created it (idempotency)."""
+
+    operation: Operation
+    created: bool
+
+
+class GatewayCalls:
+    """Permissions, admission, cache, upstream call and settlement of every LLM call."""
+
+    def __init__(
+        self,
+        chat: ChatService,
+        metering: Metering,
+        keys: ApiKeyService,
+        operations: OperationService,
+        *,
+        cache: ResponseCache | None = None,
+    ) -> None:
+        self._chat = chat
+        self._metering = metering
+        self._keys = keys
+        self._operations = operations
+        self.cache = cache
+
+    # --- callers ----------------------------------------------------------------------------
+
+    async def job_caller(self, operation: Operation) -> Caller:
+        """The owner of a job as it is when the job runs: a key revoked, suspended or expired
+        since is refused (`PermissionDenied`), and its permissions are the current ones."""
+        if operation.owner_key_id is None:
+            return Keyless(operation.owner_team_id)
+        return await self._keys.job_principal(operation.owner_key_id)
+
+    # --- chat -------------------------------------------------------------------------------
+
+    async def complete(
+        self, caller: Caller, request: ChatCompletionRequest, context: CallContext = DIRECT
+    ) -> Completion:
+        """A chat completion for `caller`; `request.stream` is ignored (see `stream`)."""
+        route, wire, admission = await self._admit_chat(caller, request)
+        outcome = _outcome(context)
+        try:
+            body = await self._chat.prepare(request, wire)
+            lookup = await self._cache_lookup(caller, route, body, context)
+            if lookup is not None and lookup.response is not None:
+                answer = ChatAnswer(str(lookup.response.get("model", route.name)), lookup.response)
+            else:
+                answer = await self._chat.call(route, body)
+                if lookup is not None and self.cache is not None:
+                    await self.cache.store(lookup, answer.body)
+        except BaseException as exc:
+            await self._metering.fail(admission, exc, **outcome)
+            raise
+        usage = answer.usage
+        settled = UsageOutcome(
+            input_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            model_id=answer.model_id,
+            cache_hit=lookup is not None and lookup.hit,
+            request_body=request,
+            response_body=answer.body,
+            latency_ms=int((time.monotonic() - admission.started) * 1000),
+            **outcome,
+        )
+        headers = {**lookup.headers(), **admission.headers} if lookup else admission.headers
+        return Completion(
+            answer.body, answer.model_id, headers, Settlement(self._metering, admission, settled)
+        )
+
+    async def stream(
+        self, caller: Caller, request: ChatCompletionRequest, context: CallContext = DIRECT
+    ) -> Streamed:
+        """A streamed chat completion whose first chunk has arrived (so the route could still
+        fall back); it is settled when its chunks end, however they end."""
+        route, wire, admission = await self._admit_chat(caller, request)
+        outcome = _outcome(context)
+        try:
+            body = await self._chat.prepare(request, wire)
+            lookup = await self._cache_lookup(caller, route, body, context)
+            if lookup is not None and lookup.response is not None:
+                stream = _replayed(route, lookup.response, request.wants_usage_chunk())
+            else:
+                stream = await self._chat.open_stream(route, body, request.wants_usage_chunk())
+        except BaseException as exc:
+            await self._metering.fail(admission, exc, **outcome)
+            raise
+        chunks = self._metering.stream(
+            admission,
+            stream.chunks,
+            lambda: stream.usage,
+            model_id=stream.model_id,
+            cache_hit=lookup is not None and lookup.hit,
+            **outcome,
+        )
+        headers = {**lookup.headers(), **admission.headers} if lookup else admission.headers
+        return Streamed(stream.model_id, chunks, headers)
+
+    async def submit(
+        self,
+        caller: Caller,
+        request: ChatCompletionRequest,
+        *,
+        cache_control: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Accepted:
+        """Accept a chat completion as a job, once it is committed; it is admitted when it runs
+        (`complete` with the job's context), as the same call made directly would be."""
+        caller.ensure_can_call(request.model, request.messages)
+        CacheControl.parse(cache_control)  # a bad max-age is a 400, even for a job
+        if request.stream:
+            raise InvalidInput("an async request cannot be streamed", param="stream")
+        wire = request.check()
+        await self._chat.resolve(request.model)  # an unknown model is refused now, not later
+        operation, created = await self._operations.submit(
+            kind=OperationKind.CHAT_COMPLETION,
+            input=wire,
+            owner=Owner(key_id=caller.key_id, team_id=caller.team_id),
+            idempotency_key=idempotency_key,
+            # The worker applies the same cache policy as a direct call would.
+            meta={"cache_control": cache_control} if cache_control else None,
+        )
+        return Accepted(operation, created)
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    async def embed(
+        self, caller: Caller, request: EmbeddingRequest, context: CallContext = DIRECT
+    ) -> Embedded:
+        """Embedding vectors for `caller`, admitted and settled like a chat completion."""
+        caller.ensure_can_call(request.model)
+        request.check()
+        route = await self._chat.resolve(request.model, kind=ModelKind.EMBEDDING)
+        outcome = {**_outcome(context), "usage_type": UsageType.EMBEDDING}
+        async with self._metering.metered(
+            caller,
+            route.steps[0].upstream.model_id,
+            estimate_message_tokens(request.inputs()),
+            0,
+            **outcome,
+        ) as call:
+            model_id, body = await self._chat.embed(request)
+            call.done_with_usage(body.get("usage"), model_id=model_id)
+        return Embedded(body, model_id, call.headers)
+
+    # --- shared steps -----------------------------------------------------------------------
+
+    async def _admit_chat(
+        self, caller: Caller, request: ChatCompletionRequest
+    ) -> tuple[Route, JSON, Admission]:
+        caller.ensure_can_call(request.model, request.messages)
+        # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
+        wire = request.check()
+        route = await self._chat.resolve(request.model)
+        # Admitted against the route's first model; a fallback's price is reconciled at settle.
+        admission = await self._metering.admit(
+            caller,
+            route.steps[0].upstream.model_id,
+            estimate_message_tokens(m.text() for m in request.messages),
+            request.max_completion_tokens or request.max_tokens,
+        )
+        return route, wire, admission
+
+    async def _cache_lookup(
+        self, caller: Caller, route: Route, body: JSON, context: CallContext
+    ) -> CacheLookup | None:
+        if self.cache is None:
+            return None
+        # Every model the route may call, at its configuration: a change to any is a new key.
+        version = ",".join(
+            f"{s.upstream.model_id}:{s.upstream.config_version}" for s in route.steps
+        )
+        return await self.cache.lookup(
+            body,
+            model=route.name,
+            config_version=version,
+            tenant=tenant_of(caller.team_id, caller.key_id),
+            control=context.cache_control,
+        )
+
+
+def _outcome(context: CallContext) -> dict[str, Any]:
+    """What the usage record and execution log keep of the call's context."""
+    if context.source is CallSource.DIRECT:
+        return {}
+    return {"operation_id": context.operation_id, "is_async": True}
+
+
+def _replayed(route: Route, cached: JSON, include_usage: bool) -> ChatStream:
+    """A cached completion replayed as the chunks a stream would have sent."""
+
+    async def replay() -> AsyncIterator[JSON]:
+        for chunk in completion_chunks(cached, include_usage=include_usage):
+            yield chunk
+
+    return ChatStream(str(cached.get("model", route.name)), replay(), cached.get("usage"))
