@@ -156,6 +156,23 @@ class Accepted:
     created: bool
 
 
+@dataclass(slots=True)
+class _ChatCall:
+    """An admitted chat call, about to be answered from the cache or the route."""
+
+    route: Route
+    body: JSON
+    admission: Admission
+    lookup: CacheLookup | None
+    outcome: dict[str, Any]
+
+    def headers(self) -> dict[str, str]:
+        """Rate limits, and what the cache did."""
+        if self.lookup is None:
+            return self.admission.headers
+        return {**self.lookup.headers(), **self.admission.headers}
+
+
 class GatewayCalls:
     """Permissions, admission, cache, upstream call and settlement of every LLM call."""
 
@@ -189,19 +206,19 @@ class GatewayCalls:
         self, caller: Caller, request: ChatCompletionRequest, context: CallContext = DIRECT
     ) -> Completion:
         """A chat completion for `caller`; `request.stream` is ignored (see `stream`)."""
-        route, wire, admission = await self._admit_chat(caller, request)
-        outcome = _outcome(context)
+        call = await self._begin(caller, request, context)
+        lookup = call.lookup
         try:
-            body = await self._chat.prepare(request, wire)
-            lookup = await self._cache_lookup(caller, route, body, context)
             if lookup is not None and lookup.response is not None:
-                answer = ChatAnswer(str(lookup.response.get("model", route.name)), lookup.response)
+                answer = ChatAnswer(
+                    str(lookup.response.get("model", call.route.name)), lookup.response
+                )
             else:
-                answer = await self._chat.call(route, body)
+                answer = await self._chat.call(call.route, call.body)
                 if lookup is not None and self.cache is not None:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
-            await self._metering.fail(admission, exc, **outcome)
+            await self._metering.fail(call.admission, exc, **call.outcome)
             raise
         usage = answer.usage
         settled = UsageOutcome(
@@ -211,12 +228,14 @@ class GatewayCalls:
             cache_hit=lookup is not None and lookup.hit,
             request_body=request,
             response_body=answer.body,
-            latency_ms=int((time.monotonic() - admission.started) * 1000),
-            **outcome,
+            latency_ms=int((time.monotonic() - call.admission.started) * 1000),
+            **call.outcome,
         )
-        headers = {**lookup.headers(), **admission.headers} if lookup else admission.headers
         return Completion(
-            answer.body, answer.model_id, headers, Settlement(self._metering, admission, settled)
+            answer.body,
+            answer.model_id,
+            call.headers(),
+            Settlement(self._metering, call.admission, settled),
         )
 
     async def stream(
@@ -224,28 +243,26 @@ class GatewayCalls:
     ) -> Streamed:
         """A streamed chat completion whose first chunk has arrived (so the route could still
         fall back); it is settled when its chunks end, however they end."""
-        route, wire, admission = await self._admit_chat(caller, request)
-        outcome = _outcome(context)
+        call = await self._begin(caller, request, context)
+        lookup = call.lookup
+        include_usage = request.wants_usage_chunk()
         try:
-            body = await self._chat.prepare(request, wire)
-            lookup = await self._cache_lookup(caller, route, body, context)
             if lookup is not None and lookup.response is not None:
-                stream = _replayed(route, lookup.response, request.wants_usage_chunk())
+                stream = _replayed(call.route, lookup.response, include_usage)
             else:
-                stream = await self._chat.open_stream(route, body, request.wants_usage_chunk())
+                stream = await self._chat.open_stream(call.route, call.body, include_usage)
         except BaseException as exc:
-            await self._metering.fail(admission, exc, **outcome)
+            await self._metering.fail(call.admission, exc, **call.outcome)
             raise
         chunks = self._metering.stream(
-            admission,
+            call.admission,
             stream.chunks,
             lambda: stream.usage,
             model_id=stream.model_id,
             cache_hit=lookup is not None and lookup.hit,
-            **outcome,
+            **call.outcome,
         )
-        headers = {**lookup.headers(), **admission.headers} if lookup else admission.headers
-        return Streamed(stream.model_id, chunks, headers)
+        return Streamed(stream.model_id, chunks, call.headers())
 
     async def submit(
         self,
@@ -296,9 +313,11 @@ class GatewayCalls:
 
     # --- shared steps -----------------------------------------------------------------------
 
-    async def _admit_chat(
-        self, caller: Caller, request: ChatCompletionRequest
-    ) -> tuple[Route, JSON, Admission]:
+    async def _begin(
+        self, caller: Caller, request: ChatCompletionRequest, context: CallContext
+    ) -> _ChatCall:
+        """Steps 1 to 5 of a chat call: permission, check, resolution, admission, then the
+        prepared body and the cache's answer (a failure after admission gives it back)."""
         caller.ensure_can_call(request.model, request.messages)
         # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
         wire = request.check()
@@ -310,7 +329,14 @@ class GatewayCalls:
             estimate_message_tokens(m.text() for m in request.messages),
             request.max_completion_tokens or request.max_tokens,
         )
-        return route, wire, admission
+        outcome = _outcome(context)
+        try:
+            body = await self._chat.prepare(request, wire)
+            lookup = await self._cache_lookup(caller, route, body, context)
+        except BaseException as exc:
+            await self._metering.fail(admission, exc, **outcome)
+            raise
+        return _ChatCall(route, body, admission, lookup, outcome)
 
     async def _cache_lookup(
         self, caller: Caller, route: Route, body: JSON, context: CallContext

@@ -132,21 +132,6 @@ class OperationService:
             await uow.commit()
         return parent
 
-    async def submit_in(
-        self,
-        uow: UnitOfWork,
-        *,
-        kind: OperationKind,
-        input: dict[str, Any],
-        owner: Owner,
-        max_attempts: int | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> Operation:
-        """Inside the caller's `uow`: add a pending job, sent once that unit commits."""
-        return await self.jobs.submit_in(
-            uow, kind=kind, input=input, owner=owner, max_attempts=max_attempts, meta=meta
-        )
-
     async def _find_idempotent(self, owner: Owner, key: str, digest: str) -> Operation | None:
         async with self._storage.unit_of_work() as uow:
             page = await uow.repo(Operation).find(
