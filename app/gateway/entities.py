@@ -1,20 +1,8 @@
-"""The model_chains table: named, ordered fallbacks over models."""
+"""`ModelChain` as app/gateway/router.py and app/gateway/chat.py still import it: the table lives
+in `app.models.entities`, beside the models a chain steps through. Other code imports it there."""
 
 from __future__ import annotations
 
-from typing import Any
+from app.models.entities import ModelChain
 
-from app.storage.entity import Entity, json_list, pk, text
-
-
-class ModelChain(Entity, table=True):
-    """A name clients can put in `model`, tried step by step until one model answers."""
-
-    __tablename__ = "model_chains"
-
-    id: str = pk()
-    name: str = text(max_length=200)
-    description: str | None = text(None)
-    # [{model_id, max_retries, backoff_ms, latency_threshold_ms}], tried in order.
-    steps: list[dict[str, Any]] = json_list()
-    enabled: bool = True
+__all__ = ["ModelChain"]

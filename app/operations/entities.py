@@ -8,6 +8,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+# Defined beside the queue of each kind (app.queue sits below the domains). Exported from here
+# too only for app/services.py and app/gateway/router.py; everything else imports app.queue.names.
+from app.queue.names import OperationKind as OperationKind
 from app.storage.entity import (
     Entity,
     choice,
@@ -19,16 +22,6 @@ from app.storage.entity import (
     reference,
     text,
 )
-
-
-class OperationKind(StrEnum):
-    CHAT_COMPLETION = "chat_completion"
-    WORKFLOW_RUN = "workflow_run"
-    EXPERIMENT_BATCH = "experiment_batch"
-    TEST_CASE_RUN = "test_case_run"
-    WEBHOOK_DELIVERY = "webhook_delivery"
-    BATCH = "batch"  # an OpenAI-style batch: a parent whose children do the work
-    EMBEDDING = "embedding"  # one embeddings call (a line of an embeddings batch)
 
 
 class OperationStatus(StrEnum):

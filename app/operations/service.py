@@ -17,10 +17,10 @@ from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, Stal
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
 from app.core.jsonvalues import unencodable
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.events import emit_finished
 from app.operations.transitions import TERMINAL, move
-from app.queue.names import QUEUES
+from app.queue.names import QUEUES, OperationKind
 from app.queue.port import JobQueue
 from app.storage.grouped import GroupInsert
 from app.storage.mapping import construct

@@ -17,10 +17,11 @@ from app.core.errors import (
     NotFound,
     Transient,
 )
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import Handler, JobContext, JobTimings, OperationRunner
 from app.operations.service import ChildSpec, OperationService, Owner
 from app.operations.transitions import TRANSITIONS, move
+from app.queue.names import OperationKind
 from app.storage.protocol import Storage
 from tests.fakes import RecordingQueue
 
