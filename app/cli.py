@@ -180,7 +180,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     import psycopg
     from sqlalchemy.exc import OperationalError
 
-    from app.storage.database_url import InvalidDatabaseUrl, parse_database_url
+    from app.core.database_url import InvalidDatabaseUrl, parse_database_url
     from app.storage.migrate import upgrade_to_head
     from app.storage.provision import CannotCreateDatabase, create_database_if_missing
 

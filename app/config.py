@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Self
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.database_url import SCHEMES, parse_database_url
 from app.core.egress import ProxyRules
-from app.storage.database_url import SCHEMES, parse_database_url
 
 if TYPE_CHECKING:
     from app.core.redis_url import RedisEndpoint

@@ -7,10 +7,9 @@ from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
 from app.evals.entities import TestCase, TestCaseResult
 from app.experiments.entities import Experiment, ExperimentRecord
-from app.gateway.entities import ModelChain
 from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
 from app.logs.entities import ExecutionLog
-from app.models.entities import Model
+from app.models.entities import Model, ModelChain
 from app.operations.entities import Operation
 from app.prompts.entities import Prompt, PromptVersion
 from app.settings.entities import AppConfiguration

@@ -28,12 +28,12 @@ from app.gateway.providers.mock import MockBehaviour
 from app.gateway.schemas import EmbeddingRequest
 from app.logs.service import LogService
 from app.models.service import ModelService
-from app.operations.entities import OperationKind
 from app.operations.runner import Handler, JobTimings
 from app.operations.service import OperationService
 from app.operations.submit import JobSubmitter
 from app.prompts.service import PromptService
 from app.queue.batches import DramatiqBatchSender
+from app.queue.names import OperationKind
 from app.queue.port import DramatiqQueue, JobQueue
 from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService

@@ -26,7 +26,8 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import OperationKind
 from app.storage.mapping import table_info
 from app.storage.memory import MemoryStorage
 from app.storage.migrate import upgrade_to_head

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from app.core.errors import Unavailable
-from app.operations.entities import Operation, OperationKind
+from app.operations.entities import Operation
+from app.queue.names import OperationKind
 from app.storage.protocol import Storage
 
 

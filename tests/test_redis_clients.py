@@ -20,9 +20,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.config import Settings
 from app.core.redis import build_redis
 from app.core.redis_pipe import PipelinedRedis
-from app.operations.entities import OperationKind
 from app.queue.broker import build_broker
-from app.queue.names import QUEUES
+from app.queue.names import QUEUES, OperationKind
 from app.queue.port import build_queue
 from app.storage.memory import MemoryStorage
 from app.system.checks import check_readiness, process_dependencies

@@ -6,8 +6,7 @@ from typing import Any
 
 import dramatiq
 
-from app.operations.entities import OperationKind
-from app.queue.names import ACTORS, QUEUES, USAGE_ACTOR, USAGE_QUEUE
+from app.queue.names import ACTORS, QUEUES, USAGE_ACTOR, USAGE_QUEUE, OperationKind
 from workers import runtime
 from workers.broker import ensure_broker
 

@@ -27,10 +27,11 @@ from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
 from app.core.jsonvalues import escaped, has_lone_surrogate
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.service import ChildSpec, OperationService, cancel_in
 from app.operations.submit import Owner
 from app.operations.transitions import TERMINAL
+from app.queue.names import OperationKind
 from app.storage.mapping import encode_cursor
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 

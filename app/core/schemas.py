@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, Literal, Self, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel
 
-from app.storage.entity import Entity
-from app.storage.protocol import Page
-
 T = TypeVar("T")
-E = TypeVar("E", bound=Entity)
+E = TypeVar("E")
+E_co = TypeVar("E_co", covariant=True)
+
+
+class Paged(Protocol[E_co]):
+    """One page of stored items and the cursor of the next: what `app.storage.protocol.Page`
+    holds (a protocol, since `app.core` sits below `app.storage`)."""
+
+    @property
+    def items(self) -> Sequence[E_co]: ...
+
+    @property
+    def next_cursor(self) -> str | None: ...
 
 
 class Deleted(BaseModel):
@@ -36,7 +45,7 @@ class ListPage(BaseModel, Generic[T]):
     next_cursor: str | None = None
 
     @classmethod
-    def of(cls, page: Page[E], item: Callable[[E], T]) -> Self:
+    def of(cls, page: Paged[E], item: Callable[[E], T]) -> Self:
         """The page with each stored entity turned into its response shape by `item`."""
         return cls(
             data=[item(e) for e in page.items],

@@ -52,7 +52,9 @@ async def update_credential(
     credential_id: str, body: CredentialUpdate, admin: AdminDep, services: ServicesDep
 ) -> CredentialRead:
     """Change a credential; a field sent as null is cleared, a field left out is kept."""
-    return CredentialRead.of(await services.credentials.update(credential_id, body))
+    return CredentialRead.of(
+        await services.credentials.update(credential_id, body, users=services.models)
+    )
 
 
 @admin_router.delete(
@@ -62,7 +64,7 @@ async def update_credential(
 )
 async def delete_credential(credential_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
     """Delete a credential that no model uses."""
-    await services.credentials.delete(credential_id)
+    await services.credentials.delete(credential_id, users=services.models)
     return Deleted(id=credential_id, object="credential")
 
 

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from app.core.clock import utcnow
 from app.core.crypto import SecretBox, UndecryptableSecret
@@ -28,7 +29,6 @@ from app.credentials.schemas import (
     CredentialUpdate,
     has_url_credentials,
 )
-from app.models.entities import Model
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,25 @@ class ConnectionTest:
     status_code: int | None
     latency_ms: float
     error: str | None
+
+
+class CredentialUsers(Protocol):
+    """The models that call through credentials, as a change of credential must see them.
+
+    `app.models.service.ModelService` is the one; a protocol because `app.credentials` sits below
+    `app.models` and never imports it. Both run in the caller's unit of work, so what they read and
+    write commits, or not, with the credential's change.
+    """
+
+    async def calling_through(
+        self, uow: UnitOfWork, credential_id: str, *, limit: int
+    ) -> builtins.list[str]:
+        """The ids of (at most `limit`) models calling with the credential, in id order."""
+        ...
+
+    async def credential_moved(self, uow: UnitOfWork, credential_id: str) -> None:
+        """The credential now sends requests elsewhere, so its models' answers may change."""
+        ...
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -155,8 +174,13 @@ class CredentialService:
             raise NotFound("credential", credential_id)
         return credential
 
-    async def update(self, credential_id: str, changes: CredentialUpdate) -> StoredCredential:
-        """Apply the fields given; a new secret replaces an env var reference and vice versa."""
+    async def update(
+        self, credential_id: str, changes: CredentialUpdate, *, users: CredentialUsers
+    ) -> StoredCredential:
+        """Apply the fields given; a new secret replaces an env var reference and vice versa.
+
+        A change of where requests go (`ROUTING_FIELDS`) is told to the `users` of the credential.
+        """
         values = changes.model_dump(exclude_unset=True, exclude={"secret"})
         if changes.endpoint is not None:
             self._outbound.policy.check_url(changes.endpoint, param="endpoint")
@@ -178,7 +202,7 @@ class CredentialService:
             credential.updated_at = utcnow()
             credential = await repo.update(credential)
             if moved:
-                await self._bump_models(uow, credential_id)
+                await users.credential_moved(uow, credential_id)
             uow.on_commit(lambda: self._on_change(None))
             await uow.commit()
         log.info(
@@ -186,18 +210,15 @@ class CredentialService:
         )
         return credential
 
-    async def delete(self, credential_id: str) -> None:
-        """Delete a credential no model uses; one in use is a `Conflict` naming the models."""
+    async def delete(self, credential_id: str, *, users: CredentialUsers) -> None:
+        """Delete a credential none of its `users` calls with; one in use is a `Conflict` naming
+        the models."""
         async with self._storage.unit_of_work() as uow:
             if await uow.repo(StoredCredential).get(credential_id) is None:
                 raise NotFound("credential", credential_id)
-            users = await uow.repo(Model).find(
-                Where.eq("credential_id", credential_id),
-                order_by=["id"],
-                limit=_SHOWN_IN_CONFLICT,
-            )
-            if users.items:
-                raise self._in_use(credential_id, [m.id for m in users.items])
+            using = await users.calling_through(uow, credential_id, limit=_SHOWN_IN_CONFLICT)
+            if using:
+                raise self._in_use(credential_id, using)
             await uow.repo(StoredCredential).delete(credential_id)
             # A model created meanwhile makes the commit fail with the RESTRICT foreign key.
             await uow.commit()
@@ -311,23 +332,6 @@ class CredentialService:
             except NotFound:
                 return 0
         return 0
-
-    @staticmethod
-    async def _bump_models(uow: UnitOfWork, credential_id: str) -> None:
-        """Move the config_version of every model calling through this credential."""
-        models = uow.repo(Model)
-        after: str | None = None
-        while True:
-            page = await models.find(
-                Where.eq("credential_id", credential_id), order_by=["id"], limit=100, after=after
-            )
-            for model in page.items:
-                model.config_version += 1
-                model.updated_at = utcnow()
-                await models.update(model)
-            if page.next_cursor is None:
-                return
-            after = page.next_cursor
 
     def _encrypt(self, secret: str | None) -> str | None:
         return None if secret is None else self._box.encrypt(secret)

@@ -35,9 +35,10 @@ from app.gateway.providers.base import JSON
 from app.gateway.routing import Route
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from app.models.entities import ModelKind
-from app.operations.entities import Operation, OperationKind
+from app.operations.entities import Operation
 from app.operations.service import OperationService
 from app.operations.submit import Owner
+from app.queue.names import OperationKind
 from app.usage.entities import UsageType
 from app.usage.metering import Admission, Metering, UsageOutcome
 from app.usage.pricing import estimate_message_tokens

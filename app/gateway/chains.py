@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app.core.errors import Conflict, InvalidInput, NotFound
-from app.gateway.entities import ModelChain
 from app.gateway.schemas import ChainCreate, ChainStep, ChainUpdate
-from app.models.entities import Model
+from app.models.entities import Model, ModelChain
 from app.storage.protocol import Storage, UnitOfWork
 
 

@@ -28,7 +28,6 @@ from app.core.loading import LoadingCache
 from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider, StoredCredential
 from app.credentials.schemas import has_url_credentials
-from app.gateway.entities import ModelChain
 from app.gateway.providers.anthropic import AnthropicProvider
 from app.gateway.providers.base import JSON, ChatProvider, Upstream
 from app.gateway.providers.http import HttpPool
@@ -36,7 +35,7 @@ from app.gateway.providers.mock import MockBehaviour, MockProvider
 from app.gateway.providers.openai import AzureOpenAIProvider, OpenAIProvider
 from app.gateway.routing import CircuitBreakers, Route, Step, run_route
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
-from app.models.entities import Model, ModelKind
+from app.models.entities import Model, ModelChain, ModelKind
 from app.storage.protocol import Storage
 
 # Model parameters that act as defaults of the request's own (the request wins).

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from app.gateway.calls import CallContext, GatewayCalls
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
-from app.operations.entities import OperationKind
 from app.operations.runner import Handler, JobContext
+from app.queue.names import OperationKind
 
 
 def gateway_handlers(calls: GatewayCalls) -> dict[OperationKind, Handler]:

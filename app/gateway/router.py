@@ -20,7 +20,6 @@ from app.core.provide import provide
 from app.gateway.cache import CacheControl
 from app.gateway.calls import CallContext, GatewayCalls
 from app.gateway.chains import ChainService
-from app.gateway.entities import ModelChain
 from app.gateway.schemas import (
     ChainCreate,
     ChainList,
@@ -31,6 +30,7 @@ from app.gateway.schemas import (
     EmbeddingRequest,
     OperationAccepted,
 )
+from app.models.entities import ModelChain
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The models table: the names clients ask for, mapped to a provider's model and its price."""
+"""The models and model_chains tables: the names clients ask for, each mapped to a provider's
+model and its price, or to an ordered fallback over models."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from enum import StrEnum
 from typing import Any
 
 from app.credentials.entities import Provider
-from app.storage.entity import Entity, choice, json_object, money, pk, reference, text
+from app.storage.entity import (
+    Entity,
+    choice,
+    json_list,
+    json_object,
+    money,
+    pk,
+    reference,
+    text,
+)
 
 
 class ModelKind(StrEnum):
@@ -36,3 +46,16 @@ class Model(Entity, table=True):
     enabled: bool = True
     # Incremented whenever the parameters change, so cached responses and logs can tell them apart.
     config_version: int = 1
+
+
+class ModelChain(Entity, table=True):
+    """A name clients can put in `model`, tried step by step until one model answers."""
+
+    __tablename__ = "model_chains"
+
+    id: str = pk()
+    name: str = text(max_length=200)
+    description: str | None = text(None)
+    # [{model_id, max_retries, backoff_ms, latency_threshold_ms}], tried in order.
+    steps: list[dict[str, Any]] = json_list()
+    enabled: bool = True

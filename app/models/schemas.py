@@ -19,8 +19,7 @@ from app.core.ids import MODEL_NAME_MAX, is_model_name
 from app.core.schemas import ListPage
 from app.credentials.entities import Provider
 from app.credentials.schemas import check_endpoint
-from app.gateway.entities import ModelChain
-from app.models.entities import Model, ModelKind
+from app.models.entities import Model, ModelChain, ModelKind
 
 # `owned_by` of a chain in `/v1/models`: it is the gateway's routing, not a provider's model.
 CHAIN_OWNER = "gateway"

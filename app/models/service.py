@@ -11,8 +11,7 @@ from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
 from app.core.invalidation import METERING_TOPIC, InvalidationBus
 from app.core.outbound import OutboundPolicy
 from app.credentials.entities import Provider, StoredCredential
-from app.gateway.entities import ModelChain
-from app.models.entities import Model
+from app.models.entities import Model, ModelChain
 from app.models.schemas import ModelCreate, ModelUpdate
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 
@@ -204,6 +203,33 @@ class ModelService:
             await uow.commit()
         await self._priced(model_id)
         log.info("model %s deleted", model_id)
+
+    async def calling_through(
+        self, uow: UnitOfWork, credential_id: str, *, limit: int
+    ) -> builtins.list[str]:
+        """The ids of (at most `limit`) models calling with the credential, in id order (the
+        credential's `CredentialUsers`: a credential in use is not deleted)."""
+        page = await uow.repo(Model).find(
+            Where.eq("credential_id", credential_id), order_by=["id"], limit=limit
+        )
+        return [model.id for model in page.items]
+
+    async def credential_moved(self, uow: UnitOfWork, credential_id: str) -> None:
+        """Move the config_version of every model calling through the credential, which now
+        sends requests elsewhere: their cached answers must not be reused."""
+        models = uow.repo(Model)
+        after: str | None = None
+        while True:
+            page = await models.find(
+                Where.eq("credential_id", credential_id), order_by=["id"], limit=100, after=after
+            )
+            for model in page.items:
+                model.config_version += 1
+                model.updated_at = utcnow()
+                await models.update(model)
+            if page.next_cursor is None:
+                return
+            after = page.next_cursor
 
     @staticmethod
     async def _check_credential(uow: UnitOfWork, model: Model) -> None:

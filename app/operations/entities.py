@@ -8,6 +8,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+# Defined beside the queue of each kind (app.queue sits below the domains).
+from app.queue.names import OperationKind
 from app.storage.entity import (
     Entity,
     choice,
@@ -19,16 +21,6 @@ from app.storage.entity import (
     reference,
     text,
 )
-
-
-class OperationKind(StrEnum):
-    CHAT_COMPLETION = "chat_completion"
-    WORKFLOW_RUN = "workflow_run"
-    EXPERIMENT_BATCH = "experiment_batch"
-    TEST_CASE_RUN = "test_case_run"
-    WEBHOOK_DELIVERY = "webhook_delivery"
-    BATCH = "batch"  # an OpenAI-style batch: a parent whose children do the work
-    EMBEDDING = "embedding"  # one embeddings call (a line of an embeddings batch)
 
 
 class OperationStatus(StrEnum):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.events import EventSink
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import OperationKind
 from app.storage.protocol import UnitOfWork
 
 EVENT_TYPES: dict[OperationStatus, str] = {

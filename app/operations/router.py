@@ -9,9 +9,10 @@ from fastapi import APIRouter, Query, Response
 from app.access.deps import AdminDep, PrincipalDep, ServicesDep
 from app.access.service import Principal
 from app.core.errors import InvalidInput
-from app.operations.entities import OperationKind, OperationStatus
+from app.operations.entities import OperationStatus
 from app.operations.schemas import OperationList, OperationRead
 from app.operations.submit import Owner
+from app.queue.names import OperationKind
 from app.services import Services
 
 router = APIRouter(tags=["operations"])

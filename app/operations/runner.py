@@ -27,11 +27,12 @@ from app.core.errors import (
     Transient,
 )
 from app.core.events import EventSink
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
 from app.operations.service import count_child_finished
 from app.operations.submit import mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
+from app.queue.names import OperationKind
 from app.queue.port import JobQueue
 from app.storage.protocol import Append, IfNull, Increment, Storage, UnitOfWork, Where
 

@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from app.core.schemas import ListPage
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import OperationKind
 
 
 class OperationError(BaseModel):

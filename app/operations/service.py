@@ -13,10 +13,11 @@ from app.core.clock import utcnow
 from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.events import emit_finished
 from app.operations.submit import OPERATION_ID_PREFIX, JobSubmitter, Owner, request_hash
 from app.operations.transitions import TERMINAL, move
+from app.queue.names import OperationKind
 from app.queue.port import JobQueue
 from app.storage.grouped import GroupInsert
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given

@@ -18,8 +18,8 @@ from app.core.clock import utcnow
 from app.core.errors import InvalidInput
 from app.core.ids import new_id
 from app.core.jsonvalues import unencodable
-from app.operations.entities import Operation, OperationKind, OperationStatus
-from app.queue.names import QUEUES
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import QUEUES, OperationKind
 from app.queue.port import JobQueue
 from app.storage.mapping import construct
 from app.storage.protocol import Storage, UnitOfWork

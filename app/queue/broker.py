@@ -11,24 +11,9 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AsyncIO
 
 from app.config import BrokerKind, Settings
+from app.core.redis import fake_redis_client
 from app.queue.encoding import FastJSONEncoder
 from app.queue.names import ALL_QUEUES
-
-_fake_servers: dict[str, Any] = {}
-
-
-def fake_redis_server(name: str = "default") -> Any:
-    """This process's in-memory Redis stand-in (one server per name)."""
-    import fakeredis
-
-    return _fake_servers.setdefault(name, fakeredis.FakeServer())
-
-
-def fake_redis_client(name: str = "default") -> redis.Redis:
-    """A client of this process's in-memory Redis stand-in."""
-    import fakeredis
-
-    return fakeredis.FakeRedis(server=fake_redis_server(name))
 
 
 def build_broker(settings: Settings, *, middleware: list[Any] | None = None) -> dramatiq.Broker:

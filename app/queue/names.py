@@ -1,8 +1,22 @@
-"""Queue and actor names, in one place: one queue per job kind so pools can be dedicated."""
+"""The kinds of job, and their queue and actor names, in one place: one queue per job kind so
+pools can be dedicated."""
 
 from __future__ import annotations
 
-from app.operations.entities import OperationKind
+from enum import StrEnum
+
+
+class OperationKind(StrEnum):
+    """What a job does; every kind but `BATCH` (a parent that only waits) has its own queue."""
+
+    CHAT_COMPLETION = "chat_completion"
+    WORKFLOW_RUN = "workflow_run"
+    EXPERIMENT_BATCH = "experiment_batch"
+    TEST_CASE_RUN = "test_case_run"
+    WEBHOOK_DELIVERY = "webhook_delivery"
+    BATCH = "batch"  # an OpenAI-style batch: a parent whose children do the work
+    EMBEDDING = "embedding"  # one embeddings call (a line of an embeddings batch)
+
 
 QUEUES: dict[OperationKind, str] = {
     OperationKind.CHAT_COMPLETION: "chat",

@@ -15,8 +15,7 @@ from app.config import BrokerKind, Settings
 from app.core.errors import Unavailable
 from app.core.redis_pipe import PipelinedRedis
 from app.core.rounds import Rounds
-from app.operations.entities import OperationKind
-from app.queue.names import ACTORS, QUEUES
+from app.queue.names import ACTORS, QUEUES, OperationKind
 
 # How long a send may wait on Redis before it counts as failed (the outbox sends it later).
 SEND_TIMEOUT_SECONDS = 10.0

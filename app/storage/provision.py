@@ -9,7 +9,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import TupleRow
 
-from app.storage.database_url import DatabaseUrl
+from app.core.database_url import DatabaseUrl
 
 # Where a connection goes to create another database, in the order `createdb` tries them.
 MAINTENANCE_DATABASES = ("postgres", "template1")

@@ -18,6 +18,7 @@ from typing import Any, Generic, Self
 import asyncpg
 
 from app.core.clock import utcnow
+from app.core.database_url import parse_database_url
 from app.core.errors import (
     DomainError,
     DuplicateKey,
@@ -27,7 +28,6 @@ from app.core.errors import (
     StaleVersion,
     Unavailable,
 )
-from app.storage.database_url import parse_database_url
 from app.storage.mapping import (
     TableInfo,
     check_changes,

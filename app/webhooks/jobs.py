@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.operations.entities import OperationKind
 from app.operations.runner import Handler, JobContext
+from app.queue.names import OperationKind
 from app.webhooks.service import WebhookService
 
 

@@ -26,9 +26,10 @@ from app.core.errors import (
 from app.core.ids import check_prefixed, new_id
 from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
 from app.core.outbound import ForbiddenDestination, OutboundClient, OutboundFailed
-from app.operations.entities import Operation, OperationKind
+from app.operations.entities import Operation
 from app.operations.submit import JobSubmitter, Owner
 from app.operations.transitions import TERMINAL
+from app.queue.names import OperationKind
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.webhooks import catalogue
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus

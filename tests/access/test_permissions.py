@@ -9,9 +9,10 @@ import httpx
 import pytest
 
 from app.core.errors import PermissionDenied
-from app.operations.entities import Operation, OperationKind
+from app.operations.entities import Operation
 from app.operations.runner import JobContext
 from app.operations.submit import Owner
+from app.queue.names import OperationKind
 from app.services import build_handlers
 from tests.access.conftest import ADMIN, new_key, services_of
 

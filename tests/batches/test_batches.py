@@ -19,8 +19,9 @@ from app.batches.service import BatchService, _failed_line
 from app.config import Settings
 from app.core.clock import utcnow
 from app.main import create_app
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import JobTimings, OperationRunner
+from app.queue.names import OperationKind
 from app.services import Services, build_handlers
 from app.storage.protocol import Storage, UnitOfWork, Where
 from tests.fakes import RecordingQueue

@@ -17,11 +17,12 @@ from app.core.errors import (
     NotFound,
     Transient,
 )
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import Handler, JobContext, JobTimings, OperationRunner
 from app.operations.service import ChildSpec, OperationService
 from app.operations.submit import Owner
 from app.operations.transitions import TRANSITIONS, move
+from app.queue.names import OperationKind
 from app.storage.protocol import Storage
 from tests.fakes import RecordingQueue
 

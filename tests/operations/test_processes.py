@@ -24,11 +24,10 @@ import redis
 from app.access.service import ApiKeyService
 from app.config import Settings
 from app.main import create_app
-from app.operations.entities import OperationKind
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.queue.broker import build_broker
-from app.queue.names import USAGE_QUEUE
+from app.queue.names import USAGE_QUEUE, OperationKind
 from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all

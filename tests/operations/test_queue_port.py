@@ -10,8 +10,7 @@ from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
 
 from app.core.errors import Unavailable
-from app.operations.entities import OperationKind
-from app.queue.names import QUEUES
+from app.queue.names import QUEUES, OperationKind
 from app.queue.port import DramatiqQueue
 
 CHAT = OperationKind.CHAT_COMPLETION

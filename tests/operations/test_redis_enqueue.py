@@ -15,9 +15,8 @@ from dramatiq.brokers.redis import RedisBroker
 from app.config import Settings
 from app.core.errors import Unavailable
 from app.core.redis_pipe import PipelinedRedis
-from app.operations.entities import OperationKind
 from app.queue.broker import build_broker
-from app.queue.names import ACTORS, QUEUES
+from app.queue.names import ACTORS, QUEUES, OperationKind
 from app.queue.port import DramatiqQueue, build_queue
 
 CHAT = OperationKind.CHAT_COMPLETION

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from app.core.errors import IllegalTransition, Transient
-from app.operations.entities import OperationKind, OperationStatus
+from app.operations.entities import OperationStatus
 from app.operations.runner import JobContext, JobTimings, OperationRunner
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.operations.transitions import TRANSITIONS, transition
+from app.queue.names import OperationKind
 from app.storage.memory import MemoryRepository
 from app.storage.protocol import Op, Storage, Where
 from app.storage.sql import SqlRepository

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from app.core.errors import InvalidInput
-from app.operations.entities import Operation, OperationKind
+from app.operations.entities import Operation
 from app.operations.service import OperationService
 from app.operations.submit import Owner
+from app.queue.names import OperationKind
 from app.storage.protocol import Storage, Where
 from tests.fakes import RecordingQueue
 

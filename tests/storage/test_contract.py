@@ -18,7 +18,8 @@ from app.core.errors import (
     ReferenceViolation,
     StaleVersion,
 )
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import OperationKind
 from app.schema import ENTITIES
 from app.storage.entity import Entity
 from app.storage.mapping import referencing, table_info

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from app.cli import main
 from app.config import Settings
+from app.core.database_url import InvalidDatabaseUrl, parse_database_url
 from app.core.errors import Unavailable
-from app.storage.database_url import InvalidDatabaseUrl, parse_database_url
 from app.storage.migrate import upgrade_to_head
 from app.storage.sql import Database
 

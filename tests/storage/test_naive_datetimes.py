@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import OperationKind
 from app.storage.protocol import Op, Storage, Where
 
 NOON = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

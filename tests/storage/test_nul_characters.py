@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from app.core.errors import InvalidInput
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
+from app.queue.names import OperationKind
 from app.storage.protocol import Where
 from app.storage.sql import SqlStorage
 

@@ -18,10 +18,11 @@ from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.entities import Provider
 from app.credentials.schemas import CredentialCreate
 from app.credentials.service import CredentialService
-from app.operations.entities import Operation, OperationKind, OperationStatus
+from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import JobContext, JobTimings, OperationRunner
 from app.operations.service import OperationService
 from app.operations.submit import Owner
+from app.queue.names import OperationKind
 from app.storage.protocol import Storage, Where
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 from app.webhooks.jobs import webhook_handlers

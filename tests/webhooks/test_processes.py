@@ -19,10 +19,10 @@ import redis
 from app.config import Settings
 from app.core.crypto import SecretBox
 from app.core.outbound import OutboundClient, OutboundPolicy
-from app.operations.entities import OperationKind
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.queue.broker import build_broker
+from app.queue.names import OperationKind
 from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from app.webhooks.service import WebhookConfig, WebhookService
