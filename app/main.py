@@ -53,7 +53,12 @@ async def bootstrap(services: Services) -> None:
     """What every install has: the built-in models, the administrators team and first user, and
     the ADMIN_API_KEY key when set."""
     await ensure_builtin_models(services.storage)
-    await bootstrap_access(services)
+    await bootstrap_access(
+        services.teams,
+        services.users,
+        username=services.settings.ADMIN_USERNAME,
+        password=services.settings.ADMIN_DEFAULT_PASSWORD,
+    )
     secret = services.settings.ADMIN_API_KEY
     if secret is not None:
         await services.keys.ensure_key(
@@ -97,8 +102,10 @@ def create_app(
             # Runs before Redis and storage close: buffered usage and logs are sent first.
             stack.push_async_callback(app.state.services.metering.close)
             stack.push_async_callback(app.state.services.outbound.aclose)
-            await start_access(app.state.services)
-            stack.push_async_callback(stop_access, app.state.services)
+            await start_access(app.state.services.invalidation)
+            stack.push_async_callback(
+                stop_access, app.state.services.invalidation, app.state.services.keys
+            )
             stack.push_async_callback(app.state.services.chat.close)
             try:
                 await bootstrap(app.state.services)

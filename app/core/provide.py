@@ -12,14 +12,20 @@ container of every service, and a test can register a fake of just that one.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+
+from app.config import Settings
 
 T = TypeVar("T")
 
 # Where `register` puts the services on `app.state`.
 _STATE = "provided"
+
+# One dependency per type: FastAPI solves a dependency once per request, by identity, so the
+# `ApiKeyService` that authenticates a caller and the one its route uses are fetched once.
+_DEPENDENCIES: dict[type, Callable[[Request], Awaitable[Any]]] = {}
 
 
 def register(app: FastAPI, services: Mapping[type, Any]) -> None:
@@ -37,6 +43,9 @@ def provided(app: FastAPI, kind: type[T]) -> T:
 
 def provide(kind: type[T]) -> Callable[[Request], Awaitable[T]]:
     """A dependency that returns the registered service of type `kind`."""
+    known = _DEPENDENCIES.get(kind)
+    if known is not None:
+        return cast(Callable[[Request], Awaitable[T]], known)
 
     # `async def` although it awaits nothing: FastAPI runs a plain `def` dependency in a thread
     # pool, which costs more than the rest of a small request.
@@ -44,4 +53,9 @@ def provide(kind: type[T]) -> Callable[[Request], Awaitable[T]]:
         return provided(request.app, kind)
 
     dependency.__name__ = f"provide_{kind.__name__}"
+    _DEPENDENCIES[kind] = dependency
     return dependency
+
+
+# The process's settings, for a route that reads one (e.g. the long-poll maximum).
+SettingsDep = Annotated[Settings, Depends(provide(Settings))]

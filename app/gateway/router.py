@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from app.access.deps import AdminDep, PrincipalDep, ServicesDep
+from app.access.deps import AdminDep, PrincipalDep
 from app.access.service import Principal
 from app.core.api_errors import error_body
 from app.core.error_status import domain_status
@@ -39,6 +39,16 @@ from app.usage.metering import Admission, UsageOutcome
 from app.usage.pricing import estimate_message_tokens
 
 log = logging.getLogger(__name__)
+
+
+# Temporary, until these routes take their services by type (`app.core.provide`) like the
+# others: the whole container, as `app.access.deps` used to hand it out.
+async def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
 
 router = APIRouter(tags=["chat"])
 admin_router = APIRouter(prefix="/admin/chains", tags=["admin: chains"])
