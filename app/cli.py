@@ -117,7 +117,7 @@ def run_create_key(args: argparse.Namespace) -> int:
     """Print a new API key with admin rights (for a fresh install); it is shown only once."""
     import asyncio
 
-    from app.access.commands import CannotCreateKey, create_admin_key
+    from app.commands import CannotCreateKey, create_admin_key
     from app.core.errors import Unavailable
 
     settings = load_settings()

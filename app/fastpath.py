@@ -192,7 +192,13 @@ class FastPaths:
             wait = float(plain.group(1))
 
         async def produce(services: Services, principal: Principal) -> Response:
-            return await poll_response(services, principal, operation_id, wait)
+            return await poll_response(
+                services.operations,
+                principal,
+                operation_id,
+                wait,
+                max_wait=services.settings.LONG_POLL_MAX_SECONDS,
+            )
 
         await self._answer(scope, receive, send, _poll_head(scope), produce)
 

@@ -53,7 +53,12 @@ async def bootstrap(services: Services) -> None:
     """What every install has: the built-in models, the administrators team and first user, and
     the ADMIN_API_KEY key when set."""
     await ensure_builtin_models(services.storage)
-    await bootstrap_access(services)
+    await bootstrap_access(
+        services.teams,
+        services.users,
+        username=services.settings.ADMIN_USERNAME,
+        password=services.settings.ADMIN_DEFAULT_PASSWORD,
+    )
     secret = services.settings.ADMIN_API_KEY
     if secret is not None:
         await services.keys.ensure_key(

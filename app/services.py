@@ -145,7 +145,12 @@ def build_services(
     def routes_changed(name: str | None) -> None:
         invalidation.dispatch(ROUTES_TOPIC, name or ALL)
 
-    credentials = CredentialService(storage, box, outbound=outbound, on_change=routes_changed)
+    models = ModelService(
+        storage, on_change=routes_changed, bus=invalidation, policy=outbound.policy
+    )
+    credentials = CredentialService(
+        storage, box, outbound=outbound, on_change=routes_changed, users=models
+    )
     prompts = PromptService(storage)
     chat = ChatService(
         storage,
@@ -201,9 +206,7 @@ def build_services(
             storage, operations, files, webhooks, max_requests=settings.BATCH_MAX_REQUESTS
         ),
         credentials=credentials,
-        models=ModelService(
-            storage, on_change=routes_changed, bus=invalidation, policy=outbound.policy
-        ),
+        models=models,
         prompts=prompts,
         chains=ChainService(storage, on_change=routes_changed),
         chat=chat,

@@ -9,20 +9,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.access.entities import User
-from app.access.service import Principal
+from app.access.service import ApiKeyService, Principal
 from app.access.tokens import TokenClaims, looks_like_token
+from app.access.users import UserService
 from app.core.errors import PermissionDenied, Unauthenticated
-from app.services import Services
+from app.core.provide import provide
 
-
-async def get_services(request: Request) -> Services:
-    # `async def` although it awaits nothing: FastAPI runs a plain `def` dependency in a thread
-    # pool, which costs more than the rest of a small request.
-    services: Services = request.app.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(get_services)]
+# What authentication reads; the access routes use the same two.
+KeysDep = Annotated[ApiKeyService, Depends(provide(ApiKeyService))]
+UsersDep = Annotated[UserService, Depends(provide(UserService))]
 
 
 def presented_key(authorization: str | None, api_key: str | None) -> str | None:
@@ -38,18 +33,18 @@ def _presented_key(request: Request) -> str | None:
     return presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-async def get_principal(request: Request, services: ServicesDep) -> Principal:
+async def get_principal(request: Request, keys: KeysDep) -> Principal:
     secret = _presented_key(request)
     if secret is None:
         raise Unauthenticated(
             "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
         )
-    principal = await services.keys.authenticate(secret)
+    principal = await keys.authenticate(secret)
     request.state.principal = principal
     return principal
 
 
-async def require_admin(request: Request, services: ServicesDep) -> Principal:
+async def require_admin(request: Request, keys: KeysDep, users: UsersDep) -> Principal:
     credential = _presented_key(request)
     if credential is None:
         raise Unauthenticated(
@@ -57,9 +52,9 @@ async def require_admin(request: Request, services: ServicesDep) -> Principal:
             "'Authorization: Bearer <key or token>'"
         )
     if looks_like_token(credential):
-        principal = await services.users.admin_principal(credential)
+        principal = await users.admin_principal(credential)
     else:
-        principal = await services.keys.authenticate(credential)
+        principal = await keys.authenticate(credential)
         if not principal.admin:
             raise PermissionDenied("this route requires an API key with admin rights")
     request.state.principal = principal
@@ -74,14 +69,14 @@ class Session:
     claims: TokenClaims
 
 
-async def get_session(request: Request, services: ServicesDep) -> Session:
+async def get_session(request: Request, users: UsersDep) -> Session:
     token = _presented_key(request)
     if token is None or not looks_like_token(token):
         raise Unauthenticated(
             "a session token is required: sign in at /auth/login and send "
             "'Authorization: Bearer <access_token>'"
         )
-    user, claims = await services.users.session(token)
+    user, claims = await users.session(token)
     return Session(user, claims)
 
 

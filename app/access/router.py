@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from app.access.deps import AdminDep, ServicesDep, SessionDep
+from app.access.deps import AdminDep, KeysDep, SessionDep, UsersDep
 from app.access.entities import ApiKeyStatus, TeamStatus
 from app.access.schemas import (
     ApiKeyCreate,
@@ -30,10 +31,14 @@ from app.access.schemas import (
     UserRead,
     UserUpdate,
 )
+from app.access.teams import TeamService
 from app.core.clock import utcnow
+from app.core.provide import provide
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"])
 admin_router = APIRouter(prefix="/admin", tags=["admin: access"])
+
+TeamsDep = Annotated[TeamService, Depends(provide(TeamService))]
 
 
 def limits(values: Mapping[LimitName, int]) -> dict[str, int]:
@@ -44,9 +49,9 @@ def limits(values: Mapping[LimitName, int]) -> dict[str, int]:
 
 
 @auth_router.post("/login", response_model=TokenRead)
-async def login(request: Request, body: LoginRequest, services: ServicesDep) -> TokenRead:
+async def login(request: Request, body: LoginRequest, users: UsersDep) -> TokenRead:
     """Exchange a username and password for a session token (429 after repeated failures)."""
-    token, claims, _ = await services.users.login(
+    token, claims, _ = await users.login(
         username=body.username,
         password=body.password,
         address=request.client.host if request.client else None,
@@ -62,9 +67,9 @@ async def me(session: SessionDep) -> UserRead:
 
 
 @auth_router.post("/logout", status_code=204)
-async def logout(session: SessionDep, services: ServicesDep) -> Response:
+async def logout(session: SessionDep, users: UsersDep) -> Response:
     """Revoke the session token presented with this request."""
-    await services.users.logout(session.claims)
+    await users.logout(session.claims)
     return Response(status_code=204)
 
 
@@ -72,9 +77,9 @@ async def logout(session: SessionDep, services: ServicesDep) -> Response:
 
 
 @admin_router.post("/users", response_model=UserRead, status_code=201)
-async def create_user(body: UserCreate, admin: AdminDep, services: ServicesDep) -> UserRead:
+async def create_user(body: UserCreate, admin: AdminDep, users: UsersDep) -> UserRead:
     """Create a user who can sign in."""
-    user = await services.users.create_user(
+    user = await users.create_user(
         username=body.username, password=body.password, is_admin=body.is_admin
     )
     return UserRead.of(user)
@@ -83,33 +88,31 @@ async def create_user(body: UserCreate, admin: AdminDep, services: ServicesDep) 
 @admin_router.get("/users", response_model=UserList)
 async def list_users(
     admin: AdminDep,
-    services: ServicesDep,
+    users: UsersDep,
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = None,
 ) -> UserList:
     """Users by username."""
-    return UserList.of(await services.users.list_users(limit=limit, after=after), UserRead.of)
+    return UserList.of(await users.list_users(limit=limit, after=after), UserRead.of)
 
 
 @admin_router.get("/users/{user_id}", response_model=UserRead)
-async def get_user(user_id: str, admin: AdminDep, services: ServicesDep) -> UserRead:
+async def get_user(user_id: str, admin: AdminDep, users: UsersDep) -> UserRead:
     """One user."""
-    return UserRead.of(await services.users.get_user(user_id))
+    return UserRead.of(await users.get_user(user_id))
 
 
 @admin_router.patch("/users/{user_id}", response_model=UserRead)
-async def update_user(
-    user_id: str, body: UserUpdate, admin: AdminDep, services: ServicesDep
-) -> UserRead:
+async def update_user(user_id: str, body: UserUpdate, admin: AdminDep, users: UsersDep) -> UserRead:
     """Change a user's password, admin rights or status."""
     changes = body.model_dump(exclude_unset=True)
-    return UserRead.of(await services.users.update_user(user_id, changes))
+    return UserRead.of(await users.update_user(user_id, changes))
 
 
 @admin_router.delete("/users/{user_id}", status_code=204)
-async def delete_user(user_id: str, admin: AdminDep, services: ServicesDep) -> Response:
+async def delete_user(user_id: str, admin: AdminDep, users: UsersDep) -> Response:
     """Delete a user and their team memberships."""
-    await services.users.delete_user(user_id)
+    await users.delete_user(user_id)
     return Response(status_code=204)
 
 
@@ -117,9 +120,9 @@ async def delete_user(user_id: str, admin: AdminDep, services: ServicesDep) -> R
 
 
 @admin_router.post("/teams", response_model=TeamRead, status_code=201)
-async def create_team(body: TeamCreate, admin: AdminDep, services: ServicesDep) -> TeamRead:
+async def create_team(body: TeamCreate, admin: AdminDep, teams: TeamsDep) -> TeamRead:
     """Create a team."""
-    team = await services.teams.create_team(
+    team = await teams.create_team(
         name=body.name, description=body.description, rate_limits=limits(body.rate_limits)
     )
     return TeamRead.of(team)
@@ -128,83 +131,79 @@ async def create_team(body: TeamCreate, admin: AdminDep, services: ServicesDep) 
 @admin_router.get("/teams", response_model=TeamList)
 async def list_teams(
     admin: AdminDep,
-    services: ServicesDep,
+    teams: TeamsDep,
     status: TeamStatus | None = None,
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = None,
 ) -> TeamList:
     """Teams newest first."""
-    page = await services.teams.list_teams(status=status, limit=limit, after=after)
+    page = await teams.list_teams(status=status, limit=limit, after=after)
     return TeamList.of(page, TeamRead.of)
 
 
 @admin_router.get("/teams/{team_id}", response_model=TeamRead)
-async def get_team(team_id: str, admin: AdminDep, services: ServicesDep) -> TeamRead:
+async def get_team(team_id: str, admin: AdminDep, teams: TeamsDep) -> TeamRead:
     """One team."""
-    return TeamRead.of(await services.teams.get_team(team_id))
+    return TeamRead.of(await teams.get_team(team_id))
 
 
 @admin_router.patch("/teams/{team_id}", response_model=TeamRead)
-async def update_team(
-    team_id: str, body: TeamUpdate, admin: AdminDep, services: ServicesDep
-) -> TeamRead:
+async def update_team(team_id: str, body: TeamUpdate, admin: AdminDep, teams: TeamsDep) -> TeamRead:
     """Change a team's name, description or rate limits."""
     changes = body.model_dump(exclude_unset=True)
     for required in ("name", "rate_limits"):
         if required in changes and changes[required] is None:
             del changes[required]
-    return TeamRead.of(await services.teams.update_team(team_id, changes))
+    return TeamRead.of(await teams.update_team(team_id, changes))
 
 
 @admin_router.post("/teams/{team_id}/suspend", response_model=TeamRead)
-async def suspend_team(team_id: str, admin: AdminDep, services: ServicesDep) -> TeamRead:
+async def suspend_team(team_id: str, admin: AdminDep, teams: TeamsDep) -> TeamRead:
     """Suspend a team: its API keys stop working (not the built-in administrators team)."""
-    return TeamRead.of(await services.teams.suspend_team(team_id))
+    return TeamRead.of(await teams.suspend_team(team_id))
 
 
 @admin_router.post("/teams/{team_id}/activate", response_model=TeamRead)
-async def activate_team(team_id: str, admin: AdminDep, services: ServicesDep) -> TeamRead:
+async def activate_team(team_id: str, admin: AdminDep, teams: TeamsDep) -> TeamRead:
     """Make a suspended team active again."""
-    return TeamRead.of(await services.teams.activate_team(team_id))
+    return TeamRead.of(await teams.activate_team(team_id))
 
 
 @admin_router.delete("/teams/{team_id}", status_code=204)
-async def delete_team(team_id: str, admin: AdminDep, services: ServicesDep) -> Response:
+async def delete_team(team_id: str, admin: AdminDep, teams: TeamsDep) -> Response:
     """Delete a team that owns no API keys (not the built-in administrators team)."""
-    await services.teams.delete_team(team_id)
+    await teams.delete_team(team_id)
     return Response(status_code=204)
 
 
 @admin_router.get("/teams/{team_id}/members", response_model=MemberList)
-async def list_members(team_id: str, admin: AdminDep, services: ServicesDep) -> MemberList:
+async def list_members(team_id: str, admin: AdminDep, teams: TeamsDep) -> MemberList:
     """A team's members and their roles."""
-    members = await services.teams.list_members(team_id)
+    members = await teams.list_members(team_id)
     return MemberList(data=[MemberRead.of(m) for m in members])
 
 
 @admin_router.post("/teams/{team_id}/members", response_model=MemberRead, status_code=201)
 async def add_member(
-    team_id: str, body: MemberCreate, admin: AdminDep, services: ServicesDep
+    team_id: str, body: MemberCreate, admin: AdminDep, teams: TeamsDep
 ) -> MemberRead:
     """Add a user to a team with a role (owner, admin or member)."""
-    member = await services.teams.add_member(team_id, user_id=body.user_id, role=body.role)
+    member = await teams.add_member(team_id, user_id=body.user_id, role=body.role)
     return MemberRead.of(member)
 
 
 @admin_router.patch("/teams/{team_id}/members/{user_id}", response_model=MemberRead)
 async def update_member(
-    team_id: str, user_id: str, body: MemberUpdate, admin: AdminDep, services: ServicesDep
+    team_id: str, user_id: str, body: MemberUpdate, admin: AdminDep, teams: TeamsDep
 ) -> MemberRead:
     """Change a member's role; a team keeps at least one owner."""
-    return MemberRead.of(await services.teams.set_role(team_id, user_id, body.role))
+    return MemberRead.of(await teams.set_role(team_id, user_id, body.role))
 
 
 @admin_router.delete("/teams/{team_id}/members/{user_id}", status_code=204)
-async def remove_member(
-    team_id: str, user_id: str, admin: AdminDep, services: ServicesDep
-) -> Response:
+async def remove_member(team_id: str, user_id: str, admin: AdminDep, teams: TeamsDep) -> Response:
     """Remove a user from a team; a team keeps at least one owner."""
-    await services.teams.remove_member(team_id, user_id)
+    await teams.remove_member(team_id, user_id)
     return Response(status_code=204)
 
 
@@ -212,9 +211,9 @@ async def remove_member(
 
 
 @admin_router.post("/keys", response_model=ApiKeyCreated, status_code=201)
-async def create_key(body: ApiKeyCreate, admin: AdminDep, services: ServicesDep) -> ApiKeyCreated:
+async def create_key(body: ApiKeyCreate, admin: AdminDep, keys: KeysDep) -> ApiKeyCreated:
     """Issue an API key; its secret is in this answer only."""
-    key, secret = await services.keys.create_key(
+    key, secret = await keys.create_key(
         name=body.name,
         description=body.description,
         team_id=body.team_id,
@@ -229,50 +228,48 @@ async def create_key(body: ApiKeyCreate, admin: AdminDep, services: ServicesDep)
 @admin_router.get("/keys", response_model=ApiKeyList)
 async def list_keys(
     admin: AdminDep,
-    services: ServicesDep,
+    keys: KeysDep,
     team_id: str | None = None,
     status: ApiKeyStatus | None = None,
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = None,
 ) -> ApiKeyList:
     """API keys newest first, without their secrets."""
-    page = await services.keys.list_keys(team_id=team_id, status=status, limit=limit, after=after)
+    page = await keys.list_keys(team_id=team_id, status=status, limit=limit, after=after)
     return ApiKeyList.of(page, ApiKeyRead.of)
 
 
 @admin_router.get("/keys/{key_id}", response_model=ApiKeyRead)
-async def get_key(key_id: str, admin: AdminDep, services: ServicesDep) -> ApiKeyRead:
+async def get_key(key_id: str, admin: AdminDep, keys: KeysDep) -> ApiKeyRead:
     """One API key, without its secret."""
-    return ApiKeyRead.of(await services.keys.get_key(key_id))
+    return ApiKeyRead.of(await keys.get_key(key_id))
 
 
 @admin_router.patch("/keys/{key_id}", response_model=ApiKeyRead)
-async def update_key(
-    key_id: str, body: ApiKeyUpdate, admin: AdminDep, services: ServicesDep
-) -> ApiKeyRead:
+async def update_key(key_id: str, body: ApiKeyUpdate, admin: AdminDep, keys: KeysDep) -> ApiKeyRead:
     """Change a key's name, team, permissions, rate limits or expiry."""
-    return ApiKeyRead.of(await services.keys.update_key(key_id, body.changes()))
+    return ApiKeyRead.of(await keys.update_key(key_id, body.changes()))
 
 
 @admin_router.post("/keys/{key_id}/suspend", response_model=ApiKeyRead)
-async def suspend_key(key_id: str, admin: AdminDep, services: ServicesDep) -> ApiKeyRead:
+async def suspend_key(key_id: str, admin: AdminDep, keys: KeysDep) -> ApiKeyRead:
     """Stop a key from working until it is activated again."""
-    return ApiKeyRead.of(await services.keys.suspend_key(key_id))
+    return ApiKeyRead.of(await keys.suspend_key(key_id))
 
 
 @admin_router.post("/keys/{key_id}/activate", response_model=ApiKeyRead)
-async def activate_key(key_id: str, admin: AdminDep, services: ServicesDep) -> ApiKeyRead:
+async def activate_key(key_id: str, admin: AdminDep, keys: KeysDep) -> ApiKeyRead:
     """Let a suspended key work again."""
-    return ApiKeyRead.of(await services.keys.activate_key(key_id))
+    return ApiKeyRead.of(await keys.activate_key(key_id))
 
 
 @admin_router.post("/keys/{key_id}/revoke", response_model=ApiKeyRead)
-async def revoke_key(key_id: str, admin: AdminDep, services: ServicesDep) -> ApiKeyRead:
+async def revoke_key(key_id: str, admin: AdminDep, keys: KeysDep) -> ApiKeyRead:
     """Revoke a key for good; every API process refuses it within a second."""
-    return ApiKeyRead.of(await services.keys.revoke_key(key_id, revoked_by=admin.key_id))
+    return ApiKeyRead.of(await keys.revoke_key(key_id, revoked_by=admin.key_id))
 
 
 @admin_router.delete("/keys/{key_id}", response_model=ApiKeyRead)
-async def delete_key(key_id: str, admin: AdminDep, services: ServicesDep) -> ApiKeyRead:
+async def delete_key(key_id: str, admin: AdminDep, keys: KeysDep) -> ApiKeyRead:
     """Revoke a key (its record stays, for the usage that refers to it)."""
-    return ApiKeyRead.of(await services.keys.revoke_key(key_id, revoked_by=admin.key_id))
+    return ApiKeyRead.of(await keys.revoke_key(key_id, revoked_by=admin.key_id))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
-from app.access.deps import PrincipalDep, ServicesDep
+from app.access.deps import PrincipalDep
 from app.access.service import Principal
 from app.batches.schemas import (
     BatchCreate,
@@ -18,9 +18,14 @@ from app.batches.schemas import (
     FileObject,
     page_ids,
 )
+from app.batches.service import BatchService, FileService
+from app.core.provide import provide
 from app.operations.submit import Owner
 
 router = APIRouter(tags=["batches"])
+
+FilesDep = Annotated[FileService, Depends(provide(FileService))]
+BatchesDep = Annotated[BatchService, Depends(provide(BatchService))]
 
 
 def owner_of(principal: Principal) -> Owner:
@@ -30,14 +35,14 @@ def owner_of(principal: Principal) -> Owner:
 @router.post("/v1/files", response_model=FileObject)
 async def upload_file(
     principal: PrincipalDep,
-    services: ServicesDep,
+    files: FilesDep,
     file: Annotated[UploadFile, File(description="A JSONL file, one request per line.")],
     purpose: Annotated[str, Form(max_length=32)],
 ) -> FileObject:
     """Upload a JSONL file to run as a batch (`purpose=batch`)."""
     # One byte past the limit is enough to refuse the file without reading all of it.
-    content = await file.read(services.files.max_bytes + 1)
-    stored = await services.files.upload(
+    content = await file.read(files.max_bytes + 1)
+    stored = await files.upload(
         owner=owner_of(principal),
         filename=file.filename or "upload.jsonl",
         purpose=purpose,
@@ -49,13 +54,13 @@ async def upload_file(
 @router.get("/v1/files", response_model=FileList)
 async def list_files(
     principal: PrincipalDep,
-    services: ServicesDep,
+    files: FilesDep,
     purpose: str | None = Query(default=None, max_length=32),
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = Query(default=None, description="The id of the last file seen."),
 ) -> FileList:
     """The caller's files, newest first."""
-    page = await services.files.list_files(
+    page = await files.list_files(
         owner=owner_of(principal), purpose=purpose, limit=limit, after=after
     )
     data = [FileObject.of(f) for f in page.items]
@@ -63,33 +68,31 @@ async def list_files(
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)
-async def get_file(file_id: str, principal: PrincipalDep, services: ServicesDep) -> FileObject:
+async def get_file(file_id: str, principal: PrincipalDep, files: FilesDep) -> FileObject:
     """A file's description."""
-    return FileObject.of(await services.files.get(file_id, owner=owner_of(principal)))
+    return FileObject.of(await files.get(file_id, owner=owner_of(principal)))
 
 
 @router.get("/v1/files/{file_id}/content", response_class=Response)
-async def get_file_content(
-    file_id: str, principal: PrincipalDep, services: ServicesDep
-) -> Response:
+async def get_file_content(file_id: str, principal: PrincipalDep, files: FilesDep) -> Response:
     """A file's content (JSONL)."""
-    stored = await services.files.get(file_id, owner=owner_of(principal))
+    stored = await files.get(file_id, owner=owner_of(principal))
     return Response(stored.content.encode(), media_type="application/jsonl")
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, principal: PrincipalDep, services: ServicesDep) -> FileDeleted:
+async def delete_file(file_id: str, principal: PrincipalDep, files: FilesDep) -> FileDeleted:
     """Delete a file; batches already created from it are not affected."""
-    stored = await services.files.delete(file_id, owner=owner_of(principal))
+    stored = await files.delete(file_id, owner=owner_of(principal))
     return FileDeleted(id=stored.id)
 
 
 @router.post("/v1/batches", response_model=BatchObject)
 async def create_batch(
-    body: BatchCreate, principal: PrincipalDep, services: ServicesDep
+    body: BatchCreate, principal: PrincipalDep, batches: BatchesDep
 ) -> BatchObject:
     """Run every line of an uploaded JSONL file; poll the batch for its output file."""
-    view = await services.batches.create(
+    view = await batches.create(
         owner=owner_of(principal),
         input_file_id=body.input_file_id,
         endpoint=body.endpoint,
@@ -102,12 +105,12 @@ async def create_batch(
 @router.get("/v1/batches", response_model=BatchList)
 async def list_batches(
     principal: PrincipalDep,
-    services: ServicesDep,
+    batches: BatchesDep,
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = Query(default=None, description="The id of the last batch seen."),
 ) -> BatchList:
     """The caller's batches, newest first."""
-    views, has_more = await services.batches.list_batches(
+    views, has_more = await batches.list_batches(
         owner=owner_of(principal), limit=limit, after=after
     )
     data = [BatchObject.of(v) for v in views]
@@ -115,14 +118,12 @@ async def list_batches(
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchObject)
-async def get_batch(batch_id: str, principal: PrincipalDep, services: ServicesDep) -> BatchObject:
+async def get_batch(batch_id: str, principal: PrincipalDep, batches: BatchesDep) -> BatchObject:
     """A batch's status, request counts and, once finished, its output and error files."""
-    return BatchObject.of(await services.batches.get(batch_id, owner=owner_of(principal)))
+    return BatchObject.of(await batches.get(batch_id, owner=owner_of(principal)))
 
 
 @router.post("/v1/batches/{batch_id}/cancel", response_model=BatchObject)
-async def cancel_batch(
-    batch_id: str, principal: PrincipalDep, services: ServicesDep
-) -> BatchObject:
+async def cancel_batch(batch_id: str, principal: PrincipalDep, batches: BatchesDep) -> BatchObject:
     """Stop a batch; requests already answered stay in its output file."""
-    return BatchObject.of(await services.batches.cancel(batch_id, owner=owner_of(principal)))
+    return BatchObject.of(await batches.cancel(batch_id, owner=owner_of(principal)))

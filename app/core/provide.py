@@ -21,6 +21,10 @@ T = TypeVar("T")
 # Where `register` puts the services on `app.state`.
 _STATE = "provided"
 
+# One dependency per type: FastAPI solves a dependency once per request, by identity, so the
+# `ApiKeyService` that authenticates a caller and the one its route uses are fetched once.
+_DEPENDENCIES: dict[type, Callable[[Request], Awaitable[Any]]] = {}
+
 
 def register(app: FastAPI, services: Mapping[type, Any]) -> None:
     """Make `services` (each under the type routes ask for) available to `provide`."""
@@ -37,6 +41,9 @@ def provided(app: FastAPI, kind: type[T]) -> T:
 
 def provide(kind: type[T]) -> Callable[[Request], Awaitable[T]]:
     """A dependency that returns the registered service of type `kind`."""
+    known = _DEPENDENCIES.get(kind)
+    if known is not None:
+        return cast(Callable[[Request], Awaitable[T]], known)
 
     # `async def` although it awaits nothing: FastAPI runs a plain `def` dependency in a thread
     # pool, which costs more than the rest of a small request.
@@ -44,4 +51,5 @@ def provide(kind: type[T]) -> Callable[[Request], Awaitable[T]]:
         return provided(request.app, kind)
 
     dependency.__name__ = f"provide_{kind.__name__}"
+    _DEPENDENCIES[kind] = dependency
     return dependency

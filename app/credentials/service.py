@@ -104,6 +104,18 @@ class CredentialUsers(Protocol):
         ...
 
 
+class _NoUsers:
+    """No model calls through any credential (a service built without `users`)."""
+
+    async def calling_through(
+        self, uow: UnitOfWork, credential_id: str, *, limit: int
+    ) -> builtins.list[str]:
+        return []
+
+    async def credential_moved(self, uow: UnitOfWork, credential_id: str) -> None:
+        return None
+
+
 def _redact(text: str, secret: str | None) -> str:
     # Upstreams sometimes echo the key they were sent in their error message.
     return text.replace(secret, "***") if secret else text
@@ -121,8 +133,11 @@ class CredentialService:
         outbound: OutboundClient | None = None,
         test_timeout: float = 5.0,
         on_change: Callable[[str | None], None] | None = None,
+        users: CredentialUsers | None = None,
     ) -> None:
+        """`users`: the models calling through credentials (none are known without it)."""
         self._storage = storage
+        self._users: CredentialUsers = users or _NoUsers()
         self._box = box
         self._environ = os.environ if environ is None else environ
         self._outbound = outbound or OutboundClient()
@@ -174,9 +189,7 @@ class CredentialService:
             raise NotFound("credential", credential_id)
         return credential
 
-    async def update(
-        self, credential_id: str, changes: CredentialUpdate, *, users: CredentialUsers
-    ) -> StoredCredential:
+    async def update(self, credential_id: str, changes: CredentialUpdate) -> StoredCredential:
         """Apply the fields given; a new secret replaces an env var reference and vice versa.
 
         A change of where requests go (`ROUTING_FIELDS`) is told to the `users` of the credential.
@@ -202,7 +215,7 @@ class CredentialService:
             credential.updated_at = utcnow()
             credential = await repo.update(credential)
             if moved:
-                await users.credential_moved(uow, credential_id)
+                await self._users.credential_moved(uow, credential_id)
             uow.on_commit(lambda: self._on_change(None))
             await uow.commit()
         log.info(
@@ -210,13 +223,13 @@ class CredentialService:
         )
         return credential
 
-    async def delete(self, credential_id: str, *, users: CredentialUsers) -> None:
+    async def delete(self, credential_id: str) -> None:
         """Delete a credential none of its `users` calls with; one in use is a `Conflict` naming
         the models."""
         async with self._storage.unit_of_work() as uow:
             if await uow.repo(StoredCredential).get(credential_id) is None:
                 raise NotFound("credential", credential_id)
-            using = await users.calling_through(uow, credential_id, limit=_SHOWN_IN_CONFLICT)
+            using = await self._users.calling_through(uow, credential_id, limit=_SHOWN_IN_CONFLICT)
             if using:
                 raise self._in_use(credential_id, using)
             await uow.repo(StoredCredential).delete(credential_id)

@@ -7,12 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from app.access.deps import AdminDep, ServicesDep
+from app.access.deps import AdminDep
+from app.core.provide import provide
 from app.logs.entities import ExecutionStatus, ExecutionType
 from app.logs.schemas import ExecutionLogList, ExecutionLogRead, ExecutionLogStats
-from app.logs.service import LogFilter
+from app.logs.service import LogFilter, LogService
 
 admin_router = APIRouter(prefix="/admin/logs", tags=["admin: execution logs"])
+
+LogsDep = Annotated[LogService, Depends(provide(LogService))]
 
 Id = Annotated[str | None, Query(max_length=64)]
 
@@ -45,26 +48,24 @@ LogFilterDep = Annotated[LogFilter, Depends(log_filter)]
 @admin_router.get("", response_model=ExecutionLogList)
 async def list_logs(
     admin: AdminDep,
-    services: ServicesDep,
+    logs: LogsDep,
     filters: LogFilterDep,
     limit: int = Query(default=50, ge=1, le=500),
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> ExecutionLogList:
     """Execution logs, newest first."""
-    page = await services.accounting.logs.find(filters, limit=limit, after=after)
+    page = await logs.find(filters, limit=limit, after=after)
     return ExecutionLogList.of_page(page)
 
 
 @admin_router.get("/stats", response_model=ExecutionLogStats)
-async def log_stats(
-    admin: AdminDep, services: ServicesDep, filters: LogFilterDep
-) -> ExecutionLogStats:
+async def log_stats(admin: AdminDep, logs: LogsDep, filters: LogFilterDep) -> ExecutionLogStats:
     """Counts by status and type, token and cost totals, execution times."""
-    stats = await services.accounting.logs.stats(filters)
+    stats = await logs.stats(filters)
     return ExecutionLogStats(**stats.as_dict())
 
 
 @admin_router.get("/{log_id}", response_model=ExecutionLogRead)
-async def get_log(log_id: str, admin: AdminDep, services: ServicesDep) -> ExecutionLogRead:
+async def get_log(log_id: str, admin: AdminDep, logs: LogsDep) -> ExecutionLogRead:
     """One execution log."""
-    return ExecutionLogRead.of(await services.accounting.logs.get(log_id))
+    return ExecutionLogRead.of(await logs.get(log_id))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from typing import Annotated
 
-from app.access.deps import AdminDep, PrincipalDep, ServicesDep
+from fastapi import APIRouter, Depends, Query
+
+from app.access.deps import AdminDep, PrincipalDep
 from app.access.permissions import Resource
+from app.core.provide import provide
 from app.core.schemas import Deleted
 from app.credentials.entities import Provider
 from app.models.schemas import (
@@ -16,65 +19,66 @@ from app.models.schemas import (
     OpenAIModel,
     OpenAIModelList,
 )
+from app.models.service import ModelService
 
 router = APIRouter(tags=["models"])
 admin_router = APIRouter(prefix="/admin/models", tags=["admin: models"])
 
+ModelsDep = Annotated[ModelService, Depends(provide(ModelService))]
+
 
 @router.get("/v1/models", response_model=OpenAIModelList)
-async def list_models(principal: PrincipalDep, services: ServicesDep) -> OpenAIModelList:
+async def list_models(principal: PrincipalDep, models: ModelsDep) -> OpenAIModelList:
     """The enabled models and chains this key may call."""
-    callable_ = await services.models.list_callable()
+    callable_ = await models.list_callable()
     listed = [named for named in callable_ if principal.can_use(Resource.MODELS, named.id)]
     return OpenAIModelList(data=[OpenAIModel.of(named) for named in listed])
 
 
 @router.get("/v1/models/{model_id}", response_model=OpenAIModel)
-async def retrieve_model(
-    model_id: str, principal: PrincipalDep, services: ServicesDep
-) -> OpenAIModel:
+async def retrieve_model(model_id: str, principal: PrincipalDep, models: ModelsDep) -> OpenAIModel:
     """One enabled model or chain; an unknown or disabled one is a 404."""
-    named = await services.models.get_callable(model_id)
+    named = await models.get_callable(model_id)
     principal.ensure_can_use(Resource.MODELS, named.id, param="model")
     return OpenAIModel.of(named)
 
 
 @admin_router.post("", response_model=ModelRead, status_code=201)
-async def create_model(body: ModelCreate, admin: AdminDep, services: ServicesDep) -> ModelRead:
+async def create_model(body: ModelCreate, admin: AdminDep, models: ModelsDep) -> ModelRead:
     """Register a model."""
-    return ModelRead.of(await services.models.create(body))
+    return ModelRead.of(await models.create(body))
 
 
 @admin_router.get("", response_model=ModelList)
 async def admin_list_models(
     admin: AdminDep,
-    services: ServicesDep,
+    models: ModelsDep,
     provider: Provider | None = None,
     enabled: bool | None = None,
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> ModelList:
     """Every model, enabled or not, ordered by id."""
-    page = await services.models.list(provider=provider, enabled=enabled, limit=limit, after=after)
+    page = await models.list(provider=provider, enabled=enabled, limit=limit, after=after)
     return ModelList.of(page, ModelRead.of)
 
 
 @admin_router.get("/{model_id}", response_model=ModelRead)
-async def get_model(model_id: str, admin: AdminDep, services: ServicesDep) -> ModelRead:
+async def get_model(model_id: str, admin: AdminDep, models: ModelsDep) -> ModelRead:
     """One model with its configuration and prices."""
-    return ModelRead.of(await services.models.get(model_id))
+    return ModelRead.of(await models.get(model_id))
 
 
 @admin_router.patch("/{model_id}", response_model=ModelRead)
 async def update_model(
-    model_id: str, body: ModelUpdate, admin: AdminDep, services: ServicesDep
+    model_id: str, body: ModelUpdate, admin: AdminDep, models: ModelsDep
 ) -> ModelRead:
     """Change a model; fields left out are kept."""
-    return ModelRead.of(await services.models.update(model_id, body))
+    return ModelRead.of(await models.update(model_id, body))
 
 
 @admin_router.delete("/{model_id}", response_model=Deleted)
-async def delete_model(model_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
+async def delete_model(model_id: str, admin: AdminDep, models: ModelsDep) -> Deleted:
     """Delete a model."""
-    await services.models.delete(model_id)
+    await models.delete(model_id)
     return Deleted(id=model_id, object="model")

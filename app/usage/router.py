@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
-from app.access.deps import AdminDep, ServicesDep
+from app.access.deps import AdminDep
 from app.core.clock import utcnow
+from app.core.provide import provide
 from app.core.schemas import Deleted
-from app.usage.budgets import BudgetChanges
+from app.usage.budgets import BudgetChanges, BudgetService
 from app.usage.entities import BudgetScope
 from app.usage.schemas import (
     BudgetCreate,
@@ -22,10 +23,13 @@ from app.usage.schemas import (
     UsageRecordRead,
     UsageSummary,
 )
-from app.usage.service import GroupBy, UsageFilter, to_csv
+from app.usage.service import GroupBy, UsageFilter, UsageService, to_csv
 
 usage_router = APIRouter(prefix="/admin/usage", tags=["admin: usage"])
 budgets_router = APIRouter(prefix="/admin/budgets", tags=["admin: budgets"])
+
+UsageDep = Annotated[UsageService, Depends(provide(UsageService))]
+BudgetsDep = Annotated[BudgetService, Depends(provide(BudgetService))]
 
 # Days a summary can span: the arithmetic on the range must stay within the calendar.
 EARLIEST, LATEST = date(1970, 1, 1), date(9999, 1, 1)
@@ -34,7 +38,7 @@ EARLIEST, LATEST = date(1970, 1, 1), date(9999, 1, 1)
 @usage_router.get("", response_model=UsageRecordList)
 async def list_usage_records(
     admin: AdminDep,
-    services: ServicesDep,
+    usage: UsageDep,
     start: datetime | None = None,
     end: datetime | None = None,
     api_key_id: str | None = Query(default=None, max_length=64),
@@ -44,7 +48,7 @@ async def list_usage_records(
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> UsageRecordList:
     """Raw usage records (kept for the usage retention period), newest first."""
-    page = await services.accounting.usage.records(
+    page = await usage.records(
         start=start,
         end=end,
         api_key_id=api_key_id,
@@ -65,7 +69,7 @@ async def list_usage_records(
 )
 async def usage_summary(
     admin: AdminDep,
-    services: ServicesDep,
+    usage: UsageDep,
     group_by: GroupBy = GroupBy.DAY,
     start: Annotated[
         date | None,
@@ -83,7 +87,7 @@ async def usage_summary(
     """Requests, errors, tokens and cost per key, team, model or day."""
     last = end or utcnow().date()
     first = start or last - timedelta(days=30)
-    rows = await services.accounting.usage.aggregate(
+    rows = await usage.aggregate(
         group_by,
         UsageFilter(
             start=first, end=last, api_key_id=api_key_id, team_id=team_id, model_id=model_id
@@ -102,9 +106,9 @@ async def usage_summary(
 
 
 @budgets_router.post("", response_model=BudgetRead, status_code=201)
-async def create_budget(body: BudgetCreate, admin: AdminDep, services: ServicesDep) -> BudgetRead:
+async def create_budget(body: BudgetCreate, admin: AdminDep, budgets: BudgetsDep) -> BudgetRead:
     """Create a budget; every process applies it to calls from when this answers."""
-    budget = await services.accounting.budgets.create(
+    budget = await budgets.create(
         name=body.name,
         description=body.description,
         scope=body.scope,
@@ -122,32 +126,30 @@ async def create_budget(body: BudgetCreate, admin: AdminDep, services: ServicesD
 @budgets_router.get("", response_model=BudgetList)
 async def list_budgets(
     admin: AdminDep,
-    services: ServicesDep,
+    budgets: BudgetsDep,
     scope: BudgetScope | None = None,
     scope_id: str | None = Query(default=None, max_length=64),
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> BudgetList:
     """Budgets, newest first."""
-    page = await services.accounting.budgets.find(
-        scope=scope, scope_id=scope_id, limit=limit, after=after
-    )
+    page = await budgets.find(scope=scope, scope_id=scope_id, limit=limit, after=after)
     return BudgetList.of_page(page)
 
 
 @budgets_router.get("/{budget_id}", response_model=BudgetRead)
-async def get_budget(budget_id: str, admin: AdminDep, services: ServicesDep) -> BudgetRead:
+async def get_budget(budget_id: str, admin: AdminDep, budgets: BudgetsDep) -> BudgetRead:
     """One budget with its recorded usage of the current period."""
-    return BudgetRead.of(await services.accounting.budgets.get(budget_id))
+    return BudgetRead.of(await budgets.get(budget_id))
 
 
 @budgets_router.patch("/{budget_id}", response_model=BudgetRead)
 async def update_budget(
-    budget_id: str, body: BudgetUpdate, admin: AdminDep, services: ServicesDep
+    budget_id: str, body: BudgetUpdate, admin: AdminDep, budgets: BudgetsDep
 ) -> BudgetRead:
     """Change a budget; fields left out are kept."""
     given = body.model_fields_set
-    budget = await services.accounting.budgets.update(
+    budget = await budgets.update(
         budget_id,
         BudgetChanges(
             name=body.name,
@@ -164,7 +166,7 @@ async def update_budget(
 
 
 @budgets_router.delete("/{budget_id}", response_model=Deleted)
-async def delete_budget(budget_id: str, admin: AdminDep, services: ServicesDep) -> Deleted:
+async def delete_budget(budget_id: str, admin: AdminDep, budgets: BudgetsDep) -> Deleted:
     """Delete a budget."""
-    await services.accounting.budgets.delete(budget_id)
+    await budgets.delete(budget_id)
     return Deleted(id=budget_id, object="budget")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime
 
-from app.access.deps import AdminDep, ServicesDep
+from app.access.deps import AdminDep
+from app.core.provide import provide
 from app.webhooks import catalogue
 from app.webhooks.entities import DeliveryStatus
 from app.webhooks.schemas import (
@@ -24,16 +25,19 @@ from app.webhooks.schemas import (
     WebhookUpdate,
     WebhookWithSecret,
 )
+from app.webhooks.service import WebhookService
 
 router = APIRouter(prefix="/admin/webhooks", tags=["admin: webhooks"])
+
+WebhooksDep = Annotated[WebhookService, Depends(provide(WebhookService))]
 
 
 @router.post("", response_model=WebhookWithSecret, status_code=201)
 async def create_webhook(
-    body: WebhookCreate, admin: AdminDep, services: ServicesDep
+    body: WebhookCreate, admin: AdminDep, webhooks: WebhooksDep
 ) -> WebhookWithSecret:
     """Subscribe a URL to events; the response shows the signing secret, once."""
-    webhook, secret = await services.webhooks.create(
+    webhook, secret = await webhooks.create(
         url=body.url,
         name=body.name,
         description=body.description,
@@ -48,14 +52,12 @@ async def create_webhook(
 @router.get("", response_model=WebhookList)
 async def list_webhooks(
     admin: AdminDep,
-    services: ServicesDep,
+    webhooks: WebhooksDep,
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> WebhookList:
     """Every subscription, newest first."""
-    return WebhookList.of(
-        await services.webhooks.list_webhooks(limit=limit, after=after), WebhookRead.of
-    )
+    return WebhookList.of(await webhooks.list_webhooks(limit=limit, after=after), WebhookRead.of)
 
 
 @router.get("/event-types", response_model=EventTypeList)
@@ -67,50 +69,50 @@ async def list_event_types(admin: AdminDep) -> EventTypeList:
 
 
 @router.get("/{webhook_id}", response_model=WebhookRead)
-async def get_webhook(webhook_id: str, admin: AdminDep, services: ServicesDep) -> WebhookRead:
+async def get_webhook(webhook_id: str, admin: AdminDep, webhooks: WebhooksDep) -> WebhookRead:
     """One subscription (without its secret)."""
-    return WebhookRead.of(await services.webhooks.get(webhook_id))
+    return WebhookRead.of(await webhooks.get(webhook_id))
 
 
 @router.patch("/{webhook_id}", response_model=WebhookRead)
 async def update_webhook(
-    webhook_id: str, body: WebhookUpdate, admin: AdminDep, services: ServicesDep
+    webhook_id: str, body: WebhookUpdate, admin: AdminDep, webhooks: WebhooksDep
 ) -> WebhookRead:
     """Change the fields given; `enabled: true` also re-enables a disabled subscription."""
     changes: dict[str, Any] = body.model_dump(exclude_unset=True)
     for field in ("url", "name", "events", "headers", "enabled"):
         if field in changes and changes[field] is None:
             changes.pop(field)  # null means "leave as is" for fields that cannot be empty
-    return WebhookRead.of(await services.webhooks.update(webhook_id, **changes))
+    return WebhookRead.of(await webhooks.update(webhook_id, **changes))
 
 
 @router.delete("/{webhook_id}", response_model=WebhookDeleted)
-async def delete_webhook(webhook_id: str, admin: AdminDep, services: ServicesDep) -> WebhookDeleted:
+async def delete_webhook(webhook_id: str, admin: AdminDep, webhooks: WebhooksDep) -> WebhookDeleted:
     """Remove a subscription and its delivery log."""
-    await services.webhooks.delete(webhook_id)
+    await webhooks.delete(webhook_id)
     return WebhookDeleted(id=webhook_id)
 
 
 @router.post("/{webhook_id}/rotate-secret", response_model=WebhookWithSecret)
 async def rotate_secret(
-    webhook_id: str, admin: AdminDep, services: ServicesDep
+    webhook_id: str, admin: AdminDep, webhooks: WebhooksDep
 ) -> WebhookWithSecret:
     """A new signing secret (shown once); the old one keeps signing during the overlap."""
-    webhook, secret = await services.webhooks.rotate_secret(webhook_id)
+    webhook, secret = await webhooks.rotate_secret(webhook_id)
     return WebhookWithSecret.with_secret(webhook, secret)
 
 
 @router.post("/{webhook_id}/ping", response_model=DeliveryRead, status_code=202)
-async def ping_webhook(webhook_id: str, admin: AdminDep, services: ServicesDep) -> DeliveryRead:
+async def ping_webhook(webhook_id: str, admin: AdminDep, webhooks: WebhooksDep) -> DeliveryRead:
     """Send a `webhook.ping` test event to this subscription."""
-    return DeliveryRead.of(await services.webhooks.ping(webhook_id))
+    return DeliveryRead.of(await webhooks.ping(webhook_id))
 
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveryList)
 async def list_deliveries(
     webhook_id: str,
     admin: AdminDep,
-    services: ServicesDep,
+    webhooks: WebhooksDep,
     status: DeliveryStatus | None = None,
     event_type: str | None = None,
     created_after: AwareDatetime | None = None,
@@ -119,7 +121,7 @@ async def list_deliveries(
     after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
 ) -> DeliveryList:
     """The delivery log of a subscription, newest first."""
-    page = await services.webhooks.list_deliveries(
+    page = await webhooks.list_deliveries(
         webhook_id,
         status=status,
         event_type=event_type,
@@ -133,26 +135,26 @@ async def list_deliveries(
 
 @router.get("/{webhook_id}/deliveries/{delivery_id}", response_model=DeliveryRead)
 async def get_delivery(
-    webhook_id: str, delivery_id: str, admin: AdminDep, services: ServicesDep
+    webhook_id: str, delivery_id: str, admin: AdminDep, webhooks: WebhooksDep
 ) -> DeliveryRead:
     """One delivery with every attempt."""
-    return DeliveryRead.of(await services.webhooks.get_delivery(webhook_id, delivery_id))
+    return DeliveryRead.of(await webhooks.get_delivery(webhook_id, delivery_id))
 
 
 @router.post(
     "/{webhook_id}/deliveries/{delivery_id}/replay", response_model=DeliveryRead, status_code=202
 )
 async def replay_delivery(
-    webhook_id: str, delivery_id: str, admin: AdminDep, services: ServicesDep
+    webhook_id: str, delivery_id: str, admin: AdminDep, webhooks: WebhooksDep
 ) -> DeliveryRead:
     """Send a delivery again with the same `webhook-id`, on a fresh retry schedule."""
-    return DeliveryRead.of(await services.webhooks.replay(webhook_id, delivery_id))
+    return DeliveryRead.of(await webhooks.replay(webhook_id, delivery_id))
 
 
 @router.post("/{webhook_id}/replay", response_model=ReplayResult, status_code=202)
 async def replay_failed(
-    webhook_id: str, body: ReplayRange, admin: AdminDep, services: ServicesDep
+    webhook_id: str, body: ReplayRange, admin: AdminDep, webhooks: WebhooksDep
 ) -> ReplayResult:
     """Replay every failed or exhausted delivery created in a range (up to 1000 per call)."""
-    ids = await services.webhooks.replay_failed(webhook_id, since=body.since, until=body.until)
+    ids = await webhooks.replay_failed(webhook_id, since=body.since, until=body.until)
     return ReplayResult(replayed=len(ids), delivery_ids=ids)

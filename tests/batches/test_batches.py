@@ -18,6 +18,7 @@ from app.batches.entities import Batch, StoredFile
 from app.batches.service import BatchService, _failed_line
 from app.config import Settings
 from app.core.clock import utcnow
+from app.core.provide import register
 from app.main import create_app
 from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import JobTimings, OperationRunner
@@ -116,6 +117,7 @@ async def running(storage: Storage, **settings: Any) -> AsyncIterator[Gateway]:
             gateway_.events,
             max_requests=config.BATCH_MAX_REQUESTS,
         )
+        register(app, services.by_type())  # the routes are handed the replacement
         yield gateway_
 
 

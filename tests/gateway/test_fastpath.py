@@ -289,9 +289,11 @@ def polled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
     calls: list[tuple[str, float]] = []
     original = fastpath.poll_response
 
-    async def recording(services: Any, principal: Any, operation_id: str, wait: float) -> Any:
+    async def recording(
+        operations: Any, principal: Any, operation_id: str, wait: float, *, max_wait: float
+    ) -> Any:
         calls.append((operation_id, wait))
-        return await original(services, principal, operation_id, wait)
+        return await original(operations, principal, operation_id, wait, max_wait=max_wait)
 
     monkeypatch.setattr(fastpath, "poll_response", recording)
     return calls

@@ -1,4 +1,5 @@
-"""`gateway create-key`: an admin API key for a fresh install, printed once."""
+"""`gateway create-key`: an admin API key for a fresh install, printed once (a composition
+root: it builds every service of its short-lived process)."""
 
 from __future__ import annotations
 
