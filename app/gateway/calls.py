@@ -190,7 +190,7 @@ class GatewayCalls:
     ) -> Completion:
         """A chat completion for `caller`; `request.stream` is ignored (see `stream`)."""
         route, wire, admission = await self._admit_chat(caller, request)
-        outcome = _outcome(context)
+        outcome = _chat_outcome(context, request)
         try:
             body = await self._chat.prepare(request, wire)
             lookup = await self._cache_lookup(caller, route, body, context)
@@ -209,7 +209,6 @@ class GatewayCalls:
             output_tokens=int(usage.get("completion_tokens") or 0),
             model_id=answer.model_id,
             cache_hit=lookup is not None and lookup.hit,
-            request_body=request,
             response_body=answer.body,
             latency_ms=int((time.monotonic() - admission.started) * 1000),
             **outcome,
@@ -225,7 +224,8 @@ class GatewayCalls:
         """A streamed chat completion whose first chunk has arrived (so the route could still
         fall back); it is settled when its chunks end, however they end."""
         route, wire, admission = await self._admit_chat(caller, request)
-        outcome = _outcome(context)
+        # The answer of a stream is never held whole: its log keeps the request only.
+        outcome = _chat_outcome(context, request)
         try:
             body = await self._chat.prepare(request, wire)
             lookup = await self._cache_lookup(caller, route, body, context)
@@ -335,6 +335,12 @@ def _outcome(context: CallContext) -> dict[str, Any]:
     if context.source is CallSource.DIRECT:
         return {}
     return {"operation_id": context.operation_id, "is_async": True}
+
+
+def _chat_outcome(context: CallContext, request: ChatCompletionRequest) -> dict[str, Any]:
+    """What every chat call's usage record and execution log keep, however it ends: its
+    context, and the request (logged when the configuration allows bodies)."""
+    return {**_outcome(context), "request_body": request}
 
 
 def _replayed(route: Route, cached: JSON, include_usage: bool) -> ChatStream:

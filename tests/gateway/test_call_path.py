@@ -326,19 +326,25 @@ def _log_fields(entry: ExecutionLog) -> dict[str, Any]:
     )
 
 
+@pytest.mark.parametrize(
+    "overrides", [{}, {"LOG_REQUEST_BODIES": True}], ids=["metadata-only", "bodies-logged"]
+)
 async def test_a_call_leaves_the_same_usage_record_and_log_from_every_context(
-    gateway: Gateway,
+    gateway: Gateway, overrides: dict[str, Any]
 ) -> None:
     key, key_id, team_id = await gateway.client_key()
     records: dict[str, dict[str, Any]] = {}
     logs: dict[str, dict[str, Any]] = {}
     jobs: dict[str, str | None] = {}
+    sent: dict[str, dict[str, Any]] = {}
+    answered: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for name, call in CONTEXTS.items():
         # A text of its own per context: no answer is another's (were a cache on).
-        ended = await call(gateway, key, chat(f"a question asked {name}"))
+        sent[name] = chat(f"a question asked {name}")
+        ended = await call(gateway, key, sent[name])
         assert ended.status == 200, ended.body
-        jobs[name] = ended.operation_id
+        jobs[name], answered[name] = ended.operation_id, ended.body
         all_records, all_logs = await gateway.accounting()
         (record,) = [r for r in all_records if r.id not in seen]
         (entry,) = [e for e in all_logs if e.id not in seen]
@@ -361,13 +367,15 @@ async def test_a_call_leaves_the_same_usage_record_and_log_from_every_context(
         "operation_id": None,
         "error": None,
     }
+    bodies = bool(overrides)
     assert logs["direct"] == {
         "execution_type": "chat_completion",
         "resource_id": MODEL["id"],
         "resource_name": MODEL["id"],
         "status": "success",
-        "input": None,  # bodies are not logged unless the configuration says so
-        "output": None,
+        # Bodies are logged only when the configuration says so.
+        "input": sent["direct"] if bodies else None,
+        "output": answered["direct"] if bodies else None,
         "error": None,
         "cost_micros": COST,
         "input_tokens": PROMPT_TOKENS,
@@ -379,13 +387,18 @@ async def test_a_call_leaves_the_same_usage_record_and_log_from_every_context(
         "is_async": False,
         "workflow_steps": [],
     }
-    # The context shows only in the job the call ran in, and whether it ran as one.
+    # The context shows only in the job the call ran in, and whether it ran as one; the log
+    # keeps each call's own request and the answer its client got (a stream's, never held
+    # whole, is not kept).
     for name in CONTEXTS:
         assert records[name] == {**records["direct"], "operation_id": jobs[name]}, name
+        request = {**sent[name], "stream": True} if name == "stream" else sent[name]
         assert logs[name] == {
             **logs["direct"],
             "operation_id": jobs[name],
             "is_async": name in JOBS,
+            "input": request if bodies else None,
+            "output": answered[name] if bodies and name != "stream" else None,
         }, name
 
 
