@@ -227,7 +227,6 @@ class GatewayCalls:
             output_tokens=int(usage.get("completion_tokens") or 0),
             model_id=answer.model_id,
             cache_hit=lookup is not None and lookup.hit,
-            request_body=request,
             response_body=answer.body,
             latency_ms=int((time.monotonic() - call.admission.started) * 1000),
             **call.outcome,
@@ -247,6 +246,7 @@ class GatewayCalls:
         call = await self._begin(caller, request, context)
         lookup = call.lookup
         include_usage = request.wants_usage_chunk()
+        # The answer of a stream is never held whole: its log keeps the request only.
         try:
             if lookup is not None and lookup.response is not None:
                 stream = _replayed(call.route, lookup.response, include_usage)
@@ -330,7 +330,7 @@ class GatewayCalls:
             estimate_message_tokens(m.text() for m in request.messages),
             request.max_completion_tokens or request.max_tokens,
         )
-        outcome = _outcome(context)
+        outcome = _chat_outcome(context, request)
         try:
             body = await self._chat.prepare(request, wire)
             lookup = await self._cache_lookup(caller, route, body, context)
@@ -362,6 +362,12 @@ def _outcome(context: CallContext) -> dict[str, Any]:
     if context.source is CallSource.DIRECT:
         return {}
     return {"operation_id": context.operation_id, "is_async": True}
+
+
+def _chat_outcome(context: CallContext, request: ChatCompletionRequest) -> dict[str, Any]:
+    """What every chat call's usage record and execution log keep, however it ends: its
+    context, and the request (logged when the configuration allows bodies)."""
+    return {**_outcome(context), "request_body": request}
 
 
 def _replayed(route: Route, cached: JSON, include_usage: bool) -> ChatStream:
