@@ -26,11 +26,18 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.access.deps import presented_key
+from app.access.deps import required_key
 from app.access.service import Principal
 from app.core.api_errors import domain_error_response, unexpected_error_response
-from app.core.errors import DomainError, Unauthenticated
-from app.core.middleware import REQUEST_ID_HEADER, new_request_id, request_id_var, sane_request_id
+from app.core.errors import DomainError
+from app.core.middleware import (
+    BodyLimit,
+    SendWithRequestId,
+    caller_request_id,
+    declared_length,
+    request_id_var,
+    tag_request,
+)
 from app.gateway.router import answer_directly, submit_job
 from app.gateway.schemas import ChatCompletionRequest
 from app.operations.router import poll_response
@@ -46,9 +53,6 @@ _PLAIN_WAIT = re.compile(rb"wait=(\d{1,6}(?:\.\d{1,6})?)")
 # The route's header limits: longer values go to FastAPI, which answers them with a 400.
 _MAX_CACHE_CONTROL = 200
 _MAX_IDEMPOTENCY_KEY = 255
-_REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode()
-# Sent by FastAPI's stack, which answers it with the route's 401.
-MISSING_KEY = "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
 @dataclass(slots=True)
@@ -73,15 +77,15 @@ def _fast_head(scope: Scope, job: bool) -> _Head | None:
             media = value.split(b";", 1)[0].strip().lower()
             json_body = media == b"application/json"
         elif name == b"content-length":
-            if not value.isdigit():
+            content_length = declared_length(value)
+            if content_length is None:
                 return None
-            content_length = int(value)
         elif name == b"authorization":
             authorization = value.decode("latin-1")
         elif name == b"x-api-key":
             api_key = value.decode("latin-1")
         elif name == b"x-request-id":
-            request_id = sane_request_id(value.decode("latin-1"))
+            request_id = caller_request_id(value)
         elif name == b"idempotency-key":
             if not job or len(value) > _MAX_IDEMPOTENCY_KEY:
                 return None  # only meaningful for jobs; FastAPI says so
@@ -103,7 +107,7 @@ def _poll_head(scope: Scope) -> _Head:
         elif name == b"x-api-key":
             api_key = value.decode("latin-1")
         elif name == b"x-request-id":
-            request_id = sane_request_id(value.decode("latin-1"))
+            request_id = caller_request_id(value)
     return _Head(request_id=request_id, authorization=authorization, api_key=api_key)
 
 
@@ -143,11 +147,11 @@ class FastPaths:
         query = scope.get("query_string")
         job = query == ASYNC_QUERY
         head = _fast_head(scope, job) if job or not query else None
-        if head is None or (head.content_length or 0) > self.max_bytes:
+        limit = BodyLimit(self.max_bytes)
+        if head is None or limit.refuses_declared(head.content_length):
             await self.stack(scope, receive, send)  # the stack answers an oversized body 413
             return
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -156,9 +160,8 @@ class FastPaths:
                 return
             chunk = message.get("body", b"")
             chunks.append(chunk)
-            size += len(chunk)
             more = message.get("more_body", False)
-            if size > self.max_bytes:
+            if limit.passed_by(chunk):
                 await self.stack(scope, _replay(chunks, message if more else None, receive), send)
                 return
             if not more:
@@ -207,50 +210,36 @@ class FastPaths:
     ) -> None:
         """Authenticate, produce the response and send it, as the stack would around a route."""
         method, path = scope["method"], scope["path"]
-        request_id = head.request_id or new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
-        id_header = (_REQUEST_ID_HEADER, request_id.encode())
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
+        request_id, token = tag_request(scope, head.request_id)
+        send_with_id = SendWithRequestId(send, request_id)
         services: Services = self.app.state.services
         try:
             try:
-                secret = presented_key(head.authorization, head.api_key)
-                if secret is None:
-                    raise Unauthenticated(MISSING_KEY)
+                secret = required_key(head.authorization, head.api_key)
                 response = await produce(services, await services.keys.authenticate(secret))
             except DomainError as exc:
                 response = domain_error_response(exc, method, path)
             if isinstance(response, StreamingResponse):
                 await response(scope, receive, send_with_id)
                 return
-            await _send_plain(response, send, id_header)
-            started = True
+            await send_with_id.whole(response)
             if response.background is not None:
                 await response.background()
         except Exception as exc:
             # What the stack's last-resort handler does: logged once, with the request id.
-            if started:
+            if send_with_id.started:
                 log.exception(
                     "error on %s %s once answering (request id %s)", method, path, request_id
                 )
                 return
             error = unexpected_error_response(method, path, request_id, exc)
-            await _send_plain(error, send, None)
+            await _send_plain(error, send)  # its headers carry the request id already
         finally:
             request_id_var.reset(token)
 
 
-async def _send_plain(response: Response, send: Send, extra: tuple[bytes, bytes] | None) -> None:
-    headers = response.raw_headers if extra is None else [*response.raw_headers, extra]
+async def _send_plain(response: Response, send: Send) -> None:
+    headers = response.raw_headers
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
 

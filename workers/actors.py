@@ -1,4 +1,5 @@
-"""The actors: one per job kind, each on its kind's queue, each a thin call into the runner."""
+"""The actors: one job actor per kind, on its kind's queue, each the same thin call into the
+runner; and the `usage` actor, which writes batches of usage records."""
 
 from __future__ import annotations
 
@@ -16,70 +17,23 @@ ensure_broker()  # before any actor is declared, or Dramatiq would invent a defa
 TIME_LIMIT_MS = 3_600_000
 
 
-@dramatiq.actor(
-    actor_name=ACTORS[OperationKind.CHAT_COMPLETION],
-    queue_name=QUEUES[OperationKind.CHAT_COMPLETION],
-    max_retries=0,
-    time_limit=TIME_LIMIT_MS,
-)
-async def complete_chat(operation_id: str) -> None:
-    """Run one chat-completion job."""
+async def run_job(operation_id: str) -> None:
+    """Run one job; the runner finds its kind, and so its handler, on the job's row."""
     await runtime.get_runtime().runner.execute(operation_id)
 
 
-@dramatiq.actor(
-    actor_name=ACTORS[OperationKind.WORKFLOW_RUN],
-    queue_name=QUEUES[OperationKind.WORKFLOW_RUN],
-    max_retries=0,
-    time_limit=TIME_LIMIT_MS,
-)
-async def run_workflow(operation_id: str) -> None:
-    """Run one workflow job."""
-    await runtime.get_runtime().runner.execute(operation_id)
+def declare_job_actor(kind: OperationKind) -> dramatiq.Actor[[str], None]:
+    """The actor of `kind`'s jobs, named as `app.queue.names` says: the names travel in every
+    message, so a message sent before a restart still finds its actor."""
+    declare = dramatiq.actor(
+        actor_name=ACTORS[kind], queue_name=QUEUES[kind], max_retries=0, time_limit=TIME_LIMIT_MS
+    )
+    return declare(run_job)
 
 
-@dramatiq.actor(
-    actor_name=ACTORS[OperationKind.EXPERIMENT_BATCH],
-    queue_name=QUEUES[OperationKind.EXPERIMENT_BATCH],
-    max_retries=0,
-    time_limit=TIME_LIMIT_MS,
-)
-async def run_experiment_batch(operation_id: str) -> None:
-    """Run one experiment-batch job."""
-    await runtime.get_runtime().runner.execute(operation_id)
-
-
-@dramatiq.actor(
-    actor_name=ACTORS[OperationKind.TEST_CASE_RUN],
-    queue_name=QUEUES[OperationKind.TEST_CASE_RUN],
-    max_retries=0,
-    time_limit=TIME_LIMIT_MS,
-)
-async def run_tests(operation_id: str) -> None:
-    """Run one test-case job."""
-    await runtime.get_runtime().runner.execute(operation_id)
-
-
-@dramatiq.actor(
-    actor_name=ACTORS[OperationKind.WEBHOOK_DELIVERY],
-    queue_name=QUEUES[OperationKind.WEBHOOK_DELIVERY],
-    max_retries=0,
-    time_limit=TIME_LIMIT_MS,
-)
-async def deliver_webhook(operation_id: str) -> None:
-    """Run one webhook-delivery job."""
-    await runtime.get_runtime().runner.execute(operation_id)
-
-
-@dramatiq.actor(
-    actor_name=ACTORS[OperationKind.EMBEDDING],
-    queue_name=QUEUES[OperationKind.EMBEDDING],
-    max_retries=0,
-    time_limit=TIME_LIMIT_MS,
-)
-async def create_embeddings(operation_id: str) -> None:
-    """Run one embeddings job."""
-    await runtime.get_runtime().runner.execute(operation_id)
+JOB_ACTORS: dict[OperationKind, dramatiq.Actor[[str], None]] = {
+    kind: declare_job_actor(kind) for kind in QUEUES
+}
 
 
 # No job row records a batch, so Dramatiq retries it; writing a batch twice is a no-op.
@@ -89,15 +43,7 @@ async def record_usage_batch(batch: dict[str, Any]) -> None:
     await runtime.get_runtime().services.accounting.usage.write_batch(batch)
 
 
-ALL = (
-    complete_chat,
-    run_workflow,
-    run_experiment_batch,
-    run_tests,
-    deliver_webhook,
-    create_embeddings,
-    record_usage_batch,
-)
+ALL: tuple[dramatiq.Actor[Any, None], ...] = (*JOB_ACTORS.values(), record_usage_batch)
 
 
 def bind(broker: dramatiq.Broker) -> None:

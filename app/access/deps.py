@@ -29,16 +29,25 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
     return api_key.strip() if api_key else None
 
 
+MISSING_KEY = "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+def required_key(authorization: str | None, api_key: str | None) -> str:
+    """The key a /v1 request presents (`presented_key`); a 401 when it presents none (the route
+    dependency and the fast path both refuse this way)."""
+    secret = presented_key(authorization, api_key)
+    if secret is None:
+        raise Unauthenticated(MISSING_KEY)
+    return secret
+
+
 def _presented_key(request: Request) -> str | None:
     return presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 async def get_principal(request: Request, keys: KeysDep) -> Principal:
-    secret = _presented_key(request)
-    if secret is None:
-        raise Unauthenticated(
-            "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-        )
+    headers = request.headers
+    secret = required_key(headers.get("authorization"), headers.get("x-api-key"))
     principal = await keys.authenticate(secret)
     request.state.principal = principal
     return principal

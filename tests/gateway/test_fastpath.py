@@ -150,6 +150,20 @@ async def test_fast_path_errors_have_the_routes_shape(
     assert answered == ["no-such-model", "mock"]
 
 
+async def test_a_missing_key_is_the_same_401_on_the_fast_path_and_on_the_route(
+    client: httpx.AsyncClient,
+) -> None:
+    anonymous = {"authorization": "", "x-request-id": "anon-1"}
+    url = "/v1/chat/completions"
+    fast = await client.post(f"{url}?async=true", json=chat("mock"), headers=anonymous)
+    # `async=1` is the route's to read: the stack answers it.
+    routed = await client.post(f"{url}?async=1", json=chat("mock"), headers=anonymous)
+    assert fast.status_code == routed.status_code == 401
+    assert fast.json() == routed.json()
+    assert fast.json()["error"]["message"].startswith("API key required")
+    assert fast.headers["x-request-id"] == routed.headers["x-request-id"] == "anon-1"
+
+
 async def test_a_body_over_the_limit_is_413_on_the_fast_path(client: httpx.AsyncClient) -> None:
     async def chunks() -> Any:
         for _ in range(20):
