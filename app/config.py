@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.database_url import SCHEMES, parse_database_url
 from app.core.egress import ProxyRules
+from app.core.outbound import OutboundPolicy
 
 if TYPE_CHECKING:
     from app.core.redis_url import RedisEndpoint
@@ -304,6 +305,20 @@ class Settings(BaseSettings):
     # loopback, private and other internal addresses, except these comma-separated host names,
     # addresses or CIDR ranges (a local vLLM or Ollama needs `localhost`). Dev mode allows no more.
     OUTBOUND_ALLOWED_HOSTS: str = ""
+
+    @field_validator("OUTBOUND_ALLOWED_HOSTS")
+    @classmethod
+    def _outbound_allowed_hosts(cls, value: str) -> str:
+        # A mistyped entry (`localhost:8000`, `http://vllm`, `*.corp`) would allow nothing and
+        # leave the operator wondering why: it is refused at startup, named.
+        try:
+            OutboundPolicy.parse(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}: list host names, addresses or CIDR ranges, comma-separated, e.g. "
+                "localhost,10.0.0.0/8."
+            ) from None
+        return value
 
     # Webhooks: seconds before each delivery attempt (the first is usually 0).
     WEBHOOK_RETRY_SCHEDULE: str = "0,5,300,1800,7200,18000,36000,50400,72000,86400"

@@ -64,6 +64,11 @@ def test_the_defaults_are_the_embedded_single_process_setup() -> None:
             "DATABASE_URL must be a PostgreSQL URL",
             id="non-postgres-database-url",
         ),
+        pytest.param(
+            {"OUTBOUND_ALLOWED_HOSTS": "10.0.0.0/8,localhost:8000"},
+            "'localhost:8000' is not a host name, an address or a CIDR range",
+            id="outbound-allowed-host-with-a-port",
+        ),
     ],
 )
 def test_an_incoherent_setup_is_refused_with_its_sentence(

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -39,6 +41,18 @@ METADATA_ADDRESSES = frozenset(
     for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
 )
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# `localhost` and every name under it mean loopback (RFC 6761), whatever a resolver answers.
+LOOPBACK_ADDRESSES: tuple[IPAddress, ...] = (
+    ipaddress.IPv4Address("127.0.0.1"),
+    ipaddress.IPv6Address("::1"),
+)
+# A host name as every parser and resolver reads it alike: ASCII labels of letters, digits,
+# `-` and `_`, no label starting or ending with `-`, an optional final dot. Anything else
+# (percent-encoding, spaces, look-alike Unicode digits and dots) is read differently by some.
+HOST_NAME = re.compile(
+    r"(?=.{1,254}\Z)(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?",
+    re.IGNORECASE | re.ASCII,
+)
 
 
 class ForbiddenDestination(InvalidInput):
@@ -94,6 +108,12 @@ def parse_host_address(host: str) -> IPAddress | None:
     return ipaddress.IPv4Address(value)
 
 
+def is_localhost(host: str) -> bool:
+    """Whether `host` is `localhost` or a name under it, in any case, with or without the dot."""
+    name = host.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost")
+
+
 def forbidden_reason(address: IPAddress) -> str | None:
     """Why the gateway refuses to call `address`, or None if it is publicly routable."""
     if isinstance(address, ipaddress.IPv6Address):
@@ -132,7 +152,12 @@ class OutboundPolicy:
 
     @classmethod
     def parse(cls, entries: str | Iterable[str]) -> OutboundPolicy:
-        """From `localhost,10.0.0.0/8,192.168.1.7` (names, addresses or CIDR ranges)."""
+        """From `localhost,10.0.0.0/8,192.168.1.7` (names, addresses or CIDR ranges).
+
+        A name matches only itself (no wildcard, no subdomain); an address is read in every
+        spelling a resolver accepts. Raises `ValueError` naming an entry that is none of these,
+        such as `host:port`, a URL or `*.example`, so a mistyped setting fails at startup.
+        """
         items = entries.split(",") if isinstance(entries, str) else list(entries)
         hosts: set[str] = set()
         networks: list[IPNetwork] = []
@@ -140,16 +165,21 @@ class OutboundPolicy:
             entry = raw.strip().lower()
             if not entry:
                 continue
-            try:
-                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            except ValueError:
+            address = parse_host_address(entry)
+            if address is not None:
+                networks.append(ipaddress.ip_network(address))
+            elif HOST_NAME.fullmatch(entry):
                 hosts.add(entry.rstrip("."))
+            else:
+                networks.append(_network(raw.strip()))
         return cls(frozenset(hosts), tuple(networks))
 
     def allows_host(self, host: str) -> bool:
         return host.lower().rstrip(".") in self.hosts
 
     def allows_address(self, address: IPAddress) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # what a socket connects to
         return any(address.version == n.version and address in n for n in self.networks)
 
     def check_address(self, host: str, address: IPAddress, *, param: str = "url") -> None:
@@ -162,32 +192,52 @@ class OutboundPolicy:
             raise ForbiddenDestination(f"refusing to call {shown}: {reason}", param=param)
 
     def check_host(self, host: str, *, param: str = "url") -> IPAddress | None:
-        """Refuse a cloud metadata host name or a forbidden literal address; the address, if
-        `host` spells one (a name is checked with its addresses when a connection opens)."""
-        if host.lower().rstrip(".") in METADATA_HOSTS and not self.allows_host(host):
-            raise ForbiddenDestination(
-                f"refusing to call {host}: a cloud metadata host", param=param
-            )
+        """Refuse a forbidden literal address, a name that is no plain host name, a cloud
+        metadata host or a localhost name; the address, if `host` spells one (a name is
+        checked with its addresses when a connection opens)."""
         address = parse_host_address(host)
         if address is not None:
             self.check_address(host, address, param=param)
-        return address
+            return address
+        if not HOST_NAME.fullmatch(host):
+            raise ForbiddenDestination(
+                f"refusing to call {host!r}: not a host name (ASCII letters, digits, '-' and "
+                "dots; an international name in its xn-- form)",
+                param=param,
+            )
+        if self.allows_host(host):
+            return None
+        if host.lower().rstrip(".") in METADATA_HOSTS:
+            raise ForbiddenDestination(
+                f"refusing to call {host}: a cloud metadata host", param=param
+            )
+        if is_localhost(host) and not any(self.allows_address(a) for a in LOOPBACK_ADDRESSES):
+            raise ForbiddenDestination(f"refusing to call {host}: a loopback name", param=param)
+        return None
 
     def check_url(self, url: str, *, param: str = "url") -> httpx.URL:
-        """A parsed http(s) URL, refused early when its host is a forbidden literal address.
+        """A parsed http(s) URL, refused early when its host is a forbidden literal address,
+        a localhost or metadata name, or no plain host name, or its port does not exist.
 
         Host names are checked again, with their addresses, when a connection is opened.
+        The host is checked as httpx and as `urlsplit` (the provider clients' parser) read it,
+        so a URL they read differently cannot pass as one and be called as the other.
         `param` names the field the URL came from in the error.
         """
         try:
             parsed = httpx.URL(url)
+            split = urlsplit(url)
+            hosts = {parsed.raw_host.decode("ascii"), split.hostname or ""}
+            if split.port == 0:
+                raise ValueError("port 0")  # `split.port` itself refuses one past 65535
         except (httpx.InvalidURL, ValueError) as exc:
             raise InvalidInput(f"'{url}' is not a valid URL", param=param) from exc
-        if parsed.scheme not in ("http", "https") or not parsed.host:
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
             raise InvalidInput("the URL must start with http:// or https://", param=param)
         if parsed.userinfo:
             raise InvalidInput("the URL must not carry a user name or password", param=param)
-        self.check_host(parsed.host, param=param)
+        for host in sorted(hosts):
+            self.check_host(host, param=param)
         return parsed
 
     async def checked_addresses(
@@ -211,6 +261,31 @@ class OutboundPolicy:
         for address in found:
             self.check_address(host, address)
         return found
+
+    async def check_through_proxy(self, host: str, port: int) -> None:
+        """Refuse `host` when it resolves here to an address the policy forbids.
+
+        Through a proxy the proxy resolves the name, out of our sight, and connects: this lookup
+        is the best view of where it will go. A name that does not resolve here (only the
+        proxy's DNS may know it) is left to the proxy, and so is an answer that changes between
+        the two lookups: keeping such a name from internal addresses is the proxy's own rules'
+        task.
+        """
+        try:
+            await self.checked_addresses(host, port)
+        except OutboundFailed:
+            return
+
+
+def _network(entry: str) -> IPNetwork:
+    """A CIDR range such as `10.0.0.0/8` or `[fd00::]/8`, or `ValueError` naming `entry`."""
+    try:
+        return ipaddress.ip_network(entry.lower().replace("[", "").replace("]", ""), strict=False)
+    except ValueError:
+        raise ValueError(
+            f"'{entry}' is not a host name, an address or a CIDR range (write no scheme, port "
+            "or wildcard)"
+        ) from None
 
 
 def connectable(address: IPAddress) -> str:

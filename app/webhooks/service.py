@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -142,6 +142,20 @@ def check_headers(headers: Mapping[str, str]) -> dict[str, str]:
                 param=f"headers.{name}",
             )
     return dict(headers)
+
+
+def masked(text: str, values: Iterable[str]) -> str:
+    """`text` with each header value, and each long word of one (the token after `Bearer`),
+    shown as `***`: an endpoint that echoes its request must not make them readable in the
+    delivery log. Values under 4 characters are left, as they hide nothing and `***` in their
+    place would garble the excerpt."""
+    hidden: set[str] = set()
+    for value in values:
+        hidden.add(value)
+        hidden.update(word for word in value.split() if len(word) >= 8)
+    for value in sorted((v for v in hidden if len(v) >= 4), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -684,7 +698,7 @@ class WebhookService:
         except OutboundFailed as exc:
             return AttemptOutcome(None, None, elapsed(), exc.message, True)
         status = response.status_code
-        excerpt = response.text()[:EXCERPT_CHARS]
+        excerpt = masked(response.text(), custom.values())[:EXCERPT_CHARS]
         if 200 <= status < 300:
             return AttemptOutcome(status, excerpt, response.elapsed_ms, None, False)
         if status == 410:

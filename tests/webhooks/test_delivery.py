@@ -26,6 +26,7 @@ from app.queue.names import OperationKind
 from app.storage.protocol import Storage, Where
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 from app.webhooks.jobs import webhook_handlers
+from app.webhooks.schemas import DeliveryRead
 from app.webhooks.service import WebhookConfig, WebhookService, rotate_webhook_secrets
 from tests.webhooks.receiver import InvalidSignature, Received, Receiver, Reply, verify
 
@@ -197,6 +198,30 @@ async def test_an_update_sending_a_masked_value_keeps_the_stored_one(
     await rig.drain()
     (request,) = receiver.requests
     assert request.headers["authorization"] == TOKEN and request.headers["x-new"] == "fresh"
+
+
+@pytest.mark.parametrize("status", [200, 500])
+async def test_an_endpoint_echoing_the_headers_never_shows_their_values_in_the_delivery_log(
+    rig: Rig, receiver: Receiver, status: int
+) -> None:
+    # A request-inspector endpoint (or one a URL change pointed at) answers with what it got:
+    # the values are written once and never read back, through the log either.
+    async def echo_headers(request: Received) -> Reply:
+        return status, orjson.dumps(request.headers)
+
+    receiver.respond = echo_headers
+    webhook, _ = await rig.webhooks.create(
+        url=receiver.url, headers={"Authorization": TOKEN, "X-Tenant": "acme-tenant-77"}
+    )
+    await rig.webhooks.ping(webhook.id)
+    await rig.drain()
+    (request, *_) = receiver.requests
+    assert request.headers["authorization"] == TOKEN
+    (delivery,) = await rig.deliveries(webhook.id)
+    shown = orjson.dumps(DeliveryRead.of(delivery).model_dump(mode="json")).decode()
+    assert "webhook-signature" in shown  # the echo was kept, minus the values
+    assert "hook-token" not in shown and "acme-tenant-77" not in shown
+    assert '"authorization":"***"' in delivery.response_excerpt.replace(" ", "")
 
 
 async def test_headers_no_configured_key_can_read_fail_the_delivery_without_retrying(

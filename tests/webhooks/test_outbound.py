@@ -303,3 +303,74 @@ async def test_https_endpoints_are_verified_against_the_operators_ca_file(
     finally:
         await server.close()
     assert response.status_code == 200 and len(server.requests) == 1
+
+
+def test_the_allow_list_reads_names_addresses_in_any_spelling_and_ranges() -> None:
+    policy = OutboundPolicy.parse(
+        " LocalHost. , vllm.internal,2130706433,[::1],10.0.0.0/8,[fd00::]/8"
+    )
+    assert policy.hosts == {"localhost", "vllm.internal"}
+    assert {str(network) for network in policy.networks} == {
+        "127.0.0.1/32",
+        "::1/128",
+        "10.0.0.0/8",
+        "fd00::/8",
+    }
+    # A name allows only itself: no subdomain, no wildcard.
+    assert policy.allows_host("VLLM.internal.")
+    assert not policy.allows_host("gpu.vllm.internal")
+    # An allowed IPv4 address is allowed in its IPv4-mapped IPv6 form, as a socket reaches it.
+    assert policy.allows_address(ipaddress.ip_address("::ffff:10.1.2.3"))
+
+
+@pytest.mark.parametrize(
+    "entry", ["localhost:8000", "http://vllm", "*.corp", "10.0.0.0/33", "vllm host", "bücher.de"]
+)
+def test_an_allow_list_entry_that_is_no_name_address_or_range_is_refused(entry: str) -> None:
+    with pytest.raises(ValueError, match="is not a host name, an address or a CIDR range"):
+        OutboundPolicy.parse(f"127.0.0.1,{entry}")
+
+
+@pytest.mark.parametrize(
+    ("allowed", "refused"),
+    [
+        ("", True),
+        ("localhost", False),
+        ("127.0.0.0/8", False),
+        ("::1", False),
+        ("10.0.0.0/8", True),
+    ],
+)
+def test_a_localhost_name_counts_as_loopback_whatever_it_resolves_to(
+    allowed: str, refused: bool
+) -> None:
+    policy = OutboundPolicy.parse(allowed)
+    for name in ("localhost", "LOCALHOST.", "api.localhost"):
+        if refused or (name == "api.localhost" and allowed == "localhost"):
+            with pytest.raises(ForbiddenDestination, match="a loopback name"):
+                policy.check_host(name)
+        else:
+            assert policy.check_host(name) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "%31%32%37.0.0.1",
+        "127.0.0.1%2e",
+        " api.example.com",
+        "127\u30020\u30020\u30021",
+        "-x.example",
+        "a..b",
+    ],
+)
+def test_a_host_that_is_no_plain_ascii_name_is_refused_before_any_lookup(host: str) -> None:
+    with pytest.raises(ForbiddenDestination, match="not a host name"):
+        OutboundPolicy.parse("0.0.0.0/0").check_host(host)
+
+
+def test_an_international_name_is_accepted_in_its_xn_form_only() -> None:
+    policy = OutboundPolicy()
+    assert policy.check_url("https://xn--bcher-kva.example/v1").host == "bücher.example"
+    with pytest.raises(ForbiddenDestination, match="in its xn-- form"):
+        policy.check_url("https://bücher.example/v1")

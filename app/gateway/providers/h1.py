@@ -11,8 +11,9 @@ uses), and gzip or deflate bodies should a server send them unasked. Through an 
 (`app/core/egress.py` decides which), an http origin gets absolute-form requests on connections
 to the proxy, and an https origin a CONNECT tunnel with TLS to the origin inside, kept alive like
 any other connection. Given an `OutboundPolicy`, each new direct connection goes to an address
-of the host that the policy allowed (a kept-alive one costs nothing more). Streams, redirects
-and cookies are not its business: a 3xx is returned as any answer, never followed, and
+of the host that the policy allowed, and each new one through a proxy is opened only if the host
+resolves here to allowed addresses or not at all (a kept-alive one costs nothing more). Streams,
+redirects and cookies are not its business: a 3xx is returned as any answer, never followed, and
 streamed answers go through aiohttp.
 
 A request that finds its kept-alive connection closed by the server before any byte of the
@@ -332,6 +333,8 @@ class _Origin:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
+                if self.proxy is not None and self.policy is not None:
+                    await self.policy.check_through_proxy(self.host, self.port)
                 if self.proxy is None and self.policy is not None:
                     conn = await self._connect_checked(self.policy)
                 elif self.proxy is None:
@@ -467,6 +470,10 @@ class H1Client:
             raise ValueError(f"not an http(s) URL: {url!r}")
         port = parts.port or (443 if scheme == "https" else 80)
         host = parts.hostname
+        if self._policy is not None:
+            # Once per URL, before the host is written anywhere: a forbidden literal address, a
+            # localhost or metadata name, or a host that is no plain name, is refused here.
+            self._policy.check_host(host)
         shown = f"[{host}]" if ":" in host else host
         if parts.port is not None:
             shown += f":{port}"
@@ -496,10 +503,6 @@ class H1Client:
                     self._tls = verified_context()
                 tls = self._tls
             proxy = self._proxies.select(scheme, host, port)
-            if self._policy is not None:
-                # Once per origin. Through a proxy, the operator's own choice, only the name's
-                # literal form can be checked: the proxy resolves it, out of our sight.
-                self._policy.check_host(host)
             connect = b""
             if proxy is not None and tls is not None:
                 authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

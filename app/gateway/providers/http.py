@@ -6,7 +6,8 @@ upstream origin. Both take their proxy from the same `ProxyRules`, read from the
 when the pool is built, verify TLS the same way (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured),
 and connect only to addresses the same `OutboundPolicy` allows (checked per new connection, so
 a provider URL cannot reach loopback, private or metadata addresses unless the operator listed
-them in `OUTBOUND_ALLOWED_HOSTS`). Neither follows redirects: a 3xx is an upstream error.
+them in `OUTBOUND_ALLOWED_HOSTS`; through a proxy, the host as it resolves here). Neither
+follows redirects: a 3xx is an upstream error.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 from app.core.egress import USER_AGENT, Proxy, ProxyRefused, ProxyRules, verified_context
-from app.core.outbound import ForbiddenDestination, OutboundPolicy, parse_host_address
+from app.core.outbound import ForbiddenDestination, OutboundFailed, OutboundPolicy, connectable
 from app.gateway.providers.base import (
     JSON,
     Upstream,
@@ -39,29 +39,53 @@ from app.gateway.providers.h1 import H1Client
 
 
 class GuardedResolver(AbstractResolver):
-    """The default resolver, refusing a host any of whose addresses the policy forbids.
+    """Resolves as the JSON client does: every address of the host checked by the policy.
 
-    aiohttp connects to the address resolved here (and caches it), so what was checked is what
-    is called. Literal addresses never reach a resolver: `HttpPool.session` checks those.
+    aiohttp connects to the addresses resolved here (and caches them), so what was checked is
+    what is called. Literal addresses never reach a resolver: `HttpPool.session` checks those.
     """
 
     def __init__(self, policy: OutboundPolicy) -> None:
         self._policy = policy
-        self._inner = DefaultResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        answers = await self._inner.resolve(host, port, family)
-        for answer in answers:
-            address = parse_host_address(answer["host"])
-            if address is None:
-                raise OSError(f"unreadable address {answer['host']!r} for {host}")
-            self._policy.check_address(host, address)
-        return answers
+        # Every address is given whatever `family` asks (aiohttp's connector asks for any).
+        try:
+            addresses = await self._policy.checked_addresses(host, port)
+        except OutboundFailed as exc:
+            # aiohttp reports an OSError with an errno as a DNS failure of this host.
+            raise socket.gaierror(socket.EAI_NONAME, exc.message) from exc
+        results: list[ResolveResult] = []
+        for address in addresses:
+            shown = connectable(address)
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=shown,
+                    port=port,
+                    family=socket.AF_INET6 if ":" in shown else socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        return results
 
     async def close(self) -> None:
-        await self._inner.close()
+        pass
+
+
+def checked_through_proxy(policy: OutboundPolicy, host: str, port: int) -> aiohttp.TraceConfig:
+    """Checks `host` as the proxy would resolve it, each time aiohttp opens a new connection
+    (to the proxy) for it, before any byte is sent; a kept-alive one is not checked again."""
+
+    async def check(*_: object) -> None:
+        await policy.check_through_proxy(host, port)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(check)
+    return trace
 
 
 class HttpPool:
@@ -113,12 +137,19 @@ class HttpPool:
         if self._tls is None:
             # Made on the first session, not at import as aiohttp's own: SSL_CERT_FILE counts.
             self._tls = verified_context()
-        # Once per origin: a forbidden literal address or metadata host is refused here.
-        self.policy.check_host(parts.hostname or "")
+        # Once per origin: a forbidden literal address, a localhost or metadata name, or a host
+        # that is no plain name (which aiohttp's URL parser could read as another) is refused.
+        host = parts.hostname or ""
+        self.policy.check_host(host)
         # Through a proxy (the operator's own choice) the connector resolves only the proxy's
-        # name, which the policy must not judge, and the origin's name is the proxy's to resolve:
-        # only its literal form, checked above, can be.
-        resolver = None if self.stream_proxy(url) is not None else GuardedResolver(self.policy)
+        # name, which the policy must not judge; the origin's name, which the proxy resolves, is
+        # checked as it resolves here on each new connection.
+        proxied = self.stream_proxy(url) is not None
+        traces: list[aiohttp.TraceConfig] = []
+        if proxied:
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+            traces.append(checked_through_proxy(self.policy, host, port))
+        resolver = None if proxied else GuardedResolver(self.policy)
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             ttl_dns_cache=300,
@@ -128,7 +159,10 @@ class HttpPool:
         )
         # trust_env stays off: the proxy is the one `self.proxies` chose, as for JSON calls.
         session = aiohttp.ClientSession(
-            connector=connector, raise_for_status=False, headers={"user-agent": USER_AGENT}
+            connector=connector,
+            raise_for_status=False,
+            headers={"user-agent": USER_AGENT},
+            trace_configs=traces,
         )
         self._sessions[origin] = (loop, session)
         return session
