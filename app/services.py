@@ -34,8 +34,9 @@ from app.queue.port import DramatiqQueue, JobQueue
 from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
+from app.usage.admission import Caller
 from app.usage.entities import UsageType
-from app.usage.metering import Caller, Metering
+from app.usage.metering import Metering
 from app.usage.pricing import estimate_message_tokens
 from app.usage.wiring import Accounting, app_config_value, build_accounting
 from app.webhooks.service import WebhookConfig, WebhookService

@@ -34,9 +34,10 @@ from app.models.entities import ModelKind
 from app.operations.entities import OperationKind
 from app.operations.service import Owner
 from app.services import Services
+from app.usage.admission import Admission
 from app.usage.entities import UsageType
-from app.usage.metering import Admission, UsageOutcome
 from app.usage.pricing import estimate_message_tokens
+from app.usage.settlement import UsageOutcome
 
 log = logging.getLogger(__name__)
 
