@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # one Redis server (on different databases) from clearing each other's caches.
 CHANNEL = "gateway:invalidate:db{db}"
 ALL = "*"
-# What admission reads (app/usage/metering.py) and the admin API changes. Its items name one
+# What admission reads (app/usage/admission.py) and the admin API changes. Its items name one
 # entry: `budgets` (the enabled budgets), `key:<id>` and `team:<id>` (their rate limits),
 # `model:<id>` (its prices), `defaults` (the default rate limits). Defined here because the
 # access, model and usage services all publish on it.

@@ -39,9 +39,11 @@ from app.operations.entities import Operation
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.queue.names import OperationKind
+from app.usage.admission import Admission
 from app.usage.entities import UsageType
-from app.usage.metering import Admission, Metering, UsageOutcome
+from app.usage.metering import Metering
 from app.usage.pricing import estimate_message_tokens
+from app.usage.settlement import UsageOutcome
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from app.core.redis_pipe import PipelinedRedis
 from app.logs.service import LogService
 from app.queue.periodic import PeriodicTask
 from app.storage.protocol import Storage
+from app.usage.admission import ConfigLookup
 from app.usage.budgets import BudgetService
 from app.usage.limits import RateLimits
-from app.usage.metering import ConfigLookup, Metering, MeteringOptions
+from app.usage.metering import Metering, MeteringOptions
 from app.usage.recorder import AccountingBuffer, Batch, BatchSender
 from app.usage.service import UsageService
 
@@ -96,7 +97,7 @@ def hot_path_redis(settings: Settings) -> PipelinedRedis | None:
     the shared client serves).
 
     It is the lean pipelined client (app/core/redis_pipe.py): a tenth of redis-py's CPU per
-    admission. It has no socket timeout; `Metering` bounds each call with `asyncio.timeout`.
+    admission. It has no socket timeout; metering bounds each call with `asyncio.timeout`.
     """
     if settings.BROKER is not BrokerKind.REDIS:
         return None

@@ -19,8 +19,8 @@ from app.models.entities import Model
 from app.services import Services
 from app.storage.protocol import Storage
 from app.usage.entities import UsageStatus
-from app.usage.metering import UsageOutcome
 from app.usage.recorder import encode_batch
+from app.usage.settlement import UsageOutcome
 from tests.usage.conftest import Principal
 from tests.usage.test_api import ADMIN, app_on, serve, services_of
 

@@ -4,7 +4,6 @@ after), rows built without entities, and one read per expired cache entry."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -18,10 +17,11 @@ from app.core.redis_pipe import PipelinedRedis
 from app.logs.entities import ExecutionLog, ExecutionType
 from app.models.entities import Model
 from app.storage.protocol import Storage
-from app.usage import metering as metering_module
+from app.usage import pipeline as pipeline_module
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus, UsageType
-from app.usage.metering import UsageOutcome
+from app.usage.metering import Metering, MeteringOptions
 from app.usage.recorder import decode_batch, encode_batch
+from app.usage.settlement import UsageOutcome
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
 from tests.usage.conftest import (
@@ -87,15 +87,15 @@ async def test_an_admission_waits_for_corrections_already_on_their_way(
     await limited_key(storage, "key-race")
     metering = accounting.metering
     # The corrections go out on their own at once, and take a while to get there.
-    monkeypatch.setattr(metering_module, "_CORRECTION_DELAY", 0)
-    adjust = metering._adjust_script
+    monkeypatch.setattr(pipeline_module, "_CORRECTION_DELAY", 0)
+    adjust = metering._pipeline._adjust_script
 
     async def slow_adjust(**kwargs: Any) -> Any:
         await asyncio.sleep(0.05)
         return await adjust(**kwargs)
 
     slow_adjust.sha = adjust.sha  # type: ignore[attr-defined]  # as admissions send it
-    monkeypatch.setattr(metering, "_adjust_script", slow_adjust)
+    monkeypatch.setattr(metering._pipeline, "_adjust_script", slow_adjust)
     first = await metering.admit(Principal("key-race"), model, 100, 4900)  # reserves 5000
     await metering.settle(first, UsageOutcome(input_tokens=100, output_tokens=100))
     await asyncio.sleep(0.01)  # the correction is on its way
@@ -134,7 +134,7 @@ async def test_concurrent_admissions_of_a_key_read_its_limits_once(
 ) -> None:
     await limited_key(storage, "key-crowd")
     metering = accounting.metering
-    cache = metering._key_limits
+    cache = metering._admission._key_limits
     reads: list[str] = []
     read = cache._load
 
@@ -172,8 +172,13 @@ async def test_a_redis_that_does_not_answer_makes_the_call_unavailable_in_time(
     port = server.sockets[0].getsockname()[1]
     settings = redis_broker_settings(f"redis://127.0.0.1:{port}/0")
     built = build_accounting(settings, storage, aioredis.Redis(port=port), sink)
-    metering = built.metering
-    metering._options = dataclasses.replace(metering._options, redis_timeout=0.2)
+    metering = Metering(
+        storage,
+        built.metering._redis,  # the pipelined client of its own
+        built.budgets,
+        built.metering.buffer,
+        MeteringOptions(redis_timeout=0.2),
+    )
     await limited_key(storage, "key-silent")
     started = time.monotonic()
     with pytest.raises(Unavailable):
@@ -191,14 +196,14 @@ async def test_admissions_of_one_turn_share_a_pipeline_and_still_hold_the_limit(
         await uow.commit()
     metering = accounting.metering
     pipelines = 0
-    original = metering._pipeline
+    original = metering._pipeline._round_trip
 
     async def counting(*args: Any) -> list[Any]:
         nonlocal pipelines
         pipelines += 1
         return await original(*args)
 
-    monkeypatch.setattr(metering, "_pipeline", counting)
+    monkeypatch.setattr(metering._pipeline, "_round_trip", counting)
 
     async def call() -> str:
         try:

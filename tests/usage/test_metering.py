@@ -13,9 +13,10 @@ from app.core.errors import BudgetExceeded, InvalidInput, RateLimited, UpstreamU
 from app.credentials.entities import Provider
 from app.models.entities import Model
 from app.storage.protocol import Storage
+from app.usage.admission import Admission, Caller, output_reservation
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus
-from app.usage.metering import Admission, Caller, UsageOutcome, output_reservation
 from app.usage.pricing import cost_micros
+from app.usage.settlement import UsageOutcome
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
 from tests.usage.conftest import Principal, RecordingSink, accounting_settings, redis_client

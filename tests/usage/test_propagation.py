@@ -22,7 +22,8 @@ from app.core.errors import RateLimited
 from app.core.invalidation import METERING_TOPIC
 from app.storage.protocol import Storage
 from app.storage.sql import SqlStorage, make_database
-from app.usage.metering import Caller, Metering
+from app.usage.admission import Caller
+from app.usage.metering import Metering
 from tests.conftest import truncate_all
 from tests.usage.test_api import ADMIN, app_on, serve, services_of
 from tests.usage.test_chat_metering import CALL, PRICED, add_priced_model, new_key
@@ -104,7 +105,7 @@ async def test_a_budget_created_on_one_api_is_enforced_by_the_other_at_once(
     # Both processes have served the key, so both cache "no budget applies".
     assert await chat(first, key, 1) == [200] and await chat(second, key, 1) == [200]
     await flush_usage(first, second)
-    budgets = metering_of(second)._enabled_budgets
+    budgets = metering_of(second)._admission._enabled_budgets
     assert budgets.get("enabled") == []
 
     created = await first.post(
@@ -128,7 +129,7 @@ async def test_a_budget_created_on_one_api_is_enforced_by_the_other_at_once(
     )
     assert raised.status_code == 200, raised.text
     delay = await until(
-        lambda: metering_of(first)._enabled_budgets.get("enabled") is None,
+        lambda: metering_of(first)._admission._enabled_budgets.get("enabled") is None,
         within=PROPAGATION_BOUND,
     )
     report(record_property, "budget raised", delay)
@@ -137,7 +138,7 @@ async def test_a_budget_created_on_one_api_is_enforced_by_the_other_at_once(
     deleted = await second.delete(f"/admin/budgets/{created.json()['id']}", headers=ADMIN)
     assert deleted.status_code == 200
     delay = await until(
-        lambda: metering_of(first)._enabled_budgets.get("enabled") is None,
+        lambda: metering_of(first)._admission._enabled_budgets.get("enabled") is None,
         within=PROPAGATION_BOUND,
     )
     report(record_property, "budget deleted", delay)
@@ -161,7 +162,7 @@ async def test_a_key_limit_lowered_on_one_api_holds_on_the_other_at_once(
     # A job run by the second process reads the key's limits by id: cached there too.
     job = Caller(key_id=key_id, team_id=None)
     await metering_of(second).release(await metering_of(second).admit(job, PRICED.id, 1, 10))
-    job_limits = metering_of(second)._key_limits
+    job_limits = metering_of(second)._admission._key_limits
     assert job_limits.get(key_id) is not None
 
     changed = await first.patch(
@@ -193,7 +194,7 @@ async def test_a_team_limit_lowered_on_one_api_holds_on_the_other_at_once(
     team_id = team.json()["id"]
     key = await new_key(first, team_id=team_id)
     assert await chat(first, key, 1) == [200] and await chat(second, key, 1) == [200]
-    team_limits = metering_of(second)._team_limits
+    team_limits = metering_of(second)._admission._team_limits
     assert team_limits.get(team_id) is not None
 
     changed = await first.patch(
@@ -216,7 +217,7 @@ async def test_a_price_changed_on_one_api_is_charged_by_the_other_at_once(
     key = await new_key(first)
     assert await chat(second, key, 1) == [200]
     await flush_usage(second)
-    models = metering_of(second)._models
+    models = metering_of(second)._admission._models
     assert models.get(PRICED.id) is not None
 
     changed = await first.patch(
@@ -230,7 +231,7 @@ async def test_a_price_changed_on_one_api_is_charged_by_the_other_at_once(
     budget = {"name": "one call", "period": "daily", "hard_limit_micros": 200}
     assert (await first.post("/admin/budgets", json=budget, headers=ADMIN)).status_code == 201
     await until(
-        lambda: metering_of(second)._enabled_budgets.get("enabled") is None,
+        lambda: metering_of(second)._admission._enabled_budgets.get("enabled") is None,
         within=PROPAGATION_BOUND,
     )
     assert sorted(await chat(second, key, 3)) == [200, 402, 402]
@@ -326,9 +327,9 @@ async def test_a_lost_subscription_drops_every_cached_limit_budget_and_price(
 
     def cached() -> list[object]:
         return [
-            metering._enabled_budgets.get("enabled"),
-            metering._models.get(PRICED.id),
-            metering._default_limits.get("defaults"),
+            metering._admission._enabled_budgets.get("enabled"),
+            metering._admission._models.get(PRICED.id),
+            metering._admission._default_limits.get("defaults"),
         ]
 
     assert None not in cached()
@@ -344,5 +345,5 @@ async def test_an_unknown_metering_item_drops_everything_rather_than_nothing(
     assert await chat(one_api, key, 1) == [200]
     metering = services_of(one_api).metering
     await services_of(one_api).invalidation.publish(METERING_TOPIC, "quota:q-1")
-    assert metering._enabled_budgets.get("enabled") is None
-    assert metering._models.get(PRICED.id) is None
+    assert metering._admission._enabled_budgets.get("enabled") is None
+    assert metering._admission._models.get(PRICED.id) is None

@@ -19,9 +19,9 @@ from app.queue.names import USAGE_ACTOR, USAGE_QUEUE
 from app.storage.protocol import Storage
 from app.usage.budgets import BudgetService
 from app.usage.entities import UsageRecord, UsageType
-from app.usage.metering import UsageOutcome
 from app.usage.recorder import AccountingBuffer, Batch, decode_batch, encode_batch
 from app.usage.service import UsageService
+from app.usage.settlement import UsageOutcome
 from tests.usage.conftest import Principal
 from tests.usage.test_api import app_on
 
