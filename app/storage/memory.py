@@ -25,10 +25,10 @@ from app.storage.mapping import (
     decode_cursor,
     encode_cursor,
     entity_for_table,
+    find_order,
     from_row,
     json_dumps,
     json_loads,
-    parse_order,
     referencing,
     table_info,
     to_row,
@@ -529,10 +529,7 @@ class MemoryRepository(Generic[E]):
     ) -> Page[E]:
         self._uow._usable()
         conds = _normalise(where, self._info)
-        keys = parse_order(self._info, tuple(order_by))
-        paged = limit is not None or after is not None
-        if paged and any(name in self._info.nullable for name, _ in keys):
-            raise ValueError("cursor pagination needs sort columns that cannot be null")
+        keys = find_order(self._info, order_by, limit, after)
         rows = sorted(self._uow._rows(self._info, conds), key=_sort_key(keys))
         if after is not None:
             start = _sort_key(keys)(

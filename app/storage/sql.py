@@ -32,10 +32,10 @@ from app.storage.mapping import (
     check_column,
     decode_cursor,
     encode_cursor,
+    find_order,
     from_row,
     json_dumps,
     json_loads,
-    parse_order,
     table_info,
     to_row,
 )
@@ -665,10 +665,7 @@ class SqlRepository(Generic[E]):
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[E]:
-        keys = parse_order(self._info, tuple(order_by))
-        paged = limit is not None or after is not None
-        if paged and any(name in self._info.nullable for name, _ in keys):
-            raise ValueError("cursor pagination needs sort columns that cannot be null")
+        keys = find_order(self._info, order_by, limit, after)
         params: dict[str, Any] = {}
         clauses = _conditions(self._info, where, params)
         if after is not None:
