@@ -19,7 +19,7 @@ from app.access.entities import (
 )
 from app.access.permissions import KeyPermissions
 from app.access.service import effective_status
-from app.core.schemas import ListPage
+from app.core.schemas import ListPage, from_entity
 
 Username = Annotated[str, Field(min_length=3, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")]
 Password = Annotated[str, Field(min_length=8, max_length=1024)]
@@ -87,7 +87,7 @@ class UserRead(BaseModel):
 
     @classmethod
     def of(cls, user: User) -> UserRead:
-        return cls.model_validate(user.model_dump(exclude={"password_hash", "version"}))
+        return from_entity(cls, user)
 
 
 class UserList(ListPage[UserRead]):
@@ -123,7 +123,7 @@ class TeamRead(BaseModel):
 
     @classmethod
     def of(cls, team: Team) -> TeamRead:
-        return cls.model_validate(team.model_dump(exclude={"version"}))
+        return from_entity(cls, team)
 
 
 class TeamList(ListPage[TeamRead]):
@@ -148,7 +148,7 @@ class MemberRead(BaseModel):
 
     @classmethod
     def of(cls, member: TeamMember) -> MemberRead:
-        return cls.model_validate(member.model_dump(exclude={"id", "version"}))
+        return from_entity(cls, member)
 
 
 class MemberList(BaseModel):
@@ -206,20 +206,11 @@ class ApiKeyRead(BaseModel):
 
     @classmethod
     def of(cls, key: ApiKey) -> ApiKeyRead:
-        return cls(
-            id=key.id,
-            name=key.name,
-            description=key.description,
-            key_prefix=key.key_prefix,
+        return from_entity(
+            cls,
+            key,
             status=effective_status(key),
-            team_id=key.team_id,
             permissions=KeyPermissions.from_stored(key.permissions),
-            rate_limits=key.rate_limits,
-            expires_at=key.expires_at,
-            last_used_at=key.last_used_at,
-            created_by=key.created_by,
-            created_at=key.created_at,
-            updated_at=key.updated_at,
         )
 
 

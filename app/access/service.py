@@ -26,7 +26,6 @@ from app.core.clock import utcnow
 from app.core.errors import (
     Conflict,
     InvalidInput,
-    NotFound,
     PermissionDenied,
     StaleVersion,
     Unauthenticated,
@@ -35,7 +34,8 @@ from app.core.events import EventSink, NullSink
 from app.core.ids import new_id
 from app.core.invalidation import ALL, METERING_TOPIC, InvalidatedCache, InvalidationBus
 from app.core.loading import LoadingCache
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import get_existing, read_existing, read_page
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +244,7 @@ class ApiKeyService:
     # -- administering ----------------------------------------------------------------------
 
     async def get_key(self, key_id: str) -> ApiKey:
-        async with self._storage.unit_of_work() as uow:
-            key = await uow.repo(ApiKey).get(key_id)
-        if key is None:
-            raise NotFound("api key", key_id, param="id")
-        return key
+        return await read_existing(self._storage, ApiKey, key_id, "api key", param="id")
 
     async def list_keys(
         self,
@@ -259,15 +255,10 @@ class ApiKeyService:
         after: str | None = None,
     ) -> Page[ApiKey]:
         """Keys newest first, optionally of one team or in one stored status."""
-        where: list[Where] = []
-        if team_id is not None:
-            where.append(Where.eq("team_id", team_id))
-        if status is not None:
-            where.append(Where.eq("status", status))
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(ApiKey).find(
-                *where, order_by=["-created_at"], limit=limit, after=after
-            )
+        where = given(Where.eq("team_id", team_id), Where.eq("status", status))
+        return await read_page(
+            self._storage, ApiKey, *where, order_by=["-created_at"], limit=limit, after=after
+        )
 
     async def update_key(self, key_id: str, changes: Mapping[str, Any]) -> ApiKey:
         """Change name, description, team, permissions, rate limits or expiry (the given ones)."""
@@ -348,15 +339,12 @@ class ApiKeyService:
             return changed
 
     async def _load(self, uow: UnitOfWork, key_id: str) -> ApiKey:
-        key = await uow.repo(ApiKey).get(key_id)
-        if key is None:
-            raise NotFound("api key", key_id, param="id")
-        return key
+        return await get_existing(uow.repo(ApiKey), key_id, "api key", param="id")
 
     @staticmethod
     async def _require_team(uow: UnitOfWork, team_id: str | None) -> None:
-        if team_id is not None and await uow.repo(Team).get(team_id) is None:
-            raise NotFound("team", team_id, param="team_id")
+        if team_id is not None:
+            await get_existing(uow.repo(Team), team_id, "team", param="team_id")
 
     # -- checking ---------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from app.access.service import KEYS_TOPIC
 from app.core.errors import Conflict, DuplicateKey, NotFound
 from app.core.ids import new_id
 from app.core.invalidation import METERING_TOPIC, InvalidationBus
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import get_existing, read_page
 
 ADMIN_TEAM_ID = "team-administrators"
 
@@ -67,11 +68,10 @@ class TeamService:
     async def list_teams(
         self, *, status: TeamStatus | None = None, limit: int = 20, after: str | None = None
     ) -> Page[Team]:
-        where = [Where.eq("status", status)] if status is not None else []
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(Team).find(
-                *where, order_by=["-created_at"], limit=limit, after=after
-            )
+        where = given(Where.eq("status", status))
+        return await read_page(
+            self._storage, Team, *where, order_by=["-created_at"], limit=limit, after=after
+        )
 
     async def update_team(self, team_id: str, changes: Mapping[str, Any]) -> Team:
         """Change a team's name, description or rate limits (given fields only)."""
@@ -136,8 +136,7 @@ class TeamService:
     ) -> TeamMember:
         async with self._storage.unit_of_work() as uow:
             await _load(uow, team_id)
-            if await uow.repo(User).get(user_id) is None:
-                raise NotFound("user", user_id, param="user_id")
+            await get_existing(uow.repo(User), user_id, "user", param="user_id")
             if await _membership(uow, team_id, user_id) is not None:
                 raise DuplicateKey(
                     f"user '{user_id}' is already a member of team '{team_id}'", param="user_id"
@@ -168,10 +167,7 @@ class TeamService:
 
 
 async def _load(uow: UnitOfWork, team_id: str) -> Team:
-    team = await uow.repo(Team).get(team_id)
-    if team is None:
-        raise NotFound("team", team_id, param="id")
-    return team
+    return await get_existing(uow.repo(Team), team_id, "team", param="id")
 
 
 async def _membership(uow: UnitOfWork, team_id: str, user_id: str) -> TeamMember | None:

@@ -18,13 +18,13 @@ from app.core.errors import (
     Conflict,
     DuplicateKey,
     InvalidInput,
-    NotFound,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
 from app.core.ids import new_id
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.reads import get_existing, read_page
 
 _REVOKED = "gateway:session:revoked:"
 MIN_PASSWORD_LENGTH = 8
@@ -88,8 +88,7 @@ class UserService:
             return await _load(uow, user_id)
 
     async def list_users(self, *, limit: int = 20, after: str | None = None) -> Page[User]:
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(User).find(order_by=["username"], limit=limit, after=after)
+        return await read_page(self._storage, User, order_by=["username"], limit=limit, after=after)
 
     async def update_user(self, user_id: str, changes: Mapping[str, Any]) -> User:
         """Change password, admin rights or status; the last active administrator stays one."""
@@ -194,10 +193,7 @@ def _check_password(password: str) -> None:
 
 
 async def _load(uow: UnitOfWork, user_id: str) -> User:
-    user = await uow.repo(User).get(user_id)
-    if user is None:
-        raise NotFound("user", user_id, param="id")
-    return user
+    return await get_existing(uow.repo(User), user_id, "user", param="id")
 
 
 async def _by_username(uow: UnitOfWork, username: str) -> User | None:

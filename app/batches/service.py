@@ -34,6 +34,7 @@ from app.operations.transitions import TERMINAL
 from app.queue.names import OperationKind
 from app.storage.mapping import encode_cursor
 from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.reads import read_page
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,9 @@ class FileService:
         if after is not None:
             last = await self.get(after, owner=owner, param="after")
             cursor = _id_cursor(last.created_at, last.id)
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(StoredFile).find(
-                *where, order_by=["-created_at"], limit=limit, after=cursor
-            )
+        return await read_page(
+            self._storage, StoredFile, *where, order_by=["-created_at"], limit=limit, after=cursor
+        )
 
     async def delete(self, file_id: str, *, owner: Owner) -> StoredFile:
         """Remove the owner's file; batches already created from it keep their requests."""

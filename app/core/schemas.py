@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, Literal, Protocol, Self, TypeVar
+from functools import cache
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel
 
 T = TypeVar("T")
 E = TypeVar("E")
 E_co = TypeVar("E_co", covariant=True)
+M = TypeVar("M", bound=BaseModel)
+
+
+def from_entity(shape: type[M], entity: BaseModel, **given: Any) -> M:
+    """`shape` filled from the stored `entity`: each field it stores under the same name is
+    copied, and `given` holds the rest (computed, renamed or masked ones).
+
+    A response shape so says only where it differs from what is stored; a stored field the
+    shape does not declare (a secret, a hash, the row version) is never copied.
+    """
+    copied = {n: getattr(entity, n) for n in _shared_fields(shape, type(entity)) if n not in given}
+    return shape(**copied, **given)
+
+
+@cache
+def _shared_fields(shape: type[BaseModel], stored: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(name for name in shape.model_fields if name in stored.model_fields)
 
 
 class Paged(Protocol[E_co]):

@@ -29,7 +29,8 @@ from app.credentials.schemas import (
     CredentialUpdate,
     has_url_credentials,
 )
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import get_existing, read_existing, read_page
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +176,14 @@ class CredentialService:
         self, *, provider: Provider | None = None, limit: int = 20, after: str | None = None
     ) -> Page[StoredCredential]:
         """Credentials ordered by id, a page at a time."""
-        where = [Where.eq("provider", provider)] if provider is not None else []
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(StoredCredential).find(
-                *where, order_by=["id"], limit=limit, after=after
-            )
+        where = given(Where.eq("provider", provider))
+        return await read_page(
+            self._storage, StoredCredential, *where, order_by=["id"], limit=limit, after=after
+        )
 
     async def get(self, credential_id: str) -> StoredCredential:
         """The credential `credential_id`, or `NotFound`."""
-        async with self._storage.unit_of_work() as uow:
-            credential = await uow.repo(StoredCredential).get(credential_id)
-        if credential is None:
-            raise NotFound("credential", credential_id)
-        return credential
+        return await read_existing(self._storage, StoredCredential, credential_id, "credential")
 
     async def update(self, credential_id: str, changes: CredentialUpdate) -> StoredCredential:
         """Apply the fields given; a new secret replaces an env var reference and vice versa.
@@ -199,9 +195,7 @@ class CredentialService:
             self._outbound.policy.check_url(changes.endpoint, param="endpoint")
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(StoredCredential)
-            credential = await repo.get(credential_id)
-            if credential is None:
-                raise NotFound("credential", credential_id)
+            credential = await get_existing(repo, credential_id, "credential")
             if "secret" in changes.model_fields_set:
                 secret = changes.secret.get_secret_value() if changes.secret else None
                 credential.secret_encrypted = self._encrypt(secret)
@@ -227,8 +221,7 @@ class CredentialService:
         """Delete a credential none of its `users` calls with; one in use is a `Conflict` naming
         the models."""
         async with self._storage.unit_of_work() as uow:
-            if await uow.repo(StoredCredential).get(credential_id) is None:
-                raise NotFound("credential", credential_id)
+            await get_existing(uow.repo(StoredCredential), credential_id, "credential")
             using = await self._users.calling_through(uow, credential_id, limit=_SHOWN_IN_CONFLICT)
             if using:
                 raise self._in_use(credential_id, using)
@@ -243,10 +236,7 @@ class CredentialService:
         Unknown → `NotFound`; disabled, or stored under a key no longer configured →
         `Unavailable`. An env var that is not set gives `secret=None`.
         """
-        async with self._storage.unit_of_work() as uow:
-            credential = await uow.repo(StoredCredential).get(credential_id)
-        if credential is None:
-            raise NotFound("credential", credential_id)
+        credential = await self.get(credential_id)
         if not credential.enabled:
             raise Unavailable(f"credential '{credential_id}' is disabled")
         secret: str | None = None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.core.errors import Conflict, InvalidInput, NotFound
+from app.core.errors import Conflict, InvalidInput
 from app.gateway.schemas import ChainCreate, ChainStep, ChainUpdate
 from app.models.entities import Model, ModelChain
 from app.storage.protocol import Storage, UnitOfWork
+from app.storage.reads import delete_existing, get_existing, read_existing
 
 
 class ChainService:
@@ -22,11 +23,7 @@ class ChainService:
             return (await uow.repo(ModelChain).find(order_by=("id",))).items
 
     async def get(self, chain_id: str) -> ModelChain:
-        async with self._storage.unit_of_work() as uow:
-            chain = await uow.repo(ModelChain).get(chain_id)
-        if chain is None:
-            raise NotFound("chain", chain_id)
-        return chain
+        return await read_existing(self._storage, ModelChain, chain_id, "chain")
 
     async def create(self, data: ChainCreate) -> ModelChain:
         async with self._storage.unit_of_work() as uow:
@@ -49,9 +46,7 @@ class ChainService:
 
     async def update(self, chain_id: str, data: ChainUpdate) -> ModelChain:
         async with self._storage.unit_of_work() as uow:
-            chain = await uow.repo(ModelChain).get(chain_id)
-            if chain is None:
-                raise NotFound("chain", chain_id)
+            chain = await get_existing(uow.repo(ModelChain), chain_id, "chain")
             changes = data.model_dump(exclude_unset=True)
             if data.steps is not None:
                 await self._check_steps(uow, data.steps)
@@ -67,8 +62,7 @@ class ChainService:
 
     async def delete(self, chain_id: str) -> None:
         async with self._storage.unit_of_work() as uow:
-            if not await uow.repo(ModelChain).delete(chain_id):
-                raise NotFound("chain", chain_id)
+            await delete_existing(uow.repo(ModelChain), chain_id, "chain")
             await uow.commit()
         self._on_change(chain_id)
 

@@ -37,6 +37,7 @@ from app.gateway.routing import CircuitBreakers, Route, Step, run_route
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from app.models.entities import Model, ModelChain, ModelKind
 from app.storage.protocol import Storage
+from app.storage.reads import read_existing
 
 # Model parameters that act as defaults of the request's own (the request wins).
 SAMPLING_DEFAULTS = (
@@ -92,10 +93,7 @@ class EnvCredentials:
         self._storage = storage
 
     async def reveal(self, credential_id: str) -> RevealedSecret:
-        async with self._storage.unit_of_work() as uow:
-            stored = await uow.repo(StoredCredential).get(credential_id)
-        if stored is None:
-            raise NotFound("credential", credential_id)
+        stored = await read_existing(self._storage, StoredCredential, credential_id, "credential")
         if stored.env_var is None and stored.secret_encrypted is not None:
             raise Unavailable(f"credential '{credential_id}' cannot be read by this process")
         return _EnvCredential(

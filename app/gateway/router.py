@@ -17,6 +17,7 @@ from app.core.api_errors import error_body
 from app.core.error_status import domain_status
 from app.core.errors import DomainError
 from app.core.provide import provide
+from app.core.schemas import from_entity
 from app.gateway.cache import CacheControl
 from app.gateway.calls import CallContext, GatewayCalls
 from app.gateway.chains import ChainService
@@ -24,7 +25,6 @@ from app.gateway.schemas import (
     ChainCreate,
     ChainList,
     ChainRead,
-    ChainStep,
     ChainUpdate,
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -152,12 +152,9 @@ async def embeddings(request: EmbeddingRequest, principal: PrincipalDep, calls: 
 
 
 def _chain_read(chain: ModelChain) -> ChainRead:
-    return ChainRead(
-        id=chain.id,
-        name=chain.name,
-        description=chain.description,
-        steps=[ChainStep.model_validate(s) for s in chain.steps],
-        enabled=chain.enabled,
+    return from_entity(
+        ChainRead,
+        chain,
         created_at=int(chain.created_at.timestamp()),
         updated_at=int(chain.updated_at.timestamp()),
     )

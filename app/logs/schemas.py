@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.core.schemas import from_entity
 from app.logs.entities import ExecutionLog, ExecutionStatus, ExecutionType
 from app.storage.protocol import Page
 
@@ -36,7 +37,7 @@ class ExecutionLogRead(BaseModel):
 
     @classmethod
     def of(cls, entry: ExecutionLog) -> ExecutionLogRead:
-        return cls.model_validate(entry.model_dump(exclude={"version", "updated_at"}))
+        return from_entity(cls, entry)
 
 
 class ExecutionLogList(BaseModel):

@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.core.clock import utcnow
-from app.core.errors import InvalidInput, NotFound
+from app.core.errors import InvalidInput
 from app.logs.entities import ExecutionLog, ExecutionStatus, ExecutionType
 from app.storage.protocol import Page, Storage, Where, given
+from app.storage.reads import read_existing, read_page
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,17 @@ class LogService:
         self, filters: LogFilter, *, limit: int = 50, after: str | None = None
     ) -> Page[ExecutionLog]:
         """Logs matching `filters`, newest first, one cursor page at a time."""
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(ExecutionLog).find(
-                *filters.where(), order_by=["-created_at"], limit=limit, after=after
-            )
+        return await read_page(
+            self._storage,
+            ExecutionLog,
+            *filters.where(),
+            order_by=["-created_at"],
+            limit=limit,
+            after=after,
+        )
 
     async def get(self, log_id: str) -> ExecutionLog:
-        async with self._storage.unit_of_work() as uow:
-            entry = await uow.repo(ExecutionLog).get(log_id)
-        if entry is None:
-            raise NotFound("execution log", log_id, param="id")
-        return entry
+        return await read_existing(self._storage, ExecutionLog, log_id, "execution log", param="id")
 
     async def stats(self, filters: LogFilter) -> LogStats:
         """Counts by status and type, token and cost totals and execution times."""

@@ -14,6 +14,7 @@ from app.credentials.entities import Provider, StoredCredential
 from app.models.entities import Model, ModelChain
 from app.models.schemas import ModelCreate, ModelUpdate
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import delete_existing, get_existing, read_existing, read_page
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,7 @@ class ModelService:
 
     async def get(self, model_id: str) -> Model:
         """The model `model_id`, enabled or not, or `NotFound`."""
-        async with self._storage.unit_of_work() as uow:
-            model = await uow.repo(Model).get(model_id)
-        if model is None:
-            raise NotFound("model", model_id)
-        return model
+        return await read_existing(self._storage, Model, model_id, "model")
 
     async def get_enabled(self, model_id: str, *, param: str | None = "model") -> Model:
         """The enabled model `model_id`; unknown or disabled is `ModelNotFound` (no fallback)."""
@@ -121,8 +118,9 @@ class ModelService:
     ) -> Page[Model]:
         """Models ordered by id, a page at a time."""
         where = given(Where.eq("provider", provider), Where.eq("enabled", enabled))
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(Model).find(*where, order_by=["id"], limit=limit, after=after)
+        return await read_page(
+            self._storage, Model, *where, order_by=["id"], limit=limit, after=after
+        )
 
     async def list_callable(self) -> builtins.list[Model | ModelChain]:
         """Every name a call may give in `model`, ordered by id (what `/v1/models` lists): the
@@ -166,9 +164,7 @@ class ModelService:
             values["parameters"] = changes.parameters.as_dict()
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(Model)
-            model = await repo.get(model_id)
-            if model is None:
-                raise NotFound("model", model_id)
+            model = await get_existing(repo, model_id, "model")
             changed = {n for n, v in values.items() if getattr(model, n) != v}
             for name in changed:
                 setattr(model, name, values[name])
@@ -197,8 +193,7 @@ class ModelService:
                     f"model '{model_id}' is a step of chain(s) {shown}: change them first",
                     param="id",
                 )
-            if not await uow.repo(Model).delete(model_id):
-                raise NotFound("model", model_id)
+            await delete_existing(uow.repo(Model), model_id, "model")
             uow.on_commit(lambda: self._on_change(model_id))
             await uow.commit()
         await self._priced(model_id)

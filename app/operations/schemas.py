@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from app.core.schemas import ListPage
+from app.core.schemas import ListPage, from_entity
 from app.operations.entities import Operation, OperationStatus
 from app.queue.names import OperationKind
 
@@ -57,22 +57,13 @@ class OperationRead(BaseModel):
                 failed=op.children_failed,
                 cancelled=op.children_cancelled,
             )
-        return cls(
-            id=op.id,
-            kind=op.kind,
-            status=op.status,
-            result=op.result,
+        return from_entity(
+            cls,
+            op,
             error=error,
-            progress=op.progress,
-            attempts=op.attempts,
-            max_attempts=op.max_attempts,
             # Entries are numbered by their place: the first attempt is 1.
             attempt_log=[{"attempt": n, **e} for n, e in enumerate(op.attempt_log, 1)],
-            parent_id=op.parent_id,
             children=children,
-            created_at=op.created_at,
-            started_at=op.started_at,
-            finished_at=op.finished_at,
             metadata=op.meta,
         )
 

@@ -21,6 +21,7 @@ from app.queue.names import OperationKind
 from app.queue.port import JobQueue
 from app.storage.grouped import GroupInsert
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import get_existing, read_page
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +204,9 @@ class OperationService:
             Where.lt("created_at", created_before),
             Where.eq("parent_id", parent_id),
         )
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(Operation).find(
-                *where, order_by=["-created_at"], limit=limit, after=after
-            )
+        return await read_page(
+            self._storage, Operation, *where, order_by=["-created_at"], limit=limit, after=after
+        )
 
     @staticmethod
     def _visible(operation: Operation, owner: Owner) -> bool:
@@ -230,9 +230,7 @@ class OperationService:
         """Return a failed job to pending with a fresh set of attempts, and send it."""
         check_operation_id(operation_id)
         async with self._storage.unit_of_work() as uow:
-            operation = await uow.repo(Operation).get(operation_id)
-            if operation is None:
-                raise NotFound("operation", operation_id)
+            operation = await get_existing(uow.repo(Operation), operation_id, "operation")
             move(operation, OperationStatus.PENDING)
             now = utcnow()
             operation.max_attempts = operation.attempts + self.jobs.max_attempts
@@ -251,9 +249,7 @@ async def cancel_in(
 ) -> Operation:
     """Inside `uow`: cancel the job and its unfinished children, counting them on the parent."""
     repo = uow.repo(Operation)
-    operation = await repo.get(operation_id)
-    if operation is None:
-        raise NotFound("operation", operation_id)
+    operation = await get_existing(repo, operation_id, "operation")
     if operation.status in TERMINAL:
         if operation.status == OperationStatus.CANCELLED:
             return operation

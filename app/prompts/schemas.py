@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.ids import SLUG_MAX, is_slug
-from app.core.schemas import ListPage
+from app.core.schemas import ListPage, from_entity
 from app.prompts.entities import Prompt, PromptVersion
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$"
@@ -103,21 +103,7 @@ class PromptRead(BaseModel):
 
     @classmethod
     def of(cls, prompt: Prompt) -> PromptRead:
-        return cls(
-            id=prompt.id,
-            name=prompt.name,
-            description=prompt.description,
-            content=prompt.content,
-            current_version=prompt.current_version,
-            labels=prompt.labels,
-            variables=[VariableRead.model_validate(v) for v in prompt.variables],
-            tags=prompt.tags,
-            output_schema=prompt.output_schema,
-            max_history=prompt.max_history,
-            enabled=prompt.enabled,
-            created_at=prompt.created_at,
-            updated_at=prompt.updated_at,
-        )
+        return from_entity(cls, prompt)
 
 
 class PromptList(ListPage[PromptRead]):

@@ -14,7 +14,8 @@ from app.core.ids import new_id
 from app.prompts.entities import Prompt, PromptVersion
 from app.prompts.schemas import LATEST, PRODUCTION, PromptCreate, PromptUpdate
 from app.prompts.template import MissingVariables, TemplateSyntaxError, parse
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import delete_existing, get_existing, read_page
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,10 @@ class PromptService:
         self, *, enabled: bool | None = None, limit: int = 20, after: str | None = None
     ) -> Page[Prompt]:
         """Prompts ordered by id, a page at a time."""
-        where = [Where.eq("enabled", enabled)] if enabled is not None else []
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(Prompt).find(*where, order_by=["id"], limit=limit, after=after)
+        where = given(Where.eq("enabled", enabled))
+        return await read_page(
+            self._storage, Prompt, *where, order_by=["id"], limit=limit, after=after
+        )
 
     async def update(self, prompt_id: str, changes: PromptUpdate) -> Prompt:
         """Apply the changes; different content becomes a new version, old ones never change."""
@@ -146,8 +148,7 @@ class PromptService:
     async def delete(self, prompt_id: str) -> None:
         """Delete a prompt and all its versions."""
         async with self._storage.unit_of_work() as uow:
-            if not await uow.repo(Prompt).delete(prompt_id):
-                raise NotFound("prompt", prompt_id)
+            await delete_existing(uow.repo(Prompt), prompt_id, "prompt")
             await uow.commit()
         log.info("prompt %s deleted", prompt_id)
 
@@ -318,10 +319,7 @@ class PromptService:
 
     @staticmethod
     async def _get(uow: UnitOfWork, prompt_id: str) -> Prompt:
-        prompt = await uow.repo(Prompt).get(prompt_id)
-        if prompt is None:
-            raise NotFound("prompt", prompt_id)
-        return prompt
+        return await get_existing(uow.repo(Prompt), prompt_id, "prompt")
 
     @staticmethod
     async def _version(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import enum
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -369,6 +369,18 @@ def parse_order(info: TableInfo, order_by: tuple[str, ...] | list[str]) -> list[
         keys.append((name, desc))
     if info.pk not in {name for name, _ in keys}:
         keys.append((info.pk, keys[-1][1] if keys else False))
+    return keys
+
+
+def find_order(
+    info: TableInfo, order_by: Sequence[str], limit: int | None, after: str | None
+) -> list[tuple[str, bool]]:
+    """The sort keys of a `find`; a paged one refuses a nullable key, which a cursor cannot
+    pass (NULL compares as neither before nor after it)."""
+    keys = parse_order(info, tuple(order_by))
+    paged = limit is not None or after is not None
+    if paged and any(name in info.nullable for name, _ in keys):
+        raise ValueError("cursor pagination needs sort columns that cannot be null")
     return keys
 
 

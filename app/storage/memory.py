@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Generic, Self
+from typing import Any, Generic
 
 from app.core.clock import utcnow
 from app.core.errors import (
@@ -27,15 +25,16 @@ from app.storage.mapping import (
     decode_cursor,
     encode_cursor,
     entity_for_table,
+    find_order,
     from_row,
     json_dumps,
     json_loads,
-    parse_order,
     referencing,
     table_info,
     to_row,
 )
 from app.storage.protocol import E, Op, Page, Where, apply_change
+from app.storage.unit import UnitOfWorkBase
 
 Row = dict[str, Any]
 
@@ -227,37 +226,19 @@ class _Autocommit:
             self._uow._store.lock.release()
 
 
-class MemoryUnitOfWork:
+class MemoryUnitOfWork(UnitOfWorkBase):
     """A transaction over a `MemoryStore`: reads see committed rows plus this unit's writes."""
 
     def __init__(self, store: MemoryStore, *, autocommit: bool = False) -> None:
+        super().__init__(autocommit=autocommit)
         self._store = store
-        self._autocommit = autocommit
         # table -> key -> staged row (None means deleted)
         self._staged: dict[str, dict[Any, Row | None]] = {}
         # (table, key) -> committed version this unit's write was based on (None = absent)
         self._based_on: dict[tuple[str, Any], int | None] = {}
-        self._callbacks: list[Callable[[], Any]] = []
-        self._failed = False
-        self._done = False
 
     def repo(self, entity_type: type[E]) -> MemoryRepository[E]:
         return MemoryRepository(self, entity_type)
-
-    def on_commit(self, callback: Callable[[], Any]) -> None:
-        self._callbacks.append(callback)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._done:
-            await self.rollback()
 
     async def rollback(self) -> None:
         self._staged.clear()
@@ -269,11 +250,7 @@ class MemoryUnitOfWork:
         self._usable()
         self._apply()
         self._done = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            result = callback()
-            if inspect.isawaitable(result):
-                await result
+        await self._run_callbacks()
 
     def _apply(self) -> None:
         """Validate the staged writes against what is committed now and make them visible."""
@@ -291,12 +268,6 @@ class MemoryUnitOfWork:
     def _write(self) -> Any:
         """Hold around a repository write: in autocommit, the write and its commit are atomic."""
         return _Autocommit(self) if self._autocommit else contextlib.nullcontext()
-
-    def _usable(self) -> None:
-        if self._failed:
-            raise RuntimeError("this unit of work failed on a constraint; roll it back")
-        if self._done:
-            raise RuntimeError("this unit of work is finished; open a new one")
 
     def _fail(self, error: Exception) -> Exception:
         self._failed = True
@@ -558,10 +529,7 @@ class MemoryRepository(Generic[E]):
     ) -> Page[E]:
         self._uow._usable()
         conds = _normalise(where, self._info)
-        keys = parse_order(self._info, tuple(order_by))
-        paged = limit is not None or after is not None
-        if paged and any(name in self._info.nullable for name, _ in keys):
-            raise ValueError("cursor pagination needs sort columns that cannot be null")
+        keys = find_order(self._info, order_by, limit, after)
         rows = sorted(self._uow._rows(self._info, conds), key=_sort_key(keys))
         if after is not None:
             start = _sort_key(keys)(

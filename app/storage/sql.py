@@ -7,13 +7,11 @@ execution layer, which cost about twice the CPU of the driver itself on every st
 
 from __future__ import annotations
 
-import inspect
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from types import TracebackType
-from typing import Any, Generic, Self
+from typing import Any, Generic
 
 import asyncpg
 
@@ -34,15 +32,16 @@ from app.storage.mapping import (
     check_column,
     decode_cursor,
     encode_cursor,
+    find_order,
     from_row,
     json_dumps,
     json_loads,
-    parse_order,
     table_info,
     to_row,
 )
 from app.storage.pool import ConnectionPool
 from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Where
+from app.storage.unit import UnitOfWorkBase
 
 # Connections free for this long are closed: a quiet process holds few.
 IDLE_LIFETIME = 60.0
@@ -302,7 +301,7 @@ class SqlStorage:
         await self.database.close()
 
 
-class SqlUnitOfWork:
+class SqlUnitOfWork(UnitOfWorkBase):
     """One database transaction on one pooled connection.
 
     The transaction begins at the first write: reads before it run in autocommit, which saves
@@ -312,32 +311,14 @@ class SqlUnitOfWork:
     """
 
     def __init__(self, database: Database, *, autocommit: bool = False) -> None:
+        super().__init__(autocommit=autocommit)
         self._database = database
-        self._autocommit = autocommit
         self._conn: asyncpg.Connection | None = None
         self._in_transaction = False
-        self._callbacks: list[Callable[[], Any]] = []
-        self._failed = False
         self._lost = False  # the connection failed: the pool must not hand it out again
-        self._done = False
 
     def repo(self, entity_type: type[E]) -> SqlRepository[E]:
         return SqlRepository(self, entity_type)
-
-    def on_commit(self, callback: Callable[[], Any]) -> None:
-        self._callbacks.append(callback)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._done:
-            await self.rollback()
 
     async def rollback(self) -> None:
         self._done = True
@@ -362,11 +343,7 @@ class SqlUnitOfWork:
                 self._in_transaction = False
         finally:
             await self._release()
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            result = callback()
-            if inspect.isawaitable(result):
-                await result
+        await self._run_callbacks()
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
@@ -390,12 +367,6 @@ class SqlUnitOfWork:
                 self._database.discard(conn)
             else:
                 self._database.release(conn)
-
-    def _usable(self) -> None:
-        if self._failed:
-            raise RuntimeError("this unit of work failed on a constraint; roll it back")
-        if self._done:
-            raise RuntimeError("this unit of work is finished; open a new one")
 
     async def _connection(self, write: bool) -> asyncpg.Connection:
         conn = self._conn
@@ -694,10 +665,7 @@ class SqlRepository(Generic[E]):
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[E]:
-        keys = parse_order(self._info, tuple(order_by))
-        paged = limit is not None or after is not None
-        if paged and any(name in self._info.nullable for name, _ in keys):
-            raise ValueError("cursor pagination needs sort columns that cannot be null")
+        keys = find_order(self._info, order_by, limit, after)
         params: dict[str, Any] = {}
         clauses = _conditions(self._info, where, params)
         if after is not None:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from app.core.schemas import ListPage
+from app.core.schemas import ListPage, from_entity
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 
 # How a custom header's value is shown; sent back in an update, it keeps the stored value.
@@ -72,23 +72,11 @@ class WebhookRead(BaseModel):
 
     @classmethod
     def of(cls, webhook: Webhook) -> WebhookRead:
-        return cls(
-            id=webhook.id,
-            name=webhook.name,
-            description=webhook.description,
-            url=webhook.url,
-            events=webhook.events,
+        return from_entity(
+            cls,
+            webhook,
             headers=dict.fromkeys(webhook.headers, MASKED_HEADER),
             enabled=webhook.status == WebhookStatus.ACTIVE,
-            status=webhook.status,
-            disabled_reason=webhook.disabled_reason,
-            failure_count=webhook.failure_count,
-            failing_since=webhook.failing_since,
-            last_success_at=webhook.last_success_at,
-            last_failure_at=webhook.last_failure_at,
-            previous_secret_expires_at=webhook.previous_secret_expires_at,
-            created_at=webhook.created_at,
-            updated_at=webhook.updated_at,
         )
 
 
@@ -145,24 +133,7 @@ class DeliveryRead(BaseModel):
 
     @classmethod
     def of(cls, delivery: WebhookDelivery) -> DeliveryRead:
-        return cls(
-            id=delivery.id,
-            webhook_id=delivery.webhook_id,
-            event_id=delivery.event_id,
-            event_type=delivery.event_type,
-            status=delivery.status,
-            attempts=delivery.attempts,
-            next_attempt_at=delivery.next_attempt_at,
-            last_attempt_at=delivery.last_attempt_at,
-            completed_at=delivery.completed_at,
-            response_status=delivery.response_status,
-            response_excerpt=delivery.response_excerpt,
-            error=delivery.error,
-            attempt_log=delivery.attempt_log,
-            payload=delivery.payload,
-            operation_id=delivery.operation_id,
-            created_at=delivery.created_at,
-        )
+        return from_entity(cls, delivery)
 
 
 class DeliveryList(ListPage[DeliveryRead]):

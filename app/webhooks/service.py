@@ -31,6 +31,7 @@ from app.operations.submit import JobSubmitter, Owner
 from app.operations.transitions import TERMINAL
 from app.queue.names import OperationKind
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.reads import delete_existing, get_existing, read_page
 from app.webhooks import catalogue
 from app.webhooks.entities import DeliveryStatus, Webhook, WebhookDelivery, WebhookStatus
 from app.webhooks.schemas import MASKED_HEADER
@@ -215,6 +216,11 @@ async def _rotate_webhook(
     return WebhookRotation()
 
 
+async def _webhook(uow: UnitOfWork, webhook_id: str) -> Webhook:
+    """The subscription a request names, or `NotFound` pointing at `webhook_id`."""
+    return await get_existing(uow.repo(Webhook), webhook_id, "webhook", param="webhook_id")
+
+
 class WebhookService:
     """Subscriptions, events and deliveries; it is also the `EventSink` of the gateway."""
 
@@ -282,15 +288,13 @@ class WebhookService:
     async def get(self, webhook_id: str) -> Webhook:
         check_webhook_id(webhook_id)
         async with self._storage.unit_of_work() as uow:
-            webhook = await uow.repo(Webhook).get(webhook_id)
-        if webhook is None:
-            raise NotFound("webhook", webhook_id, param="webhook_id")
-        return webhook
+            return await _webhook(uow, webhook_id)
 
     async def list_webhooks(self, *, limit: int = 20, after: str | None = None) -> Page[Webhook]:
         """Subscriptions, newest first."""
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(Webhook).find(order_by=["-created_at"], limit=limit, after=after)
+        return await read_page(
+            self._storage, Webhook, order_by=["-created_at"], limit=limit, after=after
+        )
 
     async def update(
         self,
@@ -373,8 +377,7 @@ class WebhookService:
         """Remove a subscription and its delivery log; its pending deliveries are dropped."""
         check_webhook_id(webhook_id)
         async with self._storage.unit_of_work() as uow:
-            if not await uow.repo(Webhook).delete(webhook_id):
-                raise NotFound("webhook", webhook_id, param="webhook_id")
+            await delete_existing(uow.repo(Webhook), webhook_id, "webhook", param="webhook_id")
             await uow.commit()
         await self._changed()
 
@@ -394,9 +397,7 @@ class WebhookService:
         """Send a `webhook.ping` event to this subscription only, whatever it subscribes to."""
         check_webhook_id(webhook_id)
         async with self._storage.unit_of_work() as uow:
-            webhook = await uow.repo(Webhook).get(webhook_id)
-            if webhook is None:
-                raise NotFound("webhook", webhook_id, param="webhook_id")
+            webhook = await _webhook(uow, webhook_id)
             event = self._event(catalogue.PING, {"webhook_id": webhook_id})
             delivery = await self._stage(uow, webhook, event)
             await uow.commit()
@@ -407,9 +408,7 @@ class WebhookService:
         while True:
             try:
                 async with self._storage.unit_of_work() as uow:
-                    webhook = await uow.repo(Webhook).get(webhook_id)
-                    if webhook is None:
-                        raise NotFound("webhook", webhook_id, param="webhook_id")
+                    webhook = await _webhook(uow, webhook_id)
                     change(webhook)
                     webhook = await uow.repo(Webhook).update(webhook)
                     await uow.commit()
@@ -500,10 +499,14 @@ class WebhookService:
             Where.ge("created_at", created_after),
             Where.lt("created_at", created_before),
         )
-        async with self._storage.unit_of_work() as uow:
-            return await uow.repo(WebhookDelivery).find(
-                *where, order_by=["-created_at"], limit=limit, after=after
-            )
+        return await read_page(
+            self._storage,
+            WebhookDelivery,
+            *where,
+            order_by=["-created_at"],
+            limit=limit,
+            after=after,
+        )
 
     async def get_delivery(self, webhook_id: str, delivery_id: str) -> WebhookDelivery:
         check_webhook_id(webhook_id)
@@ -519,9 +522,9 @@ class WebhookService:
         await self.get_delivery(webhook_id, delivery_id)
         async with self._storage.unit_of_work() as uow:
             webhook = await self._replayable_webhook(uow, webhook_id)
-            delivery = await uow.repo(WebhookDelivery).get(delivery_id)
-            if delivery is None:
-                raise NotFound("delivery", delivery_id, param="delivery_id")
+            delivery = await get_existing(
+                uow.repo(WebhookDelivery), delivery_id, "delivery", param="delivery_id"
+            )
             if await self._in_flight(uow, delivery):
                 raise Conflict(
                     f"delivery '{delivery_id}' is still being attempted; replay it once it "
@@ -559,9 +562,7 @@ class WebhookService:
         return replayed
 
     async def _replayable_webhook(self, uow: UnitOfWork, webhook_id: str) -> Webhook:
-        webhook = await uow.repo(Webhook).get(webhook_id)
-        if webhook is None:
-            raise NotFound("webhook", webhook_id, param="webhook_id")
+        webhook = await _webhook(uow, webhook_id)
         if webhook.status != WebhookStatus.ACTIVE:
             raise Conflict(
                 f"webhook '{webhook_id}' is {webhook.status.value}; enable it before replaying",
