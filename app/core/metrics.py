@@ -16,9 +16,11 @@ lookup, without the lock `labels()` takes on every call.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -213,21 +215,46 @@ def exposition(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def serve_on_free_port(host: str, base: int, span: int) -> int | None:
+class MetricsListener:
+    """A process's metrics served on a port of its own, on a thread; `close` frees the port."""
+
+    def __init__(self, server: WSGIServer, port: int) -> None:
+        self._server = server
+        self.port = port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve_on_free_port(host: str, base: int, span: int) -> MetricsListener | None:
     """Expose this process's metrics on the first free port of `base .. base + span - 1`.
 
     Binding is atomic, so processes started together each get a port of their own; Prometheus
     scrapes the whole range. None (logged) when every port is taken.
     """
-    for port in range(base, base + span):
+    for port in range(base, min(base + span, 65536)):
         try:
-            start_http_server(port, addr=host)
+            server, _thread = start_http_server(port, addr=host)
         except OSError:
             continue
-        log.info("metrics of process served on %s:%d/metrics", host, port)
-        return port
+        log.info("metrics of process %d served on %s:%d/metrics", os.getpid(), host, port)
+        return MetricsListener(server, port)
     log.warning("no free metrics port in %d..%d: this process exposes none", base, base + span - 1)
     return None
+
+
+# ---- call recording --------------------------------------------------------------------------
+
+
+def observe_settled(model: str, input_tokens: int, output_tokens: int, cost_micros: int) -> None:
+    """Count a settled call's tokens and cost (`Metering.settle`: every call, every process)."""
+    if input_tokens:
+        TOKENS(model, "input").inc(input_tokens)
+    if output_tokens:
+        TOKENS(model, "output").inc(output_tokens)
+    if cost_micros:
+        COST(model).inc(cost_micros / 1_000_000)
 
 
 # ---- HTTP recording ------------------------------------------------------------------------

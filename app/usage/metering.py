@@ -47,6 +47,7 @@ from app.core.errors import (
 from app.core.ids import new_id
 from app.core.invalidation import ALL, METERING_TOPIC, InvalidationBus
 from app.core.loading import LoadingCache
+from app.core.metrics import observe_settled
 from app.credentials.entities import Provider
 from app.logs.entities import ExecutionStatus, ExecutionType
 from app.models.entities import Model
@@ -779,6 +780,8 @@ class Metering:
             "version": 1,
         }
         self.buffer.add(record, entry)
+        # Metrics: tokens and cost of every settled call (app/core/metrics.py).
+        observe_settled(model.id, outcome.input_tokens, outcome.output_tokens, cost)
 
     async def release(self, admission: Admission) -> None:
         """Give back everything `admission` reserved (no upstream call was made)."""
