@@ -780,8 +780,8 @@ class Metering:
             "version": 1,
         }
         self.buffer.add(record, entry)
-        # Metrics: tokens and cost of every settled call (app/core/metrics.py).
-        observe_settled(model.id, outcome.input_tokens, outcome.output_tokens, cost)
+        if not outcome.cache_hit:  # metrics: what upstream calls used (app/core/metrics.py)
+            observe_settled(model.id, outcome.input_tokens, outcome.output_tokens, cost)
 
     async def release(self, admission: Admission) -> None:
         """Give back everything `admission` reserved (no upstream call was made)."""
