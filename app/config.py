@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     PORT: int = 8000
     LOG_LEVEL: str = "INFO"
 
+    # Prometheus metrics (README "Metrics"). `GET /metrics` on PORT always answers admin keys.
+    # METRICS_PORT also serves them without credentials on METRICS_HOST, from the API process
+    # (the first free port of METRICS_PORT.. when uvicorn runs several); WORKER_METRICS_PORT
+    # gives each worker process a port of its own from it on (up to WORKER_PROCESSES ports).
+    METRICS_HOST: str = "127.0.0.1"
+    METRICS_PORT: int | None = Field(default=None, ge=1, le=65535)
+    WORKER_METRICS_PORT: int | None = Field(default=None, ge=1, le=65535)
+    # How old the queue depths a scrape shows may be: one grouped query per this many seconds
+    # and API process at most.
+    METRICS_QUEUE_REFRESH_SECONDS: float = Field(default=10.0, ge=0)
+
     STORAGE_BACKEND: StorageBackend = StorageBackend.MEMORY
     # Query options both drivers (asyncpg at run time, psycopg for migrations) honour: sslmode,
     # sslrootcert, sslcert, sslkey, sslpassword, sslcrl, target_session_attrs, application_name,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from app.access.deps import required_key
 from app.access.service import Principal
 from app.core.api_errors import domain_error_response, unexpected_error_response
 from app.core.errors import DomainError
+from app.core.metrics import observe_request
 from app.core.middleware import (
     BodyLimit,
     SendWithRequestId,
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 PATH = "/v1/chat/completions"
 ASYNC_QUERY = b"async=true"
 POLL_PREFIX = "/v1/operations/"
+# The route templates the fast paths' requests are counted under, as the stack's routes are.
+CHAT_ROUTE = PATH
+POLL_ROUTE = "/v1/operations/{operation_id}"
 # `?wait=N` in plain decimal; anything else (a sign, an exponent, "nan") is FastAPI's to judge.
 _PLAIN_WAIT = re.compile(rb"wait=(\d{1,6}(?:\.\d{1,6})?)")
 # The route's header limits: longer values go to FastAPI, which answers them with a 400.
@@ -181,7 +186,7 @@ class FastPaths:
                 )
             return await answer_directly(services.calls, principal, request, head.cache_control)
 
-        await self._answer(scope, receive, send, head, produce)
+        await self._answer(scope, receive, send, head, produce, CHAT_ROUTE)
 
     async def poll(self, scope: Scope, receive: Receive, send: Send, operation_id: str) -> None:
         """`GET /v1/operations/{id}`, with at most `?wait=N`."""
@@ -203,12 +208,21 @@ class FastPaths:
                 max_wait=services.settings.LONG_POLL_MAX_SECONDS,
             )
 
-        await self._answer(scope, receive, send, _poll_head(scope), produce)
+        await self._answer(scope, receive, send, _poll_head(scope), produce, POLL_ROUTE)
 
     async def _answer(
-        self, scope: Scope, receive: Receive, send: Send, head: _Head, produce: Produce
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        head: _Head,
+        produce: Produce,
+        route: str,
     ) -> None:
-        """Authenticate, produce the response and send it, as the stack would around a route."""
+        """Authenticate, produce the response and send it, as the stack would around a route;
+        counted under `route` as `RequestMetrics` counts the stack's requests."""
+        started = time.perf_counter()
+        status = 500
         method, path = scope["method"], scope["path"]
         request_id, token = tag_request(scope, head.request_id)
         send_with_id = SendWithRequestId(send, request_id)
@@ -219,6 +233,7 @@ class FastPaths:
                 response = await produce(services, await services.keys.authenticate(secret))
             except DomainError as exc:
                 response = domain_error_response(exc, method, path)
+            status = response.status_code
             if isinstance(response, StreamingResponse):
                 await response(scope, receive, send_with_id)
                 return
@@ -233,9 +248,11 @@ class FastPaths:
                 )
                 return
             error = unexpected_error_response(method, path, request_id, exc)
+            status = error.status_code
             await _send_plain(error, send)  # its headers carry the request id already
         finally:
             request_id_var.reset(token)
+            observe_request(route, method, status, started)
 
 
 async def _send_plain(response: Response, send: Send) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
 from app.access.bootstrap import bootstrap_access
+from app.access.deps import require_admin
 from app.access.router import admin_router as access_admin_router
 from app.access.router import auth_router
 from app.access.teams import ADMIN_TEAM_ID
@@ -18,6 +21,7 @@ from app.config import Settings
 from app.core import heap
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
+from app.core.metrics import RequestMetrics, serve_on_free_port
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.provide import register
 from app.core.redis import build_redis
@@ -29,6 +33,7 @@ from app.gateway.router import router as chat_router
 from app.logs.router import admin_router as logs_admin_router
 from app.models.router import admin_router as models_admin_router
 from app.models.router import router as models_router
+from app.operations.metrics import QueueGauges
 from app.operations.router import admin_router as operations_admin_router
 from app.operations.router import router as operations_router
 from app.prompts.router import admin_router as prompts_admin_router
@@ -40,6 +45,7 @@ from app.storage.factory import build_storage
 from app.storage.protocol import Storage
 from app.system.checks import process_dependencies
 from app.system.docs import install_docs
+from app.system.metrics import router as metrics_router
 from app.system.router import router as system_router
 from app.usage.router import budgets_router, usage_router
 from app.webhooks.router import router as webhooks_admin_router
@@ -47,6 +53,8 @@ from app.webhooks.router import router as webhooks_admin_router
 log = logging.getLogger(__name__)
 
 ADMIN_KEY_ID = "admin"
+# How many ports from METRICS_PORT on the API's processes may take (uvicorn --workers N).
+METRICS_PORT_SPAN = 64
 
 
 async def bootstrap(services: Services) -> None:
@@ -107,6 +115,10 @@ def create_app(
             except Unavailable as exc:
                 # Start anyway: /ready reports the database, and requests fail clearly meanwhile.
                 log.warning("start-up bootstrap skipped: %s", exc.message)
+            gauges = QueueGauges(app.state.storage, max_age=settings.METRICS_QUEUE_REFRESH_SECONDS)
+            app.state.metric_refreshers = [gauges.refresh_if_stale]
+            if settings.METRICS_PORT is not None:
+                await _serve_metrics(stack, settings, gauges.refresh)
             if settings.GC_SETTLE:
                 heap.settle()
             yield
@@ -131,7 +143,9 @@ def create_app(
     # completions are answered in front of this stack, by `GatewayApp`, which does the same.)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestMetrics)  # outermost: what every other layer answered is counted
     app.include_router(system_router)
+    app.include_router(metrics_router, dependencies=[Depends(require_admin)])
     app.include_router(auth_router)
     app.include_router(access_admin_router)
     app.include_router(settings_admin_router)
@@ -149,3 +163,33 @@ def create_app(
     app.include_router(budgets_router)
     app.include_router(logs_admin_router)
     return app
+
+
+async def _serve_metrics(
+    stack: AsyncExitStack, settings: Settings, refresh: Callable[[], Awaitable[None]]
+) -> None:
+    """Metrics without credentials on METRICS_HOST:METRICS_PORT (or the next free port), on a
+    thread that cannot query the database: the queue gauges are refreshed here meanwhile."""
+    assert settings.METRICS_PORT is not None
+    listener = serve_on_free_port(settings.METRICS_HOST, settings.METRICS_PORT, METRICS_PORT_SPAN)
+    if listener is None:
+        return
+    stack.callback(listener.close)
+    interval = max(settings.METRICS_QUEUE_REFRESH_SECONDS, 1.0)
+
+    async def keep_fresh() -> None:
+        while True:
+            try:
+                await refresh()
+            except Exception as exc:
+                log.warning("queue gauges not refreshed: %r", exc)
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(keep_fresh())
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)

@@ -11,7 +11,7 @@ import uvloop
 from app.config import Settings
 from app.queue.broker import build_broker
 from workers import runtime
-from workers.middleware import Heartbeat, OneStopPerSignal, Periodic, QuickIdlePolling
+from workers.middleware import Heartbeat, Metrics, OneStopPerSignal, Periodic, QuickIdlePolling
 
 _broker: dramatiq.Broker | None = None
 
@@ -23,8 +23,12 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
     # default loop's CPU per socket event (database and Redis replies, a few per job).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     heartbeat = Heartbeat(Path(settings.WORKER_HEARTBEAT_DIR), settings.WORKER_HEARTBEAT_SECONDS)
+    metrics = Metrics(
+        settings.METRICS_HOST, settings.WORKER_METRICS_PORT, settings.WORKER_PROCESSES
+    )
     _broker = build_broker(
-        settings, middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling(), heartbeat]
+        settings,
+        middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling(), heartbeat, metrics],
     )
     dramatiq.set_broker(_broker)
     return _broker

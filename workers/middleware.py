@@ -15,6 +15,7 @@ import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 
 from app.core import heap
+from app.core.metrics import MetricsListener, serve_on_free_port
 from app.gateway.chat import ensure_builtin_models
 from app.system import liveness
 from workers import runtime
@@ -172,3 +173,25 @@ class Heartbeat(dramatiq.Middleware):
             self._future.cancel()
             self._future = None
             liveness.forget(self.directory)
+
+
+class Metrics(dramatiq.Middleware):
+    """Each worker process serves its own metrics on the first free port from `base` on.
+
+    One port per process, not the library's multiprocess mode: a process owns its registry,
+    nothing is shared on disk, and a dead process's series vanish with its scrape target.
+    Prometheus scrapes `base .. base + span - 1` (`span`: WORKER_PROCESSES).
+    """
+
+    def __init__(self, host: str, base: int | None, span: int) -> None:
+        self._host, self._base, self._span = host, base, span
+        self._listener: MetricsListener | None = None
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._base is not None and self._listener is None:
+            self._listener = serve_on_free_port(self._host, self._base, self._span)
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None

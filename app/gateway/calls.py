@@ -22,13 +22,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from app.access.service import ApiKeyService
-from app.core.errors import InvalidInput
+from app.core.errors import BudgetExceeded, DomainError, InvalidInput, RateLimited
+from app.core.metrics import (
+    CACHE_LOOKUPS,
+    REFUSALS,
+    UPSTREAM_DURATION,
+    UPSTREAM_FIRST_TOKEN,
+    UPSTREAM_REQUESTS,
+    Family,
+)
 from app.gateway.cache import CacheControl, CacheLookup, ResponseCache, completion_chunks, tenant_of
 from app.gateway.chat import ChatAnswer, ChatService, ChatStream
 from app.gateway.providers.base import JSON
@@ -217,7 +226,13 @@ class GatewayCalls:
                     str(lookup.response.get("model", call.route.name)), lookup.response
                 )
             else:
-                answer = await self._chat.call(call.route, call.body)
+                started = time.perf_counter()
+                try:
+                    answer = await self._chat.call(call.route, call.body)
+                except BaseException as exc:
+                    _upstream_failed(call.route, exc)
+                    raise
+                _upstream_answered(call.route, answer.model_id, started, UPSTREAM_DURATION)
                 if lookup is not None and self.cache is not None:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
@@ -253,7 +268,14 @@ class GatewayCalls:
             if lookup is not None and lookup.response is not None:
                 stream = _replayed(call.route, lookup.response, include_usage)
             else:
-                stream = await self._chat.open_stream(call.route, call.body, include_usage)
+                started = time.perf_counter()
+                try:
+                    stream = await self._chat.open_stream(call.route, call.body, include_usage)
+                except BaseException as exc:
+                    _upstream_failed(call.route, exc)
+                    raise
+                # `open_stream` returns once the first chunk is in: that is the time to it.
+                _upstream_answered(call.route, stream.model_id, started, UPSTREAM_FIRST_TOKEN)
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
             raise
@@ -303,15 +325,23 @@ class GatewayCalls:
         request.check()
         route = await self._chat.resolve(request.model, kind=ModelKind.EMBEDDING)
         outcome = {**_outcome(context), "usage_type": UsageType.EMBEDDING}
-        async with self._metering.metered(
-            caller,
-            route.steps[0].upstream.model_id,
-            estimate_message_tokens(request.inputs()),
-            0,
-            **outcome,
-        ) as call:
-            model_id, body = await self._chat.embed(request)
-            call.done_with_usage(body.get("usage"), model_id=model_id)
+        # Only admission raises these (an upstream's 429 is `UpstreamRateLimited`).
+        with _counting_refusals():
+            async with self._metering.metered(
+                caller,
+                route.steps[0].upstream.model_id,
+                estimate_message_tokens(request.inputs()),
+                0,
+                **outcome,
+            ) as call:
+                started = time.perf_counter()
+                try:
+                    model_id, body = await self._chat.embed(request)
+                except BaseException as exc:
+                    _upstream_failed(route, exc)
+                    raise
+                _upstream_answered(route, model_id, started, UPSTREAM_DURATION)
+                call.done_with_usage(body.get("usage"), model_id=model_id)
         return Embedded(body, model_id, call.headers)
 
     # --- shared steps -----------------------------------------------------------------------
@@ -326,16 +356,20 @@ class GatewayCalls:
         wire = request.check()
         route = await self._chat.resolve(request.model)
         # Admitted against the route's first model; a fallback's price is reconciled at settle.
-        admission = await self._metering.admit(
-            caller,
-            route.steps[0].upstream.model_id,
-            estimate_message_tokens(m.text() for m in request.messages),
-            request.max_completion_tokens or request.max_tokens,
-        )
+        with _counting_refusals():
+            admission = await self._metering.admit(
+                caller,
+                route.steps[0].upstream.model_id,
+                estimate_message_tokens(m.text() for m in request.messages),
+                request.max_completion_tokens or request.max_tokens,
+            )
         outcome = _chat_outcome(context, request)
         try:
             body = await self._chat.prepare(request, wire)
             lookup = await self._cache_lookup(caller, route, body, context)
+            if lookup is not None:
+                kind = "exact" if lookup.similarity is None else "semantic"
+                CACHE_LOOKUPS(kind, lookup.status).inc()
         except BaseException as exc:
             await self._metering.fail(admission, exc, **outcome)
             raise
@@ -357,6 +391,49 @@ class GatewayCalls:
             tenant=tenant_of(caller.team_id, caller.key_id),
             control=context.cache_control,
         )
+
+
+# ---- metrics (app/core/metrics.py): every upstream call and refusal is counted here ----------
+
+
+@contextmanager
+def _counting_refusals() -> Iterator[None]:
+    """Count the 429s and 402s of admission by reason."""
+    try:
+        yield
+    except RateLimited:
+        REFUSALS("rate_limit").inc()
+        raise
+    except BudgetExceeded:
+        REFUSALS("budget").inc()
+        raise
+
+
+def _provider(route: Route, model_id: str) -> str:
+    """The provider of the route's model `model_id` (the one that answered)."""
+    for step in route.steps:
+        if step.upstream.model_id == model_id:
+            return step.upstream.provider.value
+    return route.steps[0].upstream.provider.value
+
+
+def _upstream_answered(route: Route, model_id: str, started: float, latency: Family[Any]) -> None:
+    provider = _provider(route, model_id)
+    UPSTREAM_REQUESTS(provider, model_id, "ok").inc()
+    latency(provider, model_id).observe(time.perf_counter() - started)
+
+
+def _upstream_failed(route: Route, exc: BaseException) -> None:
+    """A call no model of the route answered, counted against the route's first model with its
+    error code (a bounded set: the `DomainError` codes)."""
+    if isinstance(exc, DomainError):
+        outcome = exc.code
+    elif isinstance(exc, Exception):
+        outcome = "internal_error"
+    else:
+        outcome = "cancelled"
+    first = route.steps[0].upstream
+    UPSTREAM_REQUESTS(first.provider.value, first.model_id, outcome).inc()
 
 
 def _outcome(context: CallContext) -> dict[str, Any]:

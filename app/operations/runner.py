@@ -27,6 +27,7 @@ from app.core.errors import (
     Transient,
 )
 from app.core.events import EventSink
+from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
 from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
 from app.operations.service import count_child_finished
@@ -129,6 +130,14 @@ class JobContext:
         await self._runner._write(self.claim, {"progress": dict(self.claim.progress)})
 
 
+def _counted(operation: Operation, status: str, written: bool) -> bool:
+    """Count a job's final attempt and status, once its outcome is written (`written`)."""
+    if written:
+        JOB_ATTEMPTS(operation.kind, status).inc()
+        JOBS_FINISHED(operation.kind, status).inc()
+    return written
+
+
 def _holds(operation: Operation | None, claim: Claim) -> bool:
     return (
         operation is not None
@@ -197,20 +206,24 @@ class OperationRunner:
             return True
         work = asyncio.ensure_future(handler(JobContext(self, operation, claim)))
         beat = asyncio.ensure_future(self._heartbeat(claim, work))
+        started = time.perf_counter()
         try:
             result = await work
         except Cancelled:
             log.info("job %s stopped: cancelled or lease lost", operation_id)
+            JOB_ATTEMPTS(operation.kind, "cancelled").inc()
             return True
         except asyncio.CancelledError:
             if not claim.lost:
                 raise  # the worker is shutting down; the lease runs out and the job is recovered
             log.info("job %s stopped: cancelled or lease lost", operation_id)
+            JOB_ATTEMPTS(operation.kind, "cancelled").inc()
             return True
         except Exception as exc:
             await self._attempt_failed(operation, claim, exc)
             return True
         finally:
+            JOB_DURATION(operation.kind).observe(time.perf_counter() - started)
             beat.cancel()
             if not work.done():
                 work.cancel()
@@ -365,7 +378,7 @@ class OperationRunner:
             "finished_at": utcnow(),
         }
         then = await self._aftermath(operation, COMPLETE.target)
-        return await self._finish(claim, COMPLETE, changes, then)
+        return _counted(operation, "completed", await self._finish(claim, COMPLETE, changes, then))
 
     async def _finish_failed(
         self, operation: Operation, claim: Claim, error_type: str, message: str
@@ -373,7 +386,7 @@ class OperationRunner:
         closed = self._closed(claim.attempt_log, "failed", message)
         changes = {**closed, **self._failed(error_type, message)}
         then = await self._aftermath(operation, FAIL.target)
-        return await self._finish(claim, FAIL, changes, then)
+        return _counted(operation, "failed", await self._finish(claim, FAIL, changes, then))
 
     async def _attempt_failed(self, operation: Operation, claim: Claim, exc: Exception) -> bool:
         error_type, message = describe(exc)
@@ -387,7 +400,7 @@ class OperationRunner:
                 message = f"{message} (gave up after {claim.attempt} attempts)"
             then = await self._aftermath(operation, FAIL.target)
             changes = {**closed, **self._failed(error_type, message)}
-            return await self._finish(claim, FAIL, changes, then)
+            return _counted(operation, "failed", await self._finish(claim, FAIL, changes, then))
         # A `RetryLater` job keeps its own schedule (webhook deliveries).
         delay = exc.retry_after if isinstance(exc, RetryLater) else self.backoff(claim.attempt)
         run_after = utcnow() + timedelta(seconds=delay)
@@ -401,6 +414,7 @@ class OperationRunner:
         }
         if not await self._finish(claim, RETRY, changes):
             return False
+        JOB_ATTEMPTS(operation.kind, "retried").inc()
         await self._send(operation, delay)
         return True
 
@@ -498,6 +512,9 @@ class OperationRunner:
                 report.recovered += 1
             elif outcome == "exhausted":
                 report.exhausted += 1
+                JOBS_FINISHED(operation.kind, "failed").inc()
+            if outcome is not None:
+                LEASE_RECOVERIES(outcome).inc()
         report.resent = await self._resend_unsent(report)
         return report
 

@@ -33,7 +33,7 @@ from app.storage.mapping import (
     table_info,
     to_row,
 )
-from app.storage.protocol import E, Op, Page, Where, apply_change
+from app.storage.protocol import E, Op, Page, Tally, Where, apply_change
 from app.storage.unit import UnitOfWorkBase
 
 Row = dict[str, Any]
@@ -547,3 +547,25 @@ class MemoryRepository(Generic[E]):
         self._uow._usable()
         conds = _normalise(where, self._info)
         return sum(1 for _ in self._uow._rows(self._info, conds))
+
+    async def count_by(
+        self, field: str, *where: Where, least: str | None = None
+    ) -> dict[Any, Tally]:
+        self._uow._usable()
+        check_column(self._info, field)
+        if least is not None:
+            check_column(self._info, least)
+        conds = _normalise(where, self._info)
+        groups: dict[Any, Tally] = {}
+        for row in self._uow._rows(self._info, conds):
+            key = row[field]
+            value = row[least] if least is not None else None
+            seen = groups.get(key)
+            if seen is None:
+                groups[key] = Tally(1, value)
+                continue
+            lowest = seen.least
+            if value is not None and (lowest is None or value < lowest):
+                lowest = value
+            groups[key] = Tally(seen.count + 1, lowest)
+        return groups

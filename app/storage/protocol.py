@@ -81,6 +81,15 @@ class Page(Generic[E]):
 
 
 @dataclass(frozen=True, slots=True)
+class Tally:
+    """One group of a `count_by`: how many entities share the value, and the least value of
+    the field asked for among them (None when not asked, or when all of them are null)."""
+
+    count: int
+    least: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class Increment:
     """A change of `update_where`: add `by` to an integer column's value (null counts as 0)."""
 
@@ -186,6 +195,14 @@ class Repository(Protocol[E]):
 
     async def count(self, *where: Where) -> int:
         """How many entities match all conditions."""
+        ...
+
+    async def count_by(
+        self, field: str, *where: Where, least: str | None = None
+    ) -> dict[Any, Tally]:
+        """The entities matching all conditions, counted per value of `field` (one grouped
+        query), with the least value of `least` in each group; values with no match are absent.
+        """
         ...
 
 

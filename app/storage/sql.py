@@ -40,7 +40,7 @@ from app.storage.mapping import (
     to_row,
 )
 from app.storage.pool import ConnectionPool
-from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Where
+from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Tally, Where
 from app.storage.unit import UnitOfWorkBase
 
 # Connections free for this long are closed: a quiet process holds few.
@@ -691,3 +691,19 @@ class SqlRepository(Generic[E]):
         query = f"SELECT count(*) FROM {_q(self._info.name)}{_where(clauses)}"
         found = await self._uow._fetch(query, params, self._info)
         return int(found[0][0]) if found else 0
+
+    async def count_by(
+        self, field: str, *where: Where, least: str | None = None
+    ) -> dict[Any, Tally]:
+        check_column(self._info, field)
+        if least is not None:
+            check_column(self._info, least)
+        params: dict[str, Any] = {}
+        clauses = _conditions(self._info, where, params)
+        minimum = f"min({_q(least)})" if least is not None else "NULL"
+        query = (
+            f"SELECT {_q(field)}, count(*), {minimum} FROM {_q(self._info.name)}"
+            f"{_where(clauses)} GROUP BY {_q(field)}"
+        )
+        found = await self._uow._fetch(query, params, self._info)
+        return {row[0]: Tally(int(row[1]), row[2]) for row in found}

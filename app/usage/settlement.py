@@ -26,6 +26,7 @@ from app.core.errors import (
     RateLimited,
 )
 from app.core.ids import new_id
+from app.core.metrics import observe_settled
 from app.logs.entities import ExecutionStatus, ExecutionType
 from app.models.entities import Model
 from app.usage.admission import Admission, ConfigLookup
@@ -114,6 +115,8 @@ class Settlement:
             latency = int((time.monotonic() - admission.started) * 1000)
         record, entry = _rows(admission, outcome, model, cost, latency, await self._log_bodies())
         self._buffer.add(record, entry)
+        if not outcome.cache_hit:  # metrics: what upstream calls used (app/core/metrics.py)
+            observe_settled(model.id, outcome.input_tokens, outcome.output_tokens, cost)
 
     async def release(self, admission: Admission) -> None:
         """Give back everything `admission` reserved (no upstream call was made)."""

@@ -25,6 +25,7 @@ from app.core.errors import (
 )
 from app.core.ids import check_prefixed, new_id
 from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
+from app.core.metrics import WEBHOOK_DELIVERIES
 from app.core.outbound import ForbiddenDestination, OutboundClient, OutboundFailed
 from app.operations.entities import Operation
 from app.operations.submit import JobSubmitter, Owner
@@ -610,8 +611,24 @@ class WebhookService:
         """Make one attempt at a delivery and record it.
 
         Raises `RetryLater` with the schedule's next delay when another attempt is due, and
-        `DeliveryAbandoned` when none is.
+        `DeliveryAbandoned` when none is. Counted by outcome in `gateway_webhook_deliveries_total`.
         """
+        try:
+            result = await self._deliver(
+                delivery_id, operation_id=operation_id, attempt=attempt, max_attempts=max_attempts
+            )
+        except RetryLater:
+            WEBHOOK_DELIVERIES("retry").inc()
+            raise
+        except DeliveryAbandoned:
+            WEBHOOK_DELIVERIES("abandoned").inc()
+            raise
+        WEBHOOK_DELIVERIES("skipped" if "skipped" in result else "succeeded").inc()
+        return result
+
+    async def _deliver(
+        self, delivery_id: str, *, operation_id: str, attempt: int, max_attempts: int
+    ) -> dict[str, Any]:
         async with self._storage.unit_of_work() as uow:
             delivery = await uow.repo(WebhookDelivery).get(delivery_id)
             webhook = await uow.repo(Webhook).get(delivery.webhook_id) if delivery else None

@@ -24,7 +24,7 @@ from app.schema import ENTITIES
 from app.storage.entity import Entity
 from app.storage.mapping import referencing, table_info
 from app.storage.memory import MemoryStorage
-from app.storage.protocol import Storage, Where, given
+from app.storage.protocol import Storage, Tally, Where, given
 from tests.factories import BASE_INSTANT, build, comparable, create
 
 ENTITY_IDS = [e.__name__ for e in ENTITIES]
@@ -491,6 +491,30 @@ async def test_count_and_delete_where_follow_the_conditions(storage: Storage) ->
         await uow.commit()
     async with storage.unit_of_work() as uow:
         assert await uow.repo(Operation).count(Where.eq("owner_key_id", "key-0")) == 0
+
+
+async def test_count_by_groups_the_matching_rows_with_the_least_value_of_each_group(
+    storage: Storage,
+) -> None:
+    # Queues "chat" and "batch"; one running job, to be left out by the condition.
+    jobs = [op(n, queue="chat" if n % 2 else "batch") for n in range(1, 8)]
+    jobs.append(op(8, queue="chat", status=OperationStatus.RUNNING, created_at=BASE_INSTANT))
+    await add_ops(storage, jobs)
+    pending = Where.eq("status", OperationStatus.PENDING)
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        groups = await repo.count_by("queue", pending, least="created_at")
+        plain = await repo.count_by("queue")
+        none = await repo.count_by("queue", Where.eq("status", OperationStatus.FAILED))
+        with pytest.raises(ValueError):
+            await repo.count_by("no_such_column")
+    # op(n) is created at BASE_INSTANT + n // 2 seconds: op-0001 first among the odd ones.
+    assert groups == {
+        "chat": Tally(4, BASE_INSTANT),
+        "batch": Tally(3, BASE_INSTANT + timedelta(seconds=1)),
+    }
+    assert plain == {"chat": Tally(5), "batch": Tally(3)}
+    assert none == {}
 
 
 async def test_get_many_returns_existing_rows_in_the_order_asked(storage: Storage) -> None:
