@@ -11,7 +11,13 @@ import uvloop
 from app.config import Settings
 from app.queue.broker import build_broker
 from workers import runtime
-from workers.middleware import Heartbeat, OneStopPerSignal, Periodic, QuickIdlePolling
+from workers.middleware import (
+    Heartbeat,
+    OneStopPerSignal,
+    Periodic,
+    ProcessLogging,
+    QuickIdlePolling,
+)
 
 _broker: dramatiq.Broker | None = None
 
@@ -24,7 +30,14 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     heartbeat = Heartbeat(Path(settings.WORKER_HEARTBEAT_DIR), settings.WORKER_HEARTBEAT_SECONDS)
     _broker = build_broker(
-        settings, middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling(), heartbeat]
+        settings,
+        middleware=[
+            ProcessLogging(settings),
+            Periodic(),
+            OneStopPerSignal(),
+            QuickIdlePolling(),
+            heartbeat,
+        ],
     )
     dramatiq.set_broker(_broker)
     return _broker
