@@ -45,6 +45,39 @@ from app.usage.pricing import estimate_message_tokens
 
 log = logging.getLogger(__name__)
 
+# What every answer says about itself (`answer_headers`), whichever context made the call.
+MODEL_HEADER = "x-gateway-model"  # the model that answered, after any fallback
+PROVIDER_HEADER = "x-gateway-provider"  # that model's provider
+OVERHEAD_HEADER = "x-gateway-overhead-ms"  # the gateway's own time, the upstream's excluded
+COST_HEADER = "x-gateway-response-cost"  # USD, as the usage record has it; not on streams
+
+
+def usd(micros: int) -> str:
+    """Micro-dollars as a decimal string of dollars, exactly: 80 gives "0.000080"."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{fraction:06d}"
+
+
+def answer_headers(
+    base: dict[str, str],
+    model_id: str,
+    provider: str,
+    overhead: float,
+    cost_micros: int | None = None,
+) -> dict[str, str]:
+    """`base` (rate limits, cache) with the model, provider, overhead (`overhead` seconds) and,
+    when known as the answer goes out, the cost."""
+    headers = {
+        **base,
+        MODEL_HEADER: model_id,
+        PROVIDER_HEADER: provider,
+        OVERHEAD_HEADER: f"{max(overhead, 0.0) * 1000:.2f}",
+    }
+    if cost_micros is not None:
+        headers[COST_HEADER] = usd(cost_micros)
+    return headers
+
 
 class CallSource(StrEnum):
     """What started a gateway call."""
@@ -207,15 +240,18 @@ class GatewayCalls:
         self, caller: Caller, request: ChatCompletionRequest, context: CallContext = DIRECT
     ) -> Completion:
         """A chat completion for `caller`; `request.stream` is ignored (see `stream`)."""
+        started = time.perf_counter()
         call = await self._begin(caller, request, context)
         lookup = call.lookup
+        upstream = 0.0
         try:
             if lookup is not None and lookup.response is not None:
-                answer = ChatAnswer(
-                    str(lookup.response.get("model", call.route.name)), lookup.response
-                )
+                model_id = str(lookup.response.get("model", call.route.name))
+                answer = ChatAnswer(model_id, lookup.response, call.route.provider_of(model_id))
             else:
+                asked = time.perf_counter()
                 answer = await self._chat.call(call.route, call.body)
+                upstream = time.perf_counter() - asked
                 if lookup is not None and self.cache is not None:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
@@ -226,15 +262,24 @@ class GatewayCalls:
             input_tokens=int(usage.get("prompt_tokens") or 0),
             output_tokens=int(usage.get("completion_tokens") or 0),
             model_id=answer.model_id,
+            provider=answer.provider,
             cache_hit=lookup is not None and lookup.hit,
             response_body=answer.body,
             latency_ms=int((time.monotonic() - call.admission.started) * 1000),
             **call.outcome,
         )
+        cost = await self._metering.priced(call.admission, settled)
+        headers = answer_headers(
+            call.headers(),
+            answer.model_id,
+            answer.provider,
+            time.perf_counter() - started - upstream,
+            cost,
+        )
         return Completion(
             answer.body,
             answer.model_id,
-            call.headers(),
+            headers,
             Settlement(self._metering, call.admission, settled),
         )
 
@@ -243,15 +288,19 @@ class GatewayCalls:
     ) -> Streamed:
         """A streamed chat completion whose first chunk has arrived (so the route could still
         fall back); it is settled when its chunks end, however they end."""
+        started = time.perf_counter()
         call = await self._begin(caller, request, context)
         lookup = call.lookup
         include_usage = request.wants_usage_chunk()
+        upstream = 0.0
         # The answer of a stream is never held whole: its log keeps the request only.
         try:
             if lookup is not None and lookup.response is not None:
                 stream = _replayed(call.route, lookup.response, include_usage)
             else:
+                asked = time.perf_counter()
                 stream = await self._chat.open_stream(call.route, call.body, include_usage)
+                upstream = time.perf_counter() - asked
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
             raise
@@ -260,10 +309,14 @@ class GatewayCalls:
             stream.chunks,
             lambda: stream.usage,
             model_id=stream.model_id,
+            provider=stream.provider,
             cache_hit=lookup is not None and lookup.hit,
             **call.outcome,
         )
-        return Streamed(stream.model_id, chunks, call.headers())
+        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
+        overhead = time.perf_counter() - started - upstream
+        headers = answer_headers(call.headers(), stream.model_id, stream.provider, overhead)
+        return Streamed(stream.model_id, chunks, headers)
 
     async def submit(
         self,
@@ -297,6 +350,7 @@ class GatewayCalls:
         self, caller: Caller, request: EmbeddingRequest, context: CallContext = DIRECT
     ) -> Embedded:
         """Embedding vectors for `caller`, admitted and settled like a chat completion."""
+        started = time.perf_counter()
         caller.ensure_can_call(request.model)
         request.check()
         route = await self._chat.resolve(request.model, kind=ModelKind.EMBEDDING)
@@ -308,9 +362,17 @@ class GatewayCalls:
             0,
             **outcome,
         ) as call:
-            model_id, body = await self._chat.embed(request)
-            call.done_with_usage(body.get("usage"), model_id=model_id)
-        return Embedded(body, model_id, call.headers)
+            asked = time.perf_counter()
+            answer = await self._chat.embed(request)
+            upstream = time.perf_counter() - asked
+            call.done_with_usage(
+                answer.body.get("usage"), model_id=answer.model_id, provider=answer.provider
+            )
+            assert call.outcome is not None
+            cost = await self._metering.priced(call.admission, call.outcome)
+        overhead = time.perf_counter() - started - upstream
+        headers = answer_headers(call.headers, answer.model_id, answer.provider, overhead, cost)
+        return Embedded(answer.body, answer.model_id, headers)
 
     # --- shared steps -----------------------------------------------------------------------
 
@@ -377,4 +439,5 @@ def _replayed(route: Route, cached: JSON, include_usage: bool) -> ChatStream:
         for chunk in completion_chunks(cached, include_usage=include_usage):
             yield chunk
 
-    return ChatStream(str(cached.get("model", route.name)), replay(), cached.get("usage"))
+    model_id = str(cached.get("model", route.name))
+    return ChatStream(model_id, replay(), cached.get("usage"), route.provider_of(model_id))
