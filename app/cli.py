@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from app import __version__
-from app.config import ProcessRole, Settings
-from app.core.middleware import RequestIdFilter
+from app.config import LogFormat, ProcessRole, Settings
+from app.core.log_format import JsonFormatter, LogContextFilter
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -41,21 +41,33 @@ def load_settings(**overrides: Any) -> Settings:
         raise BadSettings(describe(exc)) from exc
 
 
-def _log_config(settings: Settings) -> dict[str, Any]:
-    """uvicorn's logging, plus a root handler whose lines carry the request id."""
+def log_config(settings: Settings) -> dict[str, Any]:
+    """uvicorn's logging, plus a root handler whose lines carry the request id; with
+    `LOG_FORMAT=json` every handler, uvicorn's access log included, writes JSON lines."""
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"request_id": {"()": RequestIdFilter}}
+    config["filters"] = {"context": {"()": LogContextFilter}}
     config["formatters"]["app"] = {"format": LOG_FORMAT}
     config["handlers"]["app"] = {
         "class": "logging.StreamHandler",
         "formatter": "app",
-        "filters": ["request_id"],
+        "filters": ["context"],
         "stream": "ext://sys.stderr",
     }
+    if settings.log_format() is LogFormat.JSON:
+        for name in ("app", "default", "access"):
+            config["formatters"][name] = {"()": JsonFormatter}
+            config["handlers"][name]["filters"] = ["context"]
     config["root"] = {"handlers": ["app"], "level": settings.LOG_LEVEL.upper()}
     return config
+
+
+def configure_logging(settings: Settings) -> None:
+    """Apply `log_config` to this process (a worker process: uvicorn applies it to the API)."""
+    import logging.config
+
+    logging.config.dictConfig(log_config(settings))
 
 
 def _process_runner(name: str) -> Any:
@@ -78,7 +90,7 @@ def _serve(
         "host": host or settings.HOST,
         "port": port or settings.PORT,
         "log_level": settings.LOG_LEVEL.lower(),
-        "log_config": _log_config(settings),
+        "log_config": log_config(settings),
     }
     if workers == 1:
         uvicorn.run(app or create_app(settings), **options)

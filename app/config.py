@@ -36,6 +36,11 @@ class BrokerKind(StrEnum):
     STUB = "stub"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class JwtAlgorithm(StrEnum):
     HS256 = "HS256"
     RS256 = "RS256"
@@ -83,6 +88,16 @@ class Settings(BaseSettings):
     HOST: str = "127.0.0.1"
     PORT: int = 8000
     LOG_LEVEL: str = "INFO"
+    # `json`: one JSON object per line (API, uvicorn's access log, workers); `text`: for people.
+    # Unset: json when ENVIRONMENT=production (a log collector reads it), text otherwise.
+    LOG_FORMAT: LogFormat | None = None
+
+    def log_format(self) -> LogFormat:
+        """LOG_FORMAT, or the environment's default when it is unset."""
+        if self.LOG_FORMAT is not None:
+            return self.LOG_FORMAT
+        production = self.ENVIRONMENT.strip().lower() == "production"
+        return LogFormat.JSON if production else LogFormat.TEXT
 
     # Prometheus metrics (README "Metrics"). `GET /metrics` on PORT always answers admin keys.
     # METRICS_PORT also serves them without credentials on METRICS_HOST, from the API process

@@ -31,13 +31,13 @@ from app.access.deps import required_key
 from app.access.service import Principal
 from app.core.api_errors import domain_error_response, unexpected_error_response
 from app.core.errors import DomainError
+from app.core.log_context import key_id_var, request_id_var
 from app.core.metrics import observe_request
 from app.core.middleware import (
     BodyLimit,
     SendWithRequestId,
     caller_request_id,
     declared_length,
-    request_id_var,
     tag_request,
 )
 from app.gateway.router import answer_directly, submit_job
@@ -225,6 +225,7 @@ class FastPaths:
         status = 500
         method, path = scope["method"], scope["path"]
         request_id, token = tag_request(scope, head.request_id)
+        key_token = key_id_var.set(None)  # set by `authenticate`, for the request's log lines
         send_with_id = SendWithRequestId(send, request_id)
         services: Services = self.app.state.services
         try:
@@ -251,6 +252,7 @@ class FastPaths:
             status = error.status_code
             await _send_plain(error, send)  # its headers carry the request id already
         finally:
+            key_id_var.reset(key_token)
             request_id_var.reset(token)
             observe_request(route, method, status, started)
 

@@ -229,8 +229,8 @@ def _embedder(chat: ChatService, settings: Settings) -> Embedder | None:
         return None
 
     async def embed(texts: list[str]) -> list[list[float]]:
-        _, body = await chat.embed(EmbeddingRequest(model=model, input=texts))
-        return [list(item["embedding"]) for item in body["data"]]
+        answer = await chat.embed(EmbeddingRequest(model=model, input=texts))
+        return [list(item["embedding"]) for item in answer.body["data"]]
 
     return embed
 

@@ -11,7 +11,14 @@ import uvloop
 from app.config import Settings
 from app.queue.broker import build_broker
 from workers import runtime
-from workers.middleware import Heartbeat, Metrics, OneStopPerSignal, Periodic, QuickIdlePolling
+from workers.middleware import (
+    Heartbeat,
+    Metrics,
+    OneStopPerSignal,
+    Periodic,
+    ProcessLogging,
+    QuickIdlePolling,
+)
 
 _broker: dramatiq.Broker | None = None
 
@@ -28,7 +35,14 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
     )
     _broker = build_broker(
         settings,
-        middleware=[Periodic(), OneStopPerSignal(), QuickIdlePolling(), heartbeat, metrics],
+        middleware=[
+            ProcessLogging(settings),
+            Periodic(),
+            OneStopPerSignal(),
+            QuickIdlePolling(),
+            heartbeat,
+            metrics,
+        ],
     )
     dramatiq.set_broker(_broker)
     return _broker

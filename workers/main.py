@@ -8,6 +8,7 @@ from pathlib import Path
 from dramatiq.cli import main as dramatiq_main
 from dramatiq.cli import make_argument_parser
 
+from app.cli import configure_logging
 from app.config import Settings
 from app.queue.names import ALL_QUEUES
 from app.system import liveness
@@ -34,8 +35,11 @@ def run_worker(
         str(threads or settings.WORKER_THREADS),
         "--worker-shutdown-timeout",
         "30000",
+        # Each process configures logging as the API does (`ProcessLogging`), not Dramatiq.
+        "--skip-logging",
     ]
     if queues:
         argv += ["--queues", *queues]
+    configure_logging(settings)  # the main process's own lines (start, stop, a crashed child)
     parser = make_argument_parser()  # type: ignore[no-untyped-call]
     return int(dramatiq_main(parser.parse_args(argv)) or 0)  # type: ignore[no-untyped-call]

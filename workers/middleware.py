@@ -14,6 +14,8 @@ from typing import Any
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
 
+from app.cli import configure_logging
+from app.config import Settings
 from app.core import heap
 from app.core.metrics import MetricsListener, serve_on_free_port
 from app.gateway.chat import ensure_builtin_models
@@ -86,6 +88,21 @@ class Periodic(dramatiq.Middleware):
             asyncio.run_coroutine_threadsafe(close(), thread.loop).result(timeout=5)
         except Exception:
             log.exception("closing the worker runtime failed")
+
+
+class ProcessLogging(dramatiq.Middleware):
+    """Configures logging in each `gateway worker` process as the API's is (`LOG_FORMAT`, the
+    context ids), in place of Dramatiq's own format (the runner passes `--skip-logging`).
+
+    Dramatiq points a worker process's stderr at the pipe its main process reads before it
+    loads the broker, so the handler configured here writes whole lines through that pipe.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        configure_logging(self.settings)
 
 
 class OneStopPerSignal(dramatiq.Middleware):

@@ -34,6 +34,7 @@ from app.core.events import EventSink, NullSink
 from app.core.ids import new_id
 from app.core.invalidation import ALL, METERING_TOPIC, InvalidatedCache, InvalidationBus
 from app.core.loading import LoadingCache
+from app.core.log_context import key_id_var
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.storage.reads import get_existing, read_existing, read_page
 
@@ -380,6 +381,7 @@ class ApiKeyService:
             raise Unauthenticated("the API key's team is suspended")
         assert entry.principal is not None
         self._touch(entry.principal.key_id)
+        key_id_var.set(entry.principal.key_id)  # for the request's log lines, until it ends
         return entry.principal
 
     async def _read(self, prefix: str) -> _CachedKey:

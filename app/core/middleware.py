@@ -7,35 +7,25 @@ in front of the stack, so both apply the same rules.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-from contextvars import ContextVar, Token
+from contextvars import Token
 
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.api_errors import error_response
+from app.core.log_context import key_id_var, request_id_var
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_HEADER = REQUEST_ID_HEADER.encode()
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
-request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
-
 
 def current_request_id() -> str | None:
     """The id of the request being served by this task, if any."""
     return request_id_var.get()
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every log record ("-" outside a request)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get() or "-"
-        return True
 
 
 def sane_request_id(candidate: str) -> str | None:
@@ -108,9 +98,11 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id, token = tag_request(scope, _incoming_request_id(scope))
+        key_token = key_id_var.set(None)  # set once the request's key is authenticated
         try:
             await self.app(scope, receive, SendWithRequestId(send, request_id))
         finally:
+            key_id_var.reset(key_token)
             request_id_var.reset(token)
 
 

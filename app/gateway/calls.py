@@ -56,6 +56,39 @@ from app.usage.settlement import UsageOutcome
 
 log = logging.getLogger(__name__)
 
+# What every answer says about itself (`answer_headers`), whichever context made the call.
+MODEL_HEADER = "x-gateway-model"  # the model that answered, after any fallback
+PROVIDER_HEADER = "x-gateway-provider"  # that model's provider
+OVERHEAD_HEADER = "x-gateway-overhead-ms"  # the gateway's own time, the upstream's excluded
+COST_HEADER = "x-gateway-response-cost"  # USD, as the usage record has it; not on streams
+
+
+def usd(micros: int) -> str:
+    """Micro-dollars as a decimal string of dollars, exactly: 80 gives "0.000080"."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{fraction:06d}"
+
+
+def answer_headers(
+    base: dict[str, str],
+    model_id: str,
+    provider: str,
+    overhead: float,
+    cost_micros: int | None = None,
+) -> dict[str, str]:
+    """`base` (rate limits, cache) with the model, provider, overhead (`overhead` seconds) and,
+    when known as the answer goes out, the cost."""
+    headers = {
+        **base,
+        MODEL_HEADER: model_id,
+        PROVIDER_HEADER: provider,
+        OVERHEAD_HEADER: f"{max(overhead, 0.0) * 1000:.2f}",
+    }
+    if cost_micros is not None:
+        headers[COST_HEADER] = usd(cost_micros)
+    return headers
+
 
 class CallSource(StrEnum):
     """What started a gateway call."""
@@ -218,21 +251,23 @@ class GatewayCalls:
         self, caller: Caller, request: ChatCompletionRequest, context: CallContext = DIRECT
     ) -> Completion:
         """A chat completion for `caller`; `request.stream` is ignored (see `stream`)."""
+        started = time.perf_counter()
         call = await self._begin(caller, request, context)
         lookup = call.lookup
+        upstream = 0.0
         try:
             if lookup is not None and lookup.response is not None:
-                answer = ChatAnswer(
-                    str(lookup.response.get("model", call.route.name)), lookup.response
-                )
+                model_id = str(lookup.response.get("model", call.route.name))
+                answer = ChatAnswer(model_id, lookup.response, call.route.provider_of(model_id))
             else:
-                started = time.perf_counter()
+                asked = time.perf_counter()
                 try:
                     answer = await self._chat.call(call.route, call.body)
                 except BaseException as exc:
                     _upstream_failed(call.route, exc)
                     raise
-                _upstream_answered(call.route, answer.model_id, started, UPSTREAM_DURATION)
+                upstream = time.perf_counter() - asked
+                _upstream_answered(call.route, answer.model_id, asked, UPSTREAM_DURATION)
                 if lookup is not None and self.cache is not None:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
@@ -243,15 +278,24 @@ class GatewayCalls:
             input_tokens=int(usage.get("prompt_tokens") or 0),
             output_tokens=int(usage.get("completion_tokens") or 0),
             model_id=answer.model_id,
+            provider=answer.provider,
             cache_hit=lookup is not None and lookup.hit,
             response_body=answer.body,
             latency_ms=int((time.monotonic() - call.admission.started) * 1000),
             **call.outcome,
         )
+        cost = await self._metering.priced(call.admission, settled)
+        headers = answer_headers(
+            call.headers(),
+            answer.model_id,
+            answer.provider,
+            time.perf_counter() - started - upstream,
+            cost,
+        )
         return Completion(
             answer.body,
             answer.model_id,
-            call.headers(),
+            headers,
             Settlement(self._metering, call.admission, settled),
         )
 
@@ -260,22 +304,25 @@ class GatewayCalls:
     ) -> Streamed:
         """A streamed chat completion whose first chunk has arrived (so the route could still
         fall back); it is settled when its chunks end, however they end."""
+        started = time.perf_counter()
         call = await self._begin(caller, request, context)
         lookup = call.lookup
         include_usage = request.wants_usage_chunk()
+        upstream = 0.0
         # The answer of a stream is never held whole: its log keeps the request only.
         try:
             if lookup is not None and lookup.response is not None:
                 stream = _replayed(call.route, lookup.response, include_usage)
             else:
-                started = time.perf_counter()
+                asked = time.perf_counter()
                 try:
                     stream = await self._chat.open_stream(call.route, call.body, include_usage)
                 except BaseException as exc:
                     _upstream_failed(call.route, exc)
                     raise
+                upstream = time.perf_counter() - asked
                 # `open_stream` returns once the first chunk is in: that is the time to it.
-                _upstream_answered(call.route, stream.model_id, started, UPSTREAM_FIRST_TOKEN)
+                _upstream_answered(call.route, stream.model_id, asked, UPSTREAM_FIRST_TOKEN)
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
             raise
@@ -284,10 +331,14 @@ class GatewayCalls:
             stream.chunks,
             lambda: stream.usage,
             model_id=stream.model_id,
+            provider=stream.provider,
             cache_hit=lookup is not None and lookup.hit,
             **call.outcome,
         )
-        return Streamed(stream.model_id, chunks, call.headers())
+        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
+        overhead = time.perf_counter() - started - upstream
+        headers = answer_headers(call.headers(), stream.model_id, stream.provider, overhead)
+        return Streamed(stream.model_id, chunks, headers)
 
     async def submit(
         self,
@@ -321,6 +372,7 @@ class GatewayCalls:
         self, caller: Caller, request: EmbeddingRequest, context: CallContext = DIRECT
     ) -> Embedded:
         """Embedding vectors for `caller`, admitted and settled like a chat completion."""
+        started = time.perf_counter()
         caller.ensure_can_call(request.model)
         request.check()
         route = await self._chat.resolve(request.model, kind=ModelKind.EMBEDDING)
@@ -334,15 +386,22 @@ class GatewayCalls:
                 0,
                 **outcome,
             ) as call:
-                started = time.perf_counter()
+                asked = time.perf_counter()
                 try:
-                    model_id, body = await self._chat.embed(request)
+                    answer = await self._chat.embed(request)
                 except BaseException as exc:
                     _upstream_failed(route, exc)
                     raise
-                _upstream_answered(route, model_id, started, UPSTREAM_DURATION)
-                call.done_with_usage(body.get("usage"), model_id=model_id)
-        return Embedded(body, model_id, call.headers)
+                upstream = time.perf_counter() - asked
+                _upstream_answered(route, answer.model_id, asked, UPSTREAM_DURATION)
+                call.done_with_usage(
+                    answer.body.get("usage"), model_id=answer.model_id, provider=answer.provider
+                )
+                assert call.outcome is not None
+                cost = await self._metering.priced(call.admission, call.outcome)
+        overhead = time.perf_counter() - started - upstream
+        headers = answer_headers(call.headers, answer.model_id, answer.provider, overhead, cost)
+        return Embedded(answer.body, answer.model_id, headers)
 
     # --- shared steps -----------------------------------------------------------------------
 
@@ -456,4 +515,5 @@ def _replayed(route: Route, cached: JSON, include_usage: bool) -> ChatStream:
         for chunk in completion_chunks(cached, include_usage=include_usage):
             yield chunk
 
-    return ChatStream(str(cached.get("model", route.name)), replay(), cached.get("usage"))
+    model_id = str(cached.get("model", route.name))
+    return ChatStream(model_id, replay(), cached.get("usage"), route.provider_of(model_id))

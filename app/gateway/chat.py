@@ -121,10 +121,11 @@ class UpstreamSettings:
 
 @dataclass
 class ChatAnswer:
-    """A completion and the model that produced it."""
+    """A completion (or an embeddings list), the model that produced it and its provider."""
 
     model_id: str
     body: JSON
+    provider: str = ""
 
     @property
     def usage(self) -> JSON:
@@ -139,6 +140,7 @@ class ChatStream:
     model_id: str
     chunks: AsyncIterator[JSON]
     usage: JSON | None = None
+    provider: str = ""
 
 
 class ChatService:
@@ -341,7 +343,7 @@ class ChatService:
         step, answer = await run_route(route, attempt, self.breakers)
         answer["model"] = step.upstream.model_id
         answer.setdefault("object", "chat.completion")
-        return ChatAnswer(model_id=step.upstream.model_id, body=answer)
+        return ChatAnswer(step.upstream.model_id, answer, step.upstream.provider.value)
 
     # --- stream -----------------------------------------------------------------------------
 
@@ -355,7 +357,7 @@ class ChatService:
             return chunks, await anext(chunks)
 
         step, (chunks, first) = await run_route(route, attempt, self.breakers)
-        stream = ChatStream(model_id=step.upstream.model_id, chunks=chunks)
+        stream = ChatStream(step.upstream.model_id, chunks, provider=step.upstream.provider.value)
         stream.chunks = self._relay(stream, first, chunks, include_usage)
         return stream
 
@@ -388,8 +390,8 @@ class ChatService:
 
     # --- embeddings -------------------------------------------------------------------------
 
-    async def embed(self, request: EmbeddingRequest) -> tuple[str, JSON]:
-        """The model that answered, and an OpenAI embeddings `list` object."""
+    async def embed(self, request: EmbeddingRequest) -> ChatAnswer:
+        """An OpenAI embeddings `list` object, with the model and provider that answered."""
         route = await self.resolve(request.model, kind=ModelKind.EMBEDDING)
         inputs = request.inputs()
 
@@ -406,7 +408,8 @@ class ChatService:
             data.append({"object": "embedding", "index": index, "embedding": value})
         model_id = step.upstream.model_id
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return model_id, {"object": "list", "data": data, "model": model_id, "usage": usage}
+        body = {"object": "list", "data": data, "model": model_id, "usage": usage}
+        return ChatAnswer(model_id, body, step.upstream.provider.value)
 
 
 BUILTIN_MODELS: tuple[Model, ...] = (

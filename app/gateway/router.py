@@ -40,7 +40,6 @@ ChainsDep = Annotated[ChainService, Depends(provide(ChainService))]
 router = APIRouter(tags=["chat"])
 admin_router = APIRouter(prefix="/admin/chains", tags=["admin: chains"])
 
-MODEL_HEADER = "x-gateway-model"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (the error names the field)"},
     404: {"description": "Unknown or disabled model or chain"},
@@ -50,12 +49,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _json(body: Any, model_id: str, extra: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(body),
-        media_type="application/json",
-        headers={MODEL_HEADER: model_id, **(extra or {})},
-    )
+def _json(body: Any, headers: dict[str, str]) -> Response:
+    """An answer with the headers `GatewayCalls` gave it (model, provider, cost, overhead...)."""
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
 def _sse_error(exc: DomainError) -> bytes:
@@ -88,14 +84,10 @@ async def answer_directly(
         return StreamingResponse(
             _sse(streamed.chunks),
             media_type="text/event-stream",
-            headers={
-                MODEL_HEADER: streamed.model_id,
-                "cache-control": "no-cache",
-                **streamed.headers,
-            },
+            headers={"cache-control": "no-cache", **streamed.headers},
         )
     completion = await calls.complete(principal, request, context)
-    response = _json(completion.body, completion.model_id, completion.headers)
+    response = _json(completion.body, completion.headers)
     # Settled once the answer is on its way: the reservation already holds the call's place in
     # the limits and budgets, settling only corrects it, and the client need not wait on that.
     response.background = BackgroundTask(completion.settle)
@@ -148,7 +140,7 @@ async def chat_completions(
 async def embeddings(request: EmbeddingRequest, principal: PrincipalDep, calls: CallsDep) -> Any:
     """Embedding vectors for a string or a list of strings, from a model of kind `embedding`."""
     embedded = await calls.embed(principal, request)
-    return _json(embedded.body, embedded.model_id, embedded.headers)
+    return _json(embedded.body, embedded.headers)
 
 
 def _chain_read(chain: ModelChain) -> ChainRead:

@@ -42,6 +42,14 @@ class Route:
     steps: tuple[Step, ...]
     chain: bool = False
 
+    def provider_of(self, model_id: str) -> str:
+        """The provider of the route's model `model_id` (a cached answer names only its model);
+        the first step's when no step has it."""
+        for step in self.steps:
+            if step.upstream.model_id == model_id:
+                return step.upstream.provider.value
+        return self.steps[0].upstream.provider.value
+
 
 class CircuitBreakers:
     """One breaker per upstream model, in this process.

@@ -27,6 +27,7 @@ from app.core.errors import (
     Transient,
 )
 from app.core.events import EventSink
+from app.core.log_context import key_id_var, operation_id_var
 from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
 from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
@@ -193,11 +194,25 @@ class OperationRunner:
     # ---- execution -------------------------------------------------------------------------
 
     async def execute(self, operation_id: str) -> bool:
-        """Run the job if it can be claimed; False when another delivery already has it."""
+        """Run the job if it can be claimed; False when another delivery already has it.
+
+        Every line logged meanwhile, the handler's included, carries the job's operation id and
+        its owner's key id (`app.core.log_format`)."""
+        operation_token = operation_id_var.set(operation_id)
+        key_token = key_id_var.set(None)
+        try:
+            return await self._execute(operation_id)
+        finally:
+            key_id_var.reset(key_token)
+            operation_id_var.reset(operation_token)
+
+    async def _execute(self, operation_id: str) -> bool:
         claimed = await self.claim(operation_id)
         if claimed is None:
             return False
         operation, claim = claimed
+        key_id_var.set(operation.owner_key_id)
+        started = time.monotonic()
         handler = self.handlers.get(OperationKind(operation.kind))
         if handler is None:
             await self._finish_failed(
@@ -227,6 +242,7 @@ class OperationRunner:
             beat.cancel()
             if not work.done():
                 work.cancel()
+        log.info("job %s ran", operation_id, extra=_ran("succeeded", started))
         try:
             await self._complete(operation, claim, result)
         except InvalidInput as exc:
@@ -606,3 +622,8 @@ class OperationRunner:
             )
             await uow.commit()
         return removed
+
+
+def _ran(status: str, started: float) -> dict[str, Any]:
+    """The `extra` of a job's log line: how its handler ended, and how long it ran."""
+    return {"status": status, "duration_ms": round((time.monotonic() - started) * 1000, 1)}

@@ -95,6 +95,10 @@ class Metering:
             principal, model, estimated_input_tokens, max_output_tokens
         )
 
+    async def priced(self, admission: Admission, outcome: UsageOutcome) -> int:
+        """The call's cost in micro-dollars, as its usage record will say (`Settlement.priced`)."""
+        return await self._settlement.priced(admission, outcome)
+
     async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
         """Correct the reservations with the real counts and queue the record and the log; a
         second settle or release does nothing (`Settlement.settle`)."""

@@ -63,6 +63,7 @@ class UsageOutcome:
     request_body: Any = None
     response_body: Any = None
     workflow_steps: list[dict[str, Any]] = field(default_factory=list)
+    cost_micros: int | None = None  # set by `Settlement.priced`, computed at settlement if not
 
 
 _EXECUTION_TYPES = {
@@ -90,6 +91,24 @@ class Settlement:
         self._config = config
         self._default_log_bodies = log_bodies
 
+    async def _answered_by(self, admission: Admission, outcome: UsageOutcome) -> Model:
+        model = admission.model
+        if outcome.model_id is not None and outcome.model_id != model.id:
+            model = await self._prices(outcome.model_id)
+        return model
+
+    async def priced(self, admission: Admission, outcome: UsageOutcome) -> int:
+        """The call's cost in micro-dollars, as its usage record says it: kept on `outcome`, so
+        a response header given it before settlement shows the very figure recorded."""
+        if outcome.cost_micros is None:
+            model = await self._answered_by(admission, outcome)
+            outcome.cost_micros = (
+                0
+                if outcome.cache_hit
+                else model_cost_micros(model, outcome.input_tokens, outcome.output_tokens)
+            )
+        return outcome.cost_micros
+
     async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
         """Correct the reservations with the real counts and queue the record and the log.
 
@@ -98,14 +117,8 @@ class Settlement:
         if admission.finished:
             return
         admission.finished = True
-        model = admission.model
-        if outcome.model_id is not None and outcome.model_id != model.id:
-            model = await self._prices(outcome.model_id)
-        cost = (
-            0
-            if outcome.cache_hit
-            else model_cost_micros(model, outcome.input_tokens, outcome.output_tokens)
-        )
+        model = await self._answered_by(admission, outcome)
+        cost = await self.priced(admission, outcome)
         tokens = outcome.input_tokens + outcome.output_tokens
         self._correct(
             admission, tokens - admission.reserved_tokens, 0, cost - admission.reserved_cost_micros
