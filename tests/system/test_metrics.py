@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.core.clock import utcnow
 from app.core.metrics import exposition
-from app.credentials.entities import Provider
 from app.main import create_app
 from app.models.entities import Model
 from app.operations.entities import Operation, OperationStatus
@@ -32,19 +30,10 @@ from app.storage.memory import MemoryStorage
 from app.storage.protocol import Storage
 from tests.fakes import RecordingQueue
 from tests.redis_servers import free_port
+from tests.usage.test_chat_metering import CALL, PRICED
 
 ADMIN_KEY = "gw-metrics-tests-admin-secret-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-# Ten output tokens at $10 per million: every upstream call costs exactly 100 micro-dollars.
-PRICED = Model(
-    id="priced-mock",
-    name="Priced mock",
-    provider=Provider.MOCK,
-    provider_model="mock",
-    parameters={"mock_completion_tokens": 10},
-    output_price_per_million=Decimal("10"),
-)
-CALL = {"model": "priced-mock", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = "/v1/chat/completions"
 POLL = "/v1/operations/{operation_id}"
 FAST = JobTimings(lease=5, heartbeat=1, retry_base=0.01, retry_max=0.02, resend_after=0.2)
