@@ -7,7 +7,12 @@ from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
 from app.evals.entities import TestCase, TestCaseResult
 from app.experiments.entities import Experiment, ExperimentRecord
-from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
+from app.knowledge.entities import (
+    KnowledgeBase,
+    KnowledgeChunk,
+    KnowledgeDocument,
+    KnowledgeSource,
+)
 from app.logs.entities import ExecutionLog
 from app.models.entities import Model, ModelChain
 from app.operations.entities import Operation
@@ -34,6 +39,7 @@ ENTITIES: tuple[type[Entity], ...] = (
     ExternalApi,
     KnowledgeBase,
     KnowledgeDocument,
+    KnowledgeSource,
     KnowledgeChunk,
     AppConfiguration,
     ExecutionLog,

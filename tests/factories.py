@@ -67,6 +67,8 @@ def field_value(entity: type[Entity], name: str, n: int) -> Any:
         return Decimal(f"{n}.123456")
     if origin is datetime:
         return BASE_INSTANT + timedelta(seconds=n)
+    if origin is bytes:
+        return bytes([n % 256, 0, 255]) + b"\x00 raw"
     if origin is date:
         return BASE_INSTANT.date() + timedelta(days=n)
     if origin is str:

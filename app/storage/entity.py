@@ -94,6 +94,11 @@ def json_value() -> Any:
     return Field(default=None, sa_type=JSONB, nullable=True)
 
 
+def binary() -> Any:
+    """Raw bytes (BYTEA): packed vectors, uploaded files."""
+    return Field(sa_type=sa.LargeBinary, nullable=False)
+
+
 def money(default: Decimal | None = Decimal(0)) -> Any:
     """A decimal amount with six places (USD per million tokens and the like)."""
     return Field(default=default, sa_type=sa.Numeric(18, 6), nullable=default is None)
