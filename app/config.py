@@ -310,6 +310,12 @@ class Settings(BaseSettings):
     BUDGET_RESET_INTERVAL_SECONDS: float = Field(default=60.0, gt=0)
     ACCOUNTING_INTERVAL_SECONDS: float = Field(default=3600.0, gt=0)
 
+    # Knowledge bases. A document is kept whole in the database (to ingest it again), and an
+    # upload is also bounded by MAX_REQUEST_BYTES. Chunks are embedded this many per call.
+    KNOWLEDGE_MAX_DOCUMENT_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
+    KNOWLEDGE_MAX_CHUNKS: int = Field(default=20_000, ge=1)
+    KNOWLEDGE_EMBED_BATCH: int = Field(default=64, ge=1, le=2048)
+
     # The Batch API. A file is kept whole in the database; an upload is also bounded by
     # MAX_REQUEST_BYTES, so keep this a little below it.
     FILE_MAX_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)

@@ -30,6 +30,8 @@ from app.fastpath import GatewayApp
 from app.gateway.chat import ensure_builtin_models
 from app.gateway.router import admin_router as chains_admin_router
 from app.gateway.router import router as chat_router
+from app.knowledge.router import admin_router as knowledge_admin_router
+from app.knowledge.router import router as knowledge_router
 from app.logs.router import admin_router as logs_admin_router
 from app.models.router import admin_router as models_admin_router
 from app.models.router import router as models_router
@@ -162,6 +164,8 @@ def create_app(
     app.include_router(usage_router)
     app.include_router(budgets_router)
     app.include_router(logs_admin_router)
+    app.include_router(knowledge_router)
+    app.include_router(knowledge_admin_router)
     return app
 
 

@@ -26,6 +26,9 @@ from app.gateway.chat import ChatService, UpstreamSettings
 from app.gateway.jobs import gateway_handlers
 from app.gateway.providers.mock import MockBehaviour
 from app.gateway.schemas import EmbeddingRequest
+from app.knowledge.index import MatrixIndex
+from app.knowledge.jobs import knowledge_handlers
+from app.knowledge.service import KnowledgeLimits, KnowledgeService
 from app.logs.service import LogService
 from app.models.service import ModelService
 from app.operations.runner import Handler, JobTimings
@@ -78,6 +81,8 @@ class Services:
     accounting: Accounting
     # The one path of every LLM call: permissions, admission, cache, upstream, settlement.
     calls: GatewayCalls
+    # Knowledge bases: documents ingested as jobs, chunks searched.
+    knowledge: KnowledgeService
 
     @property
     def metering(self) -> Metering:
@@ -182,6 +187,13 @@ def build_services(
     )
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    calls = GatewayCalls(
+        chat,
+        accounting.metering,
+        keys,
+        operations,
+        cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+    )
     return Services(
         settings=settings,
         storage=storage,
@@ -211,12 +223,18 @@ def build_services(
         chains=ChainService(storage, on_change=routes_changed),
         chat=chat,
         accounting=accounting,
-        calls=GatewayCalls(
-            chat,
-            accounting.metering,
-            keys,
+        calls=calls,
+        knowledge=KnowledgeService(
+            storage,
             operations,
-            cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+            calls,
+            MatrixIndex(storage),
+            bus=invalidation,
+            limits=KnowledgeLimits(
+                max_document_bytes=settings.KNOWLEDGE_MAX_DOCUMENT_BYTES,
+                max_chunks=settings.KNOWLEDGE_MAX_CHUNKS,
+                embed_batch=settings.KNOWLEDGE_EMBED_BATCH,
+            ),
         ),
     )
 
@@ -249,7 +267,11 @@ def job_timings(settings: Settings) -> JobTimings:
 def build_handlers(services: Services) -> dict[OperationKind, Handler]:
     """What a worker runs for each kind of job: every domain's handlers (its `jobs.py`)."""
     handlers: dict[OperationKind, Handler] = {}
-    for domain in (gateway_handlers(services.calls), webhook_handlers(services.webhooks)):
+    for domain in (
+        gateway_handlers(services.calls),
+        webhook_handlers(services.webhooks),
+        knowledge_handlers(services.knowledge),
+    ):
         overlap = handlers.keys() & domain.keys()
         if overlap:
             raise RuntimeError(f"two handlers for {sorted(overlap)}")

@@ -13,6 +13,7 @@ from app.core.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    TooLarge,
     Transient,
     Unauthenticated,
     Unavailable,
@@ -24,6 +25,7 @@ from app.core.errors import (
 # Looked up along the error's MRO, so a subclass (DuplicateKey, InvalidId…) inherits its family's.
 DOMAIN_STATUS: dict[type[DomainError], tuple[int, str]] = {
     InvalidInput: (400, "invalid_request_error"),
+    TooLarge: (413, "invalid_request_error"),
     Unauthenticated: (401, "authentication_error"),
     BudgetExceeded: (402, "insufficient_quota"),
     PermissionDenied: (403, "permission_error"),

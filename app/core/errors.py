@@ -32,6 +32,12 @@ class InvalidId(InvalidInput):
         super().__init__(f"'{value}' is not a valid {kind} id", param=param)
 
 
+class TooLarge(InvalidInput):
+    """Something a caller sent is larger than this gateway accepts (a 413)."""
+
+    code = "too_large"
+
+
 class NotFound(DomainError):
     """A referenced entity does not exist (or is not visible to the caller)."""
 

@@ -99,6 +99,7 @@ class CallSource(StrEnum):
     WORKFLOW_STEP = "workflow_step"
     EXPERIMENT = "experiment"
     EVALUATION = "evaluation"
+    KNOWLEDGE_INGESTION = "knowledge_ingestion"  # a document's chunks, embedded by its job
 
 
 @dataclass(frozen=True, slots=True)

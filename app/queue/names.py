@@ -16,6 +16,7 @@ class OperationKind(StrEnum):
     WEBHOOK_DELIVERY = "webhook_delivery"
     BATCH = "batch"  # an OpenAI-style batch: a parent whose children do the work
     EMBEDDING = "embedding"  # one embeddings call (a line of an embeddings batch)
+    KNOWLEDGE_INGESTION = "knowledge_ingestion"  # parse, chunk and embed one document
 
 
 QUEUES: dict[OperationKind, str] = {
@@ -25,6 +26,7 @@ QUEUES: dict[OperationKind, str] = {
     OperationKind.TEST_CASE_RUN: "evals",
     OperationKind.WEBHOOK_DELIVERY: "webhooks",
     OperationKind.EMBEDDING: "embeddings",
+    OperationKind.KNOWLEDGE_INGESTION: "knowledge",
 }
 
 ACTORS: dict[OperationKind, str] = {
@@ -34,6 +36,7 @@ ACTORS: dict[OperationKind, str] = {
     OperationKind.TEST_CASE_RUN: "evals.run_tests",
     OperationKind.WEBHOOK_DELIVERY: "webhooks.deliver",
     OperationKind.EMBEDDING: "embeddings.create",
+    OperationKind.KNOWLEDGE_INGESTION: "knowledge.ingest",
 }
 
 # Not a job kind: batches of usage records and execution logs, inserted by one actor.
