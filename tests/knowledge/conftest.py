@@ -75,7 +75,13 @@ class Gateway:
 
 
 def knowledge_settings(**overrides: Any) -> Settings:
-    return Settings(BROKER="stub", ADMIN_API_KEY=ADMIN, SECRET_KEY="knowledge-tests", **overrides)
+    given: dict[str, Any] = {
+        "BROKER": "stub",
+        "ADMIN_API_KEY": ADMIN,
+        "SECRET_KEY": "knowledge-tests",
+        **overrides,
+    }
+    return Settings(**given)
 
 
 @pytest.fixture

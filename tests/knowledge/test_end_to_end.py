@@ -140,3 +140,22 @@ async def test_ingestion_and_search_usage_go_to_their_keys(gateway: Gateway) -> 
     by_key = {(r.api_key_id, r.operation_id) for r in records}
     # The ingestion's embeddings are the admin key's, in its job; the query's the reader's.
     assert by_key == {("admin", accepted["operation_id"]), ("key-reader", None)}
+
+
+async def test_keyword_and_hybrid_searches_rank_by_words(gateway: Gateway) -> None:
+    await gateway.base()
+    await gateway.document(content=NOTES, title="penguins")
+    await gateway.document(content=GUIDE, title="guide", parser="markdown")
+    await gateway.run_jobs()
+
+    keyword = await _search(gateway.admin, "docs", query="penguins hemisphere", mode="keyword")
+    hybrid = await _search(gateway.admin, "docs", query="penguins hemisphere", mode="hybrid")
+    nothing = await _search(gateway.admin, "docs", query="zebra", mode="keyword")
+
+    assert keyword["model"] is None  # no embedding is needed for words
+    assert [h["title"] for h in keyword["data"]] == ["penguins"]
+    assert keyword["data"][0]["keyword_score"] > 0
+    assert hybrid["data"][0]["title"] == "penguins"
+    assert hybrid["data"][0]["vector_score"] is not None
+    assert hybrid["data"][0]["keyword_score"] is not None
+    assert nothing["data"] == []
