@@ -29,7 +29,7 @@ from app.core.errors import (
 )
 from app.core.ids import new_id
 from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
-from app.gateway.calls import CallContext, Caller, CallSource, GatewayCalls
+from app.gateway.calls import DIRECT, CallContext, Caller, CallSource, GatewayCalls
 from app.gateway.schemas import EmbeddingRequest
 from app.knowledge.chunking import Chunking, Piece, chunk
 from app.knowledge.entities import (
@@ -41,6 +41,7 @@ from app.knowledge.entities import (
     KnowledgeSource,
 )
 from app.knowledge.filters import parse_filter
+from app.knowledge.grading import Gradable, Grading, Thresholds, grade
 from app.knowledge.index import Hit, SearchIndex, pack
 from app.knowledge.parsing import ParserKind, detect_parser, parse
 from app.knowledge.schemas import (
@@ -783,6 +784,30 @@ class KnowledgeService:
             mode=request.mode,
             model=model,
             data=await self._hits(ranked, vector_hits, keyword_hits),
+        )
+
+    async def grade(
+        self,
+        caller: Caller,
+        *,
+        query: str,
+        chunks: Sequence[Gradable],
+        judge_model: str,
+        context: CallContext = DIRECT,
+        thresholds: Thresholds | None = None,
+        include_ambiguous: bool = True,
+    ) -> Grading:
+        """CRAG's retrieval evaluator: `judge_model` scores each chunk's relevance to `query`
+        (calls made for `caller`, in `context`), and the thresholds classify the retrieval."""
+        return await grade(
+            self._calls,
+            caller,
+            query=query,
+            chunks=chunks,
+            judge_model=judge_model,
+            context=context,
+            thresholds=thresholds,
+            include_ambiguous=include_ambiguous,
         )
 
     async def _embed_query(

@@ -60,6 +60,9 @@ class ModelParameters(BaseModel):
     mock_latency_ms: float | None = Field(default=None, ge=0, le=600_000)
     mock_failure_rate: float | None = Field(default=None, ge=0, le=1)
     mock_failure: Literal["transient", "permanent", "timeout", "rate_limit"] | None = None
+    mock_reply: str | None = Field(default=None, max_length=100_000)
+    # The reply to a last user message containing a key: the first key found wins.
+    mock_replies: dict[str, str] | None = Field(default=None, max_length=100)
 
     _base_url = field_validator("base_url")(check_endpoint)
 

@@ -251,3 +251,26 @@ async def test_structured_answers_are_metered_with_their_usage(
         records = (await uow.repo(UsageRecord).find(order_by=["created_at"])).items
     recorded = [(r.input_tokens, r.output_tokens) for r in records]
     assert recorded == [(u["prompt_tokens"], u["completion_tokens"]) for u in usages]
+
+
+async def test_mock_replies_answer_by_what_the_last_user_message_contains() -> None:
+    from app.credentials.entities import Provider
+    from app.gateway.providers.base import Upstream
+    from app.gateway.providers.mock import MockProvider
+
+    upstream = Upstream(
+        "judge",
+        Provider.MOCK,
+        "mock",
+        parameters={"mock_replies": {"penguin": "0.9", "walrus": "0.4"}, "mock_reply": "none"},
+    )
+
+    async def reply(text: str) -> str:
+        body = await MockProvider().chat(
+            upstream, {"messages": [{"role": "user", "content": text}]}
+        )
+        return str(body["choices"][0]["message"]["content"])
+
+    assert await reply("about a penguin and a walrus") == "0.9"  # the first key found wins
+    assert await reply("a walrus") == "0.4"
+    assert await reply("a zebra") == "none"

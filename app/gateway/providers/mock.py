@@ -41,6 +41,8 @@ class MockBehaviour:
     failure: str = "transient"  # "permanent", "timeout" or "rate_limit"
     word_delay_ms: float = 0.0
     reply: str | None = None
+    # Replies by what the last user message contains: the first key found in it wins.
+    replies: tuple[tuple[str, str], ...] = ()
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
     dimensions: int = DEFAULT_DIMENSIONS
@@ -57,6 +59,10 @@ class MockBehaviour:
             failure=str(parameters.get("mock_failure", default.failure)),
             word_delay_ms=float(parameters.get("mock_word_delay_ms", default.word_delay_ms)),
             reply=parameters.get("mock_reply", default.reply),
+            replies=tuple(
+                (str(k), str(v)) for k, v in (parameters.get("mock_replies") or {}).items()
+            )
+            or default.replies,
             completion_tokens=number("mock_completion_tokens") or default.completion_tokens,
             prompt_tokens=number("mock_prompt_tokens") or default.prompt_tokens,
             dimensions=int(parameters.get("mock_dimensions", default.dimensions)),
@@ -130,13 +136,15 @@ def _content(body: JSON, messages: list[JSON], behaviour: MockBehaviour) -> tupl
     last = messages[-1] if messages else {}
     if last.get("role") in ("tool", "function"):
         text = f"Mock reply to the tool result: {_text(last.get('content'))[:200]}"
+        text = behaviour.reply or text
     else:
         last_user = next(
             (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
             "",
         )
         text = f"Mock reply to: {last_user[:200]}" if last_user else "Mock reply."
-    text = behaviour.reply or text
+        chosen = next((r for needle, r in behaviour.replies if needle in last_user), None)
+        text = chosen or behaviour.reply or text
     response_format = body.get("response_format") or {}
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     schema = (response_format.get("json_schema") or {}).get("schema") if kind else None
