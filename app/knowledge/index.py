@@ -25,7 +25,7 @@ from app.knowledge.entities import DocumentStatus, KnowledgeBase, KnowledgeChunk
 from app.knowledge.filters import ChunkView, Filter
 from app.storage.protocol import Storage, Where
 
-# Rows per read while loading a snapshot (each carries its text and vector).
+# Rows per read while building keyword statistics.
 LOAD_PAGE = 2000
 # Matrices this large are multiplied on a thread, so the event loop goes on meanwhile.
 THREAD_ROWS = 20_000
@@ -195,27 +195,26 @@ class MatrixIndex:
                 Where.eq("disabled", False),
             )
             searchable = {d.id: d for d in documents.items}
-            vectors: list[bytes] = []
-            ids: list[str] = []
-            views: list[ChunkView] = []
-            after: str | None = None
-            while searchable:
-                page = await uow.repo(KnowledgeChunk).find(
-                    Where.eq("knowledge_base_id", base.id),
-                    order_by=["id"],
-                    limit=LOAD_PAGE,
-                    after=after,
+            # One read of every chunk (a page at a time would scan and sort the table once a
+            # page in memory); in chunk id order, so ties fall alike on every backend.
+            chunks = (
+                await uow.repo(KnowledgeChunk).find(
+                    Where.eq("knowledge_base_id", base.id), order_by=["id"]
                 )
-                for chunk in page.items:
-                    document = searchable.get(chunk.document_id)
-                    if document is None or len(chunk.embedding) != 4 * dimensions:
-                        continue  # not searchable (yet), or from another model
-                    vectors.append(chunk.embedding)
-                    ids.append(chunk.id)
-                    views.append(_view(document, chunk))
-                if page.next_cursor is None:
-                    break
-                after = page.next_cursor
+                if searchable
+                else None
+            )
+        vectors: list[bytes] = []
+        ids: list[str] = []
+        views: list[ChunkView] = []
+        for chunk in chunks.items if chunks is not None else ():
+            document = searchable.get(chunk.document_id)
+            if document is None or len(chunk.embedding) != 4 * dimensions:
+                continue  # not searchable (yet), or from another model
+            vectors.append(chunk.embedding)
+            ids.append(chunk.id)
+            views.append(_view(document, chunk))
+        del chunks
         matrix = np.frombuffer(b"".join(vectors), dtype="<f4").astype(np.float32)
         matrix = matrix.reshape(len(ids), dimensions) if ids else np.zeros((0, dimensions), "f4")
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
