@@ -59,7 +59,7 @@ class VectorIndex(Protocol):
         where: Filter | None = None,
     ) -> list[Hit]:
         """The `top_k` best chunks by cosine similarity, best first, those below `min_score`
-        and those `where` excludes left out; ties in chunk id order."""
+        and those `where` excludes left out; ties by document id, then chunk index."""
         ...
 
     def forget(self, base_id: str) -> None:
@@ -104,14 +104,27 @@ class _Keywords:
 
 
 @dataclass
-class Snapshot:
-    """A base's searchable chunks as of one `index_version`: unit vectors in chunk id order."""
+class _Part:
+    """One document's share of a snapshot, kept while the document row stays at `version`."""
 
-    base_id: str
     version: int
     matrix: Matrix
     chunk_ids: list[str]
     views: list[ChunkView]
+
+
+@dataclass
+class Snapshot:
+    """A base's searchable chunks as of one `index_version`: unit vectors ordered by document
+    id, then chunk index (the same order on every backend)."""
+
+    base_id: str
+    version: int
+    dimensions: int
+    matrix: Matrix
+    chunk_ids: list[str]
+    views: list[ChunkView]
+    parts: dict[str, _Part] = field(default_factory=dict)
     masks: dict[str, npt.NDArray[np.bool_]] = field(default_factory=dict)
     keywords: _Keywords | None = None
 
@@ -132,7 +145,7 @@ class Snapshot:
 
 def _best(scores: npt.NDArray[np.float32], top_k: int, floor: float) -> list[tuple[int, float]]:
     """Positions of the `top_k` highest scores at or above `floor`, best first, ties by
-    position (chunk id order, the same in every backend)."""
+    position (the snapshot's order, the same on every backend)."""
     eligible = int(np.count_nonzero(scores >= floor))
     k = min(top_k, eligible)
     if k <= 0:
@@ -187,39 +200,48 @@ class MatrixIndex:
             self._snapshots[snapshot.base_id] = snapshot
 
     async def _load(self, base: KnowledgeBase) -> Snapshot:
+        """The base's snapshot at its `index_version`: the documents unchanged since the one
+        held keep their part of it; only the others' chunks are read."""
         dimensions = base.embedding_dimensions or 0
+        held = self._snapshots.get(base.id)
+        kept = held.parts if held is not None and held.dimensions == dimensions else {}
         async with self._storage.unit_of_work() as uow:
-            documents = await uow.repo(KnowledgeDocument).find(
+            found = await uow.repo(KnowledgeDocument).find(
                 Where.eq("knowledge_base_id", base.id),
                 Where.eq("status", DocumentStatus.READY),
                 Where.eq("disabled", False),
+                order_by=["id"],
             )
-            searchable = {d.id: d for d in documents.items}
-            # One read of every chunk (a page at a time would scan and sort the table once a
-            # page in memory); in chunk id order, so ties fall alike on every backend.
-            chunks = (
-                await uow.repo(KnowledgeChunk).find(
-                    Where.eq("knowledge_base_id", base.id), order_by=["id"]
-                )
-                if searchable
-                else None
-            )
-        vectors: list[bytes] = []
-        ids: list[str] = []
-        views: list[ChunkView] = []
-        for chunk in chunks.items if chunks is not None else ():
-            document = searchable.get(chunk.document_id)
-            if document is None or len(chunk.embedding) != 4 * dimensions:
-                continue  # not searchable (yet), or from another model
-            vectors.append(chunk.embedding)
-            ids.append(chunk.id)
-            views.append(_view(document, chunk))
-        del chunks
-        matrix = np.frombuffer(b"".join(vectors), dtype="<f4").astype(np.float32)
-        matrix = matrix.reshape(len(ids), dimensions) if ids else np.zeros((0, dimensions), "f4")
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        np.divide(matrix, norms, out=matrix, where=norms > 0)
-        return Snapshot(base.id, base.index_version, matrix, ids, views)
+            documents = found.items
+            parts = {
+                d.id: kept[d.id]
+                for d in documents
+                if d.id in kept and kept[d.id].version == d.version
+            }
+            missing = {d.id: d for d in documents if d.id not in parts}
+            chunks: dict[str, list[KnowledgeChunk]] = {d: [] for d in missing}
+            if len(missing) > len(documents) // 2:
+                # Most of the base: one read of all its chunks (one scan, in memory).
+                every = await uow.repo(KnowledgeChunk).find(Where.eq("knowledge_base_id", base.id))
+                for chunk in every.items:
+                    if chunk.document_id in chunks:
+                        chunks[chunk.document_id].append(chunk)
+                del every
+            else:
+                for document_id in missing:
+                    page = await uow.repo(KnowledgeChunk).find(Where.eq("document_id", document_id))
+                    chunks[document_id] = page.items
+        for document_id, document in missing.items():
+            parts[document_id] = _part(document, chunks.pop(document_id), dimensions)
+        ordered = [parts[d.id] for d in documents]
+        matrix = (
+            np.concatenate([p.matrix for p in ordered])
+            if ordered
+            else np.zeros((0, dimensions), np.float32)
+        )
+        ids = [i for p in ordered for i in p.chunk_ids]
+        views = [v for p in ordered for v in p.views]
+        return Snapshot(base.id, base.index_version, dimensions, matrix, ids, views, parts)
 
     async def search(
         self,
@@ -302,6 +324,20 @@ class MatrixIndex:
         }
         average = float(lengths.mean()) if snapshot.size else 0.0
         return _Keywords(postings, lengths, average or 1.0)
+
+
+def _part(document: KnowledgeDocument, chunks: list[KnowledgeChunk], dimensions: int) -> _Part:
+    """A document's unit vectors in chunk order (chunks of another size, from another model,
+    are left out)."""
+    usable = sorted(
+        (c for c in chunks if len(c.embedding) == 4 * dimensions), key=lambda c: c.chunk_index
+    )
+    matrix = np.frombuffer(b"".join(c.embedding for c in usable), dtype="<f4").astype(np.float32)
+    matrix = matrix.reshape(len(usable), dimensions)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    np.divide(matrix, norms, out=matrix, where=norms > 0)
+    views = [_view(document, c) for c in usable]
+    return _Part(document.version, matrix, [c.id for c in usable], views)
 
 
 def _view(document: KnowledgeDocument, chunk: KnowledgeChunk) -> ChunkView:
