@@ -28,7 +28,7 @@ from app.core.errors import (
     TooLarge,
 )
 from app.core.ids import new_id
-from app.core.invalidation import ALL, InvalidatedCache, InvalidationBus
+from app.core.invalidation import ALL, InvalidationBus
 from app.gateway.calls import DIRECT, CallContext, Caller, CallSource, GatewayCalls
 from app.gateway.schemas import EmbeddingRequest
 from app.knowledge.chunking import Chunking, Piece, chunk
@@ -69,10 +69,13 @@ log = logging.getLogger(__name__)
 # Items are a base's id: its searchable chunks (or the base itself) changed.
 KNOWLEDGE_TOPIC = "knowledge"
 DOCUMENT_ID_PREFIX = "doc"
-BASE_CACHE_SECONDS = 30.0
 # Reciprocal rank fusion's constant (Cormack et al.), and how deep each ranking goes.
 RRF_K = 60
 FUSION_DEPTH = 50
+
+
+class _Superseded(Exception):
+    """The document is no longer this job's: deleted, or handed to a newer job."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +178,8 @@ class KnowledgeService:
         self.index = index
         self._bus = bus or InvalidationBus(None, shared=False)
         self.limits = limits or KnowledgeLimits()
-        self._bases: InvalidatedCache[KnowledgeBase] = InvalidatedCache(
-            self._bus, KNOWLEDGE_TOPIC, ttl=BASE_CACHE_SECONDS
-        )
+        # Searches read the base's row each time (one key lookup): its `index_version` tells a
+        # stale matrix wherever the change was made; the bus frees outdated matrices at once.
         self._bus.on(KNOWLEDGE_TOPIC, self._forget)
 
     def _forget(self, base_id: str) -> None:
@@ -247,16 +249,6 @@ class KnowledgeService:
     async def get_base(self, base_id: str) -> KnowledgeBase:
         async with self._storage.unit_of_work() as uow:
             return await get_existing(uow.repo(KnowledgeBase), base_id, "knowledge base")
-
-    async def _searched_base(self, base_id: str) -> KnowledgeBase:
-        """The base as searches see it: read at most every few seconds, dropped on change."""
-        cached = self._bases.get(base_id)
-        if cached is not None:
-            return cached
-        generation = self._bases.generation
-        base = await self.get_base(base_id)
-        self._bases.fill(base_id, base, generation)
-        return base
 
     async def update_base(self, base_id: str, data: KnowledgeBaseUpdate) -> KnowledgeBase:
         """Change a base's name, description, defaults or enabled flag."""
@@ -604,6 +596,8 @@ class KnowledgeService:
         document_id = str(operation.input.get("document_id"))
         try:
             return await self._ingest(job, document_id)
+        except _Superseded:
+            return {"document_id": document_id, "skipped": "superseded"}
         except Cancelled:
             async with self._storage.unit_of_work() as uow:
                 current = await uow.repo(Operation).get(operation.id)
@@ -620,8 +614,7 @@ class KnowledgeService:
         async with self._storage.unit_of_work() as uow:
             document = await uow.repo(KnowledgeDocument).get(document_id)
             if document is None or document.operation_id != operation.id:
-                # Deleted, or ingested again by a newer job since this one was sent.
-                return {"document_id": document_id, "skipped": "superseded"}
+                raise _Superseded
             if document.status is DocumentStatus.READY:
                 return {"document_id": document_id, "chunks": document.chunk_count}
             base = await get_existing(
@@ -699,7 +692,7 @@ class KnowledgeService:
             if not await uow.repo(KnowledgeDocument).write_where(
                 document.id, {"error": None}, *_held(operation_id)
             ):
-                raise Cancelled(f"document '{document.id}' is no longer ingested by this job")
+                raise _Superseded
             await uow.repo(KnowledgeChunk).add_many(
                 [
                     _chunk(document, piece, vector)
@@ -721,7 +714,7 @@ class KnowledgeService:
                 {"status": DocumentStatus.READY, "chunk_count": total, "error": None},
                 *_held(operation_id),
             ):
-                raise Cancelled(f"document '{document.id}' is no longer ingested by this job")
+                raise _Superseded
             await self._step_index(uow, document.knowledge_base_id)
             self._changed_after_commit(uow, document.knowledge_base_id)
             await uow.commit()
@@ -753,7 +746,7 @@ class KnowledgeService:
         # Refused before the base is looked up: a key without it learns nothing of it.
         principal.ensure_can_use(Resource.KNOWLEDGE_BASES, base_id, param="knowledge_base_id")
         where = parse_filter(request.filter)
-        base = await self._searched_base(base_id)
+        base = await self.get_base(base_id)
         if not base.enabled:
             raise NotFound("knowledge base", base_id)
         config = _config(base)

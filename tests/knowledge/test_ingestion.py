@@ -375,3 +375,18 @@ async def test_deleting_a_base_removes_its_documents_and_chunks(gateway: Gateway
     assert deleted.status_code == 200
     assert await _stored(gateway, accepted["id"]) == []
     assert (await gateway.admin.get("/admin/knowledge-bases/docs")).status_code == 404
+
+
+async def test_a_job_whose_document_was_reindexed_meanwhile_stands_down(gateway: Gateway) -> None:
+    await gateway.base()
+    first = await gateway.document(content=SENTENCES, chunking=SENTENCE_CHUNKING)
+    again = await gateway.admin.post(f"/admin/knowledge-bases/docs/documents/{first['id']}/reindex")
+
+    await gateway.run_jobs()
+
+    old = await _operation(gateway, first["operation_id"])
+    assert old.status == "completed" and old.result["skipped"] == "superseded"
+    document = await _document(gateway, first["id"])
+    assert document["status"] == "ready"
+    assert document["operation_id"] == again.json()["operation_id"]
+    assert await _embedding_calls(gateway, old.id) == 0
