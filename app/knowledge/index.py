@@ -103,12 +103,13 @@ class _Keywords:
     average: float
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Part:
-    """One document's share of a snapshot, kept while the document row stays at `version`."""
+    """One document's rows of a snapshot (from `start`), reused by the next snapshot while the
+    document row stays at `version`."""
 
     version: int
-    matrix: Matrix
+    start: int
     chunk_ids: list[str]
     views: list[ChunkView]
 
@@ -204,7 +205,8 @@ class MatrixIndex:
         held keep their part of it; only the others' chunks are read."""
         dimensions = base.embedding_dimensions or 0
         held = self._snapshots.get(base.id)
-        kept = held.parts if held is not None and held.dimensions == dimensions else {}
+        if held is None or held.dimensions != dimensions:
+            held = None
         async with self._storage.unit_of_work() as uow:
             found = await uow.repo(KnowledgeDocument).find(
                 Where.eq("knowledge_base_id", base.id),
@@ -213,12 +215,13 @@ class MatrixIndex:
                 order_by=["id"],
             )
             documents = found.items
-            parts = {
+            kept = held.parts if held is not None else {}
+            reused = {
                 d.id: kept[d.id]
                 for d in documents
                 if d.id in kept and kept[d.id].version == d.version
             }
-            missing = {d.id: d for d in documents if d.id not in parts}
+            missing = {d.id: d for d in documents if d.id not in reused}
             chunks: dict[str, list[KnowledgeChunk]] = {d: [] for d in missing}
             if len(missing) > len(documents) // 2:
                 # Most of the base: one read of all its chunks (one scan, in memory).
@@ -231,16 +234,22 @@ class MatrixIndex:
                 for document_id in missing:
                     page = await uow.repo(KnowledgeChunk).find(Where.eq("document_id", document_id))
                     chunks[document_id] = page.items
-        for document_id, document in missing.items():
-            parts[document_id] = _part(document, chunks.pop(document_id), dimensions)
-        ordered = [parts[d.id] for d in documents]
-        matrix = (
-            np.concatenate([p.matrix for p in ordered])
-            if ordered
-            else np.zeros((0, dimensions), np.float32)
-        )
-        ids = [i for p in ordered for i in p.chunk_ids]
-        views = [v for p in ordered for v in p.views]
+        blocks: list[Matrix] = []
+        parts: dict[str, _Part] = {}
+        ids: list[str] = []
+        views: list[ChunkView] = []
+        for document in documents:
+            part = reused.get(document.id)
+            if part is not None and held is not None:
+                rows = held.matrix[part.start : part.start + len(part.chunk_ids)]
+                part_ids, part_views = part.chunk_ids, part.views
+            else:
+                rows, part_ids, part_views = _rows(document, chunks.pop(document.id), dimensions)
+            parts[document.id] = _Part(document.version, len(ids), part_ids, part_views)
+            blocks.append(rows)
+            ids += part_ids
+            views += part_views
+        matrix = np.concatenate(blocks) if blocks else np.zeros((0, dimensions), np.float32)
         return Snapshot(base.id, base.index_version, dimensions, matrix, ids, views, parts)
 
     async def search(
@@ -326,9 +335,11 @@ class MatrixIndex:
         return _Keywords(postings, lengths, average or 1.0)
 
 
-def _part(document: KnowledgeDocument, chunks: list[KnowledgeChunk], dimensions: int) -> _Part:
-    """A document's unit vectors in chunk order (chunks of another size, from another model,
-    are left out)."""
+def _rows(
+    document: KnowledgeDocument, chunks: list[KnowledgeChunk], dimensions: int
+) -> tuple[Matrix, list[str], list[ChunkView]]:
+    """A document's unit vectors in chunk order, their ids and views (chunks of another size,
+    from another model, are left out)."""
     usable = sorted(
         (c for c in chunks if len(c.embedding) == 4 * dimensions), key=lambda c: c.chunk_index
     )
@@ -336,8 +347,7 @@ def _part(document: KnowledgeDocument, chunks: list[KnowledgeChunk], dimensions:
     matrix = matrix.reshape(len(usable), dimensions)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     np.divide(matrix, norms, out=matrix, where=norms > 0)
-    views = [_view(document, c) for c in usable]
-    return _Part(document.version, matrix, [c.id for c in usable], views)
+    return matrix, [c.id for c in usable], [_view(document, c) for c in usable]
 
 
 def _view(document: KnowledgeDocument, chunk: KnowledgeChunk) -> ChunkView:
