@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import tempfile
 from enum import StrEnum
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -315,6 +316,20 @@ class Settings(BaseSettings):
     KNOWLEDGE_MAX_DOCUMENT_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
     KNOWLEDGE_MAX_CHUNKS: int = Field(default=20_000, ge=1)
     KNOWLEDGE_EMBED_BATCH: int = Field(default=64, ge=1, le=2048)
+    # `exact` (every install), or `hnsw`: an approximate graph (the `approximate` extra) for
+    # bases of at least KNOWLEDGE_HNSW_MIN_CHUNKS chunks.
+    KNOWLEDGE_SEARCH_INDEX: Literal["exact", "hnsw"] = "exact"
+    KNOWLEDGE_HNSW_MIN_CHUNKS: int = Field(default=50_000, ge=1)
+
+    @field_validator("KNOWLEDGE_SEARCH_INDEX")
+    @classmethod
+    def _search_index(cls, value: str) -> str:
+        if value == "hnsw" and importlib.util.find_spec("usearch") is None:
+            raise ValueError(
+                "hnsw needs the approximate extra (usearch): install llm-gateway[approximate], "
+                "or set exact."
+            )
+        return value
 
     # The Batch API. A file is kept whole in the database; an upload is also bounded by
     # MAX_REQUEST_BYTES, so keep this a little below it.

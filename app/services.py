@@ -26,7 +26,7 @@ from app.gateway.chat import ChatService, UpstreamSettings
 from app.gateway.jobs import gateway_handlers
 from app.gateway.providers.mock import MockBehaviour
 from app.gateway.schemas import EmbeddingRequest
-from app.knowledge.index import MatrixIndex
+from app.knowledge.index import MatrixIndex, SearchIndex
 from app.knowledge.jobs import knowledge_handlers
 from app.knowledge.service import KnowledgeLimits, KnowledgeService
 from app.logs.service import LogService
@@ -228,7 +228,7 @@ def build_services(
             storage,
             operations,
             calls,
-            MatrixIndex(storage),
+            _search_index(settings, storage),
             bus=invalidation,
             limits=KnowledgeLimits(
                 max_document_bytes=settings.KNOWLEDGE_MAX_DOCUMENT_BYTES,
@@ -251,6 +251,16 @@ def _embedder(chat: ChatService, settings: Settings) -> Embedder | None:
         return [list(item["embedding"]) for item in answer.body["data"]]
 
     return embed
+
+
+def _search_index(settings: Settings, storage: Storage) -> SearchIndex:
+    """The exact index, or the approximate one over it (KNOWLEDGE_SEARCH_INDEX)."""
+    exact = MatrixIndex(storage)
+    if settings.KNOWLEDGE_SEARCH_INDEX == "hnsw":
+        from app.knowledge.approximate import HnswIndex
+
+        return HnswIndex(exact, min_chunks=settings.KNOWLEDGE_HNSW_MIN_CHUNKS)
+    return exact
 
 
 def job_timings(settings: Settings) -> JobTimings:
