@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MIN_CHUNKS = 50_000
 CONNECTIVITY = 16
-EXPANSION_ADD = 128
+EXPANSION_ADD = 64
 EXPANSION_SEARCH = 96
 # A filtered search asks the graph for this many times more neighbours, then filters them.
 OVERSAMPLE = 8

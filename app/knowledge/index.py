@@ -276,7 +276,7 @@ class MatrixIndex:
         else:
             scores = snapshot.matrix @ query
         if where is not None:
-            scores = np.where(snapshot.mask(where), scores, -np.inf).astype(np.float32)
+            scores[~snapshot.mask(where)] = -np.inf  # a fresh array: changed in place
         # Masked chunks score -inf, below every floor.
         lowest = float(np.finfo(np.float32).min)
         floor = lowest if min_score is None else max(min_score, lowest)
@@ -305,7 +305,7 @@ class MatrixIndex:
             norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / keywords.average)
             scores[rows] += idf * frequencies * (BM25_K1 + 1) / (frequencies + norm)
         if where is not None:
-            scores = np.where(snapshot.mask(where), scores, 0).astype(np.float32)
+            scores[~snapshot.mask(where)] = 0
         best = _best(scores, top_k, float(np.nextafter(np.float32(0), np.float32(1))))
         return [Hit(snapshot.chunk_ids[i], score) for i, score in best]
 
