@@ -51,13 +51,9 @@ class HnswIndex:
         self._graphs: dict[str, tuple[int, Any]] = {}
         self._building: dict[tuple[str, int], asyncio.Task[None]] = {}
 
-    def forget(self, base_id: str) -> None:
-        self.exact.forget(base_id)
-        self._graphs.pop(base_id, None)
-
-    def forget_all(self) -> None:
-        self.exact.forget_all()
-        self._graphs.clear()
+    def changed(self, base_id: str) -> None:
+        # The exact snapshot is refreshed; the graph of the new one is built on its first search.
+        self.exact.changed(base_id)
 
     async def keyword_search(
         self, base: KnowledgeBase, text: str, *, top_k: int, where: Filter | None = None

@@ -4,14 +4,16 @@ one every install has, over a per-base matrix held in the process.
 `MatrixIndex` reads a base's searchable chunks (those of its ready, enabled documents) through
 the storage protocol, so it answers alike on PostgreSQL and in memory. A snapshot is tagged
 with the base's `index_version`, which every change of its searchable chunks steps in the same
-transaction: a search that finds the base at a newer step loads again, and the invalidation
-bus drops outdated snapshots in every process. pgvector or Qdrant would implement the same
-protocols with their own storage and pass the same contract tests.
+transaction: a search that finds the base at a newer step loads again (only the documents that
+changed), and a change announced on the invalidation bus has every process that holds the base
+refresh it in the background, so that searches seldom wait. pgvector or Qdrant would
+implement the same protocols with their own storage and pass the same contract tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -21,9 +23,12 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from app.core.invalidation import ALL
 from app.knowledge.entities import DocumentStatus, KnowledgeBase, KnowledgeChunk, KnowledgeDocument
 from app.knowledge.filters import ChunkView, Filter
 from app.storage.protocol import Storage, Where
+
+log = logging.getLogger(__name__)
 
 # Rows per read while building keyword statistics.
 LOAD_PAGE = 2000
@@ -62,8 +67,9 @@ class VectorIndex(Protocol):
         and those `where` excludes left out; ties by document id, then chunk index."""
         ...
 
-    def forget(self, base_id: str) -> None:
-        """Drop what this process holds of the base (its chunks changed elsewhere)."""
+    def changed(self, base_id: str) -> None:
+        """The base's chunks changed, perhaps in another process (`ALL`: any base may have):
+        bring what this process holds of it up to date, or drop it."""
         ...
 
 
@@ -170,12 +176,33 @@ class MatrixIndex:
         self._storage = storage
         self._snapshots: dict[str, Snapshot] = {}
         self._loads: dict[tuple[str, int], asyncio.Future[Snapshot]] = {}
+        self._refreshing: set[asyncio.Task[None]] = set()
 
-    def forget(self, base_id: str) -> None:
-        self._snapshots.pop(base_id, None)
+    def held(self, base_id: str) -> Snapshot | None:
+        """The snapshot of the base this process holds, if any."""
+        return self._snapshots.get(base_id)
 
-    def forget_all(self) -> None:
-        self._snapshots.clear()
+    def changed(self, base_id: str) -> None:
+        """Refresh the snapshots held of the base (of every base for `ALL`) in the background,
+        so the next search finds it current: only the documents that changed are read."""
+        held = list(self._snapshots) if base_id == ALL else [base_id]
+        for found in held:
+            if found in self._snapshots:
+                task = asyncio.get_running_loop().create_task(self._refresh(found))
+                self._refreshing.add(task)
+                task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh(self, base_id: str) -> None:
+        try:
+            async with self._storage.unit_of_work() as uow:
+                base = await uow.repo(KnowledgeBase).get(base_id)
+            if base is None:
+                self._snapshots.pop(base_id, None)  # deleted: its matrix is freed
+            else:
+                await self.snapshot(base)
+        except Exception:
+            # The next search loads it (its version tells it is stale): nothing is lost here.
+            log.warning("the snapshot of knowledge base %s was not refreshed", base_id)
 
     async def snapshot(self, base: KnowledgeBase) -> Snapshot:
         """The base's chunks as of its `index_version`: the one held, else one load shared by

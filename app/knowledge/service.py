@@ -28,7 +28,7 @@ from app.core.errors import (
     TooLarge,
 )
 from app.core.ids import new_id
-from app.core.invalidation import ALL, InvalidationBus
+from app.core.invalidation import InvalidationBus
 from app.gateway.calls import DIRECT, CallContext, Caller, CallSource, GatewayCalls
 from app.gateway.schemas import EmbeddingRequest
 from app.knowledge.chunking import Chunking, Piece, chunk
@@ -179,16 +179,8 @@ class KnowledgeService:
         self._bus = bus or InvalidationBus(None, shared=False)
         self.limits = limits or KnowledgeLimits()
         # Searches read the base's row each time (one key lookup): its `index_version` tells a
-        # stale matrix wherever the change was made; the bus frees outdated matrices at once.
-        self._bus.on(KNOWLEDGE_TOPIC, self._forget)
-
-    def _forget(self, base_id: str) -> None:
-        if base_id == ALL:
-            forget_all = getattr(self.index, "forget_all", None)
-            if forget_all is not None:
-                forget_all()
-        else:
-            self.index.forget(base_id)
+        # stale matrix wherever the change was made; the bus has matrices refreshed at once.
+        self._bus.on(KNOWLEDGE_TOPIC, self.index.changed)
 
     def _changed_after_commit(self, uow: UnitOfWork, base_id: str) -> None:
         """Tell every process, once `uow` commits, that the base's searchable chunks changed."""

@@ -3,6 +3,8 @@ order ties the same way on every backend."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from app.knowledge.entities import KnowledgeBase
@@ -31,6 +33,35 @@ async def test_a_new_snapshot_reads_only_the_documents_that_changed(gateway: Gat
     for document_id, part in first.parts.items():
         assert second.parts[document_id].views is part.views  # kept, not read again
     assert await index.snapshot(await _base(gateway)) is second  # same version: same snapshot
+
+
+async def test_a_change_announced_refreshes_the_held_snapshot_before_any_search(
+    gateway: Gateway,
+) -> None:
+    await gateway.base()
+    await gateway.document(content="penguins swim", title="one")
+    await gateway.run_jobs()
+    index = MatrixIndex(gateway.storage)
+    first = await index.snapshot(await _base(gateway))
+    await gateway.document(content="penguins dive", title="two")
+    await gateway.run_jobs()
+
+    index.changed("docs")
+    for _ in range(100):
+        held = index.held("docs")
+        if held is not None and held is not first:
+            break
+        await asyncio.sleep(0.01)
+
+    assert held is not None and held.size == 2
+    assert held.version == (await _base(gateway)).index_version
+    await gateway.admin.delete("/admin/knowledge-bases/docs")
+    index.changed("docs")
+    for _ in range(100):
+        if index.held("docs") is None:
+            break
+        await asyncio.sleep(0.01)
+    assert index.held("docs") is None  # a deleted base's matrix is freed
 
 
 async def test_equal_scores_are_ordered_by_document_then_chunk(gateway: Gateway) -> None:
