@@ -5,6 +5,7 @@ from __future__ import annotations
 from app.access.entities import ApiKey, Team, TeamMember, User
 from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
+from app.datasets.entities import Dataset, DatasetItem
 from app.evals.entities import TestCase, TestCaseResult
 from app.experiments.entities import Experiment, ExperimentRecord
 from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
@@ -42,6 +43,8 @@ ENTITIES: tuple[type[Entity], ...] = (
     Budget,
     Experiment,
     ExperimentRecord,
+    Dataset,
+    DatasetItem,
     TestCase,
     TestCaseResult,
     Webhook,

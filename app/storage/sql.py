@@ -14,6 +14,7 @@ from functools import cache, lru_cache
 from typing import Any, Generic
 
 import asyncpg
+import sqlalchemy as sa
 
 from app.core.clock import utcnow
 from app.core.database_url import parse_database_url
@@ -36,11 +37,23 @@ from app.storage.mapping import (
     from_row,
     json_dumps,
     json_loads,
+    numeric_column,
     table_info,
     to_row,
 )
 from app.storage.pool import ConnectionPool
-from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Tally, Where
+from app.storage.protocol import (
+    Append,
+    E,
+    IfNull,
+    Increment,
+    Moments,
+    Op,
+    Page,
+    Summary,
+    Tally,
+    Where,
+)
 from app.storage.unit import UnitOfWorkBase
 
 # Connections free for this long are closed: a quiet process holds few.
@@ -707,3 +720,66 @@ class SqlRepository(Generic[E]):
         )
         found = await self._uow._fetch(query, params, self._info)
         return {row[0]: Tally(int(row[1]), row[2]) for row in found}
+
+    async def summarize(
+        self,
+        group_by: str,
+        columns: Sequence[str],
+        *where: Where,
+        quantiles: Mapping[str, Sequence[float]] | None = None,
+    ) -> dict[Any, Summary]:
+        check_column(self._info, group_by)
+        kinds = {name: numeric_column(self._info, name) for name in columns}
+        wanted = dict(quantiles or {})
+        params: dict[str, Any] = {}
+        clauses = _conditions(self._info, where, params)
+        parts = [_q(group_by), "count(*)"]
+        for name, kind in kinds.items():
+            value, square = self._numeric(name)
+            # Integer sums come back as numeric: exact, so variances computed from them are.
+            total = f"sum({value})" if kind is int else f"sum({value}::float8)"
+            squares = f"sum({square})" if kind is int else f"sum({value}::float8 * {value})"
+            parts += [f"count({value})", total, squares, f"min({value})", f"max({value})"]
+        for i, (name, fractions) in enumerate(wanted.items()):
+            numeric_column(self._info, name)
+            params[f"_quantiles_{i}"] = [float(f) for f in fractions]
+            value, _ = self._numeric(name)
+            parts.append(
+                f"percentile_cont(%(_quantiles_{i})s::float8[]) "
+                f"WITHIN GROUP (ORDER BY {value}::float8)"
+            )
+        query = (
+            f"SELECT {', '.join(parts)} FROM {_q(self._info.name)}{_where(clauses)} "
+            f"GROUP BY {_q(group_by)}"
+        )
+        found = await self._uow._fetch(query, params, self._info)
+        summaries: dict[Any, Summary] = {}
+        for row in found:
+            moments: dict[str, Moments] = {}
+            at = 2
+            for name, kind in kinds.items():
+                n, total, squares, least, most = row[at : at + 5]
+                at += 5
+                moments[name] = (
+                    Moments(int(n), kind(total), kind(squares), least, most) if n else Moments()
+                )
+            cuts: dict[str, list[float | None]] = {}
+            for name, fractions in wanted.items():
+                values = row[at]
+                at += 1
+                cuts[name] = list(values) if values is not None else [None] * len(fractions)
+            summaries[row[0]] = Summary(int(row[1]), moments, cuts)
+        return summaries
+
+    def _numeric(self, name: str) -> tuple[str, str]:
+        """A numeric column as `summarize` reads it (booleans as 0 and 1), and its square
+        computed without overflow."""
+        column = _q(name)
+        kind = self._info.table.columns[name].type
+        if isinstance(kind, sa.Boolean):
+            return f"{column}::int", f"{column}::int::int8"
+        if isinstance(kind, sa.BigInteger):
+            return column, f"{column}::numeric * {column}"
+        if isinstance(kind, sa.Integer):
+            return column, f"{column}::int8 * {column}"
+        return column, f"{column}::float8 * {column}"
