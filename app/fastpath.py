@@ -58,6 +58,7 @@ _PLAIN_WAIT = re.compile(rb"wait=(\d{1,6}(?:\.\d{1,6})?)")
 # The route's header limits: longer values go to FastAPI, which answers them with a 400.
 _MAX_CACHE_CONTROL = 200
 _MAX_IDEMPOTENCY_KEY = 255
+_MAX_EXPERIMENT_UNIT = 256
 
 
 @dataclass(slots=True)
@@ -70,13 +71,14 @@ class _Head:
     request_id: str | None = None
     authorization: str | None = None
     api_key: str | None = None
+    unit: str | None = None  # X-Experiment-Unit
 
 
 def _fast_head(scope: Scope, job: bool) -> _Head | None:
     """The headers the fast path reads, or None when FastAPI must answer the request."""
     json_body = False
     content_length: int | None = None
-    cache_control = idempotency_key = request_id = authorization = api_key = None
+    cache_control = idempotency_key = request_id = authorization = api_key = unit = None
     for name, value in scope["headers"]:
         if name == b"content-type":
             media = value.split(b";", 1)[0].strip().lower()
@@ -99,9 +101,15 @@ def _fast_head(scope: Scope, job: bool) -> _Head | None:
             if len(value) > _MAX_CACHE_CONTROL:
                 return None
             cache_control = value.decode("latin-1")
+        elif name == b"x-experiment-unit":
+            if len(value) > _MAX_EXPERIMENT_UNIT:
+                return None
+            unit = value.decode("latin-1")
     if not json_body:
         return None
-    return _Head(content_length, cache_control, idempotency_key, request_id, authorization, api_key)
+    return _Head(
+        content_length, cache_control, idempotency_key, request_id, authorization, api_key, unit
+    )
 
 
 def _poll_head(scope: Scope) -> _Head:
@@ -182,9 +190,16 @@ class FastPaths:
         async def produce(services: Services, principal: Principal) -> Response:
             if job:
                 return await submit_job(
-                    services.calls, principal, request, head.cache_control, head.idempotency_key
+                    services.calls,
+                    principal,
+                    request,
+                    head.cache_control,
+                    head.idempotency_key,
+                    unit=head.unit,
                 )
-            return await answer_directly(services.calls, principal, request, head.cache_control)
+            return await answer_directly(
+                services.calls, principal, request, head.cache_control, unit=head.unit
+            )
 
         await self._answer(scope, receive, send, head, produce, CHAT_ROUTE)
 

@@ -26,6 +26,9 @@ from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.provide import register
 from app.core.redis import build_redis
 from app.credentials.router import admin_router as credentials_admin_router
+from app.datasets.router import admin_router as datasets_admin_router
+from app.experiments.router import admin_router as experiments_admin_router
+from app.experiments.router import router as feedback_router
 from app.fastpath import GatewayApp
 from app.gateway.chat import ensure_builtin_models
 from app.gateway.router import admin_router as chains_admin_router
@@ -162,6 +165,9 @@ def create_app(
     app.include_router(usage_router)
     app.include_router(budgets_router)
     app.include_router(logs_admin_router)
+    app.include_router(experiments_admin_router)
+    app.include_router(datasets_admin_router)
+    app.include_router(feedback_router)
     return app
 
 

@@ -19,6 +19,11 @@ from app.core.events import EventSink
 from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.service import CredentialService
+from app.datasets.service import DatasetService
+from app.experiments.batches import BatchRunner
+from app.experiments.jobs import experiment_handlers
+from app.experiments.live import LiveExperiments
+from app.experiments.service import ExperimentService
 from app.gateway.cache import Embedder, build_response_cache
 from app.gateway.calls import GatewayCalls
 from app.gateway.chains import ChainService
@@ -78,6 +83,11 @@ class Services:
     accounting: Accounting
     # The one path of every LLM call: permissions, admission, cache, upstream, settlement.
     calls: GatewayCalls
+    # The running experiments, which the call path asks to enrol calls in a variant.
+    live_experiments: LiveExperiments
+    datasets: DatasetService
+    experiments: ExperimentService
+    experiment_batches: BatchRunner
 
     @property
     def metering(self) -> Metering:
@@ -182,6 +192,16 @@ def build_services(
     )
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    live_experiments = LiveExperiments(storage, invalidation)
+    calls = GatewayCalls(
+        chat,
+        accounting.metering,
+        keys,
+        operations,
+        cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+        variants=live_experiments,
+    )
+    datasets = DatasetService(storage)
     return Services(
         settings=settings,
         storage=storage,
@@ -211,13 +231,19 @@ def build_services(
         chains=ChainService(storage, on_change=routes_changed),
         chat=chat,
         accounting=accounting,
-        calls=GatewayCalls(
-            chat,
-            accounting.metering,
-            keys,
-            operations,
-            cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+        calls=calls,
+        live_experiments=live_experiments,
+        datasets=datasets,
+        experiments=ExperimentService(
+            storage,
+            invalidation,
+            chat=chat,
+            prompts=prompts,
+            datasets=datasets,
+            operations=operations,
+            records=live_experiments.records,
         ),
+        experiment_batches=BatchRunner(storage, calls, datasets),
     )
 
 
@@ -249,7 +275,11 @@ def job_timings(settings: Settings) -> JobTimings:
 def build_handlers(services: Services) -> dict[OperationKind, Handler]:
     """What a worker runs for each kind of job: every domain's handlers (its `jobs.py`)."""
     handlers: dict[OperationKind, Handler] = {}
-    for domain in (gateway_handlers(services.calls), webhook_handlers(services.webhooks)):
+    for domain in (
+        gateway_handlers(services.calls),
+        webhook_handlers(services.webhooks),
+        experiment_handlers(services.experiment_batches),
+    ):
         overlap = handlers.keys() & domain.keys()
         if overlap:
             raise RuntimeError(f"two handlers for {sorted(overlap)}")

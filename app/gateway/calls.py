@@ -43,6 +43,7 @@ from app.gateway.chat import ChatAnswer, ChatService, ChatStream
 from app.gateway.providers.base import JSON
 from app.gateway.routing import Route
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.gateway.variants import CallReport, Enrolment, VariantChooser, reported_stream
 from app.models.entities import ModelKind
 from app.operations.entities import Operation
 from app.operations.service import OperationService
@@ -103,11 +104,13 @@ class CallSource(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class CallContext:
-    """What started the call, the job it runs in, and the cache policy it asked for."""
+    """What started the call, the job it runs in, the cache policy it asked for, and the
+    experiment unit its client named (`X-Experiment-Unit`)."""
 
     source: CallSource = CallSource.DIRECT
     operation_id: str | None = None
     cache_control: CacheControl | None = None
+    unit: str | None = None
 
     @property
     def is_async(self) -> bool:
@@ -118,7 +121,8 @@ class CallContext:
         """The context of a call a job makes: a batch line when the job is a batch's child."""
         source = CallSource.BATCH_LINE if operation.parent_id else CallSource.ASYNC_JOB
         control = CacheControl.parse(operation.meta.get("cache_control"))
-        return cls(source=source, operation_id=operation.id, cache_control=control)
+        unit = operation.meta.get("experiment_unit")
+        return cls(source=source, operation_id=operation.id, cache_control=control, unit=unit)
 
 
 DIRECT = CallContext()
@@ -155,6 +159,8 @@ class Settlement:
     metering: Metering
     admission: Admission
     outcome: UsageOutcome
+    # The experiment the call is enrolled in hears how it went, once it is settled.
+    enrolment: Enrolment | None = None
 
     async def __call__(self) -> None:
         try:
@@ -162,6 +168,17 @@ class Settlement:
         except Exception:
             # The reservation stands (it expires with its window); the answer was delivered.
             log.exception("settling a call's usage failed")
+        if self.enrolment is not None:
+            outcome = self.outcome
+            await self.enrolment.report(
+                CallReport(
+                    outcome.model_id,
+                    outcome.latency_ms or 0,
+                    input_tokens=outcome.input_tokens,
+                    output_tokens=outcome.output_tokens,
+                    cost_micros=outcome.cost_micros or 0,
+                )
+            )
 
 
 @dataclass(slots=True)
@@ -210,6 +227,7 @@ class _ChatCall:
     admission: Admission
     lookup: CacheLookup | None
     outcome: dict[str, Any]
+    enrolment: Enrolment | None = None
 
     def headers(self) -> dict[str, str]:
         """Rate limits, and what the cache did."""
@@ -229,12 +247,14 @@ class GatewayCalls:
         operations: OperationService,
         *,
         cache: ResponseCache | None = None,
+        variants: VariantChooser | None = None,
     ) -> None:
         self._chat = chat
         self._metering = metering
         self._keys = keys
         self._operations = operations
         self.cache = cache
+        self._variants = variants
 
     # --- callers ----------------------------------------------------------------------------
 
@@ -272,6 +292,7 @@ class GatewayCalls:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
+            await _report_failure(call.enrolment, exc, started)
             raise
         usage = answer.usage
         settled = UsageOutcome(
@@ -296,7 +317,7 @@ class GatewayCalls:
             answer.body,
             answer.model_id,
             headers,
-            Settlement(self._metering, call.admission, settled),
+            Settlement(self._metering, call.admission, settled, call.enrolment),
         )
 
     async def stream(
@@ -325,7 +346,9 @@ class GatewayCalls:
                 _upstream_answered(call.route, stream.model_id, asked, UPSTREAM_FIRST_TOKEN)
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
+            await _report_failure(call.enrolment, exc, started)
             raise
+        first_token = time.perf_counter()
         chunks = self._metering.stream(
             call.admission,
             stream.chunks,
@@ -335,6 +358,21 @@ class GatewayCalls:
             cache_hit=lookup is not None and lookup.hit,
             **call.outcome,
         )
+        if call.enrolment is not None:
+            hit = lookup is not None and lookup.hit
+            chunks = reported_stream(
+                chunks,
+                call.enrolment,
+                (started, first_token),
+                stream.model_id,
+                lambda: stream.usage,
+                lambda i, o: self._metering.priced(
+                    call.admission,
+                    UsageOutcome(
+                        input_tokens=i, output_tokens=o, model_id=stream.model_id, cache_hit=hit
+                    ),
+                ),
+            )
         # Up to the first chunk; the cost is known only once the stream ends (its usage record).
         overhead = time.perf_counter() - started - upstream
         headers = answer_headers(call.headers(), stream.model_id, stream.provider, overhead)
@@ -347,6 +385,7 @@ class GatewayCalls:
         *,
         cache_control: str | None = None,
         idempotency_key: str | None = None,
+        unit: str | None = None,
     ) -> Accepted:
         """Accept a chat completion as a job, once it is committed; it is admitted when it runs
         (`complete` with the job's context), as the same call made directly would be."""
@@ -356,13 +395,16 @@ class GatewayCalls:
             raise InvalidInput("an async request cannot be streamed", param="stream")
         wire = request.check()
         await self._chat.resolve(request.model)  # an unknown model is refused now, not later
+        # The worker applies the same cache policy and experiment unit as a direct call would.
+        meta = {"cache_control": cache_control} if cache_control else {}
+        if unit is not None:
+            meta["experiment_unit"] = unit
         operation, created = await self._operations.submit(
             kind=OperationKind.CHAT_COMPLETION,
             input=wire,
             owner=Owner(key_id=caller.key_id, team_id=caller.team_id),
             idempotency_key=idempotency_key,
-            # The worker applies the same cache policy as a direct call would.
-            meta={"cache_control": cache_control} if cache_control else None,
+            meta=meta or None,
         )
         return Accepted(operation, created)
 
@@ -411,6 +453,12 @@ class GatewayCalls:
         """Steps 1 to 5 of a chat call: permission, check, resolution, admission, then the
         prepared body and the cache's answer (a failure after admission gives it back)."""
         caller.ensure_can_call(request.model, request.messages)
+        # The caller may make the call it asked for; an experiment may make it as a variant.
+        enrolment = None
+        if self._variants is not None and context.source in _ENROLLED:
+            enrolment = await self._variants.choose(caller, request, context)
+            if enrolment is not None:
+                request = enrolment.request
         # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
         wire = request.check()
         route = await self._chat.resolve(request.model)
@@ -431,8 +479,9 @@ class GatewayCalls:
                 CACHE_LOOKUPS(kind, lookup.status).inc()
         except BaseException as exc:
             await self._metering.fail(admission, exc, **outcome)
+            await _report_failure(enrolment, exc, time.perf_counter())
             raise
-        return _ChatCall(route, body, admission, lookup, outcome)
+        return _ChatCall(route, body, admission, lookup, outcome, enrolment)
 
     async def _cache_lookup(
         self, caller: Caller, route: Route, body: JSON, context: CallContext
@@ -450,6 +499,17 @@ class GatewayCalls:
             tenant=tenant_of(caller.team_id, caller.key_id),
             control=context.cache_control,
         )
+
+
+# Client calls are enrolled in experiments; an experiment's own batch calls are not.
+_ENROLLED = frozenset({CallSource.DIRECT, CallSource.ASYNC_JOB})
+
+
+async def _report_failure(enrolment: Enrolment | None, exc: BaseException, started: float) -> None:
+    """An enrolled call that failed with a domain error counts against its variant; one cut
+    short otherwise (a client gone, a bug) says nothing about the variant."""
+    if enrolment is not None and isinstance(exc, DomainError):
+        await enrolment.report(CallReport.failed(exc, started))
 
 
 # ---- metrics (app/core/metrics.py): every upstream call and refusal is counted here ----------

@@ -76,9 +76,11 @@ async def answer_directly(
     principal: Principal,
     request: ChatCompletionRequest,
     cache_control: str | None,
+    *,
+    unit: str | None = None,
 ) -> Response:
     """The answer to a chat completion made directly (not as a job), streamed or not."""
-    context = CallContext(cache_control=CacheControl.parse(cache_control))
+    context = CallContext(cache_control=CacheControl.parse(cache_control), unit=unit)
     if request.stream:
         streamed = await calls.stream(principal, request, context)
         return StreamingResponse(
@@ -100,10 +102,16 @@ async def submit_job(
     request: ChatCompletionRequest,
     cache_control: str | None,
     idempotency_key: str | None,
+    *,
+    unit: str | None = None,
 ) -> Response:
     """Accept a chat completion as a job: 202 with the operation to poll, once it is committed."""
     accepted = await calls.submit(
-        principal, request, cache_control=cache_control, idempotency_key=idempotency_key
+        principal,
+        request,
+        cache_control=cache_control,
+        idempotency_key=idempotency_key,
+        unit=unit,
     )
     operation = accepted.operation
     # The shape of `OperationAccepted`, built directly: this is the route jobs are submitted on.
@@ -128,12 +136,18 @@ async def chat_completions(
     run_async: bool = Query(default=False, alias="async"),
     idempotency_key: str | None = Header(default=None, max_length=255),
     cache_control: str | None = Header(default=None, max_length=200),
+    x_experiment_unit: str | None = Header(
+        default=None,
+        max_length=256,
+        description="What a running experiment assigns by, when it assigns by header",
+    ),
 ) -> Any:
     """A chat completion, streamed with `stream: true`; with `?async=true`, a job to poll."""
     # Plain direct calls rarely get here: `app.fastpath` answers them through `answer_directly`.
+    unit = x_experiment_unit
     if not run_async:
-        return await answer_directly(calls, principal, request, cache_control)
-    return await submit_job(calls, principal, request, cache_control, idempotency_key)
+        return await answer_directly(calls, principal, request, cache_control, unit=unit)
+    return await submit_job(calls, principal, request, cache_control, idempotency_key, unit=unit)
 
 
 @router.post("/v1/embeddings", tags=["embeddings"], responses=_ERRORS)

@@ -579,9 +579,12 @@ class MemoryRepository(Generic[E]):
         columns: Sequence[str],
         *where: Where,
         quantiles: Mapping[str, Sequence[float]] | None = None,
+        distinct: Sequence[str] = (),
     ) -> dict[Any, Summary]:
         self._uow._usable()
         check_column(self._info, group_by)
+        for name in distinct:
+            check_column(self._info, name)
         kinds = {name: numeric_column(self._info, name) for name in columns}
         wanted = dict(quantiles or {})
         for name in wanted:
@@ -598,6 +601,9 @@ class MemoryRepository(Generic[E]):
                     name: [quantile(ordered, q) for q in fractions]
                     for name, fractions in wanted.items()
                     for ordered in [sorted(r[name] for r in rows if r[name] is not None)]
+                },
+                distinct={
+                    name: len({r[name] for r in rows if r[name] is not None}) for name in distinct
                 },
             )
             for key, rows in groups.items()

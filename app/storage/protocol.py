@@ -106,13 +106,15 @@ class Moments:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """One group of a `summarize`: its row count, the `Moments` of each column asked, and the
+    """One group of a `summarize`: its row count, the `Moments` of each column asked, the
     quantiles asked of a column (linearly interpolated between the closest ranks, as
-    PostgreSQL's `percentile_cont` and numpy's default; None where the column has no value)."""
+    PostgreSQL's `percentile_cont` and numpy's default; None where the column has no value),
+    and how many distinct non-null values a column asked holds."""
 
     count: int
     moments: dict[str, Moments]
     quantiles: dict[str, list[float | None]] = field(default_factory=dict)
+    distinct: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +239,12 @@ class Repository(Protocol[E]):
         columns: Sequence[str],
         *where: Where,
         quantiles: Mapping[str, Sequence[float]] | None = None,
+        distinct: Sequence[str] = (),
     ) -> dict[Any, Summary]:
         """Aggregates of the entities matching all conditions, per value of `group_by`, in one
-        pass the database makes (nothing is loaded): the `Moments` of each of `columns`, and,
-        for each column of `quantiles`, its values at those fractions (0 to 1)."""
+        query the database answers (nothing is loaded): the `Moments` of each of `columns`,
+        for each column of `quantiles` its values at those fractions (0 to 1), and for each
+        column of `distinct` how many different values it holds."""
         ...
 
 

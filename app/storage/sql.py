@@ -727,8 +727,11 @@ class SqlRepository(Generic[E]):
         columns: Sequence[str],
         *where: Where,
         quantiles: Mapping[str, Sequence[float]] | None = None,
+        distinct: Sequence[str] = (),
     ) -> dict[Any, Summary]:
         check_column(self._info, group_by)
+        for name in distinct:
+            check_column(self._info, name)
         kinds = {name: numeric_column(self._info, name) for name in columns}
         wanted = dict(quantiles or {})
         params: dict[str, Any] = {}
@@ -748,6 +751,7 @@ class SqlRepository(Generic[E]):
                 f"percentile_cont(%(_quantiles_{i})s::float8[]) "
                 f"WITHIN GROUP (ORDER BY {value}::float8)"
             )
+        parts += [f"count(DISTINCT {_q(name)})" for name in distinct]
         query = (
             f"SELECT {', '.join(parts)} FROM {_q(self._info.name)}{_where(clauses)} "
             f"GROUP BY {_q(group_by)}"
@@ -768,7 +772,8 @@ class SqlRepository(Generic[E]):
                 values = row[at]
                 at += 1
                 cuts[name] = list(values) if values is not None else [None] * len(fractions)
-            summaries[row[0]] = Summary(int(row[1]), moments, cuts)
+            counted = {name: int(row[at + i]) for i, name in enumerate(distinct)}
+            summaries[row[0]] = Summary(int(row[1]), moments, cuts, counted)
         return summaries
 
     def _numeric(self, name: str) -> tuple[str, str]:

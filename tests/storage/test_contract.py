@@ -647,6 +647,7 @@ async def test_summarize_gives_exact_moments_and_interpolated_quantiles_per_grou
                         item_id=None,
                         cost_micros=latency,  # a BigInteger: its square is past 64 bits
                         latency_ms=latency % 1000,
+                        unit=f"u{i % 2}" if variant == "a" else None,
                         success=i % 2 == 0,
                         feedback_score=scores[variant][i],
                     )
@@ -670,6 +671,7 @@ async def test_summarize_gives_exact_moments_and_interpolated_quantiles_per_grou
             ["cost_micros", "latency_ms", "success", "feedback_score"],
             Where.eq("source", RecordSource.LIVE),
             quantiles={"latency_ms": [0.0, 0.5, 0.95, 1.0], "feedback_score": [0.5]},
+            distinct=["unit"],
         )
         none = await repo.summarize("variant_id", ["latency_ms"], Where.eq("experiment_id", "x"))
         with pytest.raises(ValueError):
@@ -691,4 +693,5 @@ async def test_summarize_gives_exact_moments_and_interpolated_quantiles_per_grou
     assert a.quantiles["feedback_score"] == [0.5]
     assert b.moments["feedback_score"] == Moments()
     assert b.quantiles == {"latency_ms": [7.0, 7.0, 7.0, 7.0], "feedback_score": [None]}
+    assert a.distinct == {"unit": 2} and b.distinct == {"unit": 0}
     assert none == {}
