@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from app.core.errors import IllegalTransition
 from app.experiments.entities import Experiment, ExperimentStatus
 
@@ -45,13 +47,35 @@ EDITABLE: dict[ExperimentStatus, frozenset[str]] = {
 DELETABLE = frozenset({D, P, C})
 
 
-def move(experiment: Experiment, to: ExperimentStatus) -> Experiment:
-    """Set `experiment.status` to `to`, or raise `IllegalTransition` if the table forbids it."""
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A named status change and the statuses it starts from (start and resume both end in
+    running, from a draft and from paused alone)."""
+
+    name: str
+    sources: frozenset[ExperimentStatus]
+    target: ExperimentStatus
+
+    def __post_init__(self) -> None:
+        for source in self.sources:
+            if self.target not in TRANSITIONS[source]:
+                raise ValueError(f"{self.name}: {source.value} → {self.target.value} is not legal")
+
+
+START = Move("start", frozenset({D}), R)
+PAUSE = Move("pause", frozenset({R}), P)
+RESUME = Move("resume", frozenset({P}), R)
+COMPLETE = Move("complete", frozenset({R, P}), C)
+
+
+def move(experiment: Experiment, step: Move) -> Experiment:
+    """Take `step`, or raise `IllegalTransition` if the experiment is not where it starts."""
     current = ExperimentStatus(experiment.status)
-    if to not in TRANSITIONS[current]:
+    if current not in step.sources:
         raise IllegalTransition(
-            f"experiment '{experiment.id}' cannot go from {current.value} to {to.value}",
+            f"experiment '{experiment.id}' is {current.value}: it cannot {step.name} "
+            f"(to {step.target.value})",
             param="status",
         )
-    experiment.status = to
+    experiment.status = step.target
     return experiment

@@ -20,7 +20,16 @@ from app.experiments.entities import (
     RecordSource,
     TargetKind,
 )
-from app.experiments.lifecycle import DELETABLE, EDITABLE, move
+from app.experiments.lifecycle import (
+    COMPLETE,
+    DELETABLE,
+    EDITABLE,
+    PAUSE,
+    RESUME,
+    START,
+    Move,
+    move,
+)
 from app.experiments.live import EXPERIMENTS_TOPIC, RecordWriter
 from app.experiments.results import (
     OF_ALL,
@@ -199,31 +208,30 @@ class ExperimentService:
         """draft → running: every model and prompt version it names must exist now."""
         experiment = await self.get(experiment_id)
         await self._check_references(experiment)
-        return await self._move(experiment_id, ExperimentStatus.RUNNING, started=True)
+        return await self._move(experiment_id, START)
 
     async def pause(self, experiment_id: str) -> Experiment:
         """running → paused: calls go as asked, records kept."""
-        return await self._move(experiment_id, ExperimentStatus.PAUSED)
+        return await self._move(experiment_id, PAUSE)
 
     async def resume(self, experiment_id: str) -> Experiment:
         """paused → running, the same units in the same variants."""
-        return await self._move(experiment_id, ExperimentStatus.RUNNING)
+        return await self._move(experiment_id, RESUME)
 
     async def complete(self, experiment_id: str) -> Experiment:
         """running or paused → completed: no more calls are enrolled, nor feedback taken."""
-        return await self._move(experiment_id, ExperimentStatus.COMPLETED)
+        return await self._move(experiment_id, COMPLETE)
 
-    async def _move(
-        self, experiment_id: str, to: ExperimentStatus, *, started: bool = False
-    ) -> Experiment:
+    async def _move(self, experiment_id: str, step: Move) -> Experiment:
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(Experiment)
             experiment = await get_existing(repo, experiment_id, "experiment")
-            move(experiment, to)
+            move(experiment, step)
+            to = step.target
             if to is ExperimentStatus.RUNNING:
                 await self._refuse_overlap(experiment)
             now = utcnow()
-            if started:
+            if step is START:
                 experiment.started_at = now
             if to is ExperimentStatus.COMPLETED:
                 experiment.completed_at = now
@@ -313,7 +321,7 @@ class ExperimentService:
         if operation_id is None:
             source = RecordSource.LIVE
         else:
-            check_operation_id(operation_id)
+            check_operation_id(operation_id, param="operation_id")
             source = RecordSource.OFFLINE
             where.append(Where.eq("operation_id", operation_id))
         where.append(Where.eq("source", source))

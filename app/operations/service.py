@@ -35,8 +35,8 @@ class ChildSpec:
     meta: dict[str, Any] | None = None
 
 
-def check_operation_id(value: str) -> str:
-    return check_prefixed("operation", OPERATION_ID_PREFIX, value)
+def check_operation_id(value: str, *, param: str = "id") -> str:
+    return check_prefixed("operation", OPERATION_ID_PREFIX, value, param=param)
 
 
 class OperationService:
