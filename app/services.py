@@ -114,10 +114,11 @@ class Services:
 
     async def aclose(self) -> None:
         """Stop the background work and close what these services opened; buffered usage,
-        logs and `last_used_at` instants go out first. Storage, queue and Redis stay open:
-        they belong to whoever passed them in."""
+        logs, experiment records and `last_used_at` instants go out first. Storage, queue and
+        Redis stay open: they belong to whoever passed them in."""
         await self.invalidation.stop()
         await self.keys.close()
+        await self.live_experiments.close()
         await self.metering.close()
         await self.outbound.aclose()
         await self.chat.close()

@@ -25,7 +25,6 @@ from app.experiments.entities import (
 from app.gateway.calls import CallContext, Caller
 from app.gateway.schemas import ChatCompletionRequest, ChatMessage
 from app.gateway.variants import CallReport
-from app.storage.grouped import GroupInsert
 from app.storage.protocol import Storage, Where
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,8 @@ log = logging.getLogger(__name__)
 EXPERIMENTS_TOPIC = "experiments"
 # How long a process trusts its copy while invalidation messages reach it (`bus.ttl`).
 RUNNING_TTL = 30.0
+# How long a live call's record may wait in its process before it is written.
+FLUSH_INTERVAL = 0.2
 _RUNNING = "running"
 
 
@@ -133,33 +134,70 @@ class Snapshot:
 
 
 class RecordWriter:
-    """Writes records as calls end, concurrent ones in one statement (`GroupInsert`)."""
+    """Buffers the records of live calls and writes them together, in one statement, every
+    `interval` seconds or as soon as `max_rows` wait: enrolling a call adds no database round
+    trip to it. Rows that cannot be written are kept for the next attempt, up to
+    `max_buffered` (the oldest are dropped past that, and logged)."""
 
-    def __init__(self, storage: Storage) -> None:
-        self._inserts = GroupInsert(storage, ExperimentRecord)
-        self._writing: dict[str, asyncio.Event] = {}
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        interval: float = FLUSH_INTERVAL,
+        max_rows: int = 500,
+        max_buffered: int = 50_000,
+    ) -> None:
+        self._storage = storage
+        self._interval = interval
+        self._max_rows = max_rows
+        self._max_buffered = max_buffered
+        self._rows: list[ExperimentRecord] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
 
-    async def write(self, record: ExperimentRecord) -> None:
-        """Insert `record`; a failure is logged (the call it measures was answered)."""
-        key = record.request_id
-        done = asyncio.Event()
-        if key is not None:
-            self._writing[key] = done
-        try:
-            await self._inserts.add(record)
-        except Exception:
-            log.exception("an experiment record of experiment %s was lost", record.experiment_id)
-        finally:
-            done.set()
-            if key is not None and self._writing.get(key) is done:
-                del self._writing[key]
+    def add(self, record: ExperimentRecord) -> None:
+        """Queue `record` for the next write (never blocks, never fails)."""
+        self._rows.append(record)
+        if len(self._rows) > self._max_buffered:
+            dropped = len(self._rows) - self._max_buffered
+            del self._rows[:dropped]
+            log.error("experiment records unwritable: dropped the %d oldest", dropped)
+        if len(self._rows) >= self._max_rows:
+            self._start()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._start)
 
-    async def written(self, request_id: str) -> None:
-        """Wait for this process's write of the record of `request_id`, if one is under way
-        (feedback sent the moment an answer arrives may come before its record)."""
-        writing = self._writing.get(request_id)
-        if writing is not None:
-            await writing.wait()
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        """Write what is buffered now (and wait for a write under way)."""
+        flushing = self._flushing
+        if flushing is not None and not flushing.done() and asyncio.current_task() is not flushing:
+            await asyncio.shield(flushing)
+        while self._rows:
+            rows, self._rows = self._rows, []
+            try:
+                async with self._storage.unit_of_work(autocommit=True) as uow:
+                    await uow.repo(ExperimentRecord).add_many(rows)
+            except Exception as exc:
+                log.warning("cannot write %d experiment records yet: %s", len(rows), exc)
+                self._rows[:0] = rows
+                if self._timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._timer = loop.call_later(self._interval * 5, self._start)
+                return
+
+    async def close(self) -> None:
+        """Write what is left (shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.flush()
 
 
 @dataclass(slots=True)
@@ -176,7 +214,7 @@ class LiveEnrolment:
     operation_id: str | None
 
     async def report(self, outcome: CallReport) -> None:
-        await self.writer.write(
+        self.writer.add(
             ExperimentRecord(
                 id=new_id("expr"),
                 experiment_id=self.experiment_id,
@@ -210,6 +248,10 @@ class LiveExperiments:
             self._load, ttl=lambda _: bus.ttl(ttl), grace=1.0
         )
         bus.on(EXPERIMENTS_TOPIC, lambda _item: self._running.clear())
+
+    async def close(self) -> None:
+        """Write the records still buffered."""
+        await self.records.close()
 
     async def choose(
         self, caller: Caller, request: ChatCompletionRequest, context: CallContext

@@ -3,6 +3,7 @@ and the batches that run a dataset through every variant."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from app.experiments.lifecycle import (
     Move,
     move,
 )
-from app.experiments.live import EXPERIMENTS_TOPIC, RecordWriter
+from app.experiments.live import EXPERIMENTS_TOPIC, FLUSH_INTERVAL, RecordWriter
 from app.experiments.results import (
     OF_ALL,
     OF_SUCCESSES,
@@ -283,7 +284,11 @@ class ExperimentService:
         caller have reused the id); a call no experiment measured is `NotFound`."""
         record = await self._own_record(key_id, request_id)
         if record is None:
-            await self._records.written(request_id)
+            # Its record may still wait in this process's buffer, or another one's.
+            await self._records.flush()
+            record = await self._own_record(key_id, request_id)
+        if record is None:
+            await asyncio.sleep(FLUSH_INTERVAL + 0.05)
             record = await self._own_record(key_id, request_id)
         if record is None:
             raise NotFound("experiment call", request_id, param="request_id")

@@ -109,6 +109,8 @@ class Gateway:
         return {"Authorization": f"Bearer {key['key']}"}, key["id"]
 
     async def records(self, *where: Where) -> list[ExperimentRecord]:
+        """The records stored, once those of live calls still buffered are written."""
+        await self.services.live_experiments.records.flush()
         async with self.storage.unit_of_work() as uow:
             page = await uow.repo(ExperimentRecord).find(*where, order_by=["created_at"])
         return page.items

@@ -3,10 +3,14 @@ unit keeps its variant, each call leaves a record, and clients attach feedback (
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
+from typing import Any
 
-from app.experiments.entities import RecordSource
-from app.storage.protocol import Where
+from app.core.errors import Unavailable
+from app.experiments.entities import Experiment, ExperimentRecord, RecordSource
+from app.experiments.live import RecordWriter
+from app.storage.protocol import Storage, Where
 from tests.experiments.conftest import ADMIN as ADMIN_HEADERS
 from tests.experiments.conftest import Gateway, chat, experiment, variant
 
@@ -213,3 +217,50 @@ async def test_feedback_attaches_to_the_callers_own_call(gateway: Gateway) -> No
         "/v1/feedback", {"request_id": request_id, "score": 2}, 409, headers=headers
     )
     assert closed["error"]["param"] == "request_id"
+
+
+class _Flaky:
+    """A storage whose units of work fail while `down`."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.down = False
+        self.name = storage.name
+
+    def unit_of_work(self, *, autocommit: bool = False) -> Any:
+        if self.down:
+            raise Unavailable("database down (fake)")
+        return self.storage.unit_of_work(autocommit=autocommit)
+
+
+async def test_live_records_are_written_in_batches_and_kept_while_storage_is_down(
+    storage: Storage,
+) -> None:
+    async with storage.unit_of_work() as uow:
+        await uow.repo(Experiment).add(
+            Experiment(id="exp", name="e", target_kind="model", target="m", salt="s")
+        )
+        await uow.commit()
+    flaky = _Flaky(storage)
+    writer = RecordWriter(flaky, interval=0.05)  # type: ignore[arg-type]
+
+    async def stored() -> int:
+        async with storage.unit_of_work() as uow:
+            return await uow.repo(ExperimentRecord).count()
+
+    def record(i: int) -> ExperimentRecord:
+        return ExperimentRecord(id=f"r{i}", experiment_id="exp", variant_id="a")
+
+    for i in range(3):
+        writer.add(record(i))
+    assert await stored() == 0
+    await asyncio.sleep(0.2)
+    assert await stored() == 3
+    flaky.down = True
+    writer.add(record(3))
+    await writer.flush()
+    assert await stored() == 3
+    flaky.down = False
+    writer.add(record(4))
+    await writer.close()
+    assert await stored() == 5
