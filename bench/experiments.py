@@ -1,7 +1,8 @@
 """What experiments cost: the latency a running one adds to a call, and its results query at
 a million records.
 
-Run `python -m bench.experiments`. Part one starts a raw mock upstream (bench.raw_upstream) and
+Run `python -m bench.experiments` (or `... live`, `... results` for one part: `results` needs
+the database `live` prepared). Part one starts a raw mock upstream (bench.raw_upstream) and
 the gateway as bench.gateway_server sets it up (PostgreSQL, the Redis broker, a team key with
 rate limits and a budget), serving two models on that upstream: `bench`, and `bench-ab`, on
 which an experiment runs (two variants, one of them changing the temperature; every call
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import sys
 import time
 from decimal import Decimal
 from typing import Any
@@ -31,6 +33,7 @@ import redis
 import uvloop
 
 from app.access.permissions import KeyPermissions
+from app.credentials.entities import Provider
 from app.experiments.entities import Metric, TargetKind, UnitKind
 from app.experiments.schemas import ExperimentCreate, VariantParams, VariantSpec
 from app.models.entities import Model
@@ -61,7 +64,7 @@ async def seed() -> None:
                 Model(
                     id=AB_MODEL,
                     name=AB_MODEL,
-                    provider="openai",
+                    provider=Provider.OPENAI,
                     provider_model=MODEL,
                     credential_id="bench",
                     parameters={"max_retries": 0},
@@ -185,10 +188,9 @@ async def results_time() -> float:
         await storage.close()
 
 
-def main() -> None:
+def live() -> None:
     ports = {"upstream": free_port(), "gateway": free_port()}
     upstream = f"http://127.0.0.1:{ports['upstream']}"
-    print(f"load average before the run: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     prepare(upstream)
     asyncio.run(seed())
     processes = [
@@ -211,12 +213,25 @@ def main() -> None:
     made = records_made()
     expected = ROUNDS * (CALLS + 50)
     print(f"records of the enrolled calls: {made} of {expected}: {verdict(made == expected)}")
+
+
+def results() -> None:
+    """Needs the database `live` prepared (its experiment `million` is filled here)."""
     began = time.perf_counter()
     insert_million()
     print(f"inserted {RECORDS:,} records in {time.perf_counter() - began:.1f} s")
     median = asyncio.run(results_time())
     print(f"results at {RECORDS:,} records: {median:.0f} ms (median of 5)")
     print(f"target results <= {TARGET_RESULTS_MS:.0f} ms: {verdict(median <= TARGET_RESULTS_MS)}")
+
+
+def main() -> None:
+    print(f"load average before the run: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    parts = sys.argv[1:] or ["live", "results"]
+    if "live" in parts:
+        live()
+    if "results" in parts:
+        results()
     print(f"load average after the run: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -5,10 +5,14 @@ outcome becomes a record."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from app.core.clock import utcnow
 from app.core.ids import new_id
 from app.core.invalidation import InvalidationBus
 from app.core.loading import LoadingCache
@@ -25,6 +29,7 @@ from app.experiments.entities import (
 from app.gateway.calls import CallContext, Caller
 from app.gateway.schemas import ChatCompletionRequest, ChatMessage
 from app.gateway.variants import CallReport
+from app.storage.mapping import construct
 from app.storage.protocol import Storage, Where
 
 log = logging.getLogger(__name__)
@@ -151,12 +156,13 @@ class RecordWriter:
         self._interval = interval
         self._max_rows = max_rows
         self._max_buffered = max_buffered
-        self._rows: list[ExperimentRecord] = []
+        # What makes each record: built when written, so the call itself pays for none.
+        self._rows: list[Callable[[], ExperimentRecord]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
 
-    def add(self, record: ExperimentRecord) -> None:
-        """Queue `record` for the next write (never blocks, never fails)."""
+    def add(self, record: Callable[[], ExperimentRecord]) -> None:
+        """Queue the record `record()` makes for the next write (never blocks, never fails)."""
         self._rows.append(record)
         if len(self._rows) > self._max_buffered:
             dropped = len(self._rows) - self._max_buffered
@@ -182,8 +188,9 @@ class RecordWriter:
         while self._rows:
             rows, self._rows = self._rows, []
             try:
+                records = [make() for make in rows]
                 async with self._storage.unit_of_work(autocommit=True) as uow:
-                    await uow.repo(ExperimentRecord).add_many(rows)
+                    await uow.repo(ExperimentRecord).add_many(records)
             except Exception as exc:
                 log.warning("cannot write %d experiment records yet: %s", len(rows), exc)
                 self._rows[:0] = rows
@@ -214,25 +221,30 @@ class LiveEnrolment:
     operation_id: str | None
 
     async def report(self, outcome: CallReport) -> None:
-        self.writer.add(
-            ExperimentRecord(
-                id=new_id("expr"),
-                experiment_id=self.experiment_id,
-                variant_id=self.variant_id,
-                source=RecordSource.LIVE,
-                unit=self.unit,
-                api_key_id=self.api_key_id,
-                request_id=self.request_id,
-                operation_id=self.operation_id,
-                model_id=outcome.model_id,
-                input_tokens=outcome.input_tokens,
-                output_tokens=outcome.output_tokens,
-                cost_micros=outcome.cost_micros,
-                latency_ms=outcome.latency_ms,
-                first_token_ms=outcome.first_token_ms,
-                success=outcome.error is None,
-                error=outcome.error,
-            )
+        self.writer.add(functools.partial(self.record, outcome, utcnow()))
+
+    def record(self, outcome: CallReport, at: datetime) -> ExperimentRecord:
+        """The record of this call, which ended at `at`."""
+        return construct(
+            ExperimentRecord,
+            id=new_id("expr"),
+            experiment_id=self.experiment_id,
+            variant_id=self.variant_id,
+            source=RecordSource.LIVE,
+            unit=self.unit,
+            api_key_id=self.api_key_id,
+            request_id=self.request_id,
+            operation_id=self.operation_id,
+            model_id=outcome.model_id,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            cost_micros=outcome.cost_micros,
+            latency_ms=outcome.latency_ms,
+            first_token_ms=outcome.first_token_ms,
+            success=outcome.error is None,
+            error=outcome.error,
+            created_at=at,
+            updated_at=at,
         )
 
 

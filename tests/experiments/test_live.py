@@ -4,6 +4,7 @@ unit keeps its variant, each call leaves a record, and clients attach feedback (
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -252,15 +253,15 @@ async def test_live_records_are_written_in_batches_and_kept_while_storage_is_dow
         return ExperimentRecord(id=f"r{i}", experiment_id="exp", variant_id="a")
 
     for i in range(3):
-        writer.add(record(i))
+        writer.add(functools.partial(record, i))
     assert await stored() == 0
     await asyncio.sleep(0.2)
     assert await stored() == 3
     flaky.down = True
-    writer.add(record(3))
+    writer.add(functools.partial(record, 3))
     await writer.flush()
     assert await stored() == 3
     flaky.down = False
-    writer.add(record(4))
+    writer.add(functools.partial(record, 4))
     await writer.close()
     assert await stored() == 5
