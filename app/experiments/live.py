@@ -41,6 +41,7 @@ RUNNING_TTL = 30.0
 # How long a live call's record may wait in its process before it is written.
 FLUSH_INTERVAL = 0.2
 _RUNNING = "running"
+_RETRY_AFTER = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,8 @@ class Snapshot:
 
     models: dict[str, Running]
     prompts: dict[str, Running]
+    # Read while storage failed: nothing is enrolled until the next read, a second later.
+    failed: bool = False
 
     def find(self, request: ChatCompletionRequest) -> Running | None:
         """The experiment a call belongs to: the one on its model, else on a prompt it uses
@@ -257,7 +260,9 @@ class LiveExperiments:
         # One shared read when the copy is missing; a stale copy is served for a moment
         # while it is refreshed, so no call waits on the database for it.
         self._running: LoadingCache[str, Snapshot] = LoadingCache(
-            self._load, ttl=lambda _: bus.ttl(ttl), grace=1.0
+            self._load,
+            ttl=lambda snapshot: _RETRY_AFTER if snapshot.failed else bus.ttl(ttl),
+            grace=1.0,
         )
         bus.on(EXPERIMENTS_TOPIC, lambda _item: self._running.clear())
 
@@ -270,12 +275,7 @@ class LiveExperiments:
     ) -> LiveEnrolment | None:
         snapshot = self._running.get(_RUNNING)
         if snapshot is None:
-            try:
-                snapshot = await self._running.load(_RUNNING)
-            except Exception as exc:
-                # Experiments never fail a call: without their list, calls go as asked.
-                log.warning("running experiments unavailable (%s); calls are not enrolled", exc)
-                return None
+            snapshot = await self._running.load(_RUNNING)
         experiment = snapshot.find(request)
         if experiment is None:
             return None
@@ -296,12 +296,17 @@ class LiveExperiments:
         )
 
     async def _load(self, _key: str) -> Snapshot:
-        async with self._storage.unit_of_work() as uow:
-            page = await uow.repo(Experiment).find(Where.eq("status", ExperimentStatus.RUNNING))
         models: dict[str, Running] = {}
         prompts: dict[str, Running] = {}
-        for experiment in page.items:
-            running = Running.of(experiment)
-            by_target = models if running.target_kind is TargetKind.MODEL else prompts
-            by_target[running.target] = running
+        try:
+            async with self._storage.unit_of_work() as uow:
+                page = await uow.repo(Experiment).find(Where.eq("status", ExperimentStatus.RUNNING))
+            for experiment in page.items:
+                running = Running.of(experiment)
+                by_target = models if running.target_kind is TargetKind.MODEL else prompts
+                by_target[running.target] = running
+        except Exception as exc:
+            # Experiments never fail a call: without their list, calls go as asked.
+            log.warning("running experiments unavailable (%s); calls are not enrolled", exc)
+            return Snapshot({}, {}, failed=True)
         return Snapshot(models, prompts)

@@ -751,7 +751,6 @@ class SqlRepository(Generic[E]):
                 f"percentile_cont(%(_quantiles_{i})s::float8[]) "
                 f"WITHIN GROUP (ORDER BY {value}::float8)"
             )
-        parts += [f"count(DISTINCT {_q(name)})" for name in distinct]
         query = (
             f"SELECT {', '.join(parts)} FROM {_q(self._info.name)}{_where(clauses)} "
             f"GROUP BY {_q(group_by)}"
@@ -772,8 +771,17 @@ class SqlRepository(Generic[E]):
                 values = row[at]
                 at += 1
                 cuts[name] = list(values) if values is not None else [None] * len(fractions)
-            counted = {name: int(row[at + i]) for i, name in enumerate(distinct)}
-            summaries[row[0]] = Summary(int(row[1]), moments, cuts, counted)
+            summaries[row[0]] = Summary(int(row[1]), moments, cuts, dict.fromkeys(distinct, 0))
+        for name in distinct:
+            # A hashed GROUP BY, then a count: `count(DISTINCT …)` sorts every group instead,
+            # several times slower on large tables.
+            query = (
+                f"SELECT {_q(group_by)}, count(*) FROM (SELECT {_q(group_by)}, {_q(name)} "
+                f"FROM {_q(self._info.name)}{_where([*clauses, f'{_q(name)} IS NOT NULL'])} "
+                f"GROUP BY {_q(group_by)}, {_q(name)}) AS seen GROUP BY {_q(group_by)}"
+            )
+            for key, count in await self._uow._fetch(query, params, self._info):
+                summaries[key].distinct[name] = int(count)
         return summaries
 
     def _numeric(self, name: str) -> tuple[str, str]:

@@ -8,6 +8,8 @@ import functools
 from collections import defaultdict
 from typing import Any
 
+import pytest
+
 from app.core.errors import Unavailable
 from app.experiments.entities import Experiment, ExperimentRecord, RecordSource
 from app.experiments.live import RecordWriter
@@ -265,3 +267,21 @@ async def test_live_records_are_written_in_batches_and_kept_while_storage_is_dow
     writer.add(functools.partial(record, 4))
     await writer.close()
     assert await stored() == 5
+
+
+async def test_calls_go_as_asked_when_the_running_experiments_cannot_be_read(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await gateway.running(
+        experiment(variants=[variant("c", 0.01, control=True), variant("o", 99.99, model="other")])
+    )
+    live = gateway.services.live_experiments
+    flaky = _Flaky(gateway.storage)
+    flaky.down = True
+    monkeypatch.setattr(live, "_storage", flaky)
+    live._running.clear()
+
+    response = await gateway.http.post("/v1/chat/completions", json=chat(), headers=ADMIN_HEADERS)
+
+    assert response.status_code == 200 and response.headers["x-gateway-model"] == "base"
+    assert await gateway.records() == []
