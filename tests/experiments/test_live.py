@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.core.errors import Unavailable
-from app.experiments.entities import Experiment, ExperimentRecord, RecordSource
+from app.experiments.entities import Experiment, ExperimentRecord, RecordSource, TargetKind
 from app.experiments.live import RecordWriter
 from app.storage.protocol import Storage, Where
 from tests.experiments.conftest import ADMIN as ADMIN_HEADERS
@@ -130,7 +130,7 @@ async def test_the_experiment_unit_header_assigns_direct_streamed_and_async_call
         "other"
     }
     stream_record = next(r for r in records if r.first_token_ms is not None)
-    assert stream_record.latency_ms >= stream_record.first_token_ms
+    assert stream_record.latency_ms >= (stream_record.first_token_ms or 0)
     assert (stream_record.input_tokens, stream_record.output_tokens) == (5, 7)
     assert stream_record.cost_micros == 80
     job_record = next(r for r in records if r.operation_id is not None)
@@ -241,7 +241,7 @@ async def test_live_records_are_written_in_batches_and_kept_while_storage_is_dow
 ) -> None:
     async with storage.unit_of_work() as uow:
         await uow.repo(Experiment).add(
-            Experiment(id="exp", name="e", target_kind="model", target="m", salt="s")
+            Experiment(id="exp", name="e", target_kind=TargetKind.MODEL, target="m", salt="s")
         )
         await uow.commit()
     flaky = _Flaky(storage)

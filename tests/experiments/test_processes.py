@@ -121,52 +121,65 @@ def lease_owner(database_url: str, operation_id: str) -> str:
     return str(row[0])
 
 
-def test_a_batch_whose_worker_is_killed_completes_with_each_call_answered_once(
-    clean: tuple[str, str],  # noqa: F811
-    processes: Processes,  # noqa: F811
-    upstream: CountingUpstream,
-) -> None:
-    database_url, redis_url = clean
+def environment(database_url: str, redis_url: str, upstream: FakeUpstream) -> dict[str, str]:
+    """The processes' settings, once the two models at `upstream` are stored."""
     asyncio.run(_store_models(database_url, upstream))
-    env = env_for(
+    return env_for(
         database_url,
         redis_url,
         OUTBOUND_ALLOWED_HOSTS="127.0.0.1",
         GATEWAY_TEST_UPSTREAM_KEY=UPSTREAM_SECRET,
         UPSTREAM_MAX_RETRIES="0",
     )
+
+
+def post(api: Any, path: str, body: dict[str, Any], status: int = 200) -> Any:
+    response = api.post(path, json=body, headers=ADMIN)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def prepare(api: Any) -> None:
+    """A running experiment of three variants on `base`, and a dataset of `ITEMS` items."""
+    post(
+        api,
+        "/admin/experiments",
+        {
+            "id": "kill",
+            "name": "Survives a kill",
+            "target_kind": "model",
+            "target": "base",
+            "variants": [
+                {"id": "control", "allocation": 34, "control": True},
+                {"id": "other", "allocation": 33, "model": "other"},
+                {"id": "warm", "allocation": 33, "params": {"temperature": 1.0}},
+            ],
+        },
+        201,
+    )
+    post(api, "/admin/experiments/kill/start", {})
+    items = [
+        {"input": {"messages": [{"role": "user", "content": f"item {i}"}]}} for i in range(ITEMS)
+    ]
+    post(api, "/admin/datasets", {"id": "two-hundred", "name": "200", "items": items}, 201)
+
+
+def test_a_batch_whose_worker_is_killed_completes_with_each_call_answered_once(
+    clean: tuple[str, str],  # noqa: F811
+    processes: Processes,  # noqa: F811
+    upstream: CountingUpstream,
+) -> None:
+    database_url, redis_url = clean
+    env = environment(database_url, redis_url, upstream)
     settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
     with httpx_client(settings) as api:
-
-        def post(path: str, body: dict[str, Any], status: int = 200) -> Any:
-            response = api.post(path, json=body, headers=ADMIN)
-            assert response.status_code == status, response.text
-            return response.json()
-
-        post(
-            "/admin/experiments",
-            {
-                "id": "kill",
-                "name": "Survives a kill",
-                "target_kind": "model",
-                "target": "base",
-                "variants": [
-                    {"id": "control", "allocation": 34, "control": True},
-                    {"id": "other", "allocation": 33, "model": "other"},
-                    {"id": "warm", "allocation": 33, "params": {"temperature": 1.0}},
-                ],
-            },
-            201,
-        )
-        post("/admin/experiments/kill/start", {})
-        items = [
-            {"input": {"messages": [{"role": "user", "content": f"item {i}"}]}}
-            for i in range(ITEMS)
-        ]
-        post("/admin/datasets", {"id": "two-hundred", "name": "200", "items": items}, 201)
+        prepare(api)
         first = processes.start(["worker", "--processes", "1", "--threads", "2"], env)
         accepted = post(
-            "/admin/experiments/kill/batches", {"dataset_id": "two-hundred", "concurrency": 8}, 202
+            api,
+            "/admin/experiments/kill/batches",
+            {"dataset_id": "two-hundred", "concurrency": 8},
+            202,
         )
         operation_id = accepted["operation_id"]
         assert accepted["total"] == ITEMS * VARIANTS
@@ -212,3 +225,37 @@ def test_a_batch_whose_worker_is_killed_completes_with_each_call_answered_once(
         "other": ITEMS,
         "warm": ITEMS,
     }
+
+
+def test_a_batch_cancelled_on_the_workers_makes_no_call_after_it_stops(
+    clean: tuple[str, str],  # noqa: F811
+    processes: Processes,  # noqa: F811
+    upstream: CountingUpstream,
+) -> None:
+    database_url, redis_url = clean
+    env = environment(database_url, redis_url, upstream)
+    settings = Settings(**{**env, "PROCESS_ROLE": "api"})  # type: ignore[arg-type]
+    with httpx_client(settings) as api:
+        prepare(api)
+        processes.start(["worker", "--processes", "1", "--threads", "2"], env)
+        accepted = post(
+            api,
+            "/admin/experiments/kill/batches",
+            {"dataset_id": "two-hundred", "concurrency": 2},
+            202,
+        )
+        operation_id = accepted["operation_id"]
+        wait_until(lambda: batch_state(database_url, operation_id)[1] >= 20, 60, 0.05)
+
+        cancelled = api.delete(f"/v1/operations/{operation_id}", headers=ADMIN)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        time.sleep(1.0)  # the worker notices at its next checkpoint, calls in flight end
+        answered = sum(upstream.answered.values())
+        _, records, _ = batch_state(database_url, operation_id)
+        time.sleep(1.5)
+
+        status, later, _ = batch_state(database_url, operation_id)
+    assert status == "cancelled"
+    assert 20 <= records < ITEMS * VARIANTS
+    assert later == records, "records were written after the batch was cancelled"
+    assert sum(upstream.answered.values()) == answered, "calls were made after the cancel"
