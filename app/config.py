@@ -300,8 +300,10 @@ class Settings(BaseSettings):
     # reading them again; admin changes drop them in every process at once (invalidation
     # channel), so this only bounds staleness when that channel is down (then 1 s at most).
     METERING_CACHE_SECONDS: float = Field(default=2.0, ge=0)
-    USAGE_FLUSH_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
-    USAGE_FLUSH_MAX_RECORDS: int = Field(default=200, ge=1, le=5000)
+    # A direct call's usage commits before its answer leaves, the calls settling together
+    # sharing one transaction of at most this many; a failed write is tried again this often.
+    USAGE_WRITE_MAX_CALLS: int = Field(default=500, ge=1, le=5000)
+    USAGE_RETRY_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
     # Defaults of the app configuration keys retention.usage_days, retention.logs_days and
     # logging.log_request_bodies.
     USAGE_RETENTION_DAYS: int = Field(default=30, ge=3)

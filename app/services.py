@@ -32,9 +32,8 @@ from app.operations.runner import Handler, JobTimings
 from app.operations.service import OperationService
 from app.operations.submit import JobSubmitter
 from app.prompts.service import PromptService
-from app.queue.batches import DramatiqBatchSender
 from app.queue.names import OperationKind
-from app.queue.port import DramatiqQueue, JobQueue
+from app.queue.port import JobQueue
 from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
@@ -103,8 +102,8 @@ class Services:
         await self.invalidation.start()
 
     async def aclose(self) -> None:
-        """Stop the background work and close what these services opened; buffered usage,
-        logs and `last_used_at` instants go out first. Storage, queue and Redis stay open:
+        """Stop the background work and close what these services opened; usage not written
+        yet and `last_used_at` instants go out first. Storage, queue and Redis stay open:
         they belong to whoever passed them in."""
         await self.invalidation.stop()
         await self.keys.close()
@@ -176,7 +175,6 @@ def build_services(
         storage,
         redis,
         webhooks,
-        sender=(DramatiqBatchSender(queue.broker) if isinstance(queue, DramatiqQueue) else None),
         config=app_config_reader(config),
         bus=invalidation,
     )

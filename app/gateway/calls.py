@@ -10,7 +10,8 @@ experiments and evaluations to come all call `GatewayCalls`, which does, in this
 4. **admission**: rate limits and budgets, reserved against the route's first model
    (`Metering.admit`; a refusal is a 429 or a 402, the same from every context);
 5. **cache, upstream**: the response cache when the request allows it, else the route;
-6. **settlement**: the usage record, cost and execution log (`Metering.settle`), or the
+6. **settlement**: the usage record, cost and execution log (`Metering.settle`: committed before
+   a direct call's answer is sent, or with the outcome of the job the call runs in), or the
    reservation given back when no upstream call was made (`Metering.fail`).
 
 The result is typed (`Completion`, `Streamed`, `Embedded`); turning it into an HTTP response or a
@@ -45,11 +46,13 @@ from app.gateway.routing import Route
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from app.models.entities import ModelKind
 from app.operations.entities import Operation
+from app.operations.runner import JobContext
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.queue.names import OperationKind
 from app.usage.admission import Admission
 from app.usage.entities import UsageType
+from app.usage.ledger import UsageLedger
 from app.usage.metering import Metering
 from app.usage.pricing import estimate_message_tokens
 from app.usage.settlement import UsageOutcome
@@ -103,22 +106,25 @@ class CallSource(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class CallContext:
-    """What started the call, the job it runs in, and the cache policy it asked for."""
+    """What started the call, the job it runs in, the cache policy it asked for, and where its
+    usage goes (None: committed by this process before the answer leaves)."""
 
     source: CallSource = CallSource.DIRECT
     operation_id: str | None = None
     cache_control: CacheControl | None = None
+    ledger: UsageLedger | None = None
 
     @property
     def is_async(self) -> bool:
         return self.source is not CallSource.DIRECT
 
     @classmethod
-    def of_job(cls, operation: Operation) -> CallContext:
-        """The context of a call a job makes: a batch line when the job is a batch's child."""
+    def of_job(cls, operation: Operation, ledger: UsageLedger | None = None) -> CallContext:
+        """The context of a call a job makes: a batch line when the job is a batch's child;
+        its usage goes to `ledger` (the job's, `GatewayCalls.job_context`)."""
         source = CallSource.BATCH_LINE if operation.parent_id else CallSource.ASYNC_JOB
         control = CacheControl.parse(operation.meta.get("cache_control"))
-        return cls(source=source, operation_id=operation.id, cache_control=control)
+        return cls(source=source, operation_id=operation.id, cache_control=control, ledger=ledger)
 
 
 DIRECT = CallContext()
@@ -150,18 +156,15 @@ class Keyless:
 
 @dataclass(slots=True)
 class Settlement:
-    """A call's usage, cost and log, still to be recorded (after the answer is on its way)."""
+    """A call's usage, cost and log, still to be recorded: before the answer is sent, so that
+    no answer leaves unpaid for; raises `Unavailable` when the usage could not be written."""
 
     metering: Metering
     admission: Admission
     outcome: UsageOutcome
 
     async def __call__(self) -> None:
-        try:
-            await self.metering.settle(self.admission, self.outcome)
-        except Exception:
-            # The reservation stands (it expires with its window); the answer was delivered.
-            log.exception("settling a call's usage failed")
+        await self.metering.settle(self.admission, self.outcome)
 
 
 @dataclass(slots=True)
@@ -237,6 +240,11 @@ class GatewayCalls:
         self.cache = cache
 
     # --- callers ----------------------------------------------------------------------------
+
+    def job_context(self, job: JobContext) -> CallContext:
+        """The context of a call the running `job` makes: its usage commits with the job's
+        outcome, so a job is paid for once however often a crash makes it run."""
+        return CallContext.of_job(job.operation, self._metering.job_usage(job))
 
     async def job_caller(self, operation: Operation) -> Caller:
         """The owner of a job as it is when the job runs: a key revoked, suspended or expired
@@ -496,10 +504,10 @@ def _upstream_failed(route: Route, exc: BaseException) -> None:
 
 
 def _outcome(context: CallContext) -> dict[str, Any]:
-    """What the usage record and execution log keep of the call's context."""
+    """What the usage record and execution log keep of the call's context, and where they go."""
     if context.source is CallSource.DIRECT:
-        return {}
-    return {"operation_id": context.operation_id, "is_async": True}
+        return {} if context.ledger is None else {"ledger": context.ledger}
+    return {"operation_id": context.operation_id, "is_async": True, "ledger": context.ledger}
 
 
 def _chat_outcome(context: CallContext, request: ChatCompletionRequest) -> dict[str, Any]:

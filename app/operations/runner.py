@@ -41,6 +41,8 @@ from app.storage.protocol import Append, IfNull, Increment, Storage, UnitOfWork,
 log = logging.getLogger(__name__)
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
+# A write inside the transaction of a job's outcome.
+Write = Callable[[UnitOfWork], Awaitable[Any]]
 
 # Every status the runner writes by a conditional update; checked against the table at import.
 CLAIM = transition(OperationStatus.PENDING, OperationStatus.RUNNING)
@@ -81,6 +83,8 @@ class Claim:
     progress: dict[str, Any] = field(default_factory=dict)
     held_at: float = field(default_factory=time.monotonic)  # when it last was seen held
     lost: bool = False
+    # What must commit with this attempt's outcome, and only with it (`write_with_outcome`).
+    writes: list[Write] = field(default_factory=list)
 
     def held(self, step: Transition | None = None) -> tuple[Where, Where]:
         """The conditions under which the job is still this claim's, and `step` may be taken.
@@ -124,6 +128,18 @@ class JobContext:
             claim.lost = True
             raise Cancelled(f"operation '{self.operation.id}' was cancelled")
         claim.held_at = time.monotonic()
+
+    def write_with_outcome(self, write: Write) -> None:
+        """Have `write(uow)` run in the transaction that writes this attempt's outcome
+        (completed, failed, or pending again to retry), so it commits exactly when the outcome
+        does: the usage of the calls the job made, say, which a worker that dies mid-job must
+        not lose, nor a job run again count twice.
+
+        An attempt whose outcome is dropped because it lost the job to another attempt drops
+        it too; one whose job was cancelled meanwhile still commits it (its calls were made).
+        `write` may run more than once, each time in a fresh transaction.
+        """
+        self.claim.writes.append(write)
 
     async def set_progress(self, **progress: Any) -> None:
         """Record how far a multi-step job has come (visible to pollers)."""
@@ -227,12 +243,14 @@ class OperationRunner:
         except Cancelled:
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
+            await self._dropped(claim)
             return True
         except asyncio.CancelledError:
             if not claim.lost:
                 raise  # the worker is shutting down; the lease runs out and the job is recovered
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
+            await self._dropped(claim)
             return True
         except Exception as exc:
             await self._attempt_failed(operation, claim, exc)
@@ -336,35 +354,65 @@ class OperationRunner:
         changes: dict[str, Any],
         then: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
     ) -> bool:
-        """Take `step` with `changes` if the claim still holds, then `then` in the same unit.
+        """Take `step` with `changes` if the claim still holds, then `then` and the claim's
+        writes in the same unit.
 
-        Without `then` it is one conditional statement; with it, a transaction (retried whole
-        when what `then` touches changed meanwhile).
+        Without `then` or writes it is one conditional statement; with them, a transaction
+        (retried whole when what they touch changed meanwhile). The claim's writes come last,
+        so the rows they lock (a budget every job charges) are held the shortest time.
         """
         changes = {**changes, **step.changes}
         held = claim.held(step)
         while True:
             try:
-                if then is None:
+                if then is None and not claim.writes:
                     async with self.storage.unit_of_work(autocommit=True) as uow:
                         if await uow.repo(Operation).write_where(
                             claim.operation_id, changes, *held
                         ):
                             return True
-                    log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
+                    await self._dropped(claim)
                     return False
                 async with self.storage.unit_of_work() as uow:
                     written = await uow.repo(Operation).update_where(
                         claim.operation_id, changes, *held
                     )
                     if written is None:
-                        log.info(
-                            "job %s: outcome dropped, lease no longer held", claim.operation_id
-                        )
+                        await uow.rollback()
+                        await self._dropped(claim)
                         return False
-                    await then(uow, written)
+                    if then is not None:
+                        await then(uow, written)
+                    for write in claim.writes:
+                        await write(uow)
                     await uow.commit()
                     return True
+            except StaleVersion:
+                continue
+
+    async def _dropped(self, claim: Claim) -> None:
+        """The outcome of an attempt that no longer holds its job was not written; its writes
+        are, alone, when the job was cancelled while this attempt held it (no other attempt
+        will make its calls again), and are dropped when another attempt has the job."""
+        log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
+        if claim.writes:
+            await self._commit_cancelled(claim)
+
+    async def _commit_cancelled(self, claim: Claim) -> None:
+        while True:
+            try:
+                async with self.storage.unit_of_work() as uow:
+                    current = await uow.repo(Operation).get(claim.operation_id)
+                    if (
+                        current is None
+                        or current.status != OperationStatus.CANCELLED
+                        or current.lease_token != claim.token
+                    ):
+                        return
+                    for write in claim.writes:
+                        await write(uow)
+                    await uow.commit()
+                    return
             except StaleVersion:
                 continue
 

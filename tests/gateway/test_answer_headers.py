@@ -46,7 +46,6 @@ async def priced(services: Services, *model_ids: str, price: str = "2.5") -> Non
 
 
 async def records(services: Services) -> list[UsageRecord]:
-    await services.metering.buffer.flush()
     async with services.storage.unit_of_work() as uow:
         return list((await uow.repo(UsageRecord).find(order_by=["created_at"])).items)
 

@@ -106,7 +106,6 @@ class Gateway:
 
     async def accounting(self) -> tuple[list[UsageRecord], list[ExecutionLog]]:
         """Every usage record and execution log, once the buffered ones are written."""
-        await self.services.metering.buffer.flush()
         async with self.storage.unit_of_work() as uow:
             records = (await uow.repo(UsageRecord).find()).items
             logs = (await uow.repo(ExecutionLog).find()).items

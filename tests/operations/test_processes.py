@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import psycopg
 import pytest
 import redis
@@ -27,7 +26,7 @@ from app.main import create_app
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.queue.broker import build_broker
-from app.queue.names import USAGE_QUEUE, OperationKind
+from app.queue.names import OperationKind
 from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
@@ -326,15 +325,10 @@ async def test_a_job_running_when_its_worker_is_told_to_stop_finishes_there_with
         ).fetchone()
     # Finished by the worker that ran it, not left for the lease to run out (30 s here).
     assert row == ("completed", 1)
-    # Its usage record went out in the last batch, on the queue for the next worker to write.
-    client = redis.Redis.from_url(redis_url)
-    queued = [
-        record["operation_id"]
-        for raw in client.hvals(f"gateway:{USAGE_QUEUE}.msgs")
-        for record in orjson.loads(raw)["args"][0]["usage"]
-    ]
-    client.close()
-    assert queued == [operation.id]
+    # Its usage record committed with its outcome.
+    with psycopg.connect(database_url) as conn:
+        recorded = conn.execute("SELECT operation_id FROM usage_records").fetchall()
+    assert recorded == [(operation.id,)]
 
 
 def test_gateway_dev_answers_an_async_chat_completion_end_to_end(processes: Processes) -> None:

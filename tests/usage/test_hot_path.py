@@ -16,16 +16,17 @@ from app.core.errors import RateLimited, Unavailable
 from app.core.redis_pipe import PipelinedRedis
 from app.logs.entities import ExecutionLog, ExecutionType
 from app.models.entities import Model
+from app.storage.mapping import validate
 from app.storage.protocol import Storage
 from app.usage import pipeline as pipeline_module
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus, UsageType
 from app.usage.metering import Metering, MeteringOptions
-from app.usage.recorder import decode_batch, encode_batch
 from app.usage.settlement import UsageOutcome
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
 from tests.usage.conftest import (
     Principal,
+    RecordingLedger,
     RecordingSink,
     redis_broker_settings,
 )
@@ -108,22 +109,27 @@ async def test_settled_rows_are_the_entities_json(
 ) -> None:
     metering = accounting.metering
     admission = await metering.admit(Principal("key-row", "team-row"), model, 10, 10)
+    ledger = RecordingLedger()
     await metering.settle(
         admission,
-        UsageOutcome(input_tokens=7, output_tokens=3, status=UsageStatus.ERROR, error="boom"),
+        UsageOutcome(
+            input_tokens=7, output_tokens=3, status=UsageStatus.ERROR, error="boom", ledger=ledger
+        ),
     )
-    batch = encode_batch(list(metering.buffer._usage), list(metering.buffer._logs))
-    (row,), (log_row,) = batch["usage"], batch["logs"]
+    (usage,) = ledger.calls
+    row, log_row = usage.record, usage.log
     assert row.keys() == UsageRecord(id="x", usage_type=UsageType.EMBEDDING).model_dump().keys()
     blank_log = ExecutionLog(id="x", execution_type=ExecutionType.MODEL, resource_id="m")
     assert log_row.keys() == blank_log.model_dump().keys()
-    (record,), (entry,) = decode_batch(batch)
+    record, entry = validate(UsageRecord, row), validate(ExecutionLog, log_row)
     assert (record.api_key_id, record.team_id, record.model_id) == ("key-row", "team-row", "priced")
     assert (record.input_tokens, record.output_tokens, record.cost_micros) == (7, 3, 44)
     assert record.status is UsageStatus.ERROR and record.error == "boom"
     assert abs(record.created_at - datetime.now(UTC)).total_seconds() < 5
     assert entry.status.value == "failed" and entry.cost_micros == 44
-    await metering.buffer.flush()
+    async with storage.unit_of_work() as uow:
+        await accounting.usage.write_usage(uow, [usage])
+        await uow.commit()
     async with storage.unit_of_work() as uow:
         stored = await uow.repo(UsageRecord).get(record.id)
     assert stored is not None and stored.cost_micros == 44
@@ -176,7 +182,8 @@ async def test_a_redis_that_does_not_answer_makes_the_call_unavailable_in_time(
         storage,
         built.metering._redis,  # the pipelined client of its own
         built.budgets,
-        built.metering.buffer,
+        built.metering.writer,
+        built.usage,
         MeteringOptions(redis_timeout=0.2),
     )
     await limited_key(storage, "key-silent")
