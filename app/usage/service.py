@@ -15,7 +15,7 @@ from app.core.clock import utcnow
 from app.core.errors import InvalidInput
 from app.logs.entities import ExecutionLog
 from app.storage.entity import Entity
-from app.storage.mapping import validate
+from app.storage.mapping import construct
 from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.usage.budgets import BudgetService
 from app.usage.entities import UsageRecord, UsageRollup, UsageStatus
@@ -114,15 +114,17 @@ class UsageService:
         """
         if not calls:
             return 0
-        records = [validate(UsageRecord, call.record) for call in calls]
-        logs = [validate(ExecutionLog, call.log) for call in calls]
+        # Rows settlement built, validated once, by the repositories (`to_row`).
+        records = [construct(UsageRecord, **call.record) for call in calls]
+        logs = [construct(ExecutionLog, **call.log) for call in calls]
         new = set(await uow.repo(UsageRecord).add_missing(records))
         await uow.repo(ExecutionLog).add_missing(logs)
         spend: dict[str, int] = {}
         for call, record in zip(calls, records, strict=True):
-            if record.id in new and record.cost_micros > 0:
+            cost = int(record.cost_micros)
+            if record.id in new and cost > 0:
                 for budget_id in call.budget_ids:
-                    spend[budget_id] = spend.get(budget_id, 0) + record.cost_micros
+                    spend[budget_id] = spend.get(budget_id, 0) + cost
         await self._budgets.charge(uow, spend)
         return len(new)
 

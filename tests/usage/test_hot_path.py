@@ -28,6 +28,7 @@ from tests.usage.conftest import (
     Principal,
     RecordingLedger,
     RecordingSink,
+    accounting_settings,
     redis_broker_settings,
 )
 
@@ -251,3 +252,35 @@ async def test_an_admission_refused_before_its_corrections_were_counted_is_asked
     second = await metering.admit(Principal("key-late"), model, 10, None)
     tokens_key = next(key for key, dimension in second.rate_keys if dimension == "tokens")
     assert await counter(redis, tokens_key) == 20 + 4106
+
+
+async def test_a_correction_of_a_reservation_redis_lost_is_not_applied_to_a_rebuilt_counter(
+    accounting: Accounting,
+    model: Model,
+    storage: Storage,
+    redis: aioredis.Redis,
+    sink: RecordingSink,
+) -> None:
+    budget = await accounting.budgets.create(
+        name="b",
+        scope=BudgetScope.GLOBAL,
+        scope_id=None,
+        period=BudgetPeriod.DAILY,
+        hard_limit_micros=10**9,
+    )
+    metering = accounting.metering
+    first = await metering.admit(Principal("key-epoch"), model, 0, 100)  # reserves 1000 µ$
+    await redis.flushdb()  # Redis restarts empty: the reservation is gone
+    # Settled after the loss: 100 µ$ recorded, a correction of -900 queued for the old counter.
+    await metering.settle(first, UsageOutcome(output_tokens=10))
+    other = build_accounting(accounting_settings(), storage, redis, sink)  # another process
+    second = await other.metering.admit(Principal("key-epoch"), model, 0, 100)
+    # Rebuilt from the recorded spend (100), then this call's reservation (1000).
+    assert await counter(redis, second.budget_keys[0]) == 1100
+    await metering.flush_corrections()
+    assert await counter(redis, second.budget_keys[0]) == 1100  # the stale -900 did not apply
+    await other.metering.settle(second, UsageOutcome(output_tokens=10))
+    await other.metering.flush_corrections()
+    assert await counter(redis, second.budget_keys[0]) == 200
+    assert (await accounting.budgets.get(budget.id)).current_usage_micros == 200
+    await other.metering.close()
