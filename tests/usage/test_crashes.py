@@ -78,7 +78,7 @@ async def submitter(clean: tuple[str, str]) -> AsyncIterator[OperationService]:
 def count_by_operation(database_url: str, table: str) -> dict[str, int]:
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            f"SELECT operation_id, count(*) FROM {table} GROUP BY operation_id"  # noqa: S608
+            f"SELECT operation_id, count(*) FROM {table} GROUP BY operation_id"
         ).fetchall()
     return {operation_id: count for operation_id, count in rows}
 
@@ -137,6 +137,7 @@ async def test_an_api_killed_right_after_direct_calls_has_recorded_every_call_it
     base = f"http://127.0.0.1:{port}"
     await asyncio.to_thread(wait_until, lambda: _ready(base), 30)
     answered: list[str] = []
+    enough = asyncio.Event()
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
@@ -146,10 +147,11 @@ async def test_an_api_killed_right_after_direct_calls_has_recorded_every_call_it
             response = await client.post("/v1/chat/completions", json=body, headers=headers)
             if response.status_code == 200:
                 answered.append(response.json()["id"])
+                if len(answered) >= 150:
+                    enough.set()
 
         calls = [asyncio.ensure_future(one(n)) for n in range(400)]
-        while len(answered) < 150:
-            await asyncio.sleep(0.001)
+        await asyncio.wait_for(enough.wait(), 30)
         os.killpg(api.pid, signal.SIGKILL)  # with calls in flight, and nothing flushed
         await asyncio.gather(*calls, return_exceptions=True)
     api.wait(timeout=10)
