@@ -78,6 +78,43 @@ async def bootstrap(services: Services) -> None:
         )
 
 
+class StartUp:
+    """The API's start-up writes (`bootstrap`), tried again until the database takes them.
+
+    Processes may start before `gateway migrate` has made (or migrated) their database, as
+    replicas and a migration started together do: each serves meanwhile, and `/ready` says
+    not ready, naming the reason, until its start-up is done.
+    """
+
+    def __init__(self, services: Services, *, retry_max: float = 2.0) -> None:
+        self._services = services
+        self._retry_max = retry_max
+        self.waiting: str | None = None  # why the start-up is not done, while it is not
+
+    async def run(self) -> bool:
+        """Bootstrap once; True when done, False (and the reason kept) when the database is
+        not ready for it."""
+        try:
+            await bootstrap(self._services)
+        except Unavailable as exc:
+            self.waiting = exc.message
+            return False
+        self.waiting = None
+        return True
+
+    async def run_until_done(self) -> None:
+        delay = 0.1
+        while not await self.run():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+        log.info("start-up finished once the database was ready")
+
+    async def check(self) -> None:
+        """Raise `Unavailable` while the start-up is not done (a `/ready` probe)."""
+        if self.waiting is not None:
+            raise Unavailable(f"start-up not finished: {self.waiting}")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -105,16 +142,19 @@ def create_app(
             stack.push_async_callback(redis.aclose)
             app.state.services = build_services(settings, app.state.storage, jobs, redis)
             register(app, app.state.services.by_type())
-            # What /ready probes: the database and Redis those services use.
-            app.state.dependencies = process_dependencies(settings, app.state.storage, redis)
-            # Closed before Redis and storage: buffered usage and logs are sent first.
+            start_up = StartUp(app.state.services)
+            # What /ready probes: the database and Redis those services use, and the start-up.
+            app.state.dependencies = process_dependencies(
+                settings, app.state.storage, redis, started=start_up.check
+            )
+            # Closed before Redis and storage: usage not yet written goes out first.
             await app.state.services.start()
             stack.push_async_callback(app.state.services.aclose)
-            try:
-                await bootstrap(app.state.services)
-            except Unavailable as exc:
-                # Start anyway: /ready reports the database, and requests fail clearly meanwhile.
-                log.warning("start-up bootstrap skipped: %s", exc.message)
+            if not await start_up.run():
+                # Serve anyway: /ready says why not ready, and requests fail clearly meanwhile.
+                log.warning("start-up waits for the database: %s", start_up.waiting)
+                finishing = asyncio.create_task(start_up.run_until_done())
+                stack.callback(finishing.cancel)
             gauges = QueueGauges(app.state.storage, max_age=settings.METRICS_QUEUE_REFRESH_SECONDS)
             app.state.metric_refreshers = [gauges.refresh_if_stale]
             if settings.METRICS_PORT is not None:

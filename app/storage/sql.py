@@ -276,6 +276,10 @@ def _translate(
             return StaleVersion(kind, "*", 0)
         if state is not None and state.startswith(("08", "53", "57")):
             return Unavailable(f"database unavailable: {type(exc).__name__}")
+        if state in ("3D000", "42P01"):
+            # No such database, or no such table: a database `gateway migrate` has not set up
+            # (yet: processes may start while it runs).
+            return Unavailable(f"database not migrated (run gateway migrate): {detail}")
         raise exc
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | _InternalClientError):
         return Unavailable(f"database unavailable: {type(exc).__name__}")
