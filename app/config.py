@@ -262,6 +262,10 @@ class Settings(BaseSettings):
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "llm-gateway-workers")
     )
     WORKER_HEARTBEAT_SECONDS: float = Field(default=5.0, gt=0, le=300)
+    # With BROKER=redis, each `gateway worker` process stamps its presence in Redis every
+    # quarter of this; a worker silent this long is gone, and its running jobs go back to
+    # pending at once instead of after their lease (0: leases alone decide).
+    WORKER_PRESENCE_TTL_SECONDS: float = Field(default=1.0, ge=0, le=60)
     LONG_POLL_MAX_SECONDS: float = Field(default=30.0, ge=0)
 
     # The built-in mock provider (a model's parameters may override these).

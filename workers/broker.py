@@ -16,6 +16,7 @@ from workers.middleware import (
     Metrics,
     OneStopPerSignal,
     Periodic,
+    Presence,
     ProcessLogging,
     QuickIdlePolling,
 )
@@ -41,6 +42,7 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
             OneStopPerSignal(),
             QuickIdlePolling(),
             heartbeat,
+            Presence(settings.WORKER_PRESENCE_TTL_SECONDS),
             metrics,
         ],
     )

@@ -31,6 +31,7 @@ from app.core.log_context import key_id_var, operation_id_var
 from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
 from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
+from app.operations.presence import WorkerPresence
 from app.operations.service import count_child_finished
 from app.operations.submit import mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
@@ -199,9 +200,11 @@ class OperationRunner:
         worker_id: str | None = None,
         timings: JobTimings | None = None,
         events: EventSink | None = None,
+        presence: WorkerPresence | None = None,
     ) -> None:
         self.storage = storage
         self.events = events
+        self.presence = presence  # which workers are alive: their jobs need not wait a lease
         self.queue = queue
         self.handlers = dict(handlers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
@@ -582,21 +585,57 @@ class OperationRunner:
         report.resent = await self._resend_unsent(report)
         return report
 
-    async def _recover(self, operation_id: str) -> str | None:
+    async def recover_orphans(self) -> int:
+        """Return to pending (or fail, out of attempts) the running jobs whose worker's
+        heartbeat is gone, without waiting for their leases; how many.
+
+        One grouped count finds the owners of running jobs; only the jobs of those found gone
+        are read. A live worker's jobs keep their leases, however slow they are.
+        """
+        if self.presence is None:
+            return 0
+        async with self.storage.unit_of_work() as uow:
+            owners = await uow.repo(Operation).count_by("lease_owner", _RUNNING)
+            known = [owner for owner in owners if owner]
+            gone = await self.presence.gone(known)
+            if not gone:
+                return 0
+            orphans = await uow.repo(Operation).find(
+                _RUNNING, Where.in_("lease_owner", sorted(gone)), limit=self.timings.sweep_batch
+            )
+        recovered = 0
+        for operation in orphans.items:
+            outcome = await self._recover(operation.id, gone=operation.lease_owner)
+            if outcome is not None:
+                recovered += 1
+                LEASE_RECOVERIES(outcome).inc()
+                if outcome == "exhausted":
+                    JOBS_FINISHED(operation.kind, "failed").inc()
+        if recovered:
+            log.info("returned %d jobs of workers gone: %s", recovered, ", ".join(sorted(gone)))
+        return recovered
+
+    async def _recover(self, operation_id: str, *, gone: str | None = None) -> str | None:
+        """Recover a running job whose lease expired, or, with `gone`, whose owner is `gone`
+        (a worker whose heartbeat stopped), whatever its lease says."""
         while True:
             try:
                 async with self.storage.unit_of_work() as uow:
                     operation = await uow.repo(Operation).get(operation_id)
                     now = utcnow()
-                    if (
-                        operation is None
-                        or operation.status != OperationStatus.RUNNING
-                        or operation.lease_expires_at is None
-                        or operation.lease_expires_at >= now
-                    ):
+                    if operation is None or operation.status != OperationStatus.RUNNING:
+                        return None
+                    expired = (
+                        operation.lease_expires_at is not None and operation.lease_expires_at < now
+                    )
+                    if not expired and (gone is None or operation.lease_owner != gone):
                         return None
                     worker = operation.lease_owner
-                    lost = f"worker {worker} stopped responding"
+                    lost = (
+                        f"worker {worker} stopped responding"
+                        if expired
+                        else f"worker {worker} is gone (its heartbeat stopped)"
+                    )
                     for name, value in self._closed(operation.attempt_log, "lost", lost).items():
                         setattr(operation, name, value)
                     if operation.attempts >= operation.max_attempts:

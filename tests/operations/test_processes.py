@@ -362,3 +362,51 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def test_a_killed_workers_jobs_run_again_within_seconds_while_slow_ones_keep_their_lease(
+    clean: tuple[str, str], submitter: OperationService, processes: Processes
+) -> None:
+    database_url, redis_url = clean
+    # Jobs of 3 s, far longer than a heartbeat's second; leases of 30 s, far longer than the
+    # wait this test allows: only the heartbeat can hand a killed worker's job on in time.
+    env = env_for(database_url, redis_url, MOCK_LATENCY_MS="3000", JOB_LEASE_SECONDS="30")
+    for _ in range(3):
+        processes.start(["worker", "--processes", "1", "--threads", "2"], env)
+    ids = [
+        (await submitter.submit(kind=OperationKind.CHAT_COMPLETION, input=chat(i), owner=OWNER))[
+            0
+        ].id
+        for i in range(4)
+    ]
+    await asyncio.to_thread(wait_until, lambda: statuses(database_url) == {"running": 4}, 60)
+    owners = dict(lease_owners(database_url, ids))
+    victim = owners[ids[0]]
+    os.kill(int(victim.rsplit("-", 1)[1]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    orphans = [op_id for op_id, owner in owners.items() if owner == victim]
+
+    def reclaimed() -> bool:
+        now = dict(lease_owners(database_url, orphans))  # running ones only
+        return len(now) == len(orphans) and victim not in now.values()
+
+    await asyncio.to_thread(wait_until, reclaimed, 10, 0.02)
+    after = time.monotonic() - killed_at
+    print(f"re-claimed {after:.2f} s after the kill (lease 30 s)")
+    assert after < 3.0
+    await asyncio.to_thread(wait_until, lambda: statuses(database_url) == {"completed": 4}, 30)
+    with psycopg.connect(database_url) as conn:
+        attempts = dict(
+            conn.execute("SELECT id, attempts FROM operations WHERE id = ANY(%s)", (ids,))
+        )
+    assert {op_id: attempts[op_id] for op_id in orphans} == dict.fromkeys(orphans, 2)
+    survivors = [op_id for op_id in ids if op_id not in orphans]
+    assert survivors and all(attempts[op_id] == 1 for op_id in survivors)  # slow, not stolen
+
+
+def lease_owners(database_url: str, ids: list[str]) -> list[tuple[str, str | None]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT id, lease_owner FROM operations WHERE id = ANY(%s) AND status = 'running'",
+            (ids,),
+        ).fetchall()
