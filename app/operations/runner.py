@@ -377,14 +377,18 @@ class OperationRunner:
                     await self._dropped(claim)
                     return False
                 async with self.storage.unit_of_work() as uow:
-                    written = await uow.repo(Operation).update_where(
-                        claim.operation_id, changes, *held
-                    )
-                    if written is None:
+                    repo = uow.repo(Operation)
+                    written: Operation | None = None
+                    if then is None:  # only the claim's writes: the row need not be read back
+                        held_still = await repo.write_where(claim.operation_id, changes, *held)
+                    else:
+                        written = await repo.update_where(claim.operation_id, changes, *held)
+                        held_still = written is not None
+                    if not held_still:
                         await uow.rollback()
                         await self._dropped(claim)
                         return False
-                    if then is not None:
+                    if then is not None and written is not None:
                         await then(uow, written)
                     for write in claim.writes:
                         await write(uow)
