@@ -118,6 +118,7 @@ class UsageWriter:
     async def record(self, usage: CallUsage) -> None:
         """Return once `usage` is committed; `Unavailable` when its transaction failed."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # its caller may be gone by the time it fails
         self._waiting.append((usage, future))
         if self._writing is None or self._writing.done():
             self._writing = asyncio.get_running_loop().create_task(self._write_waiting())
@@ -199,3 +200,10 @@ class UsageWriter:
         await self._write_kept()
         if self._kept:
             log.error("usage of %d unanswered calls lost at shutdown", len(self._kept))
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Mark a failure seen, so that one whose caller went away is not reported as unretrieved
+    (the writer has logged it and kept the rows)."""
+    if not future.cancelled():
+        future.exception()

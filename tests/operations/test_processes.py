@@ -393,7 +393,9 @@ async def test_a_killed_workers_jobs_run_again_within_seconds_while_slow_ones_ke
     await asyncio.to_thread(wait_until, reclaimed, 10, 0.02)
     after = time.monotonic() - killed_at
     print(f"re-claimed {after:.2f} s after the kill (lease 30 s)")
-    assert after < 3.0
+    # About 1.5 s (a second's heartbeat, half a second's sweep, a worker's pick-up); the
+    # margin is for a busy machine, still far inside the lease.
+    assert after < 4.0
     await asyncio.to_thread(wait_until, lambda: statuses(database_url) == {"completed": 4}, 30)
     with psycopg.connect(database_url) as conn:
         attempts = dict(
