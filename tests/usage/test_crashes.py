@@ -230,7 +230,9 @@ async def test_a_redis_emptied_right_after_a_burst_keeps_the_budget_and_every_an
 
     before = await burst()
     # Redis restarts empty: counters, reservations and anything else it held are gone.
-    await aioredis.Redis.from_url(redis_url).flushdb()
+    emptied = aioredis.Redis.from_url(redis_url)
+    await emptied.flushdb()
+    await emptied.aclose()
     started = time.monotonic()
     after = await burst()
     assert before.count(200) == 50 and after.count(200) == 0, (before.count(200), after)
