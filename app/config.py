@@ -110,6 +110,32 @@ class Settings(BaseSettings):
     # and API process at most.
     METRICS_QUEUE_REFRESH_SECONDS: float = Field(default=10.0, ge=0)
 
+    # Traces (README "Traces"): set, each process exports its spans over OTLP/HTTP to this base
+    # URL (`/v1/traces` is added), which needs the `otel` extra; unset, no span is recorded.
+    # OpenTelemetry's other OTEL_* variables (headers, sampler, resource) are read by its SDK.
+    OTEL_EXPORTER_OTLP_ENDPOINT: str | None = None
+    # Unset: llm-gateway-worker for `gateway worker`, llm-gateway-api for the others.
+    OTEL_SERVICE_NAME: str | None = None
+
+    @field_validator("OTEL_EXPORTER_OTLP_ENDPOINT")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # `OTEL_EXPORTER_OTLP_ENDPOINT=` (an empty line in .env): no traces
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                "OTEL_EXPORTER_OTLP_ENDPOINT must be the http:// or https:// base URL of an "
+                "OTLP/HTTP receiver, e.g. http://otel-collector:4318."
+            )
+        return value
+
+    def otel_service_name(self) -> str:
+        """OTEL_SERVICE_NAME, or this process role's default."""
+        if self.OTEL_SERVICE_NAME:
+            return self.OTEL_SERVICE_NAME
+        worker = self.PROCESS_ROLE is ProcessRole.WORKER
+        return "llm-gateway-worker" if worker else "llm-gateway-api"
+
     STORAGE_BACKEND: StorageBackend = StorageBackend.MEMORY
     # Query options both drivers (asyncpg at run time, psycopg for migrations) honour: sslmode,
     # sslrootcert, sslcert, sslkey, sslpassword, sslcrl, target_session_attrs, application_name,
