@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tempfile
+from collections.abc import Iterator
 from enum import StrEnum
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,8 +70,36 @@ def weak_secret_problem(key: str) -> str | None:
     return None
 
 
+# The settings that are URLs which may carry a password, and the query options whose values are
+# passwords (libpq's and redis-py's names).
+_URL_FIELDS = frozenset({"DATABASE_URL", "REDIS_URL"})
+_PASSWORD_OPTION = re.compile(r"(?i)(^|&)((?:ssl_?)?password)=[^&#]*")
+HIDDEN = "***"
+_HIDDEN_OPTION = rf"\1\2={HIDDEN}"
+
+
+def without_passwords(url: str) -> str:
+    """`url` with its password, and the value of any password option, shown as `***`.
+
+    Read without a URL parser, so that a password with an unencoded `?`, `#` or `/` is hidden
+    whole: everything between the user name and the last `@` goes (more, never less).
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:{HIDDEN}@{after}"
+    base, mark, query = rest.partition("?")
+    if mark:
+        rest = f"{base}?{_PASSWORD_OPTION.sub(_HIDDEN_OPTION, query)}"
+    return f"{scheme}{sep}{rest}"
+
+
 class Settings(BaseSettings):
-    """Every setting of the gateway; field names are the environment variable names."""
+    """Every setting of the gateway; field names are the environment variable names.
+
+    Its `repr` and `str` (a log line, a traceback's locals, a debugger) show DATABASE_URL and
+    REDIS_URL without their passwords, and SecretStr fields as `**********`.
+    """
 
     # Inputs are kept out of error messages: a refused DATABASE_URL carries a password.
     model_config = SettingsConfigDict(
@@ -399,6 +429,12 @@ class Settings(BaseSettings):
     def webhook_retry_schedule(self) -> list[float]:
         """Seconds to wait before each delivery attempt."""
         return [float(part) for part in self.WEBHOOK_RETRY_SCHEDULE.split(",")]
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                value = without_passwords(value)
+            yield name, value
 
     # Memory storage forgets everything on exit, so a key that dies with the process is enough.
     _ephemeral_key: str = PrivateAttr(default_factory=lambda: secrets.token_urlsafe(32))
