@@ -71,6 +71,12 @@ def usd(micros: int) -> str:
     return f"{sign}{whole}.{fraction:06d}"
 
 
+def overhead_ms(started: float, upstream: float) -> float:
+    """The gateway's own milliseconds since `started` (`time.perf_counter()`), less the
+    `upstream` seconds: what the answer's header and the usage record both say."""
+    return round(max(time.perf_counter() - started - upstream, 0.0) * 1000, 2)
+
+
 def answer_headers(
     base: dict[str, str],
     model_id: str,
@@ -78,13 +84,13 @@ def answer_headers(
     overhead: float,
     cost_micros: int | None = None,
 ) -> dict[str, str]:
-    """`base` (rate limits, cache) with the model, provider, overhead (`overhead` seconds) and,
-    when known as the answer goes out, the cost."""
+    """`base` (rate limits, cache) with the model, provider, overhead (milliseconds, from
+    `overhead_ms`) and, when known as the answer goes out, the cost."""
     headers = {
         **base,
         MODEL_HEADER: model_id,
         PROVIDER_HEADER: provider,
-        OVERHEAD_HEADER: f"{max(overhead, 0.0) * 1000:.2f}",
+        OVERHEAD_HEADER: f"{overhead:.2f}",
     }
     if cost_micros is not None:
         headers[COST_HEADER] = usd(cost_micros)
@@ -287,12 +293,9 @@ class GatewayCalls:
             **call.outcome,
         )
         cost = await self._metering.priced(call.admission, settled)
+        settled.overhead_ms = overhead_ms(started, upstream)
         headers = answer_headers(
-            call.headers(),
-            answer.model_id,
-            answer.provider,
-            time.perf_counter() - started - upstream,
-            cost,
+            call.headers(), answer.model_id, answer.provider, settled.overhead_ms, cost
         )
         return Completion(
             answer.body,
@@ -332,6 +335,8 @@ class GatewayCalls:
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
             raise
+        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
+        overhead = overhead_ms(started, upstream)
         chunks = self._metering.stream(
             call.admission,
             stream.chunks,
@@ -339,10 +344,9 @@ class GatewayCalls:
             model_id=stream.model_id,
             provider=stream.provider,
             cache_hit=lookup is not None and lookup.hit,
+            overhead_ms=overhead,
             **call.outcome,
         )
-        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
-        overhead = time.perf_counter() - started - upstream
         headers = answer_headers(call.headers(), stream.model_id, stream.provider, overhead)
         return Streamed(stream.model_id, chunks, headers)
 
@@ -406,7 +410,8 @@ class GatewayCalls:
                 )
                 assert call.outcome is not None
                 cost = await self._metering.priced(call.admission, call.outcome)
-        overhead = time.perf_counter() - started - upstream
+                # Before the settlement the block's end makes, as a chat call's comes after.
+                overhead = call.outcome.overhead_ms = overhead_ms(started, upstream)
         headers = answer_headers(call.headers, answer.model_id, answer.provider, overhead, cost)
         return Embedded(answer.body, answer.model_id, headers)
 
