@@ -18,7 +18,7 @@ from app.access.router import auth_router
 from app.access.teams import ADMIN_TEAM_ID
 from app.batches.router import router as batches_router
 from app.config import Settings
-from app.core import heap
+from app.core import heap, tracing
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.metrics import RequestMetrics, serve_on_free_port
@@ -86,10 +86,12 @@ def create_app(
 ) -> FastAPI:
     """The API application; it builds (and closes) storage and queue unless they are passed in."""
     settings = settings or Settings()
+    tracing.configure(settings.OTEL_EXPORTER_OTLP_ENDPOINT, settings.otel_service_name())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            stack.callback(tracing.flush)  # last: the spans of the shutdown go out too
             if storage is None:
                 app.state.storage = build_storage(settings)
                 stack.push_async_callback(app.state.storage.close)
@@ -132,8 +134,8 @@ def create_app(
         # /docs is served from local assets (`install_docs`); ReDoc would load from a CDN.
         docs_url=None,
         redoc_url=None,
-        # No OpenTelemetry export: without this, FastAPI asks the global OpenTelemetry
-        # providers whether they are configured on every request.
+        # FastAPI's own OpenTelemetry off: the gateway's spans are `app.core.tracing`'s, and
+        # without this FastAPI asks the global providers whether they are set on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
@@ -143,7 +145,9 @@ def create_app(
     # completions are answered in front of this stack, by `GatewayApp`, which does the same.)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(RequestMetrics)  # outermost: what every other layer answered is counted
+    app.add_middleware(RequestMetrics)  # what every other layer answered is counted
+    if tracing.enabled():
+        app.add_middleware(tracing.RequestTracing)  # outermost: the request's span holds all
     app.include_router(system_router)
     app.include_router(metrics_router, dependencies=[Depends(require_admin)])
     app.include_router(auth_router)

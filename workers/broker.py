@@ -17,6 +17,7 @@ from workers.middleware import (
     OneStopPerSignal,
     Periodic,
     ProcessLogging,
+    ProcessTracing,
     QuickIdlePolling,
 )
 
@@ -37,6 +38,7 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
         settings,
         middleware=[
             ProcessLogging(settings),
+            ProcessTracing(settings),
             Periodic(),
             OneStopPerSignal(),
             QuickIdlePolling(),

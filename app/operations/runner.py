@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from app.core import tracing
 from app.core.clock import utcnow
 from app.core.errors import (
     Cancelled,
@@ -212,13 +213,27 @@ class OperationRunner:
             return False
         operation, claim = claimed
         key_id_var.set(operation.owner_key_id)
-        started = time.monotonic()
+        # A child of the span that created the job (its row keeps that span's context).
+        with tracing.job_span("job.run", operation.trace_context) as span:
+            span.set_attribute("gateway.operation.id", operation.id)
+            span.set_attribute("gateway.operation.kind", operation.kind)
+            span.set_attribute("gateway.operation.attempt", claim.attempt)
+            outcome = await self._run(operation, claim)
+            span.set_attribute("gateway.job.outcome", outcome)
+            if outcome not in ("succeeded", "cancelled"):
+                span.set_error(outcome)
+        return True
+
+    async def _run(self, operation: Operation, claim: Claim) -> str:
+        """Run the claimed job's handler and write the outcome; "succeeded", "cancelled", or
+        the code of the error the attempt failed with."""
+        operation_id = operation.id
         handler = self.handlers.get(OperationKind(operation.kind))
         if handler is None:
             await self._finish_failed(
                 operation, claim, "unsupported", f"no worker handles jobs of kind {operation.kind}"
             )
-            return True
+            return "unsupported"
         work = asyncio.ensure_future(handler(JobContext(self, operation, claim)))
         beat = asyncio.ensure_future(self._heartbeat(claim, work))
         started = time.perf_counter()
@@ -227,16 +242,16 @@ class OperationRunner:
         except Cancelled:
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
-            return True
+            return "cancelled"
         except asyncio.CancelledError:
             if not claim.lost:
                 raise  # the worker is shutting down; the lease runs out and the job is recovered
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
-            return True
+            return "cancelled"
         except Exception as exc:
             await self._attempt_failed(operation, claim, exc)
-            return True
+            return describe(exc)[0]
         finally:
             JOB_DURATION(operation.kind).observe(time.perf_counter() - started)
             beat.cancel()
@@ -255,7 +270,8 @@ class OperationRunner:
                 "result_not_storable",
                 f"the result cannot be stored: {exc.message}",
             )
-        return True
+            return "result_not_storable"
+        return "succeeded"
 
     async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:
         """Move a pending job to running under a fresh lease, or None if it is not pending.
@@ -625,5 +641,6 @@ class OperationRunner:
 
 
 def _ran(status: str, started: float) -> dict[str, Any]:
-    """The `extra` of a job's log line: how its handler ended, and how long it ran."""
-    return {"status": status, "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+    """The `extra` of a job's log line: how its handler ended, and how long it ran since
+    `started` (`time.perf_counter()`)."""
+    return {"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
