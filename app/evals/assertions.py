@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -33,6 +34,8 @@ from jsonpath_ng.ext.parser import parse as parse_json_path
 from rapidfuzz.distance import Levenshtein
 
 from app.core.errors import InvalidInput
+
+log = logging.getLogger(__name__)
 
 NOT = "not-"
 REGEX_TIMEOUT_SECONDS = 1.0
@@ -265,7 +268,7 @@ def _regex_value(assertion: Assertion, param: str) -> Assertion:
     assertion = _text_value(assertion, param)
     try:
         compiled = regex.compile(assertion.value)
-    except regex.error as exc:
+    except (regex.error, OverflowError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"invalid regular expression: {exc}", param=f"{param}.value") from exc
     return _replace(assertion, compiled=compiled)
 
@@ -289,6 +292,8 @@ def _schema_value(assertion: Assertion, param: str) -> Assertion:
         validator_class.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidInput(f"invalid JSON Schema: {exc.message}", param=f"{param}.value") from exc
+    except (ValueError, TypeError, LookupError, RecursionError) as exc:  # a schema too odd to check
+        raise InvalidInput(f"invalid JSON Schema ({exc})", param=f"{param}.value") from exc
     return _replace(assertion, value=schema, compiled=validator_class(schema))
 
 
@@ -299,7 +304,9 @@ def _json_path_value(assertion: Assertion, param: str) -> Assertion:
         )
     try:
         compiled = parse_json_path(assertion.path)
-    except (JsonPathLexerError, JsonPathParserError, ValueError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # the parser's errors are of many kinds; any is a bad path
+        if not isinstance(exc, JsonPathLexerError | JsonPathParserError):
+            log.info("JSONPath %r refused: %r", assertion.path, exc)
         raise InvalidInput(f"invalid JSONPath: {exc}", param=f"{param}.path") from exc
     return _replace(assertion, compiled=compiled)
 
@@ -680,6 +687,9 @@ async def grade(assertion: Assertion, output: Output, grader: Grader) -> Verdict
             fact = await spec.model_check(assertion, output, grader)
     except GradingError as exc:
         return _errored(assertion, str(exc))
+    except Exception as exc:  # e.g. a schema whose `$ref` cannot be resolved
+        log.warning("assertion %s could not be graded: %r", assertion.type, exc)
+        return _errored(assertion, f"the assertion could not be graded ({type(exc).__name__})")
     passed = fact.holds != assertion.inverse
     if fact.score is None:
         score = 1.0 if passed else 0.0

@@ -318,3 +318,10 @@ def test_an_errored_verdict_errors_the_case_whatever_the_threshold() -> None:
 
 def test_a_case_without_assertions_passes() -> None:
     assert score_case([]).passed
+
+
+async def test_a_schema_whose_reference_cannot_be_resolved_errs_and_fetches_nothing() -> None:
+    schema = {"$ref": "https://example.invalid/schema.json"}
+    for kind in ("is-json", "not-is-json"):
+        result = await verdict({"type": kind, "value": schema}, '{"a": 1}')
+        assert not result.passed and result.error
