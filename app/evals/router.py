@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import csv
+import io
+from typing import Annotated, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import Response
 
 from app.access.deps import AdminDep
 from app.access.service import Principal
@@ -45,6 +49,11 @@ runs_router = APIRouter(prefix="/admin/test-runs", tags=["admin: evaluations"])
 
 EvalsDep = Annotated[EvalService, Depends(provide(EvalService))]
 BaselineQuery = Annotated[str, Query(description="The id of the run to compare with")]
+FormatQuery = Annotated[Literal["json", "csv"], Query(description="`json` or `csv`")]
+CSV_COLUMNS = (
+    "test_case_id", "name", "outcome", "score", "execution_time_ms", "tokens_used", "cost_usd",
+    "model", "failed_assertions", "error", "output",
+)  # fmt: skip
 
 
 def owner_of(principal: Principal) -> Owner:
@@ -333,6 +342,43 @@ async def compare_test_runs(
 ) -> RunComparison:
     """The cases that regressed and improved since the baseline run."""
     return comparison_read(await evals.compare(run_id, baseline))
+
+
+@runs_router.get(
+    "/{run_id}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+)
+async def export_test_run(
+    run_id: str, admin: AdminDep, evals: EvalsDep, format: FormatQuery = "json"
+) -> Response:
+    """The run and every case's result, as one JSON document or a CSV table."""
+    view, rows = await evals.export(run_id)
+    filename = f"{view.run.id}.{format}"
+    headers = {"content-disposition": f'attachment; filename="{filename}"'}
+    if format == "json":
+        document = {
+            "run": run_read(view).model_dump(mode="json"),
+            "results": [
+                {"name": name, **CaseResultRead.of(result).model_dump(mode="json")}
+                for name, result in rows
+            ],
+        }
+        return Response(orjson.dumps(document), media_type="application/json", headers=headers)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for name, result in rows:
+        read = CaseResultRead.of(result)
+        failed = [a["type"] for a in result.assertion_results if not a.get("passed")]
+        writer.writerow(
+            [
+                read.test_case_id, name, read.outcome.value, read.score, read.execution_time_ms,
+                read.tokens_used, read.cost_usd, read.model, " ".join(failed), read.error or "",
+                read.output or "",
+            ]
+        )  # fmt: skip
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 @runs_router.post("/{run_id}/cancel", response_model=RunRead)

@@ -527,6 +527,19 @@ class EvalService:
             only_in_baseline=sorted(then.keys() - now.keys()),
         )
 
+    async def export(
+        self, run_id: str, *, suite_id: str | None = None
+    ) -> tuple[RunView, builtins.list[tuple[str, TestCaseResult]]]:
+        """The run and every case's result with its name, in the run's order of cases."""
+        view = await self.get_run(run_id, suite_id=suite_id)
+        found = await self._results_by_case(view.run.id)
+        rows = [
+            (str(c.get("name", c["id"])), found[c["id"]])
+            for c in view.run.cases
+            if c["id"] in found
+        ]
+        return view, rows
+
     async def cancel_run(self, run_id: str, *, suite_id: str | None = None) -> RunView:
         """Cancel a pending or running run: its job stops before its next case; the results of
         cases already done are kept."""

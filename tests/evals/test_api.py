@@ -4,6 +4,8 @@ on memory storage and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -286,6 +288,17 @@ async def test_a_suite_run_is_a_job_whose_results_keep_output_verdicts_latency_a
     assert len(log.calls) == 2
     assert {c.source for _, c in log.calls} == {CallSource.EVALUATION}
     assert {c.operation_id for _, c in log.calls} == {accepted["operation_id"]}
+    exported = await gateway.get(f"/admin/test-runs/{accepted['id']}/export")
+    assert exported["run"]["passed"] is True
+    assert [(r["name"], r["outcome"]) for r in exported["results"]] == [
+        ("hello", "passed"), ("bye", "failed"),
+    ]  # fmt: skip
+    table = await gateway.http.get(f"/admin/test-runs/{accepted['id']}/export?format=csv")
+    assert table.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert [(r["test_case_id"], r["outcome"], r["failed_assertions"]) for r in rows] == [
+        ("hello", "passed", ""), ("bye", "failed", "equals"),
+    ]  # fmt: skip
     history = await gateway.get("/admin/test-cases/hello/results")
     assert [r["run_id"] for r in history["data"]] == [accepted["id"]]
 
