@@ -234,7 +234,7 @@ def build_services(
         accounting=accounting,
         calls=calls,
         evals=EvalService(storage, operations, models, prompts, workflows=workflows),
-        evaluator=RunExecutor(storage, calls, workflows=workflows),
+        evaluator=RunExecutor(storage, calls, workflows=workflows, events=webhooks),
     )
 
 

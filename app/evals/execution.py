@@ -30,6 +30,7 @@ from app.core.errors import (
     RateLimited,
     ReferenceViolation,
 )
+from app.core.events import EventSink
 from app.core.ids import new_id
 from app.evals.assertions import (
     Assertion,
@@ -53,6 +54,7 @@ from app.storage.protocol import IfNull, Storage, Where
 log = logging.getLogger(__name__)
 
 RESULT_ID_PREFIX = "result"
+SUITE_RUN_COMPLETED = "suite_run.completed"
 # How often a running run's progress is written to its job (pollers see it move).
 PROGRESS_EVERY_SECONDS = 0.5
 # A case refused by a rate limit waits and tries again this many times before it errors.
@@ -199,11 +201,17 @@ class RunExecutor:
     """Executes test runs in their jobs."""
 
     def __init__(
-        self, storage: Storage, calls: GatewayCalls, *, workflows: WorkflowRunner | None = None
+        self,
+        storage: Storage,
+        calls: GatewayCalls,
+        *,
+        workflows: WorkflowRunner | None = None,
+        events: EventSink | None = None,
     ) -> None:
         self._storage = storage
         self._calls = calls
         self._workflows = workflows
+        self._events = events
 
     async def execute(self, ctx: JobContext) -> dict[str, Any]:
         """Run every case of the job's run that has no result yet; the run's summary."""
@@ -245,7 +253,7 @@ class RunExecutor:
         mean = sum(scores.values()) / len(scores) if scores else None
         summary = summarize(run, tally, mean)
         await ctx.set_progress(**tally.as_dict())
-        await self._finish(run.id, summary)
+        await self._finish(run, summary)
         return summary
 
     async def evaluate(
@@ -409,14 +417,26 @@ class RunExecutor:
             raise InvalidInput(f"test run '{run_id}' is already {found.status.value}")
         return run
 
-    async def _finish(self, run_id: str, summary: dict[str, Any]) -> None:
-        """Record the summary, unless the run was cancelled meanwhile."""
-        async with self._storage.unit_of_work(autocommit=True) as uow:
-            await uow.repo(TestRun).write_where(
-                run_id,
-                {"status": RunStatus.COMPLETED, "summary": summary, "finished_at": utcnow()},
-                Where.eq("status", RunStatus.RUNNING),
-            )
+    async def _finish(self, run: TestRun, summary: dict[str, Any]) -> None:
+        """Record the summary, unless the run was cancelled meanwhile, and a suite's run's
+        `suite_run.completed` event with it."""
+        changes = {"status": RunStatus.COMPLETED, "summary": summary, "finished_at": utcnow()}
+        running = Where.eq("status", RunStatus.RUNNING)
+        announce = (
+            self._events is not None
+            and run.suite_id is not None
+            and await self._events.interested(SUITE_RUN_COMPLETED)
+        )
+        if not announce:
+            async with self._storage.unit_of_work(autocommit=True) as uow:
+                await uow.repo(TestRun).write_where(run.id, changes, running)
+            return
+        assert self._events is not None
+        async with self._storage.unit_of_work() as uow:
+            if await uow.repo(TestRun).write_where(run.id, changes, running):
+                data = {"suite_id": run.suite_id, "operation_id": run.operation_id, **summary}
+                await self._events.record(uow, SUITE_RUN_COMPLETED, data)
+                await uow.commit()
 
 
 def chat_request(case: dict[str, Any]) -> ChatCompletionRequest:

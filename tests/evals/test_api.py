@@ -26,6 +26,7 @@ from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import JobTimings, OperationRunner
 from app.services import Services, build_handlers
 from app.storage.protocol import Storage, Where
+from app.webhooks.entities import WebhookDelivery
 from tests.fakes import RecordingQueue
 from tests.gateway.conftest import ADMIN, gateway_settings
 
@@ -255,6 +256,8 @@ async def test_a_suite_run_is_a_job_whose_results_keep_output_verdicts_latency_a
     gateway: Gateway,
 ) -> None:
     log = record_calls(gateway)
+    hook = {"url": "http://127.0.0.1:9/hooks", "events": ["suite_run.*"]}
+    await gateway.post("/admin/webhooks", hook, 201)
     await gateway.case("hello", "hello", contains("hello"), {"type": "latency", "threshold": 60000})
     await gateway.case("bye", "bye", {"type": "equals", "value": "nope"})
     await suite_of(gateway, "hello", "bye", pass_threshold=0.5)
@@ -265,13 +268,19 @@ async def test_a_suite_run_is_a_job_whose_results_keep_output_verdicts_latency_a
     assert pending["status"] == "pending" and pending["passed"] is None
     assert pending["progress"] == {"total": 2, "done": 0, "passed": 0, "failed": 0, "errored": 0}
 
-    assert await gateway.run_jobs() == 1
+    await gateway.run_jobs()  # the run, then the event's delivery attempts
     run = await gateway.get(f"/admin/test-suites/suite/runs/{accepted['id']}")
     assert run["status"] == "completed"
     assert run["progress"] == {"total": 2, "done": 2, "passed": 1, "failed": 1, "errored": 0}
     assert run["passed"] is True and run["pass_rate"] == 0.5 and run["score"] == 0.5
     operation = await gateway.get(f"/v1/operations/{accepted['operation_id']}")
     assert operation["status"] == "completed" and operation["result"]["passed"] is True
+    async with gateway.storage.unit_of_work() as uow:
+        events = await uow.repo(WebhookDelivery).find(Where.eq("event_type", "suite_run.completed"))
+    (event,) = events.items
+    data = event.payload["data"]
+    assert data["run_id"] == accepted["id"] and data["suite_id"] == "suite"
+    assert data["passed"] is True and data["progress"]["done"] == 2
 
     results = await gateway.get(f"/admin/test-runs/{accepted['id']}/results")
     by_case = {r["test_case_id"]: r for r in results["data"]}
