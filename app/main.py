@@ -26,6 +26,9 @@ from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.provide import register
 from app.core.redis import build_redis
 from app.credentials.router import admin_router as credentials_admin_router
+from app.evals.router import cases_router as test_cases_router
+from app.evals.router import runs_router as test_runs_router
+from app.evals.router import suites_router as test_suites_router
 from app.fastpath import GatewayApp
 from app.gateway.chat import ensure_builtin_models
 from app.gateway.router import admin_router as chains_admin_router
@@ -162,6 +165,9 @@ def create_app(
     app.include_router(models_admin_router)
     app.include_router(credentials_admin_router)
     app.include_router(prompts_admin_router)
+    app.include_router(test_cases_router)
+    app.include_router(test_suites_router)
+    app.include_router(test_runs_router)
     app.include_router(batches_router)
     app.include_router(usage_router)
     app.include_router(budgets_router)

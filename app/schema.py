@@ -5,7 +5,7 @@ from __future__ import annotations
 from app.access.entities import ApiKey, Team, TeamMember, User
 from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
-from app.evals.entities import TestCase, TestCaseResult
+from app.evals.entities import TestCase, TestCaseResult, TestRun, TestSuite, TestSuiteCase
 from app.experiments.entities import Experiment, ExperimentRecord
 from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
 from app.logs.entities import ExecutionLog
@@ -43,6 +43,9 @@ ENTITIES: tuple[type[Entity], ...] = (
     Experiment,
     ExperimentRecord,
     TestCase,
+    TestSuite,
+    TestSuiteCase,
+    TestRun,
     TestCaseResult,
     Webhook,
     WebhookDelivery,

@@ -19,6 +19,9 @@ from app.core.events import EventSink
 from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.service import CredentialService
+from app.evals.execution import RunExecutor, WorkflowRunner
+from app.evals.jobs import eval_handlers
+from app.evals.service import EvalService
 from app.gateway.cache import Embedder, build_response_cache
 from app.gateway.calls import GatewayCalls
 from app.gateway.chains import ChainService
@@ -78,6 +81,9 @@ class Services:
     accounting: Accounting
     # The one path of every LLM call: permissions, admission, cache, upstream, settlement.
     calls: GatewayCalls
+    # Test cases, suites and runs; `evaluator` executes runs in their jobs.
+    evals: EvalService
+    evaluator: RunExecutor
 
     @property
     def metering(self) -> Metering:
@@ -114,9 +120,17 @@ class Services:
 
 
 def build_services(
-    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
+    settings: Settings,
+    storage: Storage,
+    queue: JobQueue,
+    redis: aioredis.Redis,
+    *,
+    workflows: WorkflowRunner | None = None,
 ) -> Services:
-    """The composition root of the services: each built once, from the ones it depends on."""
+    """The composition root of the services: each built once, from the ones it depends on.
+
+    `workflows` runs the workflows test cases target; without it such a case errs when run.
+    """
     invalidation = InvalidationBus(redis, shared=settings.BROKER is BrokerKind.REDIS)
     box = SecretBox(settings.secret_keys())
     outbound = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
@@ -182,6 +196,13 @@ def build_services(
     )
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    calls = GatewayCalls(
+        chat,
+        accounting.metering,
+        keys,
+        operations,
+        cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+    )
     return Services(
         settings=settings,
         storage=storage,
@@ -211,13 +232,9 @@ def build_services(
         chains=ChainService(storage, on_change=routes_changed),
         chat=chat,
         accounting=accounting,
-        calls=GatewayCalls(
-            chat,
-            accounting.metering,
-            keys,
-            operations,
-            cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
-        ),
+        calls=calls,
+        evals=EvalService(storage, operations, models, prompts, workflows=workflows),
+        evaluator=RunExecutor(storage, calls, workflows=workflows, events=webhooks),
     )
 
 
@@ -249,7 +266,11 @@ def job_timings(settings: Settings) -> JobTimings:
 def build_handlers(services: Services) -> dict[OperationKind, Handler]:
     """What a worker runs for each kind of job: every domain's handlers (its `jobs.py`)."""
     handlers: dict[OperationKind, Handler] = {}
-    for domain in (gateway_handlers(services.calls), webhook_handlers(services.webhooks)):
+    for domain in (
+        gateway_handlers(services.calls),
+        webhook_handlers(services.webhooks),
+        eval_handlers(services.evaluator),
+    ):
         overlap = handlers.keys() & domain.keys()
         if overlap:
             raise RuntimeError(f"two handlers for {sorted(overlap)}")

@@ -15,6 +15,7 @@ EVENT_TYPES: dict[str, str] = {
     "batch.failed": "A batch was refused before running (its input file is invalid).",
     "batch.expired": "A batch ran out of its completion window; finished results are kept.",
     "batch.cancelled": "A batch was cancelled; results of requests that finished are kept.",
+    "suite_run.completed": "A test suite's run completed: its counts, score and `passed`.",
     "budget.threshold_reached": "Spending under a budget crossed its alert threshold.",
     "budget.exceeded": "Spending under a budget reached its limit.",
     "api_key.created": "An API key was created.",
