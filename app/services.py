@@ -44,6 +44,11 @@ from app.usage.service import UsageService
 from app.usage.wiring import Accounting, app_config_reader, build_accounting
 from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService
+from app.workflows.engine import WorkflowEngine
+from app.workflows.jobs import workflow_handlers
+from app.workflows.knowledge import KnowledgeSearch
+from app.workflows.service import ExternalApiService, WorkflowService
+from app.workflows.steps.base import StepDeps
 
 
 @dataclass
@@ -78,6 +83,10 @@ class Services:
     accounting: Accounting
     # The one path of every LLM call: permissions, admission, cache, upstream, settlement.
     calls: GatewayCalls
+    external_apis: ExternalApiService
+    # Runs `workflow_run` jobs (the workers' handler, and synchronous runs in the API).
+    engine: WorkflowEngine
+    workflows: WorkflowService
 
     @property
     def metering(self) -> Metering:
@@ -107,6 +116,7 @@ class Services:
         logs and `last_used_at` instants go out first. Storage, queue and Redis stay open:
         they belong to whoever passed them in."""
         await self.invalidation.stop()
+        await self.workflows.aclose()  # a synchronous run still going resumes in a worker
         await self.keys.close()
         await self.metering.close()
         await self.outbound.aclose()
@@ -182,6 +192,17 @@ def build_services(
     )
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    calls = GatewayCalls(
+        chat,
+        accounting.metering,
+        keys,
+        operations,
+        cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+    )
+    # Knowledge-base search and grading for workflow steps: none until the knowledge service
+    # is wired in here (those steps then fail saying knowledge bases are not available).
+    knowledge: KnowledgeSearch | None = None
+    engine = WorkflowEngine(StepDeps(calls, outbound, credentials, storage, knowledge))
     return Services(
         settings=settings,
         storage=storage,
@@ -211,12 +232,19 @@ def build_services(
         chains=ChainService(storage, on_change=routes_changed),
         chat=chat,
         accounting=accounting,
-        calls=GatewayCalls(
-            chat,
-            accounting.metering,
-            keys,
+        calls=calls,
+        external_apis=ExternalApiService(storage, outbound.policy),
+        engine=engine,
+        workflows=WorkflowService(
+            storage,
+            queue,
             operations,
-            cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+            engine,
+            knowledge=knowledge,
+            timings=job_timings(settings),
+            events=webhooks,
+            sync_timeout=settings.WORKFLOW_SYNC_TIMEOUT_SECONDS,
+            max_wait=settings.LONG_POLL_MAX_SECONDS,
         ),
     )
 
@@ -249,7 +277,11 @@ def job_timings(settings: Settings) -> JobTimings:
 def build_handlers(services: Services) -> dict[OperationKind, Handler]:
     """What a worker runs for each kind of job: every domain's handlers (its `jobs.py`)."""
     handlers: dict[OperationKind, Handler] = {}
-    for domain in (gateway_handlers(services.calls), webhook_handlers(services.webhooks)):
+    for domain in (
+        gateway_handlers(services.calls),
+        webhook_handlers(services.webhooks),
+        workflow_handlers(services.engine),
+    ):
         overlap = handlers.keys() & domain.keys()
         if overlap:
             raise RuntimeError(f"two handlers for {sorted(overlap)}")

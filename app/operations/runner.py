@@ -125,6 +125,29 @@ class JobContext:
             raise Cancelled(f"operation '{self.operation.id}' was cancelled")
         claim.held_at = time.monotonic()
 
+    async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
+        """Run `write` and record `progress` in one transaction, committed only while the claim
+        holds: a job cancelled or taken over meanwhile gets `Cancelled`, and nothing is written.
+
+        What a multi-step job keeps of a finished step goes through here, so a stale worker can
+        never record a step, and a recorded step always comes with the progress that counts it.
+        """
+        claim = self.claim
+        if claim.lost:
+            raise Cancelled(f"operation '{self.operation.id}' lost its lease")
+        merged = {**claim.progress, **progress}
+        async with self._runner.storage.unit_of_work() as uow:
+            await write(uow)
+            held = await uow.repo(Operation).write_where(
+                claim.operation_id, {"progress": merged}, *claim.held()
+            )
+            if not held:
+                claim.lost = True
+                raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+            await uow.commit()
+        claim.progress = merged
+        claim.held_at = time.monotonic()
+
     async def set_progress(self, **progress: Any) -> None:
         """Record how far a multi-step job has come (visible to pollers)."""
         self.claim.progress.update(progress)
