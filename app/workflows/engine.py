@@ -32,7 +32,7 @@ from app.workflows.entities import FINISHED, StepStatus, WorkflowStepRun, Workfl
 from app.workflows.references import Scope
 from app.workflows.schema_check import schema_error
 from app.workflows.steps import EXECUTORS
-from app.workflows.steps.base import Ended, StepDeps, StepEnv, StepResult
+from app.workflows.steps.base import Ended, NestedRun, StepDeps, StepEnv, StepResult
 from app.workflows.steps.conditional import END, GO_TO
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class WorkflowEngine:
             await asyncio.sleep(policy.delay(attempt))
         return None, policy.attempts, error
 
-    def _nested(self, run: Run) -> Any:
+    def _nested(self, run: Run) -> NestedRun:
         async def sequence(steps: list[Step], scope: Scope, prefix: str) -> Ended:
             return await self._sequence(run, steps, scope, prefix)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.core.errors import Unavailable
@@ -49,7 +49,8 @@ class Ended:
     ended: bool = False
 
 
-Sequence = Callable[[list[Step], Scope, str], Awaitable[Ended]]
+# Runs nested steps as the engine runs the workflow's own: (steps, their scope, path prefix).
+NestedRun = Callable[[list[Step], Scope, str], Awaitable[Ended]]
 
 
 @dataclass
@@ -62,8 +63,7 @@ class StepEnv:
     context: CallContext
     scope: Scope
     path: str
-    sequence: Sequence
-    extra: dict[str, Any] = field(default_factory=dict)
+    sequence: NestedRun
 
     def resolve(self, value: Any) -> Any:
         return self.scope.resolve(value)
