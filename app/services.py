@@ -240,7 +240,6 @@ def build_services(
             queue,
             operations,
             engine,
-            knowledge=knowledge,
             timings=job_timings(settings),
             events=webhooks,
             sync_timeout=settings.WORKFLOW_SYNC_TIMEOUT_SECONDS,

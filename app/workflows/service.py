@@ -36,7 +36,6 @@ from app.workflows.definition import ChatCompletionStep, HttpRequestStep, Step, 
 from app.workflows.engine import WorkflowEngine, summary
 from app.workflows.entities import ExternalApi, Workflow, WorkflowStepRun, WorkflowVersion
 from app.workflows.jobs import workflow_handlers
-from app.workflows.knowledge import KnowledgeSearch
 from app.workflows.schema_check import check_schema, check_value
 from app.workflows.schemas import (
     ExternalApiCreate,
@@ -152,7 +151,6 @@ class WorkflowService:
         operations: OperationService,
         engine: WorkflowEngine,
         *,
-        knowledge: KnowledgeSearch | None = None,
         timings: JobTimings | None = None,
         events: EventSink | None = None,
         sync_timeout: float = 30.0,
@@ -160,7 +158,7 @@ class WorkflowService:
     ) -> None:
         self._storage = storage
         self._operations = operations
-        self._knowledge = knowledge
+        self._engine = engine
         self.sync_timeout = sync_timeout
         self.max_wait = max_wait
         # Synchronous runs are claimed and run here, through the engine workers use; one this
@@ -307,7 +305,8 @@ class WorkflowService:
     async def _exists(self, item: Needed) -> bool:
         if item.kind == "knowledge base":
             # Without knowledge bases wired in, the step fails when it runs, saying so.
-            return self._knowledge is None or await self._knowledge.exists(item.id)
+            knowledge = self._engine.deps.knowledge
+            return knowledge is None or await knowledge.exists(item.id)
         async with self._storage.unit_of_work() as uow:
             if item.kind == "model":
                 return (

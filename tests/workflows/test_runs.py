@@ -139,9 +139,9 @@ class Library:
 @pytest.fixture
 def library(gateway: Gateway) -> Library:
     found = Library()
-    services = gateway.services
-    services.engine.deps = replace(services.engine.deps, knowledge=found)
-    services.workflows._knowledge = found
+    # Where `build_services` wires the knowledge service in.
+    engine = gateway.services.engine
+    engine.deps = replace(engine.deps, knowledge=found)
     return found
 
 
@@ -553,3 +553,19 @@ async def test_a_failed_runs_operation_names_the_step(gateway: Gateway, api: Api
     steps = await gateway.steps(operation["id"])
     assert [s["status"] for s in steps] == ["completed", "failed"]
     assert OperationStatus.FAILED.value == operation["status"]
+
+
+async def test_a_knowledge_base_is_checked_on_save_once_knowledge_bases_are_wired(
+    gateway: Gateway, library: Library
+) -> None:
+    search = {
+        "name": "s",
+        "type": "knowledge_base_search",
+        "knowledge_base_id": "gone",
+        "query": "q",
+    }
+    refused = await gateway.admin(
+        "/admin/workflows", {"id": "kb", "name": "kb", "steps": [search]}, status=400
+    )
+    assert refused["error"]["param"] == "steps[0].knowledge_base_id"
+    await gateway.workflow([{**search, "knowledge_base_id": "docs"}])
