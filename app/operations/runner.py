@@ -30,7 +30,7 @@ from app.core.events import EventSink
 from app.core.log_context import key_id_var, operation_id_var
 from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
-from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
+from app.operations.events import emit_finished, finished_events
 from app.operations.service import count_child_finished
 from app.operations.submit import mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
@@ -474,14 +474,13 @@ class OperationRunner:
         None when there is neither (no parent, and no one interested in the event), so the
         outcome is one conditional statement.
         """
-        event = EVENT_TYPES.get(outcome)
-        announce = (
-            self.events is not None
-            and event is not None
-            and operation.parent_id is None
-            and OperationKind(operation.kind) not in SILENT_KINDS
-            and await self.events.interested(event)
-        )
+        types = finished_events(OperationKind(operation.kind), outcome)
+        announce = False
+        if self.events is not None and operation.parent_id is None:
+            for event_type in types:
+                if await self.events.interested(event_type):
+                    announce = True
+                    break
         if not announce and operation.parent_id is None:
             return None
 

@@ -18,6 +18,7 @@ from app.gateway.calls import CallContext, Caller, CallSource
 from app.operations.entities import Operation, OperationStatus
 from app.storage.protocol import Where
 from app.usage.entities import UsageRecord
+from app.webhooks.entities import WebhookDelivery
 from app.workflows.entities import WorkflowStepRun
 from tests.gateway.upstream import FakeUpstream, Fault
 from tests.webhooks.receiver import Received, Receiver, Reply
@@ -569,3 +570,22 @@ async def test_a_knowledge_base_is_checked_on_save_once_knowledge_bases_are_wire
     )
     assert refused["error"]["param"] == "steps[0].knowledge_base_id"
     await gateway.workflow([{**search, "knowledge_base_id": "docs"}])
+
+
+async def test_a_finished_run_is_announced_as_a_workflow_run_event(
+    gateway: Gateway, api: Api
+) -> None:
+    await gateway.admin(
+        "/admin/webhooks", {"url": "https://example.com/hook", "events": ["workflow_run.*"]}
+    )
+    await gateway.workflow([transform("t", 1), http_step("h")])
+    ok = await gateway.execute()
+    api.script = [(422, b"nope")]
+    failed = await gateway.execute()
+    async with gateway.storage.unit_of_work() as uow:
+        deliveries = (await uow.repo(WebhookDelivery).find()).items
+    announced = {d.payload["data"]["operation"]["id"]: d.event_type for d in deliveries}
+    assert announced == {
+        ok["operation_id"]: "workflow_run.completed",
+        failed["operation_id"]: "workflow_run.failed",
+    }
