@@ -17,10 +17,10 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from app.core.clock import utcnow
 from app.core.errors import Cancelled, DomainError, InvalidInput, NotFound, Transient
@@ -74,21 +74,42 @@ def _retryable(exc: BaseException) -> bool:
     return is_transient(exc) or isinstance(exc, StepOutputInvalid)
 
 
+class Checkpoints(Protocol):
+    """Where a run checks for cancellation and keeps its step records: its job's context
+    (`JobContext`), or nowhere for a dry run (`Unrecorded`)."""
+
+    async def checkpoint(self) -> None: ...
+
+    async def save(
+        self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any
+    ) -> None: ...
+
+
+class Unrecorded:
+    """The checkpoints of a dry run: never cancelled, and nothing written."""
+
+    async def checkpoint(self) -> None:
+        return None
+
+    async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
+        return None
+
+
 @dataclass
 class Run:
-    """One attempt at a run: its job, caller, the records so far, and the progress counts."""
+    """One attempt at a run: its job, caller, the records so far, and the progress counts;
+    for a dry run, the steps' mocked outputs (by name) and whether the others are skipped."""
 
-    ctx: JobContext
+    ctx: Checkpoints
+    operation_id: str
     caller: Caller
     context: CallContext
     records: dict[str, WorkflowStepRun]
     total: int
     completed: int = 0
+    mocks: Mapping[str, Any] = field(default_factory=dict)
+    mock_all: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def operation_id(self) -> str:
-        return self.ctx.operation.id
 
 
 class WorkflowEngine:
@@ -116,10 +137,35 @@ class WorkflowEngine:
         caller = await self.deps.calls.job_caller(operation)
         context = CallContext(source=CallSource.WORKFLOW_STEP, operation_id=operation.id)
         records = {r.step_path: r for r in done.items}
-        run = Run(ctx, caller, context, records, total=len(steps))
+        run = Run(ctx, operation.id, caller, context, records, total=len(steps))
         run.completed = sum(1 for s in steps if _top_finished(records, s.name))
         ended = await self._sequence(run, steps, Scope(operation.input.get("input")), "")
         return summary(workflow_id, number, ended.output, run.records.values())
+
+    async def dry_run(
+        self,
+        caller: Caller,
+        raw_steps: Any,
+        run_input: Any,
+        *,
+        mocks: Mapping[str, Any],
+        mock_all: bool,
+    ) -> tuple[Any, list[WorkflowStepRun], DomainError | None]:
+        """Run steps as a test: a step named in `mocks` gives that output, the others run for
+        real for `caller` (or are skipped with `mock_all`), and nothing is recorded. The output,
+        every step's record, and the error that ended the run, if one did."""
+        steps = parse_steps(raw_steps)
+        context = CallContext(source=CallSource.WORKFLOW_STEP)
+        run = Run(
+            Unrecorded(), "dry-run", caller, context, {}, len(steps), mocks=mocks, mock_all=mock_all
+        )
+        error: DomainError | None = None
+        output = None
+        try:
+            output = (await self._sequence(run, steps, Scope(run_input), "")).output
+        except DomainError as exc:
+            error = exc
+        return output, sorted(run.records.values(), key=lambda r: r.position), error
 
     # ---- the walk ----------------------------------------------------------------------------
 
@@ -167,54 +213,34 @@ class WorkflowEngine:
         earlier = run.records.get(path)
         if earlier is not None and earlier.status in FINISHED:
             return earlier
+        started = utcnow(), time.perf_counter()
+        if step.name in run.mocks:
+            mocked = StepResult(run.mocks[step.name], input={"mocked": True})
+            return await self._record(
+                run, step, path, StepStatus.COMPLETED, mocked, None, 0, started, top
+            )
+        if run.mock_all:
+            return await self._record(
+                run, step, path, StepStatus.SKIPPED, StepResult(None), None, 0, started, top
+            )
         env = StepEnv(self.deps, run.caller, run.context, scope, path, self._nested(run))
-        started, clock = utcnow(), time.perf_counter()
         result, attempts, error = await self._attempts(step, env, run)
         if error is None:
             assert result is not None
             return await self._record(
-                run, step, path, StepStatus.COMPLETED, result, None, attempts, started, clock, top
+                run, step, path, StepStatus.COMPLETED, result, None, attempts, started, top
             )
         error_type, message = describe(error)
         failure = {"type": error_type, "message": message}
-        if step.failure_policy == "skip":
-            return await self._record(
-                run,
-                step,
-                path,
-                StepStatus.SKIPPED,
-                StepResult(None),
-                failure,
-                attempts,
-                started,
-                clock,
-                top,
-            )
-        if step.failure_policy == "default":
-            return await self._record(
-                run,
-                step,
-                path,
-                StepStatus.DEFAULTED,
-                StepResult(step.default),
-                failure,
-                attempts,
-                started,
-                clock,
-                top,
-            )
-        await self._record(
-            run,
-            step,
-            path,
-            StepStatus.FAILED,
-            StepResult(None),
-            failure,
-            attempts,
-            started,
-            clock,
-            top,
+        status = {"skip": StepStatus.SKIPPED, "default": StepStatus.DEFAULTED}.get(
+            step.failure_policy, StepStatus.FAILED
         )
+        output = step.default if status is StepStatus.DEFAULTED else None
+        record = await self._record(
+            run, step, path, status, StepResult(output), failure, attempts, started, top
+        )
+        if status is not StepStatus.FAILED:
+            return record
         text = f"step '{path}' failed: {message}"
         if is_transient(error):
             raise StepFailedTransiently(text, param=path) from error
@@ -268,8 +294,7 @@ class WorkflowEngine:
         result: StepResult,
         error: dict[str, Any] | None,
         attempts: int,
-        started: datetime,
-        clock: float,
+        started: tuple[datetime, float],
         top: bool,
     ) -> WorkflowStepRun:
         """Write the step's record with the run's progress, while the job is still held."""
@@ -290,9 +315,9 @@ class WorkflowEngine:
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 cost_micros=result.cost_micros,
-                started_at=started,
+                started_at=started[0],
                 finished_at=utcnow(),
-                duration_ms=int((time.perf_counter() - clock) * 1000),
+                duration_ms=int((time.perf_counter() - started[1]) * 1000),
             )
             completed = run.completed + (1 if top and status in FINISHED else 0)
             saved: list[WorkflowStepRun] = []
@@ -316,8 +341,10 @@ class WorkflowEngine:
                     f"step '{path}': its output cannot be stored: {exc.message}"
                 ) from exc
             run.completed = completed
-            run.records[path] = saved[0]
-            return saved[0]
+            # A dry run records nothing: its rows stay here.
+            stored = saved[0] if saved else row
+            run.records[path] = stored
+            return stored
 
 
 def _top_finished(records: Mapping[str, WorkflowStepRun], name: str) -> bool:

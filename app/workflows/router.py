@@ -22,6 +22,8 @@ from app.workflows.schemas import (
     RunRead,
     StepRunList,
     StepRunRead,
+    TestRead,
+    TestRequest,
     WorkflowClone,
     WorkflowCreate,
     WorkflowList,
@@ -148,6 +150,25 @@ async def clone_workflow(
 ) -> WorkflowRead:
     """A copy of the workflow's current definition under a new id (version 1, enabled)."""
     return WorkflowRead.of(await workflows.clone(workflow_id, body))
+
+
+@admin_router.post("/{workflow_id}/test", response_model=TestRead)
+async def test_workflow(
+    workflow_id: str, body: TestRequest, admin: AdminDep, workflows: WorkflowsDep
+) -> TestRead:
+    """A dry run: mocked steps give their mock output, the others run for real (or are
+    skipped with `mock_all`); nothing is recorded, every step's record is returned."""
+    workflow, output, records, error = await workflows.test(
+        admin, workflow_id, body.input, mocks=body.step_mocks, mock_all=body.mock_all
+    )
+    return TestRead(
+        workflow_id=workflow.id,
+        workflow_version=workflow.workflow_version,
+        success=error is None,
+        output=output,
+        error=None if error is None else {"type": error.code, "message": error.message},
+        steps=[StepRunRead.of(r) for r in records],
+    )
 
 
 @admin_router.get("/{workflow_id}/versions", response_model=WorkflowVersionList)

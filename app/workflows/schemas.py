@@ -165,6 +165,17 @@ class ExecuteRequest(BaseModel):
     input: Any = None
 
 
+class TestRequest(BaseModel):
+    """A dry run: the input, outputs to use instead of running some steps (by step name), and
+    whether the steps without one are skipped rather than run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Any = None
+    step_mocks: dict[str, Any] = Field(default_factory=dict, max_length=500)
+    mock_all: bool = False
+
+
 class StepRunRead(BaseModel):
     """One step of a run as it ended: what it was run with, what it gave, and what it cost."""
 
@@ -223,3 +234,15 @@ class RunAccepted(BaseModel):
     operation_id: str
     object: Literal["operation"] = "operation"
     status: str
+
+
+class TestRead(BaseModel):
+    """A dry run's outcome: nothing of it was recorded, but the real steps' calls were made."""
+
+    object: Literal["workflow.test"] = "workflow.test"
+    workflow_id: str
+    workflow_version: int
+    success: bool
+    output: Any = None
+    error: dict[str, Any] | None = None
+    steps: list[StepRunRead]

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from app.access.permissions import Resource
 from app.access.service import Principal
 from app.core.clock import utcnow
-from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from app.core.errors import Conflict, DomainError, DuplicateKey, InvalidInput, NotFound
 from app.core.events import EventSink
 from app.core.ids import new_id
 from app.core.outbound import OutboundPolicy
@@ -319,6 +319,31 @@ class WorkflowService:
                 "credential": StoredCredential,
             }
             return await uow.repo(kinds[item.kind]).get(item.id) is not None
+
+    async def test(
+        self,
+        caller: Principal,
+        workflow_id: str,
+        run_input: Any,
+        *,
+        mocks: dict[str, Any],
+        mock_all: bool,
+    ) -> tuple[Workflow, Any, builtins.list[WorkflowStepRun], DomainError | None]:
+        """A dry run of the workflow's current definition for `caller` (see
+        `WorkflowEngine.dry_run`); steps named in `mocks` must exist."""
+        workflow = await self.get(workflow_id)
+        names = {p.step.name for p in walk(parse_steps(workflow.steps))}
+        for name in mocks:
+            if name not in names:
+                raise InvalidInput(
+                    f"no step '{name}' in workflow '{workflow_id}'", param=f"step_mocks.{name}"
+                )
+        if workflow.input_schema is not None:
+            check_value(workflow.input_schema, run_input, param="input")
+        output, records, error = await self._engine.dry_run(
+            caller, workflow.steps, run_input, mocks=mocks, mock_all=mock_all
+        )
+        return workflow, output, records, error
 
     # ---- runs --------------------------------------------------------------------------------
 

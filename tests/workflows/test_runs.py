@@ -589,3 +589,36 @@ async def test_a_finished_run_is_announced_as_a_workflow_run_event(
         ok["operation_id"]: "workflow_run.completed",
         failed["operation_id"]: "workflow_run.failed",
     }
+
+
+async def test_a_dry_run_mocks_the_steps_asked_runs_the_others_and_records_nothing(
+    gateway: Gateway, upstream: FakeUpstream, api: Api
+) -> None:
+    await gateway.workflow(
+        [chat_step("ask", "one"), http_step("h"), transform("t", "${step:ask:content}")]
+    )
+    mocks = {"ask": {"content": "mocked answer"}}
+    response = await gateway.http.post(
+        "/admin/workflows/flow/test", json={"step_mocks": mocks}, headers=ADMIN
+    )
+    tested = response.json()
+    assert response.status_code == 200 and tested["success"] is True, tested
+    assert tested["output"] == "mocked answer"
+    assert [(s["name"], s["status"]) for s in tested["steps"]] == [
+        ("ask", "completed"),
+        ("h", "completed"),
+        ("t", "completed"),
+    ]
+    assert said(upstream, "one") == 0 and len(api.requests) == 1
+    skipping = await gateway.http.post(
+        "/admin/workflows/flow/test", json={"step_mocks": mocks, "mock_all": True}, headers=ADMIN
+    )
+    assert [s["status"] for s in skipping.json()["steps"]] == ["completed", "skipped", "skipped"]
+    assert len(api.requests) == 1
+    unknown = await gateway.http.post(
+        "/admin/workflows/flow/test", json={"step_mocks": {"nope": 1}}, headers=ADMIN
+    )
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "step_mocks.nope"
+    async with gateway.storage.unit_of_work() as uow:
+        assert await uow.repo(WorkflowStepRun).count() == 0
+        assert await uow.repo(Operation).count() == 0
