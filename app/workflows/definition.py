@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from app.core.errors import InvalidInput
 
 STEP_NAME = r"^[A-Za-z0-9_-]{1,50}$"
-MAX_STEPS = 200  # in one sequence (a workflow, a branch or a map's steps)
+MAX_STEPS = 100  # in one sequence (a workflow, a branch or a map's steps): the visit cap
 MAX_MAP_CONCURRENCY = 32
 
 StepName = Annotated[str, Field(pattern=STEP_NAME)]

@@ -27,7 +27,7 @@ from app.core.errors import Cancelled, DomainError, InvalidInput, NotFound, Tran
 from app.gateway.calls import CallContext, Caller, CallSource
 from app.operations.runner import JobContext, describe, is_transient
 from app.storage.protocol import UnitOfWork, Where
-from app.workflows.definition import NO_RETRY, ConditionalStep, Step, parse_steps
+from app.workflows.definition import MAX_STEPS, NO_RETRY, ConditionalStep, Step, parse_steps
 from app.workflows.entities import FINISHED, StepStatus, WorkflowStepRun, WorkflowVersion
 from app.workflows.references import Scope
 from app.workflows.schema_check import schema_error
@@ -37,8 +37,9 @@ from app.workflows.steps.conditional import END, GO_TO
 
 log = logging.getLogger(__name__)
 
-# Visits of steps in one sequence: a loop of `go_to_step` stops here.
-MAX_VISITS = 100
+# Visits of steps in one sequence: a loop of `go_to_step` stops here (a sequence holds at most
+# as many steps, so one without a loop never reaches it).
+MAX_VISITS = MAX_STEPS
 
 
 class StepFailed(DomainError):
