@@ -319,6 +319,10 @@ class Settings(BaseSettings):
     )
     WORKER_HEARTBEAT_SECONDS: float = Field(default=5.0, gt=0, le=300)
     LONG_POLL_MAX_SECONDS: float = Field(default=30.0, ge=0)
+    # How long `POST /v1/workflows/{id}/execute` without `async` runs the workflow before it
+    # answers 202 with the run's operation (the run goes on); `?wait=N` asks for less or more,
+    # up to LONG_POLL_MAX_SECONDS.
+    WORKFLOW_SYNC_TIMEOUT_SECONDS: float = Field(default=30.0, ge=0)
 
     # The built-in mock provider (a model's parameters may override these).
     MOCK_LATENCY_MS: float = Field(default=0.0, ge=0)

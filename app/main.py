@@ -52,6 +52,9 @@ from app.system.metrics import router as metrics_router
 from app.system.router import router as system_router
 from app.usage.router import budgets_router, usage_router
 from app.webhooks.router import router as webhooks_admin_router
+from app.workflows.router import admin_router as workflows_admin_router
+from app.workflows.router import apis_router as external_apis_admin_router
+from app.workflows.router import router as workflows_router
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +175,9 @@ def create_app(
     app.include_router(usage_router)
     app.include_router(budgets_router)
     app.include_router(logs_admin_router)
+    app.include_router(workflows_router)
+    app.include_router(workflows_admin_router)
+    app.include_router(external_apis_admin_router)
     return app
 
 

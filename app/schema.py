@@ -16,7 +16,7 @@ from app.settings.entities import AppConfiguration
 from app.storage.entity import Entity
 from app.usage.entities import Budget, UsageRecord, UsageRollup
 from app.webhooks.entities import Webhook, WebhookDelivery
-from app.workflows.entities import ExternalApi, Workflow
+from app.workflows.entities import ExternalApi, Workflow, WorkflowStepRun, WorkflowVersion
 
 # Every table entity, each after the tables it references.
 ENTITIES: tuple[type[Entity], ...] = (
@@ -31,7 +31,9 @@ ENTITIES: tuple[type[Entity], ...] = (
     Prompt,
     PromptVersion,
     Workflow,
+    WorkflowVersion,
     ExternalApi,
+    WorkflowStepRun,
     KnowledgeBase,
     KnowledgeDocument,
     KnowledgeChunk,

@@ -47,6 +47,12 @@ from app.usage.service import UsageService
 from app.usage.wiring import Accounting, app_config_reader, build_accounting
 from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService
+from app.workflows.cases import WorkflowCases
+from app.workflows.engine import WorkflowEngine
+from app.workflows.jobs import workflow_handlers
+from app.workflows.knowledge import KnowledgeSearch
+from app.workflows.service import ExternalApiService, WorkflowService
+from app.workflows.steps.base import StepDeps
 
 
 @dataclass
@@ -84,6 +90,10 @@ class Services:
     # Test cases, suites and runs; `evaluator` executes runs in their jobs.
     evals: EvalService
     evaluator: RunExecutor
+    external_apis: ExternalApiService
+    # Runs `workflow_run` jobs (the workers' handler, and synchronous runs in the API).
+    engine: WorkflowEngine
+    workflows: WorkflowService
 
     @property
     def metering(self) -> Metering:
@@ -113,6 +123,7 @@ class Services:
         logs and `last_used_at` instants go out first. Storage, queue and Redis stay open:
         they belong to whoever passed them in."""
         await self.invalidation.stop()
+        await self.workflows.aclose()  # a synchronous run still going resumes in a worker
         await self.keys.close()
         await self.metering.close()
         await self.outbound.aclose()
@@ -129,7 +140,7 @@ def build_services(
 ) -> Services:
     """The composition root of the services: each built once, from the ones it depends on.
 
-    `workflows` runs the workflows test cases target; without it such a case errs when run.
+    `workflows` runs the workflows test cases target (by default the workflow engine's own).
     """
     invalidation = InvalidationBus(redis, shared=settings.BROKER is BrokerKind.REDIS)
     box = SecretBox(settings.secret_keys())
@@ -203,6 +214,11 @@ def build_services(
         operations,
         cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
     )
+    # Knowledge-base search and grading for workflow steps: none until the knowledge service
+    # is wired in here (those steps then fail saying knowledge bases are not available).
+    knowledge: KnowledgeSearch | None = None
+    engine = WorkflowEngine(StepDeps(calls, outbound, credentials, storage, knowledge))
+    case_workflows = workflows or WorkflowCases(storage, engine)
     return Services(
         settings=settings,
         storage=storage,
@@ -233,8 +249,20 @@ def build_services(
         chat=chat,
         accounting=accounting,
         calls=calls,
-        evals=EvalService(storage, operations, models, prompts, workflows=workflows),
-        evaluator=RunExecutor(storage, calls, workflows=workflows, events=webhooks),
+        evals=EvalService(storage, operations, models, prompts, workflows=case_workflows),
+        evaluator=RunExecutor(storage, calls, workflows=case_workflows, events=webhooks),
+        external_apis=ExternalApiService(storage, outbound.policy),
+        engine=engine,
+        workflows=WorkflowService(
+            storage,
+            queue,
+            operations,
+            engine,
+            timings=job_timings(settings),
+            events=webhooks,
+            sync_timeout=settings.WORKFLOW_SYNC_TIMEOUT_SECONDS,
+            max_wait=settings.LONG_POLL_MAX_SECONDS,
+        ),
     )
 
 
@@ -270,6 +298,7 @@ def build_handlers(services: Services) -> dict[OperationKind, Handler]:
         gateway_handlers(services.calls),
         webhook_handlers(services.webhooks),
         eval_handlers(services.evaluator),
+        workflow_handlers(services.engine),
     ):
         overlap = handlers.keys() & domain.keys()
         if overlap:

@@ -1,6 +1,6 @@
 """The one path of a gateway call: every LLM call, whatever starts it, goes through here.
 
-A route answering a client, the fast path, an async job, a batch line, and the workflow steps,
+A route answering a client, the fast path, an async job, a batch line, a workflow step, and the
 experiments and evaluations to come all call `GatewayCalls`, which does, in this order:
 
 1. **permission**: the caller may use the model (or chain) and every stored prompt referenced;

@@ -31,7 +31,7 @@ from app.core.events import EventSink
 from app.core.log_context import key_id_var, operation_id_var
 from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
-from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
+from app.operations.events import emit_finished, finished_events
 from app.operations.service import count_child_finished
 from app.operations.submit import mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
@@ -124,6 +124,29 @@ class JobContext:
         if not _holds(current, claim):
             claim.lost = True
             raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+        claim.held_at = time.monotonic()
+
+    async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
+        """Run `write` and record `progress` in one transaction, committed only while the claim
+        holds: a job cancelled or taken over meanwhile gets `Cancelled`, and nothing is written.
+
+        What a multi-step job keeps of a finished step goes through here, so a stale worker can
+        never record a step, and a recorded step always comes with the progress that counts it.
+        """
+        claim = self.claim
+        if claim.lost:
+            raise Cancelled(f"operation '{self.operation.id}' lost its lease")
+        merged = {**claim.progress, **progress}
+        async with self._runner.storage.unit_of_work() as uow:
+            await write(uow)
+            held = await uow.repo(Operation).write_where(
+                claim.operation_id, {"progress": merged}, *claim.held()
+            )
+            if not held:
+                claim.lost = True
+                raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+            await uow.commit()
+        claim.progress = merged
         claim.held_at = time.monotonic()
 
     async def set_progress(self, **progress: Any) -> None:
@@ -467,14 +490,13 @@ class OperationRunner:
         None when there is neither (no parent, and no one interested in the event), so the
         outcome is one conditional statement.
         """
-        event = EVENT_TYPES.get(outcome)
-        announce = (
-            self.events is not None
-            and event is not None
-            and operation.parent_id is None
-            and OperationKind(operation.kind) not in SILENT_KINDS
-            and await self.events.interested(event)
-        )
+        types = finished_events(OperationKind(operation.kind), outcome)
+        announce = False
+        if self.events is not None and operation.parent_id is None:
+            for event_type in types:
+                if await self.events.interested(event_type):
+                    announce = True
+                    break
         if not announce and operation.parent_id is None:
             return None
 

@@ -74,11 +74,13 @@ class OperationService:
         idempotency_key: str | None = None,
         max_attempts: int | None = None,
         meta: dict[str, Any] | None = None,
+        send: bool = True,
     ) -> tuple[Operation, bool]:
         """Commit a pending job and send it; returns the job and whether it is new.
 
         The same `idempotency_key` with the same input returns the first job; with a different
-        input it is a `Conflict`.
+        input it is a `Conflict`. With `send` False the caller runs the job itself (a synchronous
+        workflow run); should it never claim it, the sweeper sends it as it does a lost message.
         """
         digest = request_hash(kind, input)
         if idempotency_key is not None:
@@ -107,7 +109,8 @@ class OperationService:
                 if existing is None:
                     raise
                 return existing, False
-            await self.jobs.send([operation])
+            if send:
+                await self.jobs.send([operation])
         return operation, True
 
     async def submit_parent(

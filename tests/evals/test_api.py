@@ -167,7 +167,7 @@ def record_calls(gateway: Gateway) -> CallLog:
             404,
             "target.prompt_id",
         ),
-        ({"target": {"type": "workflow", "workflow_id": "w"}}, 400, "target.type"),
+        ({"target": {"type": "workflow", "workflow_id": "w"}}, 404, "target.workflow_id"),
         ({"target": {"type": "spaceship"}}, 400, "target"),
         ({"id": "Not A Slug"}, 400, "id"),
     ],
@@ -386,25 +386,31 @@ async def test_a_case_without_any_target_is_refused_when_the_run_starts(gateway:
     assert given.status_code == 202
 
 
-async def test_a_workflow_case_errs_clearly_while_workflows_are_not_available(
-    gateway: Gateway,
-) -> None:
+async def test_a_workflow_case_runs_the_workflow_and_grades_its_output(gateway: Gateway) -> None:
+    step = {
+        "name": "answer",
+        "type": "chat_completion",
+        "model_id": "mock",
+        "user_message": "${request:question}",
+    }
+    await gateway.post("/admin/workflows", {"id": "flow", "name": "a flow", "steps": [step]}, 201)
     await gateway.post(
         "/admin/test-cases",
         {
-            "id": "flow",
-            "input": {"type": "workflow", "input": {"q": 1}},
-            "target": {"type": "workflow", "workflow_id": "basic-rag"},
-            "assertions": [contains("x")],
+            "id": "flow-case",
+            "input": {"type": "workflow", "input": {"question": "hello"}},
+            "target": {"type": "workflow", "workflow_id": "flow"},
+            "assertions": [contains("Mock reply to: hello")],
         },
         201,
     )
-    accepted = await gateway.post("/admin/test-cases/flow/runs", None, 202)
+    accepted = await gateway.post("/admin/test-cases/flow-case/runs", None, 202)
     await gateway.run_jobs()
     run = await gateway.get(f"/admin/test-runs/{accepted['id']}")
-    assert run["status"] == "completed" and run["passed"] is False
-    (result,) = (await gateway.get("/admin/test-cases/flow/results"))["data"]
-    assert result["outcome"] == "errored" and "workflows are not available" in result["error"]
+    assert run["status"] == "completed" and run["passed"] is True
+    (result,) = (await gateway.get("/admin/test-cases/flow-case/results"))["data"]
+    # A workflow's output is its last step's: a chat step gives its content with the model.
+    assert result["outcome"] == "passed" and "Mock reply to: hello" in result["output"]
 
 
 async def test_a_single_case_runs_with_a_target_given_for_the_run(gateway: Gateway) -> None:
