@@ -18,7 +18,7 @@ from app.access.router import auth_router
 from app.access.teams import ADMIN_TEAM_ID
 from app.batches.router import router as batches_router
 from app.config import Settings
-from app.core import heap
+from app.core import heap, tracing
 from app.core.api_errors import install_error_handlers
 from app.core.errors import Unavailable
 from app.core.metrics import RequestMetrics, serve_on_free_port
@@ -26,6 +26,9 @@ from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.provide import register
 from app.core.redis import build_redis
 from app.credentials.router import admin_router as credentials_admin_router
+from app.evals.router import cases_router as test_cases_router
+from app.evals.router import runs_router as test_runs_router
+from app.evals.router import suites_router as test_suites_router
 from app.fastpath import GatewayApp
 from app.gateway.chat import ensure_builtin_models
 from app.gateway.router import admin_router as chains_admin_router
@@ -49,6 +52,9 @@ from app.system.metrics import router as metrics_router
 from app.system.router import router as system_router
 from app.usage.router import budgets_router, usage_router
 from app.webhooks.router import router as webhooks_admin_router
+from app.workflows.router import admin_router as workflows_admin_router
+from app.workflows.router import apis_router as external_apis_admin_router
+from app.workflows.router import router as workflows_router
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +129,12 @@ def create_app(
 ) -> FastAPI:
     """The API application; it builds (and closes) storage and queue unless they are passed in."""
     settings = settings or Settings()
+    tracing.configure(settings.OTEL_EXPORTER_OTLP_ENDPOINT, settings.otel_service_name())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            stack.callback(tracing.flush)  # last: the spans of the shutdown go out too
             if storage is None:
                 app.state.storage = build_storage(settings)
                 stack.push_async_callback(app.state.storage.close)
@@ -172,8 +180,8 @@ def create_app(
         # /docs is served from local assets (`install_docs`); ReDoc would load from a CDN.
         docs_url=None,
         redoc_url=None,
-        # No OpenTelemetry export: without this, FastAPI asks the global OpenTelemetry
-        # providers whether they are configured on every request.
+        # FastAPI's own OpenTelemetry off: the gateway's spans are `app.core.tracing`'s, and
+        # without this FastAPI asks the global providers whether they are set on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
@@ -183,7 +191,9 @@ def create_app(
     # completions are answered in front of this stack, by `GatewayApp`, which does the same.)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BYTES)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(RequestMetrics)  # outermost: what every other layer answered is counted
+    app.add_middleware(RequestMetrics)  # what every other layer answered is counted
+    if tracing.enabled():
+        app.add_middleware(tracing.RequestTracing)  # outermost: the request's span holds all
     app.include_router(system_router)
     app.include_router(metrics_router, dependencies=[Depends(require_admin)])
     app.include_router(auth_router)
@@ -198,10 +208,16 @@ def create_app(
     app.include_router(models_admin_router)
     app.include_router(credentials_admin_router)
     app.include_router(prompts_admin_router)
+    app.include_router(test_cases_router)
+    app.include_router(test_suites_router)
+    app.include_router(test_runs_router)
     app.include_router(batches_router)
     app.include_router(usage_router)
     app.include_router(budgets_router)
     app.include_router(logs_admin_router)
+    app.include_router(workflows_router)
+    app.include_router(workflows_admin_router)
+    app.include_router(external_apis_admin_router)
     return app
 
 

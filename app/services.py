@@ -19,6 +19,9 @@ from app.core.events import EventSink
 from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.service import CredentialService
+from app.evals.execution import RunExecutor, WorkflowRunner
+from app.evals.jobs import eval_handlers
+from app.evals.service import EvalService
 from app.gateway.cache import Embedder, build_response_cache
 from app.gateway.calls import GatewayCalls
 from app.gateway.chains import ChainService
@@ -43,6 +46,12 @@ from app.usage.service import UsageService
 from app.usage.wiring import Accounting, app_config_reader, build_accounting
 from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService
+from app.workflows.cases import WorkflowCases
+from app.workflows.engine import WorkflowEngine
+from app.workflows.jobs import workflow_handlers
+from app.workflows.knowledge import KnowledgeSearch
+from app.workflows.service import ExternalApiService, WorkflowService
+from app.workflows.steps.base import StepDeps
 
 
 @dataclass
@@ -77,6 +86,13 @@ class Services:
     accounting: Accounting
     # The one path of every LLM call: permissions, admission, cache, upstream, settlement.
     calls: GatewayCalls
+    # Test cases, suites and runs; `evaluator` executes runs in their jobs.
+    evals: EvalService
+    evaluator: RunExecutor
+    external_apis: ExternalApiService
+    # Runs `workflow_run` jobs (the workers' handler, and synchronous runs in the API).
+    engine: WorkflowEngine
+    workflows: WorkflowService
 
     @property
     def metering(self) -> Metering:
@@ -106,6 +122,7 @@ class Services:
         yet and `last_used_at` instants go out first. Storage, queue and Redis stay open:
         they belong to whoever passed them in."""
         await self.invalidation.stop()
+        await self.workflows.aclose()  # a synchronous run still going resumes in a worker
         await self.keys.close()
         await self.metering.close()
         await self.outbound.aclose()
@@ -113,9 +130,17 @@ class Services:
 
 
 def build_services(
-    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
+    settings: Settings,
+    storage: Storage,
+    queue: JobQueue,
+    redis: aioredis.Redis,
+    *,
+    workflows: WorkflowRunner | None = None,
 ) -> Services:
-    """The composition root of the services: each built once, from the ones it depends on."""
+    """The composition root of the services: each built once, from the ones it depends on.
+
+    `workflows` runs the workflows test cases target (by default the workflow engine's own).
+    """
     invalidation = InvalidationBus(redis, shared=settings.BROKER is BrokerKind.REDIS)
     box = SecretBox(settings.secret_keys())
     outbound = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
@@ -180,6 +205,18 @@ def build_services(
     )
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    calls = GatewayCalls(
+        chat,
+        accounting.metering,
+        keys,
+        operations,
+        cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+    )
+    # Knowledge-base search and grading for workflow steps: none until the knowledge service
+    # is wired in here (those steps then fail saying knowledge bases are not available).
+    knowledge: KnowledgeSearch | None = None
+    engine = WorkflowEngine(StepDeps(calls, outbound, credentials, storage, knowledge))
+    case_workflows = workflows or WorkflowCases(storage, engine)
     return Services(
         settings=settings,
         storage=storage,
@@ -209,12 +246,20 @@ def build_services(
         chains=ChainService(storage, on_change=routes_changed),
         chat=chat,
         accounting=accounting,
-        calls=GatewayCalls(
-            chat,
-            accounting.metering,
-            keys,
+        calls=calls,
+        evals=EvalService(storage, operations, models, prompts, workflows=case_workflows),
+        evaluator=RunExecutor(storage, calls, workflows=case_workflows, events=webhooks),
+        external_apis=ExternalApiService(storage, outbound.policy),
+        engine=engine,
+        workflows=WorkflowService(
+            storage,
+            queue,
             operations,
-            cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+            engine,
+            timings=job_timings(settings),
+            events=webhooks,
+            sync_timeout=settings.WORKFLOW_SYNC_TIMEOUT_SECONDS,
+            max_wait=settings.LONG_POLL_MAX_SECONDS,
         ),
     )
 
@@ -247,7 +292,12 @@ def job_timings(settings: Settings) -> JobTimings:
 def build_handlers(services: Services) -> dict[OperationKind, Handler]:
     """What a worker runs for each kind of job: every domain's handlers (its `jobs.py`)."""
     handlers: dict[OperationKind, Handler] = {}
-    for domain in (gateway_handlers(services.calls), webhook_handlers(services.webhooks)):
+    for domain in (
+        gateway_handlers(services.calls),
+        webhook_handlers(services.webhooks),
+        eval_handlers(services.evaluator),
+        workflow_handlers(services.engine),
+    ):
         overlap = handlers.keys() & domain.keys()
         if overlap:
             raise RuntimeError(f"two handlers for {sorted(overlap)}")

@@ -7,7 +7,8 @@ runs authentication, the permission check, the rate-limit and budget script, and
 usage record and an execution log (and the budget's spend) before it answers.
 
 `python -m bench.gateway_server prepare UPSTREAM_URL` recreates the database and Redis data
-and seeds them; `python -m bench.gateway_server serve PORT` serves with one uvicorn worker.
+and seeds them; `python -m bench.gateway_server serve PORT` serves with one uvicorn worker
+(with `BENCH_METRICS=off`, recording no metric: the figures to set beside the recorded ones).
 """
 
 from __future__ import annotations
@@ -140,7 +141,31 @@ def recorded_usage() -> tuple[int, int]:
     return int(records[0]), int(logs[0])
 
 
+class _Unrecorded:
+    """A metric child that records nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def observe(self, amount: float) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+
+def unrecorded_metrics() -> None:
+    """Make every metric of the process record nothing: each call site still looks its child
+    up through `Family` (app/core/metrics.py), and gets this one instead."""
+    from app.core.metrics import Family
+
+    nothing = _Unrecorded()
+    Family.__call__ = lambda self, *values: nothing  # type: ignore[method-assign]
+
+
 def serve(port: int) -> None:
+    if os.environ.get("BENCH_METRICS", "on") == "off":
+        unrecorded_metrics()
     uvicorn.run(
         create_app(settings()),
         host="127.0.0.1",

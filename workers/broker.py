@@ -18,6 +18,7 @@ from workers.middleware import (
     Periodic,
     Presence,
     ProcessLogging,
+    ProcessTracing,
     QuickIdlePolling,
 )
 
@@ -38,6 +39,7 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
         settings,
         middleware=[
             ProcessLogging(settings),
+            ProcessTracing(settings),
             Periodic(),
             OneStopPerSignal(),
             QuickIdlePolling(),

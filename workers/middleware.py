@@ -16,7 +16,7 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from app.cli import configure_logging
 from app.config import Settings
-from app.core import heap
+from app.core import heap, tracing
 from app.core.metrics import MetricsListener, serve_on_free_port
 from app.gateway.chat import ensure_builtin_models
 from app.operations.presence import PresenceBeat
@@ -104,6 +104,23 @@ class ProcessLogging(dramatiq.Middleware):
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         configure_logging(self.settings)
+
+
+class ProcessTracing(dramatiq.Middleware):
+    """Each `gateway worker` process exports its spans itself when OTEL_EXPORTER_OTLP_ENDPOINT
+    is set (`app.core.tracing`), from a thread started after the fork, and flushes them when
+    its jobs are done. (`gateway dev` shares the API's.)"""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        tracing.configure(
+            self.settings.OTEL_EXPORTER_OTLP_ENDPOINT, self.settings.otel_service_name()
+        )
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        tracing.flush()
 
 
 class OneStopPerSignal(dramatiq.Middleware):

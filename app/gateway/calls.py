@@ -1,6 +1,6 @@
 """The one path of a gateway call: every LLM call, whatever starts it, goes through here.
 
-A route answering a client, the fast path, an async job, a batch line, and the workflow steps,
+A route answering a client, the fast path, an async job, a batch line, a workflow step, and the
 experiments and evaluations to come all call `GatewayCalls`, which does, in this order:
 
 1. **permission**: the caller may use the model (or chain) and every stored prompt referenced;
@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from app.access.service import ApiKeyService
+from app.core import tracing
 from app.core.errors import BudgetExceeded, DomainError, InvalidInput, RateLimited
 from app.core.metrics import (
     CACHE_LOOKUPS,
@@ -73,6 +74,12 @@ def usd(micros: int) -> str:
     return f"{sign}{whole}.{fraction:06d}"
 
 
+def overhead_ms(started: float, upstream: float) -> float:
+    """The gateway's own milliseconds since `started` (`time.perf_counter()`), less the
+    `upstream` seconds: what the answer's header and the usage record both say."""
+    return round(max(time.perf_counter() - started - upstream, 0.0) * 1000, 2)
+
+
 def answer_headers(
     base: dict[str, str],
     model_id: str,
@@ -80,13 +87,13 @@ def answer_headers(
     overhead: float,
     cost_micros: int | None = None,
 ) -> dict[str, str]:
-    """`base` (rate limits, cache) with the model, provider, overhead (`overhead` seconds) and,
-    when known as the answer goes out, the cost."""
+    """`base` (rate limits, cache) with the model, provider, overhead (milliseconds, from
+    `overhead_ms`) and, when known as the answer goes out, the cost."""
     headers = {
         **base,
         MODEL_HEADER: model_id,
         PROVIDER_HEADER: provider,
-        OVERHEAD_HEADER: f"{max(overhead, 0.0) * 1000:.2f}",
+        OVERHEAD_HEADER: f"{overhead:.2f}",
     }
     if cost_micros is not None:
         headers[COST_HEADER] = usd(cost_micros)
@@ -269,13 +276,14 @@ class GatewayCalls:
                 answer = ChatAnswer(model_id, lookup.response, call.route.provider_of(model_id))
             else:
                 asked = time.perf_counter()
-                try:
-                    answer = await self._chat.call(call.route, call.body)
-                except BaseException as exc:
-                    _upstream_failed(call.route, exc)
-                    raise
-                upstream = time.perf_counter() - asked
-                _upstream_answered(call.route, answer.model_id, asked, UPSTREAM_DURATION)
+                with tracing.span("gateway.upstream", kind="client") as span:
+                    try:
+                        answer = await self._chat.call(call.route, call.body)
+                    except BaseException as exc:
+                        _upstream_failed(call.route, exc, span)
+                        raise
+                    upstream = time.perf_counter() - asked
+                    _upstream_answered(call.route, answer.model_id, asked, UPSTREAM_DURATION, span)
                 if lookup is not None and self.cache is not None:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
@@ -293,12 +301,9 @@ class GatewayCalls:
             **call.outcome,
         )
         cost = await self._metering.priced(call.admission, settled)
+        settled.overhead_ms = overhead_ms(started, upstream)
         headers = answer_headers(
-            call.headers(),
-            answer.model_id,
-            answer.provider,
-            time.perf_counter() - started - upstream,
-            cost,
+            call.headers(), answer.model_id, answer.provider, settled.overhead_ms, cost
         )
         return Completion(
             answer.body,
@@ -323,17 +328,23 @@ class GatewayCalls:
                 stream = _replayed(call.route, lookup.response, include_usage)
             else:
                 asked = time.perf_counter()
-                try:
-                    stream = await self._chat.open_stream(call.route, call.body, include_usage)
-                except BaseException as exc:
-                    _upstream_failed(call.route, exc)
-                    raise
-                upstream = time.perf_counter() - asked
-                # `open_stream` returns once the first chunk is in: that is the time to it.
-                _upstream_answered(call.route, stream.model_id, asked, UPSTREAM_FIRST_TOKEN)
+                # Up to the first chunk: the rest is relayed under the request's own span.
+                with tracing.span("gateway.upstream", kind="client") as span:
+                    try:
+                        stream = await self._chat.open_stream(call.route, call.body, include_usage)
+                    except BaseException as exc:
+                        _upstream_failed(call.route, exc, span)
+                        raise
+                    upstream = time.perf_counter() - asked
+                    # `open_stream` returns once the first chunk is in: that is the time to it.
+                    _upstream_answered(
+                        call.route, stream.model_id, asked, UPSTREAM_FIRST_TOKEN, span
+                    )
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
             raise
+        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
+        overhead = overhead_ms(started, upstream)
         chunks = self._metering.stream(
             call.admission,
             stream.chunks,
@@ -341,10 +352,9 @@ class GatewayCalls:
             model_id=stream.model_id,
             provider=stream.provider,
             cache_hit=lookup is not None and lookup.hit,
+            overhead_ms=overhead,
             **call.outcome,
         )
-        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
-        overhead = time.perf_counter() - started - upstream
         headers = answer_headers(call.headers(), stream.model_id, stream.provider, overhead)
         return Streamed(stream.model_id, chunks, headers)
 
@@ -395,19 +405,21 @@ class GatewayCalls:
                 **outcome,
             ) as call:
                 asked = time.perf_counter()
-                try:
-                    answer = await self._chat.embed(request)
-                except BaseException as exc:
-                    _upstream_failed(route, exc)
-                    raise
-                upstream = time.perf_counter() - asked
-                _upstream_answered(route, answer.model_id, asked, UPSTREAM_DURATION)
+                with tracing.span("gateway.upstream", kind="client") as span:
+                    try:
+                        answer = await self._chat.embed(request)
+                    except BaseException as exc:
+                        _upstream_failed(route, exc, span)
+                        raise
+                    upstream = time.perf_counter() - asked
+                    _upstream_answered(route, answer.model_id, asked, UPSTREAM_DURATION, span)
                 call.done_with_usage(
                     answer.body.get("usage"), model_id=answer.model_id, provider=answer.provider
                 )
                 assert call.outcome is not None
                 cost = await self._metering.priced(call.admission, call.outcome)
-        overhead = time.perf_counter() - started - upstream
+                # Before the settlement the block's end makes, as a chat call's comes after.
+                overhead = call.outcome.overhead_ms = overhead_ms(started, upstream)
         headers = answer_headers(call.headers, answer.model_id, answer.provider, overhead, cost)
         return Embedded(answer.body, answer.model_id, headers)
 
@@ -433,25 +445,27 @@ class GatewayCalls:
         outcome = _chat_outcome(context, request)
         try:
             body = await self._chat.prepare(request, wire)
-            lookup = await self._cache_lookup(caller, route, body, context)
-            if lookup is not None:
-                kind = "exact" if lookup.similarity is None else "semantic"
-                CACHE_LOOKUPS(kind, lookup.status).inc()
+            lookup = None
+            if self.cache is not None:
+                with tracing.span("gateway.cache") as span:
+                    lookup = await self._cache_lookup(self.cache, caller, route, body, context)
+                    kind = "exact" if lookup.similarity is None else "semantic"
+                    CACHE_LOOKUPS(kind, lookup.status).inc()
+                    span.set_attribute("gateway.cache.result", lookup.status)
         except BaseException as exc:
             await self._metering.fail(admission, exc, **outcome)
             raise
         return _ChatCall(route, body, admission, lookup, outcome)
 
+    @staticmethod
     async def _cache_lookup(
-        self, caller: Caller, route: Route, body: JSON, context: CallContext
-    ) -> CacheLookup | None:
-        if self.cache is None:
-            return None
+        cache: ResponseCache, caller: Caller, route: Route, body: JSON, context: CallContext
+    ) -> CacheLookup:
         # Every model the route may call, at its configuration: a change to any is a new key.
         version = ",".join(
             f"{s.upstream.model_id}:{s.upstream.config_version}" for s in route.steps
         )
-        return await self.cache.lookup(
+        return await cache.lookup(
             body,
             model=route.name,
             config_version=version,
@@ -484,13 +498,23 @@ def _provider(route: Route, model_id: str) -> str:
     return route.steps[0].upstream.provider.value
 
 
-def _upstream_answered(route: Route, model_id: str, started: float, latency: Family[Any]) -> None:
+def _upstream_answered(
+    route: Route,
+    model_id: str,
+    started: float,
+    latency: Family[Any],
+    span: tracing.SpanHandle = tracing.NO_SPAN,
+) -> None:
     provider = _provider(route, model_id)
     UPSTREAM_REQUESTS(provider, model_id, "ok").inc()
     latency(provider, model_id).observe(time.perf_counter() - started)
+    if span is not tracing.NO_SPAN:
+        span.set_attributes(_upstream_attributes(route, provider, model_id, "ok"))
 
 
-def _upstream_failed(route: Route, exc: BaseException) -> None:
+def _upstream_failed(
+    route: Route, exc: BaseException, span: tracing.SpanHandle = tracing.NO_SPAN
+) -> None:
     """A call no model of the route answered, counted against the route's first model with its
     error code (a bounded set: the `DomainError` codes)."""
     if isinstance(exc, DomainError):
@@ -501,6 +525,24 @@ def _upstream_failed(route: Route, exc: BaseException) -> None:
         outcome = "cancelled"
     first = route.steps[0].upstream
     UPSTREAM_REQUESTS(first.provider.value, first.model_id, outcome).inc()
+    if span is not tracing.NO_SPAN:
+        span.set_attributes(
+            _upstream_attributes(route, first.provider.value, first.model_id, outcome)
+        )
+
+
+def _upstream_attributes(
+    route: Route, provider: str, model_id: str, outcome: str
+) -> dict[str, str | int]:
+    """What an upstream call's span says: the model asked for, the one that answered (or the
+    route's first, when none did), its provider, the outcome, and how many models it had."""
+    return {
+        "gateway.route": route.name,
+        "gateway.provider": provider,
+        "gateway.model": model_id,
+        "gateway.outcome": outcome,
+        "gateway.route.steps": len(route.steps),
+    }
 
 
 def _outcome(context: CallContext) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from app.core import tracing
 from app.core.clock import utcnow
 from app.core.errors import (
     Cancelled,
@@ -30,7 +31,7 @@ from app.core.events import EventSink
 from app.core.log_context import key_id_var, operation_id_var
 from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
-from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
+from app.operations.events import emit_finished, finished_events
 from app.operations.presence import WorkerPresence
 from app.operations.service import count_child_finished
 from app.operations.submit import mark_unsent
@@ -142,6 +143,37 @@ class JobContext:
         """
         self.claim.writes.append(write)
 
+    async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
+        """Run `write` and record `progress` in one transaction, committed only while the claim
+        holds: a job cancelled or taken over meanwhile gets `Cancelled`, and nothing is written.
+
+        What a multi-step job keeps of a finished step goes through here, so a stale worker can
+        never record a step, and a recorded step always comes with the progress that counts it
+        and the writes handed to `write_with_outcome` until then (its calls' usage).
+        """
+        claim = self.claim
+        if claim.lost:
+            raise Cancelled(f"operation '{self.operation.id}' lost its lease")
+        merged = {**claim.progress, **progress}
+        # The writes handed over so far (the usage of the step's calls) commit with the step:
+        # a step recorded is never run again, so they would otherwise wait for an outcome that
+        # a crash could take from them.
+        pending = list(claim.writes)
+        async with self._runner.storage.unit_of_work() as uow:
+            await write(uow)
+            held = await uow.repo(Operation).write_where(
+                claim.operation_id, {"progress": merged}, *claim.held()
+            )
+            if not held:
+                claim.lost = True
+                raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+            for handed in pending:
+                await handed(uow)
+            await uow.commit()
+        del claim.writes[: len(pending)]
+        claim.progress = merged
+        claim.held_at = time.monotonic()
+
     async def set_progress(self, **progress: Any) -> None:
         """Record how far a multi-step job has come (visible to pollers)."""
         self.claim.progress.update(progress)
@@ -231,13 +263,27 @@ class OperationRunner:
             return False
         operation, claim = claimed
         key_id_var.set(operation.owner_key_id)
-        started = time.monotonic()
+        # A child of the span that created the job (its row keeps that span's context).
+        with tracing.job_span("job.run", operation.trace_context) as span:
+            span.set_attribute("gateway.operation.id", operation.id)
+            span.set_attribute("gateway.operation.kind", operation.kind)
+            span.set_attribute("gateway.operation.attempt", claim.attempt)
+            outcome = await self._run(operation, claim)
+            span.set_attribute("gateway.job.outcome", outcome)
+            if outcome not in ("succeeded", "cancelled"):
+                span.set_error(outcome)
+        return True
+
+    async def _run(self, operation: Operation, claim: Claim) -> str:
+        """Run the claimed job's handler and write the outcome; "succeeded", "cancelled", or
+        the code of the error the attempt failed with."""
+        operation_id = operation.id
         handler = self.handlers.get(OperationKind(operation.kind))
         if handler is None:
             await self._finish_failed(
                 operation, claim, "unsupported", f"no worker handles jobs of kind {operation.kind}"
             )
-            return True
+            return "unsupported"
         work = asyncio.ensure_future(handler(JobContext(self, operation, claim)))
         beat = asyncio.ensure_future(self._heartbeat(claim, work))
         started = time.perf_counter()
@@ -247,17 +293,17 @@ class OperationRunner:
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
             await self._dropped(claim)
-            return True
+            return "cancelled"
         except asyncio.CancelledError:
             if not claim.lost:
                 raise  # the worker is shutting down; the lease runs out and the job is recovered
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
             await self._dropped(claim)
-            return True
+            return "cancelled"
         except Exception as exc:
             await self._attempt_failed(operation, claim, exc)
-            return True
+            return describe(exc)[0]
         finally:
             JOB_DURATION(operation.kind).observe(time.perf_counter() - started)
             beat.cancel()
@@ -276,7 +322,8 @@ class OperationRunner:
                 "result_not_storable",
                 f"the result cannot be stored: {exc.message}",
             )
-        return True
+            return "result_not_storable"
+        return "succeeded"
 
     async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:
         """Move a pending job to running under a fresh lease, or None if it is not pending.
@@ -506,14 +553,13 @@ class OperationRunner:
         None when there is neither (no parent, and no one interested in the event), so the
         outcome is one conditional statement.
         """
-        event = EVENT_TYPES.get(outcome)
-        announce = (
-            self.events is not None
-            and event is not None
-            and operation.parent_id is None
-            and OperationKind(operation.kind) not in SILENT_KINDS
-            and await self.events.interested(event)
-        )
+        types = finished_events(OperationKind(operation.kind), outcome)
+        announce = False
+        if self.events is not None and operation.parent_id is None:
+            for event_type in types:
+                if await self.events.interested(event_type):
+                    announce = True
+                    break
         if not announce and operation.parent_id is None:
             return None
 
@@ -716,5 +762,6 @@ class OperationRunner:
 
 
 def _ran(status: str, started: float) -> dict[str, Any]:
-    """The `extra` of a job's log line: how its handler ended, and how long it ran."""
-    return {"status": status, "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+    """The `extra` of a job's log line: how its handler ended, and how long it ran since
+    `started` (`time.perf_counter()`)."""
+    return {"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 1)}

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from app.core import tracing
 from app.core.invalidation import InvalidationBus
 from app.models.entities import Model
 from app.storage.protocol import Storage
@@ -102,9 +103,11 @@ class Metering:
     ) -> Admission:
         """Check the rate limits and reserve tokens and maximum cost; raises when refused
         (`AdmissionControl.admit`)."""
-        return await self._admission.admit(
-            principal, model, estimated_input_tokens, max_output_tokens
-        )
+        with tracing.span("gateway.admission") as span:
+            span.set_attribute("gateway.model", model if isinstance(model, str) else model.id)
+            return await self._admission.admit(
+                principal, model, estimated_input_tokens, max_output_tokens
+            )
 
     async def priced(self, admission: Admission, outcome: UsageOutcome) -> int:
         """The call's cost in micro-dollars, as its usage record will say (`Settlement.priced`)."""

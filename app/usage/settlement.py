@@ -55,6 +55,8 @@ class UsageOutcome:
     output_tokens: int = 0
     latency_ms: int | None = None  # measured from admission when not given
     cache_hit: bool = False
+    # The gateway's own time in milliseconds, as the answer's `x-gateway-overhead-ms` says it.
+    overhead_ms: float | None = None
     operation_id: str | None = None
     model_id: str | None = None  # the model that answered, when a fallback did
     provider: str | None = None
@@ -239,19 +241,21 @@ def _rows(
     (what `model_dump(mode="json")` of the entities gives); bodies only when `bodies`."""
     success = outcome.status is UsageStatus.SUCCESS
     stamp = utcnow().isoformat()
+    provider = outcome.provider or str(model.provider)
     record = {
         "id": new_id("usage"),
         "usage_type": outcome.usage_type.value,
         "api_key_id": admission.key_id,
         "team_id": admission.team_id,
         "model_id": model.id,
-        "provider": outcome.provider or str(model.provider),
+        "provider": provider,
         "input_tokens": outcome.input_tokens,
         "output_tokens": outcome.output_tokens,
         "cost_micros": cost,
         "latency_ms": latency,
         "status": outcome.status.value,
         "cache_hit": outcome.cache_hit,
+        "overhead_ms": outcome.overhead_ms,
         "operation_id": outcome.operation_id,
         "error": outcome.error,
         "created_at": stamp,
@@ -271,6 +275,9 @@ def _rows(
         "input_tokens": outcome.input_tokens,
         "output_tokens": outcome.output_tokens,
         "execution_time_ms": latency,
+        "provider": provider,
+        "cache_hit": outcome.cache_hit,
+        "overhead_ms": outcome.overhead_ms,
         "api_key_id": admission.key_id,
         "user_id": None,
         "team_id": admission.team_id,
