@@ -97,6 +97,18 @@ def recorded(database_url: str, operation_id: str) -> list[tuple[str, str]]:
     return [(name, status) for name, status in rows]
 
 
+def usage_rows(database_url: str, operation_id: str) -> tuple[int, int]:
+    """How many usage records and execution logs the run's calls left."""
+    with psycopg.connect(database_url) as conn:
+        counts = [
+            conn.execute(
+                f"SELECT count(*) FROM {table} WHERE operation_id = %s", (operation_id,)
+            ).fetchone()
+            for table in ("usage_records", "execution_logs")
+        ]
+    return counts[0][0] if counts[0] else 0, counts[1][0] if counts[1] else 0
+
+
 def operation_row(database_url: str, operation_id: str) -> tuple[str, list[dict[str, str]]]:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
@@ -142,3 +154,6 @@ async def test_a_worker_killed_mid_step_leaves_the_run_to_resume_at_that_step(
     # The steps recorded before the kill were not run again; the one cut off was, once.
     calls = {text: said(upstream, text) for text in TEXTS}
     assert calls == {"one": 1, "two": 1, "three": 2, "four": 1, "five": 1}
+    # Each recorded step's call is paid for once: the two before the kill committed their usage
+    # with their records, and the call the killed attempt cut off left none.
+    assert usage_rows(database_url, operation.id) == (5, 5)
