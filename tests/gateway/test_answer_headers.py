@@ -53,7 +53,6 @@ async def records(services: Services) -> list[UsageRecord]:
 
 
 async def execution_logs(services: Services) -> list[ExecutionLog]:
-    await services.metering.buffer.flush()
     async with services.storage.unit_of_work() as uow:
         return list((await uow.repo(ExecutionLog).find(order_by=["created_at"])).items)
 

@@ -225,7 +225,6 @@ async def test_a_six_step_workflow_runs_and_records_every_step_and_its_usage(
         source=CallSource.WORKFLOW_STEP, operation_id=run["operation_id"]
     )
     # The usage of every LLM step is recorded for the run, and summed in its result.
-    await gateway.services.metering.buffer.flush()
     async with gateway.storage.unit_of_work() as uow:
         records = (
             await uow.repo(UsageRecord).find(Where.eq("operation_id", run["operation_id"]))
