@@ -60,6 +60,9 @@ def log_config(settings: Settings) -> dict[str, Any]:
             config["formatters"][name] = {"()": JsonFormatter}
             config["handlers"][name]["filters"] = ["context"]
     config["root"] = {"handlers": ["app"], "level": settings.LOG_LEVEL.upper()}
+    # httpx logs every request's whole URL at INFO: a webhook's may carry a token (Slack's and
+    # Discord's do); a delivery's attempts are in its delivery log, its failures counted.
+    config["loggers"]["httpx"] = {"level": "WARNING"}
     return config
 
 

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.access.deps import required_key
 from app.access.service import Principal
+from app.core import tracing
 from app.core.api_errors import domain_error_response, unexpected_error_response
 from app.core.errors import DomainError
 from app.core.log_context import key_id_var, request_id_var
@@ -243,33 +244,35 @@ class FastPaths:
         key_token = key_id_var.set(None)  # set by `authenticate`, for the request's log lines
         send_with_id = SendWithRequestId(send, request_id)
         services: Services = self.app.state.services
-        try:
+        with tracing.server_span(method, route, scope["headers"]) as span:
             try:
-                secret = required_key(head.authorization, head.api_key)
-                response = await produce(services, await services.keys.authenticate(secret))
-            except DomainError as exc:
-                response = domain_error_response(exc, method, path)
-            status = response.status_code
-            if isinstance(response, StreamingResponse):
-                await response(scope, receive, send_with_id)
-                return
-            await send_with_id.whole(response)
-            if response.background is not None:
-                await response.background()
-        except Exception as exc:
-            # What the stack's last-resort handler does: logged once, with the request id.
-            if send_with_id.started:
-                log.exception(
-                    "error on %s %s once answering (request id %s)", method, path, request_id
-                )
-                return
-            error = unexpected_error_response(method, path, request_id, exc)
-            status = error.status_code
-            await _send_plain(error, send)  # its headers carry the request id already
-        finally:
-            key_id_var.reset(key_token)
-            request_id_var.reset(token)
-            observe_request(route, method, status, started)
+                try:
+                    secret = required_key(head.authorization, head.api_key)
+                    response = await produce(services, await services.keys.authenticate(secret))
+                except DomainError as exc:
+                    response = domain_error_response(exc, method, path)
+                status = response.status_code
+                if isinstance(response, StreamingResponse):
+                    await response(scope, receive, send_with_id)
+                    return
+                await send_with_id.whole(response)
+                if response.background is not None:
+                    await response.background()
+            except Exception as exc:
+                # What the stack's last-resort handler does: logged once, with the request id.
+                if send_with_id.started:
+                    log.exception(
+                        "error on %s %s once answering (request id %s)", method, path, request_id
+                    )
+                    return
+                error = unexpected_error_response(method, path, request_id, exc)
+                status = error.status_code
+                await _send_plain(error, send)  # its headers carry the request id already
+            finally:
+                span.set_http_status(status)
+                key_id_var.reset(key_token)
+                request_id_var.reset(token)
+                observe_request(route, method, status, started)
 
 
 async def _send_plain(response: Response, send: Send) -> None:

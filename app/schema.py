@@ -6,7 +6,7 @@ from app.access.entities import ApiKey, Team, TeamMember, User
 from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
 from app.datasets.entities import Dataset, DatasetItem
-from app.evals.entities import TestCase, TestCaseResult
+from app.evals.entities import TestCase, TestCaseResult, TestRun, TestSuite, TestSuiteCase
 from app.experiments.entities import Experiment, ExperimentRecord
 from app.knowledge.entities import KnowledgeBase, KnowledgeChunk, KnowledgeDocument
 from app.logs.entities import ExecutionLog
@@ -17,7 +17,7 @@ from app.settings.entities import AppConfiguration
 from app.storage.entity import Entity
 from app.usage.entities import Budget, UsageRecord, UsageRollup
 from app.webhooks.entities import Webhook, WebhookDelivery
-from app.workflows.entities import ExternalApi, Workflow
+from app.workflows.entities import ExternalApi, Workflow, WorkflowStepRun, WorkflowVersion
 
 # Every table entity, each after the tables it references.
 ENTITIES: tuple[type[Entity], ...] = (
@@ -32,7 +32,9 @@ ENTITIES: tuple[type[Entity], ...] = (
     Prompt,
     PromptVersion,
     Workflow,
+    WorkflowVersion,
     ExternalApi,
+    WorkflowStepRun,
     KnowledgeBase,
     KnowledgeDocument,
     KnowledgeChunk,
@@ -46,6 +48,9 @@ ENTITIES: tuple[type[Entity], ...] = (
     Dataset,
     DatasetItem,
     TestCase,
+    TestSuite,
+    TestSuiteCase,
+    TestRun,
     TestCaseResult,
     Webhook,
     WebhookDelivery,

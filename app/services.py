@@ -20,6 +20,9 @@ from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.service import CredentialService
 from app.datasets.service import DatasetService
+from app.evals.execution import RunExecutor, WorkflowRunner
+from app.evals.jobs import eval_handlers
+from app.evals.service import EvalService
 from app.experiments.batches import BatchRunner
 from app.experiments.jobs import experiment_handlers
 from app.experiments.live import LiveExperiments
@@ -37,9 +40,8 @@ from app.operations.runner import Handler, JobTimings
 from app.operations.service import OperationService
 from app.operations.submit import JobSubmitter
 from app.prompts.service import PromptService
-from app.queue.batches import DramatiqBatchSender
 from app.queue.names import OperationKind
-from app.queue.port import DramatiqQueue, JobQueue
+from app.queue.port import JobQueue
 from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
@@ -49,6 +51,12 @@ from app.usage.service import UsageService
 from app.usage.wiring import Accounting, app_config_reader, build_accounting
 from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService
+from app.workflows.cases import WorkflowCases
+from app.workflows.engine import WorkflowEngine
+from app.workflows.jobs import workflow_handlers
+from app.workflows.knowledge import KnowledgeSearch
+from app.workflows.service import ExternalApiService, WorkflowService
+from app.workflows.steps.base import StepDeps
 
 
 @dataclass
@@ -88,6 +96,13 @@ class Services:
     datasets: DatasetService
     experiments: ExperimentService
     experiment_batches: BatchRunner
+    # Test cases, suites and runs; `evaluator` executes runs in their jobs.
+    evals: EvalService
+    evaluator: RunExecutor
+    external_apis: ExternalApiService
+    # Runs `workflow_run` jobs (the workers' handler, and synchronous runs in the API).
+    engine: WorkflowEngine
+    workflows: WorkflowService
 
     @property
     def metering(self) -> Metering:
@@ -113,10 +128,11 @@ class Services:
         await self.invalidation.start()
 
     async def aclose(self) -> None:
-        """Stop the background work and close what these services opened; buffered usage,
-        logs, experiment records and `last_used_at` instants go out first. Storage, queue and
+        """Stop the background work and close what these services opened; usage not written
+        yet, experiment records and `last_used_at` instants go out first. Storage, queue and
         Redis stay open: they belong to whoever passed them in."""
         await self.invalidation.stop()
+        await self.workflows.aclose()  # a synchronous run still going resumes in a worker
         await self.keys.close()
         await self.live_experiments.close()
         await self.metering.close()
@@ -125,9 +141,17 @@ class Services:
 
 
 def build_services(
-    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
+    settings: Settings,
+    storage: Storage,
+    queue: JobQueue,
+    redis: aioredis.Redis,
+    *,
+    workflows: WorkflowRunner | None = None,
 ) -> Services:
-    """The composition root of the services: each built once, from the ones it depends on."""
+    """The composition root of the services: each built once, from the ones it depends on.
+
+    `workflows` runs the workflows test cases target (by default the workflow engine's own).
+    """
     invalidation = InvalidationBus(redis, shared=settings.BROKER is BrokerKind.REDIS)
     box = SecretBox(settings.secret_keys())
     outbound = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
@@ -187,7 +211,6 @@ def build_services(
         storage,
         redis,
         webhooks,
-        sender=(DramatiqBatchSender(queue.broker) if isinstance(queue, DramatiqQueue) else None),
         config=app_config_reader(config),
         bus=invalidation,
     )
@@ -202,6 +225,11 @@ def build_services(
         cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
         variants=live_experiments,
     )
+    # Knowledge-base search and grading for workflow steps: none until the knowledge service
+    # is wired in here (those steps then fail saying knowledge bases are not available).
+    knowledge: KnowledgeSearch | None = None
+    engine = WorkflowEngine(StepDeps(calls, outbound, credentials, storage, knowledge))
+    case_workflows = workflows or WorkflowCases(storage, engine)
     datasets = DatasetService(storage)
     return Services(
         settings=settings,
@@ -233,6 +261,20 @@ def build_services(
         chat=chat,
         accounting=accounting,
         calls=calls,
+        evals=EvalService(storage, operations, models, prompts, workflows=case_workflows),
+        evaluator=RunExecutor(storage, calls, workflows=case_workflows, events=webhooks),
+        external_apis=ExternalApiService(storage, outbound.policy),
+        engine=engine,
+        workflows=WorkflowService(
+            storage,
+            queue,
+            operations,
+            engine,
+            timings=job_timings(settings),
+            events=webhooks,
+            sync_timeout=settings.WORKFLOW_SYNC_TIMEOUT_SECONDS,
+            max_wait=settings.LONG_POLL_MAX_SECONDS,
+        ),
         live_experiments=live_experiments,
         datasets=datasets,
         experiments=ExperimentService(
@@ -280,6 +322,8 @@ def build_handlers(services: Services) -> dict[OperationKind, Handler]:
         gateway_handlers(services.calls),
         webhook_handlers(services.webhooks),
         experiment_handlers(services.experiment_batches),
+        eval_handlers(services.evaluator),
+        workflow_handlers(services.engine),
     ):
         overlap = handlers.keys() & domain.keys()
         if overlap:

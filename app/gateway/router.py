@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
 
 from app.access.deps import AdminDep, PrincipalDep
 from app.access.service import Principal
@@ -89,11 +88,10 @@ async def answer_directly(
             headers={"cache-control": "no-cache", **streamed.headers},
         )
     completion = await calls.complete(principal, request, context)
-    response = _json(completion.body, completion.headers)
-    # Settled once the answer is on its way: the reservation already holds the call's place in
-    # the limits and budgets, settling only corrects it, and the client need not wait on that.
-    response.background = BackgroundTask(completion.settle)
-    return response
+    # Settled before the answer is sent: its usage is committed first (with the calls settling
+    # meanwhile, one transaction for all), so a crash can lose no call that was answered.
+    await completion.settle()
+    return _json(completion.body, completion.headers)
 
 
 async def submit_job(

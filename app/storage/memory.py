@@ -464,6 +464,17 @@ class MemoryRepository(Generic[E]):
                 self._stage_new(row)
         return len(rows)
 
+    async def add_missing(self, entities: Sequence[E]) -> list[Any]:
+        self._uow._usable()
+        rows = [self._dump(entity) for entity in entities]
+        pk = self._info.pk
+        added: list[Any] = []
+        with self._uow._write():
+            for row in rows:
+                if self._uow._current(self._info, row[pk]) is None:
+                    added.append(self._stage_new(row)[pk])
+        return added
+
     async def update(self, entity: E) -> E:
         self._uow._usable()
         row = self._dump(entity)

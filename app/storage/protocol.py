@@ -175,6 +175,16 @@ class Repository(Protocol[E]):
         """
         ...
 
+    async def add_missing(self, entities: Sequence[E]) -> list[Any]:
+        """Insert those of `entities` whose primary key is not taken, in one go; the keys of
+        the ones inserted, in the order given.
+
+        An entity whose key exists is skipped without being compared, so writing the same rows
+        again (a retried batch, a job run twice) changes nothing: the keys returned say which
+        rows are new, and so what else to do once per row (charge a budget, say).
+        """
+        ...
+
     async def update(self, entity: E) -> E:
         """Write `entity` if its version is current, returning it with the next version.
 

@@ -289,6 +289,10 @@ def _translate(
             return StaleVersion(kind, "*", 0)
         if state is not None and state.startswith(("08", "53", "57")):
             return Unavailable(f"database unavailable: {type(exc).__name__}")
+        if state in ("3D000", "42P01"):
+            # No such database, or no such table: a database `gateway migrate` has not set up
+            # (yet: processes may start while it runs).
+            return Unavailable(f"database not migrated (run gateway migrate): {detail}")
         raise exc
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | _InternalClientError):
         return Unavailable(f"database unavailable: {type(exc).__name__}")
@@ -455,6 +459,23 @@ class SqlUnitOfWork(UnitOfWorkBase):
             self._failed = self._failed or self._in_transaction
             raise error from exc
 
+    async def _fetch_many(
+        self, query: str, rows: Sequence[Mapping[str, Any]], info: TableInfo
+    ) -> list[asyncpg.Record]:
+        """`_execute_many`, returning the rows every execution returned."""
+        self._usable()
+        sql, names = _positional(query)
+        try:
+            conn = await self._connection(True)
+            found: list[asyncpg.Record] = await conn.fetchmany(
+                sql, [[row[n] for n in names] for row in rows]
+            )
+            return found
+        except _DRIVER_ERRORS as exc:
+            error = self._failure(exc, info, rows, names)
+            self._failed = self._failed or self._in_transaction
+            raise error from exc
+
 
 _DRIVER_ERRORS = (
     asyncpg.PostgresError,
@@ -482,6 +503,7 @@ class _Table:
     select: str  # SELECT every column FROM the table
     get: str
     insert: str
+    insert_missing: str
     update: str
     returning: str
 
@@ -496,11 +518,13 @@ def _table(info: TableInfo) -> _Table:
     table, pk = _q(info.name), _q(info.pk)
     settable = [n for n in names if n not in (info.pk, "created_at")]
     returning = f"RETURNING {columns}"
+    insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(f'%({n})s' for n in names)})"
     return _Table(
         names=names,
         select=f"SELECT {columns} FROM {table}",
         get=f"SELECT {columns} FROM {table} WHERE {pk} = %(_key)s",
-        insert=(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(f'%({n})s' for n in names)})"),
+        insert=insert,
+        insert_missing=f"{insert} ON CONFLICT ({pk}) DO NOTHING RETURNING {pk}",
         update=(
             f"UPDATE {table} SET {', '.join(f'{_q(n)} = %({n})s' for n in settable)} "
             f"WHERE {pk} = %(_key)s AND version = %(_expected)s {returning}"
@@ -624,6 +648,13 @@ class SqlRepository(Generic[E]):
         rows = [to_row(e) for e in entities]
         await self._uow._execute_many(self._sql.insert, rows, self._info)
         return len(rows)
+
+    async def add_missing(self, entities: Sequence[E]) -> list[Any]:
+        if not entities:
+            return []
+        rows = [to_row(e) for e in entities]
+        inserted = await self._uow._fetch_many(self._sql.insert_missing, rows, self._info)
+        return [r[0] for r in inserted]
 
     async def update(self, entity: E) -> E:
         row = to_row(entity)

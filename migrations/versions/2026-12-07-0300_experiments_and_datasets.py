@@ -5,7 +5,7 @@ No code wrote the two experiment tables before this revision, so they are rebuil
 than altered.
 
 Revision ID: 3b64a81239ac
-Revises: 5e7545995fae
+Revises: 3b9d0c1e7a42
 Create Date: 2026-12-07 01:50:00+00:00
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "3b64a81239ac"
-down_revision: str | Sequence[str] | None = "5e7545995fae"
+down_revision: str | Sequence[str] | None = "3b9d0c1e7a42"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
