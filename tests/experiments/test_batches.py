@@ -45,7 +45,6 @@ async def operation(gateway: Gateway, operation_id: str) -> Operation:
 
 
 async def usage_of(gateway: Gateway, operation_id: str) -> int:
-    await gateway.services.metering.buffer.flush()
     async with gateway.storage.unit_of_work() as uow:
         return await uow.repo(UsageRecord).count(Where.eq("operation_id", operation_id))
 
