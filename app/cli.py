@@ -7,7 +7,7 @@ import copy
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -60,6 +60,9 @@ def log_config(settings: Settings) -> dict[str, Any]:
             config["formatters"][name] = {"()": JsonFormatter}
             config["handlers"][name]["filters"] = ["context"]
     config["root"] = {"handlers": ["app"], "level": settings.LOG_LEVEL.upper()}
+    # httpx logs every request's whole URL at INFO: a webhook's may carry a token (Slack's and
+    # Discord's do); a delivery's attempts are in its delivery log, its failures counted.
+    config["loggers"]["httpx"] = {"level": "WARNING"}
     return config
 
 
@@ -125,66 +128,71 @@ def run_worker(args: argparse.Namespace) -> int:
     )
 
 
-def run_create_key(args: argparse.Namespace) -> int:
-    """Print a new API key with admin rights (for a fresh install); it is shown only once."""
+class CommandFailed(Exception):
+    """A one-off command could not do its work; the message says why, `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _run_once(command: str, work: Callable[[Settings], Coroutine[Any, Any, str]]) -> int:
+    """Run a one-off command's `work` and print what it returns. Memory storage, where the work
+    would die with the process, exits 2; a database or Redis out of reach exits 1; each with
+    the reason on stderr."""
     import asyncio
 
-    from app.commands import CannotCreateKey, create_admin_key
     from app.core.errors import Unavailable
+    from app.storage.factory import NotDurable
 
-    settings = load_settings()
     try:
-        secret = asyncio.run(create_admin_key(settings, name=args.name))
-    except CannotCreateKey as exc:
-        print(f"gateway create-key: {exc}", file=sys.stderr)
+        print(asyncio.run(work(load_settings())))
+    except NotDurable as exc:
+        print(f"gateway {command}: {exc}", file=sys.stderr)
         return 2
     except Unavailable as exc:
-        print(f"gateway create-key: {exc.message}", file=sys.stderr)
+        print(f"gateway {command}: {exc.message}", file=sys.stderr)
         return 1
-    print(secret)
+    except CommandFailed as exc:
+        print(f"gateway {command}: {exc}", file=sys.stderr)
+        return exc.code
     return 0
+
+
+def run_create_key(args: argparse.Namespace) -> int:
+    """Print a new API key with admin rights (for a fresh install); it is shown only once."""
+    from app.commands import create_admin_key
+
+    async def create(settings: Settings) -> str:
+        return await create_admin_key(settings, name=args.name)
+
+    return _run_once("create-key", create)
 
 
 def run_seed(args: argparse.Namespace) -> int:
     """Add the demo credential, mock models and sample prompts that are missing (idempotent)."""
-    import asyncio
+    from app.seed import seed_database
 
-    from app.core.errors import Unavailable
-    from app.seed import CannotSeed, seed_database
+    async def seed(settings: Settings) -> str:
+        report = await seed_database(settings)
+        return "Created: " + ", ".join(report.created) if report.created else "Nothing to add."
 
-    try:
-        report = asyncio.run(seed_database(load_settings()))
-    except CannotSeed as exc:
-        print(f"gateway seed: {exc}", file=sys.stderr)
-        return 2
-    except Unavailable as exc:
-        print(f"gateway seed: {exc.message}", file=sys.stderr)
-        return 1
-    print("Created: " + ", ".join(report.created) if report.created else "Nothing to add.")
-    return 0
+    return _run_once("seed", seed)
 
 
 def run_rotate_secrets(args: argparse.Namespace) -> int:
     """Re-encrypt every stored secret with the first key of SECRET_KEY."""
-    import asyncio
-
     from app.core.crypto import UndecryptableSecret
-    from app.core.errors import Unavailable
-    from app.rotation import CannotRotate, rotate_secrets
+    from app.rotation import rotate_secrets
 
-    try:
-        rotated = asyncio.run(rotate_secrets(load_settings()))
-    except CannotRotate as exc:
-        print(f"gateway rotate-secrets: {exc}", file=sys.stderr)
-        return 2
-    except UndecryptableSecret as exc:
-        print(f"gateway rotate-secrets: {exc}; keep the old key in SECRET_KEY", file=sys.stderr)
-        return 1
-    except Unavailable as exc:
-        print(f"gateway rotate-secrets: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"Re-encrypted {rotated.summary()} with the newest key.")
-    return 0
+    async def rotate(settings: Settings) -> str:
+        try:
+            rotated = await rotate_secrets(settings)
+        except UndecryptableSecret as exc:
+            raise CommandFailed(f"{exc}; keep the old key in SECRET_KEY") from exc
+        return f"Re-encrypted {rotated.summary()} with the newest key."
+
+    return _run_once("rotate-secrets", rotate)
 
 
 def run_migrate(args: argparse.Namespace) -> int:

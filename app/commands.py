@@ -4,27 +4,22 @@ root: it builds every service of its short-lived process)."""
 from __future__ import annotations
 
 from app.access.teams import ADMIN_TEAM_ID
-from app.config import Settings, StorageBackend
-
-
-class CannotCreateKey(Exception):
-    """The settings describe an install where a key made by this command would not last."""
+from app.config import Settings
 
 
 async def create_admin_key(settings: Settings, *, name: str) -> str:
     """Issue an admin key in the administrators team and return its secret."""
-    if settings.STORAGE_BACKEND is StorageBackend.MEMORY:
-        raise CannotCreateKey(
-            "STORAGE_BACKEND=memory forgets the key when this command exits: set "
-            "STORAGE_BACKEND=postgres (and DATABASE_URL), or run `gateway dev`, which prints a key."
-        )
     from app.core.redis import build_redis
     from app.queue.broker import build_broker
     from app.queue.port import DramatiqQueue
     from app.services import build_services
-    from app.storage.factory import build_storage
+    from app.storage.factory import build_durable_storage
 
-    storage = build_storage(settings)
+    storage = build_durable_storage(
+        settings,
+        why="forgets the key when this command exits",
+        hint=", or run `gateway dev`, which prints a key",
+    )
     redis = build_redis(settings)
     try:
         services = build_services(settings, storage, DramatiqQueue(build_broker(settings)), redis)

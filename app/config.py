@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import secrets
 import tempfile
+from collections.abc import Iterator
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,8 +71,36 @@ def weak_secret_problem(key: str) -> str | None:
     return None
 
 
+# The settings that are URLs which may carry a password, and the query options whose values are
+# passwords (libpq's and redis-py's names).
+_URL_FIELDS = frozenset({"DATABASE_URL", "REDIS_URL"})
+_PASSWORD_OPTION = re.compile(r"(?i)(^|&)((?:ssl_?)?password)=[^&#]*")
+HIDDEN = "***"
+_HIDDEN_OPTION = rf"\1\2={HIDDEN}"
+
+
+def without_passwords(url: str) -> str:
+    """`url` with its password, and the value of any password option, shown as `***`.
+
+    Read without a URL parser, so that a password with an unencoded `?`, `#` or `/` is hidden
+    whole: everything between the user name and the last `@` goes (more, never less).
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:{HIDDEN}@{after}"
+    base, mark, query = rest.partition("?")
+    if mark:
+        rest = f"{base}?{_PASSWORD_OPTION.sub(_HIDDEN_OPTION, query)}"
+    return f"{scheme}{sep}{rest}"
+
+
 class Settings(BaseSettings):
-    """Every setting of the gateway; field names are the environment variable names."""
+    """Every setting of the gateway; field names are the environment variable names.
+
+    Its `repr` and `str` (a log line, a traceback's locals, a debugger) show DATABASE_URL and
+    REDIS_URL without their passwords, and SecretStr fields as `**********`.
+    """
 
     # Inputs are kept out of error messages: a refused DATABASE_URL carries a password.
     model_config = SettingsConfigDict(
@@ -110,6 +140,32 @@ class Settings(BaseSettings):
     # How old the queue depths a scrape shows may be: one grouped query per this many seconds
     # and API process at most.
     METRICS_QUEUE_REFRESH_SECONDS: float = Field(default=10.0, ge=0)
+
+    # Traces (README "Traces"): set, each process exports its spans over OTLP/HTTP to this base
+    # URL (`/v1/traces` is added), which needs the `otel` extra; unset, no span is recorded.
+    # OpenTelemetry's other OTEL_* variables (headers, sampler, resource) are read by its SDK.
+    OTEL_EXPORTER_OTLP_ENDPOINT: str | None = None
+    # Unset: llm-gateway-worker for `gateway worker`, llm-gateway-api for the others.
+    OTEL_SERVICE_NAME: str | None = None
+
+    @field_validator("OTEL_EXPORTER_OTLP_ENDPOINT")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # `OTEL_EXPORTER_OTLP_ENDPOINT=` (an empty line in .env): no traces
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                "OTEL_EXPORTER_OTLP_ENDPOINT must be the http:// or https:// base URL of an "
+                "OTLP/HTTP receiver, e.g. http://otel-collector:4318."
+            )
+        return value
+
+    def otel_service_name(self) -> str:
+        """OTEL_SERVICE_NAME, or this process role's default."""
+        if self.OTEL_SERVICE_NAME:
+            return self.OTEL_SERVICE_NAME
+        worker = self.PROCESS_ROLE is ProcessRole.WORKER
+        return "llm-gateway-worker" if worker else "llm-gateway-api"
 
     STORAGE_BACKEND: StorageBackend = StorageBackend.MEMORY
     # Query options both drivers (asyncpg at run time, psycopg for migrations) honour: sslmode,
@@ -263,7 +319,15 @@ class Settings(BaseSettings):
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "llm-gateway-workers")
     )
     WORKER_HEARTBEAT_SECONDS: float = Field(default=5.0, gt=0, le=300)
+    # With BROKER=redis, each `gateway worker` process stamps its presence in Redis every
+    # quarter of this; a worker silent this long is gone, and its running jobs go back to
+    # pending at once instead of after their lease (0: leases alone decide).
+    WORKER_PRESENCE_TTL_SECONDS: float = Field(default=1.0, ge=0, le=60)
     LONG_POLL_MAX_SECONDS: float = Field(default=30.0, ge=0)
+    # How long `POST /v1/workflows/{id}/execute` without `async` runs the workflow before it
+    # answers 202 with the run's operation (the run goes on); `?wait=N` asks for less or more,
+    # up to LONG_POLL_MAX_SECONDS.
+    WORKFLOW_SYNC_TIMEOUT_SECONDS: float = Field(default=30.0, ge=0)
 
     # The built-in mock provider (a model's parameters may override these).
     MOCK_LATENCY_MS: float = Field(default=0.0, ge=0)
@@ -301,8 +365,10 @@ class Settings(BaseSettings):
     # reading them again; admin changes drop them in every process at once (invalidation
     # channel), so this only bounds staleness when that channel is down (then 1 s at most).
     METERING_CACHE_SECONDS: float = Field(default=2.0, ge=0)
-    USAGE_FLUSH_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
-    USAGE_FLUSH_MAX_RECORDS: int = Field(default=200, ge=1, le=5000)
+    # A direct call's usage commits before its answer leaves, the calls settling together
+    # sharing one transaction of at most this many; a failed write is tried again this often.
+    USAGE_WRITE_MAX_CALLS: int = Field(default=500, ge=1, le=5000)
+    USAGE_RETRY_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
     # Defaults of the app configuration keys retention.usage_days, retention.logs_days and
     # logging.log_request_bodies.
     USAGE_RETENTION_DAYS: int = Field(default=30, ge=3)
@@ -394,6 +460,12 @@ class Settings(BaseSettings):
     def webhook_retry_schedule(self) -> list[float]:
         """Seconds to wait before each delivery attempt."""
         return [float(part) for part in self.WEBHOOK_RETRY_SCHEDULE.split(",")]
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                value = without_passwords(value)
+            yield name, value
 
     # Memory storage forgets everything on exit, so a key that dies with the process is enough.
     _ephemeral_key: str = PrivateAttr(default_factory=lambda: secrets.token_urlsafe(32))

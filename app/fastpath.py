@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.access.deps import required_key
 from app.access.service import Principal
+from app.core import tracing
 from app.core.api_errors import domain_error_response, unexpected_error_response
 from app.core.errors import DomainError
 from app.core.log_context import key_id_var, request_id_var
@@ -58,6 +59,7 @@ _PLAIN_WAIT = re.compile(rb"wait=(\d{1,6}(?:\.\d{1,6})?)")
 # The route's header limits: longer values go to FastAPI, which answers them with a 400.
 _MAX_CACHE_CONTROL = 200
 _MAX_IDEMPOTENCY_KEY = 255
+_MAX_EXPERIMENT_UNIT = 256
 
 
 @dataclass(slots=True)
@@ -70,13 +72,14 @@ class _Head:
     request_id: str | None = None
     authorization: str | None = None
     api_key: str | None = None
+    unit: str | None = None  # X-Experiment-Unit
 
 
 def _fast_head(scope: Scope, job: bool) -> _Head | None:
     """The headers the fast path reads, or None when FastAPI must answer the request."""
     json_body = False
     content_length: int | None = None
-    cache_control = idempotency_key = request_id = authorization = api_key = None
+    cache_control = idempotency_key = request_id = authorization = api_key = unit = None
     for name, value in scope["headers"]:
         if name == b"content-type":
             media = value.split(b";", 1)[0].strip().lower()
@@ -99,9 +102,15 @@ def _fast_head(scope: Scope, job: bool) -> _Head | None:
             if len(value) > _MAX_CACHE_CONTROL:
                 return None
             cache_control = value.decode("latin-1")
+        elif name == b"x-experiment-unit":
+            if len(value) > _MAX_EXPERIMENT_UNIT:
+                return None
+            unit = value.decode("latin-1")
     if not json_body:
         return None
-    return _Head(content_length, cache_control, idempotency_key, request_id, authorization, api_key)
+    return _Head(
+        content_length, cache_control, idempotency_key, request_id, authorization, api_key, unit
+    )
 
 
 def _poll_head(scope: Scope) -> _Head:
@@ -182,9 +191,16 @@ class FastPaths:
         async def produce(services: Services, principal: Principal) -> Response:
             if job:
                 return await submit_job(
-                    services.calls, principal, request, head.cache_control, head.idempotency_key
+                    services.calls,
+                    principal,
+                    request,
+                    head.cache_control,
+                    head.idempotency_key,
+                    unit=head.unit,
                 )
-            return await answer_directly(services.calls, principal, request, head.cache_control)
+            return await answer_directly(
+                services.calls, principal, request, head.cache_control, unit=head.unit
+            )
 
         await self._answer(scope, receive, send, head, produce, CHAT_ROUTE)
 
@@ -228,33 +244,35 @@ class FastPaths:
         key_token = key_id_var.set(None)  # set by `authenticate`, for the request's log lines
         send_with_id = SendWithRequestId(send, request_id)
         services: Services = self.app.state.services
-        try:
+        with tracing.server_span(method, route, scope["headers"]) as span:
             try:
-                secret = required_key(head.authorization, head.api_key)
-                response = await produce(services, await services.keys.authenticate(secret))
-            except DomainError as exc:
-                response = domain_error_response(exc, method, path)
-            status = response.status_code
-            if isinstance(response, StreamingResponse):
-                await response(scope, receive, send_with_id)
-                return
-            await send_with_id.whole(response)
-            if response.background is not None:
-                await response.background()
-        except Exception as exc:
-            # What the stack's last-resort handler does: logged once, with the request id.
-            if send_with_id.started:
-                log.exception(
-                    "error on %s %s once answering (request id %s)", method, path, request_id
-                )
-                return
-            error = unexpected_error_response(method, path, request_id, exc)
-            status = error.status_code
-            await _send_plain(error, send)  # its headers carry the request id already
-        finally:
-            key_id_var.reset(key_token)
-            request_id_var.reset(token)
-            observe_request(route, method, status, started)
+                try:
+                    secret = required_key(head.authorization, head.api_key)
+                    response = await produce(services, await services.keys.authenticate(secret))
+                except DomainError as exc:
+                    response = domain_error_response(exc, method, path)
+                status = response.status_code
+                if isinstance(response, StreamingResponse):
+                    await response(scope, receive, send_with_id)
+                    return
+                await send_with_id.whole(response)
+                if response.background is not None:
+                    await response.background()
+            except Exception as exc:
+                # What the stack's last-resort handler does: logged once, with the request id.
+                if send_with_id.started:
+                    log.exception(
+                        "error on %s %s once answering (request id %s)", method, path, request_id
+                    )
+                    return
+                error = unexpected_error_response(method, path, request_id, exc)
+                status = error.status_code
+                await _send_plain(error, send)  # its headers carry the request id already
+            finally:
+                span.set_http_status(status)
+                key_id_var.reset(key_token)
+                request_id_var.reset(token)
+                observe_request(route, method, status, started)
 
 
 async def _send_plain(response: Response, send: Send) -> None:

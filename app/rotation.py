@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.config import Settings, StorageBackend
+from app.config import Settings
 from app.core.crypto import SecretBox
 from app.credentials.service import CredentialService
 from app.webhooks.service import rotate_webhook_secrets
-
-
-class CannotRotate(Exception):
-    """The settings describe an install with nothing durable to rotate."""
 
 
 @dataclass(frozen=True)
@@ -32,14 +28,9 @@ class Rotated:
 
 async def rotate_secrets(settings: Settings) -> Rotated:
     """Rewrite every stored encrypted value under the first key of SECRET_KEY."""
-    if settings.STORAGE_BACKEND is StorageBackend.MEMORY:
-        raise CannotRotate(
-            "STORAGE_BACKEND=memory keeps no secrets beyond one process: set "
-            "STORAGE_BACKEND=postgres (and DATABASE_URL)."
-        )
-    from app.storage.factory import build_storage
+    from app.storage.factory import build_durable_storage
 
-    storage = build_storage(settings)
+    storage = build_durable_storage(settings, why="keeps no secrets beyond one process")
     box = SecretBox(settings.secret_keys())
     try:
         credentials = await CredentialService(storage, box).rotate_secrets()

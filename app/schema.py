@@ -5,7 +5,8 @@ from __future__ import annotations
 from app.access.entities import ApiKey, Team, TeamMember, User
 from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
-from app.evals.entities import TestCase, TestCaseResult
+from app.datasets.entities import Dataset, DatasetItem
+from app.evals.entities import TestCase, TestCaseResult, TestRun, TestSuite, TestSuiteCase
 from app.experiments.entities import Experiment, ExperimentRecord
 from app.knowledge.entities import (
     KnowledgeBase,
@@ -21,7 +22,7 @@ from app.settings.entities import AppConfiguration
 from app.storage.entity import Entity
 from app.usage.entities import Budget, UsageRecord, UsageRollup
 from app.webhooks.entities import Webhook, WebhookDelivery
-from app.workflows.entities import ExternalApi, Workflow
+from app.workflows.entities import ExternalApi, Workflow, WorkflowStepRun, WorkflowVersion
 
 # Every table entity, each after the tables it references.
 ENTITIES: tuple[type[Entity], ...] = (
@@ -36,7 +37,9 @@ ENTITIES: tuple[type[Entity], ...] = (
     Prompt,
     PromptVersion,
     Workflow,
+    WorkflowVersion,
     ExternalApi,
+    WorkflowStepRun,
     KnowledgeBase,
     KnowledgeDocument,
     KnowledgeSource,
@@ -48,7 +51,12 @@ ENTITIES: tuple[type[Entity], ...] = (
     Budget,
     Experiment,
     ExperimentRecord,
+    Dataset,
+    DatasetItem,
     TestCase,
+    TestSuite,
+    TestSuiteCase,
+    TestRun,
     TestCaseResult,
     Webhook,
     WebhookDelivery,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from app.config import Settings, StorageBackend
+from app.config import Settings
 from app.core.crypto import SecretBox
 from app.core.errors import Conflict, NotFound
 from app.credentials.entities import Provider
@@ -90,10 +90,6 @@ PROMPTS = (
 )
 
 
-class CannotSeed(Exception):
-    """The settings describe an install where seeded rows would not last."""
-
-
 CHAINS = (
     ChainCreate(
         id="mock-resilient",
@@ -146,14 +142,13 @@ async def seed_services(services: Services) -> SeedReport:
 
 async def seed_database(settings: Settings) -> SeedReport:
     """`gateway seed`: seed the configured PostgreSQL database."""
-    if settings.STORAGE_BACKEND is StorageBackend.MEMORY:
-        raise CannotSeed(
-            "STORAGE_BACKEND=memory forgets the data when this command exits: set "
-            "STORAGE_BACKEND=postgres (and DATABASE_URL); `gateway dev` seeds memory by itself."
-        )
-    from app.storage.factory import build_storage
+    from app.storage.factory import build_durable_storage
 
-    storage = build_storage(settings)
+    storage = build_durable_storage(
+        settings,
+        why="forgets the data when this command exits",
+        hint="; `gateway dev` seeds memory by itself",
+    )
     try:
         return await seed(
             CredentialService(storage, SecretBox(settings.secret_keys())),

@@ -19,6 +19,14 @@ from app.core.events import EventSink
 from app.core.invalidation import ALL, ROUTES_TOPIC, InvalidationBus
 from app.core.outbound import OutboundClient, OutboundPolicy
 from app.credentials.service import CredentialService
+from app.datasets.service import DatasetService
+from app.evals.execution import RunExecutor, WorkflowRunner
+from app.evals.jobs import eval_handlers
+from app.evals.service import EvalService
+from app.experiments.batches import BatchRunner
+from app.experiments.jobs import experiment_handlers
+from app.experiments.live import LiveExperiments
+from app.experiments.service import ExperimentService
 from app.gateway.cache import Embedder, build_response_cache
 from app.gateway.calls import GatewayCalls
 from app.gateway.chains import ChainService
@@ -29,15 +37,15 @@ from app.gateway.schemas import EmbeddingRequest
 from app.knowledge.index import MatrixIndex, SearchIndex
 from app.knowledge.jobs import knowledge_handlers
 from app.knowledge.service import KnowledgeLimits, KnowledgeService
+from app.knowledge.steps import KnowledgeSteps
 from app.logs.service import LogService
 from app.models.service import ModelService
 from app.operations.runner import Handler, JobTimings
 from app.operations.service import OperationService
 from app.operations.submit import JobSubmitter
 from app.prompts.service import PromptService
-from app.queue.batches import DramatiqBatchSender
 from app.queue.names import OperationKind
-from app.queue.port import DramatiqQueue, JobQueue
+from app.queue.port import JobQueue
 from app.settings.registry import registry_for
 from app.settings.service import CONFIG_TOPIC, ConfigService
 from app.storage.protocol import Storage
@@ -47,6 +55,11 @@ from app.usage.service import UsageService
 from app.usage.wiring import Accounting, app_config_reader, build_accounting
 from app.webhooks.jobs import webhook_handlers
 from app.webhooks.service import WebhookConfig, WebhookService
+from app.workflows.cases import WorkflowCases
+from app.workflows.engine import WorkflowEngine
+from app.workflows.jobs import workflow_handlers
+from app.workflows.service import ExternalApiService, WorkflowService
+from app.workflows.steps.base import StepDeps
 
 
 @dataclass
@@ -83,6 +96,18 @@ class Services:
     calls: GatewayCalls
     # Knowledge bases: documents ingested as jobs, chunks searched.
     knowledge: KnowledgeService
+    # The running experiments, which the call path asks to enrol calls in a variant.
+    live_experiments: LiveExperiments
+    datasets: DatasetService
+    experiments: ExperimentService
+    experiment_batches: BatchRunner
+    # Test cases, suites and runs; `evaluator` executes runs in their jobs.
+    evals: EvalService
+    evaluator: RunExecutor
+    external_apis: ExternalApiService
+    # Runs `workflow_run` jobs (the workers' handler, and synchronous runs in the API).
+    engine: WorkflowEngine
+    workflows: WorkflowService
 
     @property
     def metering(self) -> Metering:
@@ -108,20 +133,30 @@ class Services:
         await self.invalidation.start()
 
     async def aclose(self) -> None:
-        """Stop the background work and close what these services opened; buffered usage,
-        logs and `last_used_at` instants go out first. Storage, queue and Redis stay open:
-        they belong to whoever passed them in."""
+        """Stop the background work and close what these services opened; usage not written
+        yet, experiment records and `last_used_at` instants go out first. Storage, queue and
+        Redis stay open: they belong to whoever passed them in."""
         await self.invalidation.stop()
+        await self.workflows.aclose()  # a synchronous run still going resumes in a worker
         await self.keys.close()
+        await self.live_experiments.close()
         await self.metering.close()
         await self.outbound.aclose()
         await self.chat.close()
 
 
 def build_services(
-    settings: Settings, storage: Storage, queue: JobQueue, redis: aioredis.Redis
+    settings: Settings,
+    storage: Storage,
+    queue: JobQueue,
+    redis: aioredis.Redis,
+    *,
+    workflows: WorkflowRunner | None = None,
 ) -> Services:
-    """The composition root of the services: each built once, from the ones it depends on."""
+    """The composition root of the services: each built once, from the ones it depends on.
+
+    `workflows` runs the workflows test cases target (by default the workflow engine's own).
+    """
     invalidation = InvalidationBus(redis, shared=settings.BROKER is BrokerKind.REDIS)
     box = SecretBox(settings.secret_keys())
     outbound = OutboundClient(OutboundPolicy.parse(settings.OUTBOUND_ALLOWED_HOSTS))
@@ -181,19 +216,37 @@ def build_services(
         storage,
         redis,
         webhooks,
-        sender=(DramatiqBatchSender(queue.broker) if isinstance(queue, DramatiqQueue) else None),
         config=app_config_reader(config),
         bus=invalidation,
     )
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
+    live_experiments = LiveExperiments(storage, invalidation)
     calls = GatewayCalls(
         chat,
         accounting.metering,
         keys,
         operations,
         cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+        variants=live_experiments,
     )
+    knowledge = KnowledgeService(
+        storage,
+        operations,
+        calls,
+        _search_index(settings, storage),
+        bus=invalidation,
+        limits=KnowledgeLimits(
+            max_document_bytes=settings.KNOWLEDGE_MAX_DOCUMENT_BYTES,
+            max_chunks=settings.KNOWLEDGE_MAX_CHUNKS,
+            embed_batch=settings.KNOWLEDGE_EMBED_BATCH,
+        ),
+    )
+    engine = WorkflowEngine(
+        StepDeps(calls, outbound, credentials, storage, KnowledgeSteps(knowledge))
+    )
+    case_workflows = workflows or WorkflowCases(storage, engine)
+    datasets = DatasetService(storage)
     return Services(
         settings=settings,
         storage=storage,
@@ -224,18 +277,33 @@ def build_services(
         chat=chat,
         accounting=accounting,
         calls=calls,
-        knowledge=KnowledgeService(
+        knowledge=knowledge,
+        evals=EvalService(storage, operations, models, prompts, workflows=case_workflows),
+        evaluator=RunExecutor(storage, calls, workflows=case_workflows, events=webhooks),
+        external_apis=ExternalApiService(storage, outbound.policy),
+        engine=engine,
+        workflows=WorkflowService(
             storage,
+            queue,
             operations,
-            calls,
-            _search_index(settings, storage),
-            bus=invalidation,
-            limits=KnowledgeLimits(
-                max_document_bytes=settings.KNOWLEDGE_MAX_DOCUMENT_BYTES,
-                max_chunks=settings.KNOWLEDGE_MAX_CHUNKS,
-                embed_batch=settings.KNOWLEDGE_EMBED_BATCH,
-            ),
+            engine,
+            timings=job_timings(settings),
+            events=webhooks,
+            sync_timeout=settings.WORKFLOW_SYNC_TIMEOUT_SECONDS,
+            max_wait=settings.LONG_POLL_MAX_SECONDS,
         ),
+        live_experiments=live_experiments,
+        datasets=datasets,
+        experiments=ExperimentService(
+            storage,
+            invalidation,
+            chat=chat,
+            prompts=prompts,
+            datasets=datasets,
+            operations=operations,
+            records=live_experiments.records,
+        ),
+        experiment_batches=BatchRunner(storage, calls, datasets),
     )
 
 
@@ -281,6 +349,9 @@ def build_handlers(services: Services) -> dict[OperationKind, Handler]:
         gateway_handlers(services.calls),
         webhook_handlers(services.webhooks),
         knowledge_handlers(services.knowledge),
+        experiment_handlers(services.experiment_batches),
+        eval_handlers(services.evaluator),
+        workflow_handlers(services.engine),
     ):
         overlap = handlers.keys() & domain.keys()
         if overlap:

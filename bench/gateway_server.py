@@ -3,11 +3,12 @@
 PostgreSQL storage (a fresh database), the Redis broker and a real Redis database, and a
 caller whose every check does real work: an API key of a team, limited to the bench model,
 with rate limits on the key and the team and a team budget on a priced model, so each call
-runs authentication, the permission check, the rate-limit and budget script, and leaves a
-usage record and an execution log on the `usage` queue (no worker drains it during the run).
+runs authentication, the permission check, the rate-limit and budget script, and commits a
+usage record and an execution log (and the budget's spend) before it answers.
 
 `python -m bench.gateway_server prepare UPSTREAM_URL` recreates the database and Redis data
-and seeds them; `python -m bench.gateway_server serve PORT` serves with one uvicorn worker.
+and seeds them; `python -m bench.gateway_server serve PORT` serves with one uvicorn worker
+(with `BENCH_METRICS=off`, recording no metric: the figures to set beside the recorded ones).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import sys
 from decimal import Decimal
 from typing import Any
 
-import orjson
 import psycopg
 import redis
 import uvicorn
@@ -30,7 +30,6 @@ from app.credentials.entities import Provider, StoredCredential
 from app.main import create_app
 from app.models.entities import Model
 from app.queue.broker import build_broker
-from app.queue.names import USAGE_QUEUE
 from app.queue.port import DramatiqQueue
 from app.services import build_services
 from app.storage.factory import build_storage
@@ -133,18 +132,40 @@ def prepare(upstream: str) -> None:
     asyncio.run(seed(upstream))
 
 
-def queued_usage() -> tuple[int, int]:
-    """Usage records and execution logs waiting on the `usage` queue."""
-    client = redis.Redis.from_url(REDIS_URL)
-    records = logs = 0
-    for raw in client.hvals(f"gateway:{USAGE_QUEUE}.msgs"):
-        batch = orjson.loads(raw)["args"][0]
-        records += len(batch.get("usage", []))
-        logs += len(batch.get("logs", []))
-    return records, logs
+def recorded_usage() -> tuple[int, int]:
+    """Usage records and execution logs in the database."""
+    with psycopg.connect(DATABASE_URL) as conn:
+        records = conn.execute("SELECT count(*) FROM usage_records").fetchone()
+        logs = conn.execute("SELECT count(*) FROM execution_logs").fetchone()
+    assert records is not None and logs is not None
+    return int(records[0]), int(logs[0])
+
+
+class _Unrecorded:
+    """A metric child that records nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def observe(self, amount: float) -> None:
+        return None
+
+    def set(self, value: float) -> None:
+        return None
+
+
+def unrecorded_metrics() -> None:
+    """Make every metric of the process record nothing: each call site still looks its child
+    up through `Family` (app/core/metrics.py), and gets this one instead."""
+    from app.core.metrics import Family
+
+    nothing = _Unrecorded()
+    Family.__call__ = lambda self, *values: nothing  # type: ignore[method-assign]
 
 
 def serve(port: int) -> None:
+    if os.environ.get("BENCH_METRICS", "on") == "off":
+        unrecorded_metrics()
     uvicorn.run(
         create_app(settings()),
         host="127.0.0.1",

@@ -2,13 +2,15 @@
 
 Run `python -m bench.jobs`. It uses only loopback services: a fresh PostgreSQL database
 (`gateway_bench_jobs`, created, migrated and dropped at the end) and Redis database 14 (flushed at
-start and end). Every process it starts runs in its own session and is killed on the way out.
+start and end); `BENCH_JOBS_DATABASE_URL` and `BENCH_JOBS_REDIS_URL` choose others. Every
+process it starts runs in its own session and is killed on the way out.
 
 1. raw Dramatiq: N no-op messages, then N one-INSERT messages, drained by 2 processes x 8 threads
 2. end to end: `gateway api` + `gateway worker --processes 2 --threads 8`, async chat completions
    submitted over HTTP until every operation row is completed
 3. poll latency: GET /v1/operations/{id} at a fixed rate against completed jobs
-4. recovery: SIGKILL the worker process holding a running job's lease; time until it completes
+4. recovery: SIGKILL the worker process holding a running job's lease; time until another worker
+   re-claims it (its heartbeat stops: target 2 s, the lease being 5 s) and until it completes
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from app.storage.migrate import upgrade_to_head
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/gateway_bench_jobs"
-REDIS_URL = "redis://127.0.0.1:6379/14"
+DATABASE_URL = os.environ.get(
+    "BENCH_JOBS_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/gateway_bench_jobs"
+)
+REDIS_URL = os.environ.get("BENCH_JOBS_REDIS_URL", "redis://127.0.0.1:6379/14")
 PORT = 8791
 BASE = f"http://127.0.0.1:{PORT}"
 ADMIN_KEY = "gw-bench-admin-key-0123456789abcdef"
@@ -158,6 +162,8 @@ def percentile_ms(values: Sequence[float], q: int) -> float:
 
 
 def raw_dramatiq(procs: Processes, db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, float]:
+    # The raw actors read where to go from the environment, in this process as in theirs.
+    os.environ["RAW_BENCH_REDIS_URL"], os.environ["RAW_BENCH_DSN"] = REDIS_URL, DATABASE_URL
     from bench import _raw_actors as raw
 
     db.execute(f"CREATE TABLE {raw.TABLE} (id bigserial PRIMARY KEY, n int NOT NULL)")
@@ -437,23 +443,22 @@ def main() -> int:
                 f"  submit latency p50 {e2e['submit_p50']:.1f} ms, p99 {e2e['submit_p99']:.1f} ms"
                 f" (concurrency {CONCURRENCY})"
             )
-            print(f"  ratio to raw + INSERT: {ratio:.0%} (target >= 30 %)")
+            print(f"  ratio to raw + INSERT: {ratio:.0%} (target >= 50 %)")
             summary.append(("end-to-end", f"{e2e['rate']:,.0f} jobs/s", ""))
-            summary.append(("end-to-end / raw+INSERT", f"{ratio:.0%}", ok(ratio >= 0.30)))
+            summary.append(("end-to-end / raw+INSERT", f"{ratio:.0%}", ok(ratio >= 0.50)))
             summary.append(
                 (
                     "submit latency p50 / p99",
                     f"{e2e['submit_p50']:.1f} / {e2e['submit_p99']:.1f} ms",
-                    "",
+                    ok(e2e["submit_p99"] <= 15),
                 )
             )
 
             print(f"\n3. poll latency ({POLL_RATE} req/s for {POLL_SECONDS:g} s)")
-            # The workers are still writing the jobs' usage records and execution logs (batched
-            # through the usage queue); measure polling once that backlog is done, not during it.
+            # Every completed job committed its usage record with its outcome: none is pending.
             jobs = WARMUP_JOBS + E2E_JOBS
-            settled = wait_for("usage records", lambda: usage_records(db) >= jobs, 120, every=0.1)
-            print(f"  (after the workers' usage backlog drained: {settled:.1f} s)")
+            recorded = usage_records(db)
+            print(f"  (usage records of the {jobs} completed jobs: {recorded})")
             latencies, errors = asyncio.run(poll_latency(e2e["ids"]))
             p50, p99 = percentile_ms(latencies, 50), percentile_ms(latencies, 99)
             print(
@@ -476,6 +481,9 @@ def main() -> int:
                 f"killed worker's parent exit code: {rec['killed_leader_exit']})"
             )
             summary.append(
+                ("re-claimed after SIGKILL", fmt(rec["reclaimed_after"]), ok_within(rec, 2.0))
+            )
+            summary.append(
                 ("recovery after SIGKILL", f"{rec['seconds']:.2f} s", ok(rec["seconds"] <= 10))
             )
     finally:
@@ -494,6 +502,11 @@ def main() -> int:
 
 def ok(passed: bool) -> str:
     return "ok" if passed else "MISSED"
+
+
+def ok_within(recovery: dict[str, Any], seconds: float) -> str:
+    reclaimed = recovery["reclaimed_after"]
+    return ok(reclaimed is not None and reclaimed <= seconds)
 
 
 def fmt(seconds: float | None) -> str:

@@ -12,7 +12,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from app.config import Settings
 from app.queue.broker import build_broker
-from app.queue.names import ACTORS, QUEUES, USAGE_ACTOR, USAGE_QUEUE
+from app.queue.names import ACTORS, QUEUES
 from app.queue.port import DramatiqQueue
 from workers import runtime
 
@@ -43,20 +43,17 @@ def broker(actors: ModuleType) -> StubBroker:
 def test_importing_the_actors_declares_them_all_on_the_global_broker(actors: ModuleType) -> None:
     declared = set(dramatiq.get_broker().get_declared_actors())
 
-    assert {*ACTORS.values(), USAGE_ACTOR} <= declared
+    assert set(ACTORS.values()) <= declared
 
 
 def test_every_queued_kind_has_one_actor_on_its_own_queue(broker: StubBroker) -> None:
-    assert set(broker.get_declared_actors()) == {*ACTORS.values(), USAGE_ACTOR}
+    assert set(broker.get_declared_actors()) == set(ACTORS.values())
     for kind, queue in QUEUES.items():
         actor = broker.get_actor(ACTORS[kind])
         assert actor.queue_name == queue
         # The job engine retries (and records it on the job); Dramatiq must not.
         assert actor.options["max_retries"] == 0
         assert actor.options["time_limit"] > 0
-    usage = broker.get_actor(USAGE_ACTOR)
-    assert usage.queue_name == USAGE_QUEUE
-    assert usage.options["max_retries"] > 0
 
 
 async def test_a_job_sent_for_each_kind_runs_from_its_kinds_queue(

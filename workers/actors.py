@@ -1,5 +1,5 @@
 """The actors: one job actor per kind, on its kind's queue, each the same thin call into the
-runner; and the `usage` actor, which writes batches of usage records."""
+runner."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import dramatiq
 
-from app.queue.names import ACTORS, QUEUES, USAGE_ACTOR, USAGE_QUEUE, OperationKind
+from app.queue.names import ACTORS, QUEUES, OperationKind
 from workers import runtime
 from workers.broker import ensure_broker
 
@@ -36,14 +36,7 @@ JOB_ACTORS: dict[OperationKind, dramatiq.Actor[[str], None]] = {
 }
 
 
-# No job row records a batch, so Dramatiq retries it; writing a batch twice is a no-op.
-@dramatiq.actor(actor_name=USAGE_ACTOR, queue_name=USAGE_QUEUE, max_retries=20, min_backoff=1000)
-async def record_usage_batch(batch: dict[str, Any]) -> None:
-    """Insert one batch of usage records and execution logs."""
-    await runtime.get_runtime().services.accounting.usage.write_batch(batch)
-
-
-ALL: tuple[dramatiq.Actor[Any, None], ...] = (*JOB_ACTORS.values(), record_usage_batch)
+ALL: tuple[dramatiq.Actor[Any, None], ...] = tuple(JOB_ACTORS.values())
 
 
 def bind(broker: dramatiq.Broker) -> None:

@@ -16,7 +16,9 @@ from workers.middleware import (
     Metrics,
     OneStopPerSignal,
     Periodic,
+    Presence,
     ProcessLogging,
+    ProcessTracing,
     QuickIdlePolling,
 )
 
@@ -37,10 +39,12 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
         settings,
         middleware=[
             ProcessLogging(settings),
+            ProcessTracing(settings),
             Periodic(),
             OneStopPerSignal(),
             QuickIdlePolling(),
             heartbeat,
+            Presence(settings.WORKER_PRESENCE_TTL_SECONDS),
             metrics,
         ],
     )

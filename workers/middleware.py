@@ -16,9 +16,10 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from app.cli import configure_logging
 from app.config import Settings
-from app.core import heap
+from app.core import heap, tracing
 from app.core.metrics import MetricsListener, serve_on_free_port
 from app.gateway.chat import ensure_builtin_models
+from app.operations.presence import PresenceBeat
 from app.system import liveness
 from workers import runtime
 
@@ -103,6 +104,23 @@ class ProcessLogging(dramatiq.Middleware):
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         configure_logging(self.settings)
+
+
+class ProcessTracing(dramatiq.Middleware):
+    """Each `gateway worker` process exports its spans itself when OTEL_EXPORTER_OTLP_ENDPOINT
+    is set (`app.core.tracing`), from a thread started after the fork, and flushes them when
+    its jobs are done. (`gateway dev` shares the API's.)"""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        tracing.configure(
+            self.settings.OTEL_EXPORTER_OTLP_ENDPOINT, self.settings.otel_service_name()
+        )
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        tracing.flush()
 
 
 class OneStopPerSignal(dramatiq.Middleware):
@@ -190,6 +208,32 @@ class Heartbeat(dramatiq.Middleware):
             self._future.cancel()
             self._future = None
             liveness.forget(self.directory)
+
+
+class Presence(dramatiq.Middleware):
+    """Stamps this `gateway worker` process's heartbeat in Redis from before it consumes until
+    its last job is done (`app/operations/presence.py`), so that when it dies the sweeper
+    hands its running jobs to others within about `ttl`, not a whole lease later."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._worker_process = False
+        self._beat: PresenceBeat | None = None
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        self._worker_process = True  # only `gateway worker` processes boot through the CLI
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        client = getattr(broker, "client", None)  # the Redis broker's own blocking client
+        if not self._worker_process or client is None or self.ttl <= 0:
+            return
+        self._beat = PresenceBeat(client, runtime.worker_id(), ttl=self.ttl)
+        self._beat.start()
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._beat is not None:
+            self._beat.stop()
+            self._beat = None
 
 
 class Metrics(dramatiq.Middleware):

@@ -12,6 +12,7 @@ import dramatiq
 
 from app.config import BrokerKind, ProcessRole, Settings, StorageBackend
 from app.core.redis import build_redis
+from app.operations.presence import Presence
 from app.operations.runner import OperationRunner
 from app.queue.periodic import LocalTickLock, PeriodicRunner, PeriodicTask, RedisTickLock
 from app.queue.port import DramatiqQueue, build_queue
@@ -34,7 +35,7 @@ class Runtime:
     periodic: PeriodicRunner
 
     async def close(self) -> None:
-        await self.services.aclose()  # buffered usage and logs go out first
+        await self.services.aclose()  # usage not yet written goes out first
         await self.services.redis.aclose()
         if isinstance(self.services.queue, DramatiqQueue):
             await self.services.queue.aclose()
@@ -62,6 +63,11 @@ def settings() -> Settings:
     return _settings
 
 
+def worker_id() -> str:
+    """This process's name as a worker: on the jobs it claims, and on its heartbeat."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def get_runtime() -> Runtime:
     """This process's runtime, built on first use inside the worker's event loop."""
     global _runtime
@@ -76,20 +82,21 @@ def _build(config: Settings) -> Runtime:
     queue = build_queue(config, dramatiq.get_broker())
     redis_client = build_redis(config)
     services = build_services(config, storage, queue, redis_client)
-    worker_id = f"{socket.gethostname()}-{os.getpid()}"
+    shared = config.BROKER is BrokerKind.REDIS and config.STORAGE_BACKEND is StorageBackend.POSTGRES
+    presence = None
+    if shared and config.WORKER_PRESENCE_TTL_SECONDS > 0:
+        presence = Presence(redis_client, ttl=config.WORKER_PRESENCE_TTL_SECONDS)
     runner = OperationRunner(
         storage,
         queue,
         build_handlers(services),
-        worker_id=worker_id,
+        worker_id=worker_id(),
         timings=job_timings(config),
         events=services.events,
+        presence=presence,
     )
-    lock: LocalTickLock | RedisTickLock
-    if config.BROKER is BrokerKind.REDIS and config.STORAGE_BACKEND is StorageBackend.POSTGRES:
-        lock = RedisTickLock(redis_client, worker_id)
-    else:
-        lock = LocalTickLock()  # one process holds everything: memory storage or fakeredis
+    # With memory storage or fakeredis one process holds everything: ticks are its own.
+    lock = RedisTickLock(redis_client, worker_id()) if shared else LocalTickLock()
     tasks = [
         PeriodicTask("sweep", config.SWEEP_INTERVAL_SECONDS, runner.sweep),
         PeriodicTask("purge", config.PURGE_INTERVAL_SECONDS, runner.purge_finished),
@@ -101,6 +108,10 @@ def _build(config: Settings) -> Runtime:
         PeriodicTask("batches", config.SWEEP_INTERVAL_SECONDS, services.batches.process_due),
         *accounting_tasks(services.accounting, config),
     ]
+    if presence is not None:
+        # Twice per heartbeat lifetime: a dead worker's jobs are pending again within about
+        # one and a half of it.
+        tasks.append(PeriodicTask("orphans", presence.ttl / 2, runner.recover_orphans))
     return Runtime(
         settings=config,
         services=services,

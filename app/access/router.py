@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from app.access.deps import AdminDep, KeysDep, SessionDep, UsersDep
 from app.access.entities import ApiKeyStatus, TeamStatus
@@ -34,6 +34,7 @@ from app.access.schemas import (
 from app.access.teams import TeamService
 from app.core.clock import utcnow
 from app.core.provide import provide
+from app.core.schemas import PageAfter, PageLimit
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"])
 admin_router = APIRouter(prefix="/admin", tags=["admin: access"])
@@ -89,8 +90,8 @@ async def create_user(body: UserCreate, admin: AdminDep, users: UsersDep) -> Use
 async def list_users(
     admin: AdminDep,
     users: UsersDep,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = None,
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> UserList:
     """Users by username."""
     return UserList.of(await users.list_users(limit=limit, after=after), UserRead.of)
@@ -133,8 +134,8 @@ async def list_teams(
     admin: AdminDep,
     teams: TeamsDep,
     status: TeamStatus | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = None,
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> TeamList:
     """Teams newest first."""
     page = await teams.list_teams(status=status, limit=limit, after=after)
@@ -231,8 +232,8 @@ async def list_keys(
     keys: KeysDep,
     team_id: str | None = None,
     status: ApiKeyStatus | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = None,
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> ApiKeyList:
     """API keys newest first, without their secrets."""
     page = await keys.list_keys(team_id=team_id, status=status, limit=limit, after=after)

@@ -25,6 +25,7 @@ from app.access.permissions import KeyPermissions, Resource
 from app.core.clock import utcnow
 from app.core.errors import (
     Conflict,
+    DuplicateKey,
     InvalidInput,
     PermissionDenied,
     StaleVersion,
@@ -48,6 +49,7 @@ KEY_CACHE_SECONDS = 30.0
 UNKNOWN_KEY_CACHE_SECONDS = 5.0
 LAST_USED_EVERY_SECONDS = 60.0
 _WRITE_ATTEMPTS = 3
+_ENSURE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +226,21 @@ class ApiKeyService:
     async def ensure_key(
         self, *, key_id: str, name: str, secret: str, admin: bool, team_id: str | None = None
     ) -> ApiKey:
-        """Make sure a key with exactly this secret exists (for ADMIN_API_KEY and dev mode)."""
+        """Make sure a key with exactly this secret exists (for ADMIN_API_KEY and dev mode).
+
+        Safe in processes starting together: of those that find it missing (or holding
+        another secret), one writes it and the others find it written.
+        """
+        for _ in range(_ENSURE_ATTEMPTS):
+            try:
+                return await self._ensure_key_once(key_id, name, secret, admin, team_id)
+            except (DuplicateKey, StaleVersion):
+                continue  # another process wrote it meanwhile: look again
+        raise Conflict(f"api key '{key_id}' keeps changing; start again")
+
+    async def _ensure_key_once(
+        self, key_id: str, name: str, secret: str, admin: bool, team_id: str | None
+    ) -> ApiKey:
         async with self._storage.unit_of_work() as uow:
             existing = await uow.repo(ApiKey).get(key_id)
             if existing is not None:

@@ -20,6 +20,7 @@ from app.batches.schemas import (
 )
 from app.batches.service import BatchService, FileService
 from app.core.provide import provide
+from app.core.schemas import PageLimit
 from app.operations.submit import Owner
 
 router = APIRouter(tags=["batches"])
@@ -56,7 +57,7 @@ async def list_files(
     principal: PrincipalDep,
     files: FilesDep,
     purpose: str | None = Query(default=None, max_length=32),
-    limit: int = Query(default=20, ge=1, le=100),
+    limit: PageLimit = 20,
     after: str | None = Query(default=None, description="The id of the last file seen."),
 ) -> FileList:
     """The caller's files, newest first."""
@@ -106,7 +107,7 @@ async def create_batch(
 async def list_batches(
     principal: PrincipalDep,
     batches: BatchesDep,
-    limit: int = Query(default=20, ge=1, le=100),
+    limit: PageLimit = 20,
     after: str | None = Query(default=None, description="The id of the last batch seen."),
 ) -> BatchList:
     """The caller's batches, newest first."""

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache
-from typing import Any, Generic, Literal, Protocol, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
-from pydantic import BaseModel
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, model_validator
 
 T = TypeVar("T")
 E = TypeVar("E")
 E_co = TypeVar("E_co", covariant=True)
 M = TypeVar("M", bound=BaseModel)
+
+# The query parameters of a cursor-paged list: `limit: PageLimit = 20, after: PageAfter = None`.
+PageLimit = Annotated[int, Query(ge=1, le=100, description="How many items at most.")]
+PageAfter = Annotated[str | None, Query(description="The `next_cursor` of the previous page.")]
 
 
 def from_entity(shape: type[M], entity: BaseModel, **given: Any) -> M:
@@ -39,6 +44,22 @@ class Paged(Protocol[E_co]):
 
     @property
     def next_cursor(self) -> str | None: ...
+
+
+class PartialUpdate(BaseModel):
+    """Changes to a stored resource (a PATCH body): a field left out is kept; a field sent as
+    null clears it when it is in `clearable`, and is refused for any other field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clearable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _refuse_nulls(self) -> Self:
+        for name in sorted(self.model_fields_set - self.clearable):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
 
 
 class Deleted(BaseModel):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 
 from app.access.deps import AdminDep
 from app.core.provide import provide
-from app.core.schemas import Deleted
+from app.core.schemas import Deleted, PageAfter, PageLimit
 from app.credentials.entities import Provider
 from app.credentials.schemas import (
     ConnectionTestRead,
@@ -37,8 +37,8 @@ async def list_credentials(
     admin: AdminDep,
     credentials: CredentialsDep,
     provider: Provider | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> CredentialList:
     """Credentials ordered by id."""
     page = await credentials.list(provider=provider, limit=limit, after=after)

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from app.core.schemas import ListPage
+from app.core.schemas import ListPage, PartialUpdate
 from app.credentials.entities import Provider, StoredCredential
 
 CREDENTIAL_ID = r"^[A-Za-z0-9_-]{1,50}$"
@@ -66,14 +66,13 @@ def masked_endpoint(endpoint: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
-class CredentialCreate(BaseModel):
-    """A new credential: a secret to encrypt, or the name of an env var holding it."""
+class _CredentialFields(BaseModel):
+    """What creating and changing a credential share: its name, the secret or where to read it,
+    where the provider lives and how the secret is sent."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=CREDENTIAL_ID, description="1-50 letters, digits, _ or -")
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    provider: Provider
     secret: SecretStr | None = Field(default=None, description="Stored encrypted; never shown.")
     env_var: str | None = Field(
         default=None,
@@ -85,47 +84,33 @@ class CredentialCreate(BaseModel):
     region: str | None = Field(default=None, min_length=1, max_length=64)
     header_name: str | None = Field(default=None, pattern=HEADER_NAME)
     header_value_template: str | None = Field(default=None, max_length=200)
+
+    _endpoint = field_validator("endpoint")(check_endpoint)
+    _secret = field_validator("secret")(_check_secret)
+    _template = field_validator("header_value_template")(_check_template)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.secret is not None and self.env_var is not None:
+            raise ValueError("give either secret or env_var, not both")
+        return self
+
+
+class CredentialCreate(_CredentialFields):
+    """A new credential: a secret to encrypt, or the name of an env var holding it."""
+
+    id: str = Field(pattern=CREDENTIAL_ID, description="1-50 letters, digits, _ or -")
+    provider: Provider
     enabled: bool = True
 
-    _endpoint = field_validator("endpoint")(check_endpoint)
-    _secret = field_validator("secret")(_check_secret)
-    _template = field_validator("header_value_template")(_check_template)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> Self:
-        if self.secret is not None and self.env_var is not None:
-            raise ValueError("give either secret or env_var, not both")
-        return self
+class CredentialUpdate(_CredentialFields, PartialUpdate):
+    """Changes to a credential; a field left out is kept, one sent as null clears it (but a
+    credential keeps its name and enabled flag)."""
 
+    clearable = frozenset(_CredentialFields.model_fields) - {"name"}
 
-class CredentialUpdate(BaseModel):
-    """Changes to a credential; a field sent as null clears it, a field left out is kept."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    secret: SecretStr | None = None
-    env_var: str | None = Field(default=None, pattern=ENV_VAR_NAME)
-    endpoint: str | None = Field(default=None, max_length=2000)
-    api_version: str | None = Field(default=None, min_length=1, max_length=32)
-    region: str | None = Field(default=None, min_length=1, max_length=64)
-    header_name: str | None = Field(default=None, pattern=HEADER_NAME)
-    header_value_template: str | None = Field(default=None, max_length=200)
     enabled: bool | None = None
-
-    _endpoint = field_validator("endpoint")(check_endpoint)
-    _secret = field_validator("secret")(_check_secret)
-    _template = field_validator("header_value_template")(_check_template)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Self:
-        if self.secret is not None and self.env_var is not None:
-            raise ValueError("give either secret or env_var, not both")
-        if "name" in self.model_fields_set and self.name is None:
-            raise ValueError("name cannot be null")
-        if "enabled" in self.model_fields_set and self.enabled is None:
-            raise ValueError("enabled cannot be null")
-        return self
 
 
 class CredentialRead(BaseModel):

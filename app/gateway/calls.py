@@ -1,6 +1,6 @@
 """The one path of a gateway call: every LLM call, whatever starts it, goes through here.
 
-A route answering a client, the fast path, an async job, a batch line, and the workflow steps,
+A route answering a client, the fast path, an async job, a batch line, a workflow step, and the
 experiments and evaluations to come all call `GatewayCalls`, which does, in this order:
 
 1. **permission**: the caller may use the model (or chain) and every stored prompt referenced;
@@ -10,7 +10,8 @@ experiments and evaluations to come all call `GatewayCalls`, which does, in this
 4. **admission**: rate limits and budgets, reserved against the route's first model
    (`Metering.admit`; a refusal is a 429 or a 402, the same from every context);
 5. **cache, upstream**: the response cache when the request allows it, else the route;
-6. **settlement**: the usage record, cost and execution log (`Metering.settle`), or the
+6. **settlement**: the usage record, cost and execution log (`Metering.settle`: committed before
+   a direct call's answer is sent, or with the outcome of the job the call runs in), or the
    reservation given back when no upstream call was made (`Metering.fail`).
 
 The result is typed (`Completion`, `Streamed`, `Embedded`); turning it into an HTTP response or a
@@ -29,6 +30,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from app.access.service import ApiKeyService
+from app.core import tracing
 from app.core.errors import BudgetExceeded, DomainError, InvalidInput, RateLimited
 from app.core.metrics import (
     CACHE_LOOKUPS,
@@ -43,13 +45,16 @@ from app.gateway.chat import ChatAnswer, ChatService, ChatStream
 from app.gateway.providers.base import JSON
 from app.gateway.routing import Route
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.gateway.variants import CallReport, Enrolment, VariantChooser, reported_stream
 from app.models.entities import ModelKind
 from app.operations.entities import Operation
+from app.operations.runner import JobContext
 from app.operations.service import OperationService
 from app.operations.submit import Owner
 from app.queue.names import OperationKind
 from app.usage.admission import Admission
 from app.usage.entities import UsageType
+from app.usage.ledger import UsageLedger
 from app.usage.metering import Metering
 from app.usage.pricing import estimate_message_tokens
 from app.usage.settlement import UsageOutcome
@@ -70,6 +75,12 @@ def usd(micros: int) -> str:
     return f"{sign}{whole}.{fraction:06d}"
 
 
+def overhead_ms(started: float, upstream: float) -> float:
+    """The gateway's own milliseconds since `started` (`time.perf_counter()`), less the
+    `upstream` seconds: what the answer's header and the usage record both say."""
+    return round(max(time.perf_counter() - started - upstream, 0.0) * 1000, 2)
+
+
 def answer_headers(
     base: dict[str, str],
     model_id: str,
@@ -77,13 +88,13 @@ def answer_headers(
     overhead: float,
     cost_micros: int | None = None,
 ) -> dict[str, str]:
-    """`base` (rate limits, cache) with the model, provider, overhead (`overhead` seconds) and,
-    when known as the answer goes out, the cost."""
+    """`base` (rate limits, cache) with the model, provider, overhead (milliseconds, from
+    `overhead_ms`) and, when known as the answer goes out, the cost."""
     headers = {
         **base,
         MODEL_HEADER: model_id,
         PROVIDER_HEADER: provider,
-        OVERHEAD_HEADER: f"{max(overhead, 0.0) * 1000:.2f}",
+        OVERHEAD_HEADER: f"{overhead:.2f}",
     }
     if cost_micros is not None:
         headers[COST_HEADER] = usd(cost_micros)
@@ -104,22 +115,34 @@ class CallSource(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class CallContext:
-    """What started the call, the job it runs in, and the cache policy it asked for."""
+    """What started the call, the job it runs in, the cache policy it asked for, where its
+    usage goes (None: committed by this process before the answer leaves), and the experiment
+    unit its client named (`X-Experiment-Unit`)."""
 
     source: CallSource = CallSource.DIRECT
     operation_id: str | None = None
     cache_control: CacheControl | None = None
+    ledger: UsageLedger | None = None
+    unit: str | None = None
 
     @property
     def is_async(self) -> bool:
         return self.source is not CallSource.DIRECT
 
     @classmethod
-    def of_job(cls, operation: Operation) -> CallContext:
-        """The context of a call a job makes: a batch line when the job is a batch's child."""
+    def of_job(cls, operation: Operation, ledger: UsageLedger | None = None) -> CallContext:
+        """The context of a call a job makes: a batch line when the job is a batch's child;
+        its usage goes to `ledger` (the job's, `GatewayCalls.job_context`)."""
         source = CallSource.BATCH_LINE if operation.parent_id else CallSource.ASYNC_JOB
         control = CacheControl.parse(operation.meta.get("cache_control"))
-        return cls(source=source, operation_id=operation.id, cache_control=control)
+        unit = operation.meta.get("experiment_unit")
+        return cls(
+            source=source,
+            operation_id=operation.id,
+            cache_control=control,
+            ledger=ledger,
+            unit=unit,
+        )
 
 
 DIRECT = CallContext()
@@ -151,18 +174,28 @@ class Keyless:
 
 @dataclass(slots=True)
 class Settlement:
-    """A call's usage, cost and log, still to be recorded (after the answer is on its way)."""
+    """A call's usage, cost and log, still to be recorded: before the answer is sent, so that
+    no answer leaves unpaid for; raises `Unavailable` when the usage could not be written."""
 
     metering: Metering
     admission: Admission
     outcome: UsageOutcome
+    # The experiment the call is enrolled in hears how it went, once it is settled.
+    enrolment: Enrolment | None = None
 
     async def __call__(self) -> None:
-        try:
-            await self.metering.settle(self.admission, self.outcome)
-        except Exception:
-            # The reservation stands (it expires with its window); the answer was delivered.
-            log.exception("settling a call's usage failed")
+        await self.metering.settle(self.admission, self.outcome)
+        if self.enrolment is not None:
+            outcome = self.outcome
+            await self.enrolment.report(
+                CallReport(
+                    outcome.model_id,
+                    outcome.latency_ms or 0,
+                    input_tokens=outcome.input_tokens,
+                    output_tokens=outcome.output_tokens,
+                    cost_micros=outcome.cost_micros or 0,
+                )
+            )
 
 
 @dataclass(slots=True)
@@ -211,6 +244,7 @@ class _ChatCall:
     admission: Admission
     lookup: CacheLookup | None
     outcome: dict[str, Any]
+    enrolment: Enrolment | None = None
 
     def headers(self) -> dict[str, str]:
         """Rate limits, and what the cache did."""
@@ -230,14 +264,21 @@ class GatewayCalls:
         operations: OperationService,
         *,
         cache: ResponseCache | None = None,
+        variants: VariantChooser | None = None,
     ) -> None:
         self._chat = chat
         self._metering = metering
         self._keys = keys
         self._operations = operations
         self.cache = cache
+        self._variants = variants
 
     # --- callers ----------------------------------------------------------------------------
+
+    def job_context(self, job: JobContext) -> CallContext:
+        """The context of a call the running `job` makes: its usage commits with the job's
+        outcome, so a job is paid for once however often a crash makes it run."""
+        return CallContext.of_job(job.operation, self._metering.job_usage(job))
 
     async def job_caller(self, operation: Operation) -> Caller:
         """The owner of a job as it is when the job runs: a key revoked, suspended or expired
@@ -262,17 +303,19 @@ class GatewayCalls:
                 answer = ChatAnswer(model_id, lookup.response, call.route.provider_of(model_id))
             else:
                 asked = time.perf_counter()
-                try:
-                    answer = await self._chat.call(call.route, call.body)
-                except BaseException as exc:
-                    _upstream_failed(call.route, exc)
-                    raise
-                upstream = time.perf_counter() - asked
-                _upstream_answered(call.route, answer.model_id, asked, UPSTREAM_DURATION)
+                with tracing.span("gateway.upstream", kind="client") as span:
+                    try:
+                        answer = await self._chat.call(call.route, call.body)
+                    except BaseException as exc:
+                        _upstream_failed(call.route, exc, span)
+                        raise
+                    upstream = time.perf_counter() - asked
+                    _upstream_answered(call.route, answer.model_id, asked, UPSTREAM_DURATION, span)
                 if lookup is not None and self.cache is not None:
                     await self.cache.store(lookup, answer.body)
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
+            await _report_failure(call.enrolment, exc, started)
             raise
         usage = answer.usage
         settled = UsageOutcome(
@@ -286,18 +329,15 @@ class GatewayCalls:
             **call.outcome,
         )
         cost = await self._metering.priced(call.admission, settled)
+        settled.overhead_ms = overhead_ms(started, upstream)
         headers = answer_headers(
-            call.headers(),
-            answer.model_id,
-            answer.provider,
-            time.perf_counter() - started - upstream,
-            cost,
+            call.headers(), answer.model_id, answer.provider, settled.overhead_ms, cost
         )
         return Completion(
             answer.body,
             answer.model_id,
             headers,
-            Settlement(self._metering, call.admission, settled),
+            Settlement(self._metering, call.admission, settled, call.enrolment),
         )
 
     async def stream(
@@ -316,17 +356,25 @@ class GatewayCalls:
                 stream = _replayed(call.route, lookup.response, include_usage)
             else:
                 asked = time.perf_counter()
-                try:
-                    stream = await self._chat.open_stream(call.route, call.body, include_usage)
-                except BaseException as exc:
-                    _upstream_failed(call.route, exc)
-                    raise
-                upstream = time.perf_counter() - asked
-                # `open_stream` returns once the first chunk is in: that is the time to it.
-                _upstream_answered(call.route, stream.model_id, asked, UPSTREAM_FIRST_TOKEN)
+                # Up to the first chunk: the rest is relayed under the request's own span.
+                with tracing.span("gateway.upstream", kind="client") as span:
+                    try:
+                        stream = await self._chat.open_stream(call.route, call.body, include_usage)
+                    except BaseException as exc:
+                        _upstream_failed(call.route, exc, span)
+                        raise
+                    upstream = time.perf_counter() - asked
+                    # `open_stream` returns once the first chunk is in: that is the time to it.
+                    _upstream_answered(
+                        call.route, stream.model_id, asked, UPSTREAM_FIRST_TOKEN, span
+                    )
         except BaseException as exc:
             await self._metering.fail(call.admission, exc, **call.outcome)
+            await _report_failure(call.enrolment, exc, started)
             raise
+        first_token = time.perf_counter()
+        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
+        overhead = overhead_ms(started, upstream)
         chunks = self._metering.stream(
             call.admission,
             stream.chunks,
@@ -334,10 +382,24 @@ class GatewayCalls:
             model_id=stream.model_id,
             provider=stream.provider,
             cache_hit=lookup is not None and lookup.hit,
+            overhead_ms=overhead,
             **call.outcome,
         )
-        # Up to the first chunk; the cost is known only once the stream ends (its usage record).
-        overhead = time.perf_counter() - started - upstream
+        if call.enrolment is not None:
+            hit = lookup is not None and lookup.hit
+            chunks = reported_stream(
+                chunks,
+                call.enrolment,
+                (started, first_token),
+                stream.model_id,
+                lambda: stream.usage,
+                lambda i, o: self._metering.priced(
+                    call.admission,
+                    UsageOutcome(
+                        input_tokens=i, output_tokens=o, model_id=stream.model_id, cache_hit=hit
+                    ),
+                ),
+            )
         headers = answer_headers(call.headers(), stream.model_id, stream.provider, overhead)
         return Streamed(stream.model_id, chunks, headers)
 
@@ -348,6 +410,7 @@ class GatewayCalls:
         *,
         cache_control: str | None = None,
         idempotency_key: str | None = None,
+        unit: str | None = None,
     ) -> Accepted:
         """Accept a chat completion as a job, once it is committed; it is admitted when it runs
         (`complete` with the job's context), as the same call made directly would be."""
@@ -357,13 +420,16 @@ class GatewayCalls:
             raise InvalidInput("an async request cannot be streamed", param="stream")
         wire = request.check()
         await self._chat.resolve(request.model)  # an unknown model is refused now, not later
+        # The worker applies the same cache policy and experiment unit as a direct call would.
+        meta = {"cache_control": cache_control} if cache_control else {}
+        if unit is not None:
+            meta["experiment_unit"] = unit
         operation, created = await self._operations.submit(
             kind=OperationKind.CHAT_COMPLETION,
             input=wire,
             owner=Owner(key_id=caller.key_id, team_id=caller.team_id),
             idempotency_key=idempotency_key,
-            # The worker applies the same cache policy as a direct call would.
-            meta={"cache_control": cache_control} if cache_control else None,
+            meta=meta or None,
         )
         return Accepted(operation, created)
 
@@ -388,19 +454,21 @@ class GatewayCalls:
                 **outcome,
             ) as call:
                 asked = time.perf_counter()
-                try:
-                    answer = await self._chat.embed(request)
-                except BaseException as exc:
-                    _upstream_failed(route, exc)
-                    raise
-                upstream = time.perf_counter() - asked
-                _upstream_answered(route, answer.model_id, asked, UPSTREAM_DURATION)
+                with tracing.span("gateway.upstream", kind="client") as span:
+                    try:
+                        answer = await self._chat.embed(request)
+                    except BaseException as exc:
+                        _upstream_failed(route, exc, span)
+                        raise
+                    upstream = time.perf_counter() - asked
+                    _upstream_answered(route, answer.model_id, asked, UPSTREAM_DURATION, span)
                 call.done_with_usage(
                     answer.body.get("usage"), model_id=answer.model_id, provider=answer.provider
                 )
                 assert call.outcome is not None
                 cost = await self._metering.priced(call.admission, call.outcome)
-        overhead = time.perf_counter() - started - upstream
+                # Before the settlement the block's end makes, as a chat call's comes after.
+                overhead = call.outcome.overhead_ms = overhead_ms(started, upstream)
         headers = answer_headers(call.headers, answer.model_id, answer.provider, overhead, cost)
         return Embedded(answer.body, answer.model_id, headers)
 
@@ -412,6 +480,12 @@ class GatewayCalls:
         """Steps 1 to 5 of a chat call: permission, check, resolution, admission, then the
         prepared body and the cache's answer (a failure after admission gives it back)."""
         caller.ensure_can_call(request.model, request.messages)
+        # The caller may make the call it asked for; an experiment may make it as a variant.
+        enrolment = None
+        if self._variants is not None and context.source in _ENROLLED:
+            enrolment = await self._variants.choose(caller, request, context)
+            if enrolment is not None:
+                request = enrolment.request
         # Before admission: a malformed request is a 400, never a 402 or 429 on its max_tokens.
         wire = request.check()
         route = await self._chat.resolve(request.model)
@@ -426,31 +500,45 @@ class GatewayCalls:
         outcome = _chat_outcome(context, request)
         try:
             body = await self._chat.prepare(request, wire)
-            lookup = await self._cache_lookup(caller, route, body, context)
-            if lookup is not None:
-                kind = "exact" if lookup.similarity is None else "semantic"
-                CACHE_LOOKUPS(kind, lookup.status).inc()
+            lookup = None
+            if self.cache is not None:
+                with tracing.span("gateway.cache") as span:
+                    lookup = await self._cache_lookup(self.cache, caller, route, body, context)
+                    kind = "exact" if lookup.similarity is None else "semantic"
+                    CACHE_LOOKUPS(kind, lookup.status).inc()
+                    span.set_attribute("gateway.cache.result", lookup.status)
         except BaseException as exc:
             await self._metering.fail(admission, exc, **outcome)
+            await _report_failure(enrolment, exc, time.perf_counter())
             raise
-        return _ChatCall(route, body, admission, lookup, outcome)
+        return _ChatCall(route, body, admission, lookup, outcome, enrolment)
 
+    @staticmethod
     async def _cache_lookup(
-        self, caller: Caller, route: Route, body: JSON, context: CallContext
-    ) -> CacheLookup | None:
-        if self.cache is None:
-            return None
+        cache: ResponseCache, caller: Caller, route: Route, body: JSON, context: CallContext
+    ) -> CacheLookup:
         # Every model the route may call, at its configuration: a change to any is a new key.
         version = ",".join(
             f"{s.upstream.model_id}:{s.upstream.config_version}" for s in route.steps
         )
-        return await self.cache.lookup(
+        return await cache.lookup(
             body,
             model=route.name,
             config_version=version,
             tenant=tenant_of(caller.team_id, caller.key_id),
             control=context.cache_control,
         )
+
+
+# Client calls are enrolled in experiments; an experiment's own batch calls are not.
+_ENROLLED = frozenset({CallSource.DIRECT, CallSource.ASYNC_JOB})
+
+
+async def _report_failure(enrolment: Enrolment | None, exc: BaseException, started: float) -> None:
+    """An enrolled call that failed with a domain error counts against its variant; one cut
+    short otherwise (a client gone, a bug) says nothing about the variant."""
+    if enrolment is not None and isinstance(exc, DomainError):
+        await enrolment.report(CallReport.failed(exc, started))
 
 
 # ---- metrics (app/core/metrics.py): every upstream call and refusal is counted here ----------
@@ -477,13 +565,23 @@ def _provider(route: Route, model_id: str) -> str:
     return route.steps[0].upstream.provider.value
 
 
-def _upstream_answered(route: Route, model_id: str, started: float, latency: Family[Any]) -> None:
+def _upstream_answered(
+    route: Route,
+    model_id: str,
+    started: float,
+    latency: Family[Any],
+    span: tracing.SpanHandle = tracing.NO_SPAN,
+) -> None:
     provider = _provider(route, model_id)
     UPSTREAM_REQUESTS(provider, model_id, "ok").inc()
     latency(provider, model_id).observe(time.perf_counter() - started)
+    if span is not tracing.NO_SPAN:
+        span.set_attributes(_upstream_attributes(route, provider, model_id, "ok"))
 
 
-def _upstream_failed(route: Route, exc: BaseException) -> None:
+def _upstream_failed(
+    route: Route, exc: BaseException, span: tracing.SpanHandle = tracing.NO_SPAN
+) -> None:
     """A call no model of the route answered, counted against the route's first model with its
     error code (a bounded set: the `DomainError` codes)."""
     if isinstance(exc, DomainError):
@@ -494,13 +592,31 @@ def _upstream_failed(route: Route, exc: BaseException) -> None:
         outcome = "cancelled"
     first = route.steps[0].upstream
     UPSTREAM_REQUESTS(first.provider.value, first.model_id, outcome).inc()
+    if span is not tracing.NO_SPAN:
+        span.set_attributes(
+            _upstream_attributes(route, first.provider.value, first.model_id, outcome)
+        )
+
+
+def _upstream_attributes(
+    route: Route, provider: str, model_id: str, outcome: str
+) -> dict[str, str | int]:
+    """What an upstream call's span says: the model asked for, the one that answered (or the
+    route's first, when none did), its provider, the outcome, and how many models it had."""
+    return {
+        "gateway.route": route.name,
+        "gateway.provider": provider,
+        "gateway.model": model_id,
+        "gateway.outcome": outcome,
+        "gateway.route.steps": len(route.steps),
+    }
 
 
 def _outcome(context: CallContext) -> dict[str, Any]:
-    """What the usage record and execution log keep of the call's context."""
+    """What the usage record and execution log keep of the call's context, and where they go."""
     if context.source is CallSource.DIRECT:
-        return {}
-    return {"operation_id": context.operation_id, "is_async": True}
+        return {} if context.ledger is None else {"ledger": context.ledger}
+    return {"operation_id": context.operation_id, "is_async": True, "ledger": context.ledger}
 
 
 def _chat_outcome(context: CallContext, request: ChatCompletionRequest) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The gateway's job handlers: chat completions and embeddings run as jobs (async calls and
-batch lines), each through the one gateway call with the job's context."""
+batch lines), each through the one gateway call with the job's context (whose usage commits
+with the job's outcome)."""
 
 from __future__ import annotations
 
-from app.gateway.calls import CallContext, GatewayCalls
+from app.gateway.calls import GatewayCalls
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from app.operations.runner import Handler, JobContext
 from app.queue.names import OperationKind
@@ -17,7 +18,7 @@ def gateway_handlers(calls: GatewayCalls) -> dict[OperationKind, Handler]:
         # The key's permissions, limits and budgets as they are when the job runs.
         caller = await calls.job_caller(ctx.operation)
         await ctx.checkpoint()  # before the upstream call: a cancelled job makes none
-        completion = await calls.complete(caller, request, CallContext.of_job(ctx.operation))
+        completion = await calls.complete(caller, request, calls.job_context(ctx))
         await completion.settle()
         return completion.body
 
@@ -25,7 +26,7 @@ def gateway_handlers(calls: GatewayCalls) -> dict[OperationKind, Handler]:
         request = EmbeddingRequest.model_validate(ctx.operation.input)
         caller = await calls.job_caller(ctx.operation)
         await ctx.checkpoint()
-        embedded = await calls.embed(caller, request, CallContext.of_job(ctx.operation))
+        embedded = await calls.embed(caller, request, calls.job_context(ctx))
         return embedded.body
 
     return {

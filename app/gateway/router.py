@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
 
 from app.access.deps import AdminDep, PrincipalDep
 from app.access.service import Principal
@@ -76,9 +75,11 @@ async def answer_directly(
     principal: Principal,
     request: ChatCompletionRequest,
     cache_control: str | None,
+    *,
+    unit: str | None = None,
 ) -> Response:
     """The answer to a chat completion made directly (not as a job), streamed or not."""
-    context = CallContext(cache_control=CacheControl.parse(cache_control))
+    context = CallContext(cache_control=CacheControl.parse(cache_control), unit=unit)
     if request.stream:
         streamed = await calls.stream(principal, request, context)
         return StreamingResponse(
@@ -87,11 +88,10 @@ async def answer_directly(
             headers={"cache-control": "no-cache", **streamed.headers},
         )
     completion = await calls.complete(principal, request, context)
-    response = _json(completion.body, completion.headers)
-    # Settled once the answer is on its way: the reservation already holds the call's place in
-    # the limits and budgets, settling only corrects it, and the client need not wait on that.
-    response.background = BackgroundTask(completion.settle)
-    return response
+    # Settled before the answer is sent: its usage is committed first (with the calls settling
+    # meanwhile, one transaction for all), so a crash can lose no call that was answered.
+    await completion.settle()
+    return _json(completion.body, completion.headers)
 
 
 async def submit_job(
@@ -100,10 +100,16 @@ async def submit_job(
     request: ChatCompletionRequest,
     cache_control: str | None,
     idempotency_key: str | None,
+    *,
+    unit: str | None = None,
 ) -> Response:
     """Accept a chat completion as a job: 202 with the operation to poll, once it is committed."""
     accepted = await calls.submit(
-        principal, request, cache_control=cache_control, idempotency_key=idempotency_key
+        principal,
+        request,
+        cache_control=cache_control,
+        idempotency_key=idempotency_key,
+        unit=unit,
     )
     operation = accepted.operation
     # The shape of `OperationAccepted`, built directly: this is the route jobs are submitted on.
@@ -128,12 +134,18 @@ async def chat_completions(
     run_async: bool = Query(default=False, alias="async"),
     idempotency_key: str | None = Header(default=None, max_length=255),
     cache_control: str | None = Header(default=None, max_length=200),
+    x_experiment_unit: str | None = Header(
+        default=None,
+        max_length=256,
+        description="What a running experiment assigns by, when it assigns by header",
+    ),
 ) -> Any:
     """A chat completion, streamed with `stream: true`; with `?async=true`, a job to poll."""
     # Plain direct calls rarely get here: `app.fastpath` answers them through `answer_directly`.
+    unit = x_experiment_unit
     if not run_async:
-        return await answer_directly(calls, principal, request, cache_control)
-    return await submit_job(calls, principal, request, cache_control, idempotency_key)
+        return await answer_directly(calls, principal, request, cache_control, unit=unit)
+    return await submit_job(calls, principal, request, cache_control, idempotency_key, unit=unit)
 
 
 @router.post("/v1/embeddings", tags=["embeddings"], responses=_ERRORS)

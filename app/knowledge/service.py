@@ -732,11 +732,19 @@ class KnowledgeService:
     # ---- search ------------------------------------------------------------------------------
 
     async def search(
-        self, principal: Principal, base_id: str, request: SearchRequest
+        self,
+        caller: Caller,
+        base_id: str,
+        request: SearchRequest,
+        *,
+        context: CallContext = DIRECT,
     ) -> SearchResults:
-        """The chunks of the base's ready documents that best match the query."""
+        """The chunks of the base's ready documents that best match the query, for `caller` (a
+        key needs the base's permission; a keyless job owner has no key permissions to check);
+        the query's embedding is a call in `context`."""
         # Refused before the base is looked up: a key without it learns nothing of it.
-        principal.ensure_can_use(Resource.KNOWLEDGE_BASES, base_id, param="knowledge_base_id")
+        if isinstance(caller, Principal):
+            caller.ensure_can_use(Resource.KNOWLEDGE_BASES, base_id, param="knowledge_base_id")
         where = parse_filter(request.filter)
         base = await self.get_base(base_id)
         if not base.enabled:
@@ -749,7 +757,7 @@ class KnowledgeService:
         model: str | None = None
         depth = top_k if request.mode is not SearchMode.HYBRID else max(top_k, FUSION_DEPTH)
         if request.mode is not SearchMode.KEYWORD:
-            vector, model = await self._embed_query(principal, base, request.query)
+            vector, model = await self._embed_query(caller, base, request.query, context)
             floor = min_score if request.mode is SearchMode.VECTOR else None
             vector_hits = await self.index.search(
                 base, vector, top_k=depth, min_score=floor, where=where
@@ -796,18 +804,19 @@ class KnowledgeService:
         )
 
     async def _embed_query(
-        self, principal: Principal, base: KnowledgeBase, query: str
+        self, caller: Caller, base: KnowledgeBase, query: str, context: CallContext
     ) -> tuple[list[float], str]:
         if base.embedding_model_id is None:
             raise InvalidInput(f"knowledge base '{base.id}' has no embedding model")
         config = _config(base)
         embedded = await self._calls.embed(
-            ForBase(principal, base.embedding_model_id),
+            ForBase(caller, base.embedding_model_id),
             EmbeddingRequest(
                 model=base.embedding_model_id,
                 input=query,
                 dimensions=base.embedding_dimensions if config.request_dimensions else None,
             ),
+            context,
         )
         return _vectors(embedded.body, 1)[0], embedded.model_id
 

@@ -57,6 +57,11 @@ class ExecutionLog(Entity, table=True):
     input_tokens: int = 0
     output_tokens: int = 0
     execution_time_ms: int = 0
+    # What the answer's headers said: who answered (after any fallback), whether the response
+    # cache served it, and the gateway's own time in milliseconds (as on the usage record).
+    provider: str | None = text(None, max_length=32)
+    cache_hit: bool = False
+    overhead_ms: float | None = None
     api_key_id: str | None = text(None, max_length=64)
     user_id: str | None = text(None, max_length=64)
     team_id: str | None = text(None, max_length=64)

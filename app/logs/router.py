@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 
 from app.access.deps import AdminDep
 from app.core.provide import provide
+from app.core.schemas import PageAfter
 from app.logs.entities import ExecutionStatus, ExecutionType
 from app.logs.schemas import ExecutionLogList, ExecutionLogRead, ExecutionLogStats
 from app.logs.service import LogFilter, LogService
@@ -51,7 +52,7 @@ async def list_logs(
     logs: LogsDep,
     filters: LogFilterDep,
     limit: int = Query(default=50, ge=1, le=500),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    after: PageAfter = None,
 ) -> ExecutionLogList:
     """Execution logs, newest first."""
     page = await logs.find(filters, limit=limit, after=after)

@@ -27,6 +27,9 @@ class ExecutionLogRead(BaseModel):
     input_tokens: int
     output_tokens: int
     execution_time_ms: int
+    provider: str | None
+    cache_hit: bool
+    overhead_ms: float | None
     api_key_id: str | None
     user_id: str | None
     team_id: str | None

@@ -1,5 +1,5 @@
-"""Execution logs: listing with filters, statistics and retention (they are written in batches
-with the usage records, see `app.usage.recorder`)."""
+"""Execution logs: listing with filters, statistics and retention (they are written with the
+usage records, see `app.usage.ledger`)."""
 
 from __future__ import annotations
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 
 from app.access.deps import AdminDep, PrincipalDep
 from app.access.permissions import Resource
 from app.core.provide import provide
-from app.core.schemas import Deleted
+from app.core.schemas import Deleted, PageAfter, PageLimit
 from app.credentials.entities import Provider
 from app.models.schemas import (
     ModelCreate,
@@ -55,8 +55,8 @@ async def admin_list_models(
     models: ModelsDep,
     provider: Provider | None = None,
     enabled: bool | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> ModelList:
     """Every model, enabled or not, ordered by id."""
     page = await models.list(provider=provider, enabled=enabled, limit=limit, after=after)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -12,11 +12,10 @@ from pydantic import (
     Field,
     PlainSerializer,
     field_validator,
-    model_validator,
 )
 
 from app.core.ids import MODEL_NAME_MAX, is_model_name
-from app.core.schemas import ListPage
+from app.core.schemas import ListPage, PartialUpdate
 from app.credentials.entities import Provider
 from app.credentials.schemas import check_endpoint
 from app.models.entities import Model, ModelChain, ModelKind
@@ -91,10 +90,10 @@ class ModelCreate(BaseModel):
     _id = field_validator("id")(_slug)
 
 
-class ModelUpdate(BaseModel):
+class ModelUpdate(PartialUpdate):
     """Changes to a model; `parameters` replaces the whole object."""
 
-    model_config = ConfigDict(extra="forbid")
+    clearable = frozenset({"description", "credential_id", "context_window"})
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
@@ -107,14 +106,6 @@ class ModelUpdate(BaseModel):
     input_price_per_million: Price | None = None
     output_price_per_million: Price | None = None
     enabled: bool | None = None
-
-    @model_validator(mode="after")
-    def _not_null(self) -> Self:
-        nullable = {"description", "credential_id", "context_window"}
-        for name in self.model_fields_set - nullable:
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
 
 
 class ModelRead(BaseModel):

@@ -78,3 +78,6 @@ class Operation(Entity, table=True):
     idempotency_key: str | None = text(None, max_length=255)
     request_hash: str | None = text(None, max_length=64)
     meta: dict[str, Any] = json_object()
+    # The W3C trace context (`traceparent`) of the span that created the job, so that its run
+    # on a worker is that span's child (`app.core.tracing`); empty while tracing is off.
+    trace_context: dict[str, str] = json_object()

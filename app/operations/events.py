@@ -17,6 +17,19 @@ EVENT_TYPES: dict[OperationStatus, str] = {
 
 # Deliveries are jobs too; an event about one would be delivered by another, without end.
 SILENT_KINDS = frozenset({OperationKind.WEBHOOK_DELIVERY})
+# Kinds whose end is also announced under their own name (`workflow_run.completed`), with the
+# same data, so a subscriber can follow them alone.
+NAMED_KINDS = frozenset({OperationKind.WORKFLOW_RUN})
+
+
+def finished_events(kind: OperationKind, status: OperationStatus) -> tuple[str, ...]:
+    """The event types that announce a top-level job of `kind` ending in `status`."""
+    event_type = EVENT_TYPES.get(status)
+    if event_type is None or kind in SILENT_KINDS:
+        return ()
+    if kind in NAMED_KINDS:
+        return event_type, f"{kind.value}.{status.value}"
+    return (event_type,)
 
 
 def operation_data(operation: Operation) -> dict[str, Any]:
@@ -46,12 +59,10 @@ async def emit_finished(events: EventSink | None, uow: UnitOfWork, operation: Op
 
     Children are reported through their parent, so a batch of thousands emits one event.
     """
-    event_type = EVENT_TYPES.get(OperationStatus(operation.status))
-    if (
-        events is None
-        or event_type is None
-        or operation.parent_id is not None
-        or OperationKind(operation.kind) in SILENT_KINDS
-    ):
+    kind = OperationKind(operation.kind)
+    types = finished_events(kind, OperationStatus(operation.status))
+    if events is None or not types or operation.parent_id is not None:
         return
-    await events.record(uow, event_type, {"operation": operation_data(operation)})
+    data = {"operation": operation_data(operation)}
+    for event_type in types:
+        await events.record(uow, event_type, data)

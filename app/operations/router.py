@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from app.access.service import Principal
 from app.config import Settings
 from app.core.errors import InvalidInput
 from app.core.provide import provide
+from app.core.schemas import PageAfter, PageLimit
 from app.operations.entities import OperationStatus
 from app.operations.schemas import OperationList, OperationRead
 from app.operations.service import OperationService
@@ -22,6 +24,19 @@ router = APIRouter(tags=["operations"])
 admin_router = APIRouter(prefix="/admin", tags=["admin: operations"])
 
 OperationsDep = Annotated[OperationService, Depends(provide(OperationService))]
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFilter:
+    """The filters of both listings (the caller's own jobs, and every owner's for admins)."""
+
+    status: OperationStatus | None = None
+    kind: OperationKind | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+FiltersDep = Annotated[OperationFilter, Depends()]
 # The process's settings (the long-poll maximum).
 SettingsDep = Annotated[Settings, Depends(provide(Settings))]
 
@@ -71,13 +86,10 @@ async def poll_response(
 async def list_operations(
     principal: PrincipalDep,
     operations: OperationsDep,
+    filters: FiltersDep,
     ids: str | None = Query(default=None, description="Comma-separated operation ids."),
-    status: OperationStatus | None = None,
-    kind: OperationKind | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> OperationList:
     """The caller's jobs: by ids, or filtered and paged newest first."""
     owner = owner_of(principal)
@@ -87,15 +99,7 @@ async def list_operations(
             raise InvalidInput(f"ids must list 1 to {MAX_IDS} operation ids", param="ids")
         found = await operations.get_many(wanted, owner=owner)
         return OperationList(data=[OperationRead.of(o) for o in found], has_more=False)
-    page = await operations.list(
-        owner=owner,
-        status=status,
-        kind=kind,
-        created_after=created_after,
-        created_before=created_before,
-        limit=limit,
-        after=after,
-    )
+    page = await operations.list(owner=owner, **asdict(filters), limit=limit, after=after)
     return OperationList.of(page, OperationRead.of)
 
 
@@ -112,25 +116,15 @@ async def cancel_operation(
 async def admin_list_operations(
     admin: AdminDep,
     operations: OperationsDep,
-    status: OperationStatus | None = None,
-    kind: OperationKind | None = None,
+    filters: FiltersDep,
     owner_key_id: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = None,
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> OperationList:
     """Every owner's jobs, filtered and paged newest first."""
     owner = Owner(key_id=owner_key_id, admin=owner_key_id is None)
     page = await operations.list(
-        owner=owner,
-        status=status,
-        kind=kind,
-        created_after=created_after,
-        created_before=created_before,
-        all_owners=owner_key_id is None,
-        limit=limit,
-        after=after,
+        owner=owner, **asdict(filters), all_owners=owner_key_id is None, limit=limit, after=after
     )
     return OperationList.of(page, OperationRead.of)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from app.core import tracing
 from app.core.clock import utcnow
 from app.core.errors import (
     Cancelled,
@@ -30,7 +31,8 @@ from app.core.events import EventSink
 from app.core.log_context import key_id_var, operation_id_var
 from app.core.metrics import JOB_ATTEMPTS, JOB_DURATION, JOBS_FINISHED, LEASE_RECOVERIES
 from app.operations.entities import Operation, OperationStatus
-from app.operations.events import EVENT_TYPES, SILENT_KINDS, emit_finished
+from app.operations.events import emit_finished, finished_events
+from app.operations.presence import WorkerPresence
 from app.operations.service import count_child_finished
 from app.operations.submit import mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
@@ -41,6 +43,8 @@ from app.storage.protocol import Append, IfNull, Increment, Storage, UnitOfWork,
 log = logging.getLogger(__name__)
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
+# A write inside the transaction of a job's outcome.
+Write = Callable[[UnitOfWork], Awaitable[Any]]
 
 # Every status the runner writes by a conditional update; checked against the table at import.
 CLAIM = transition(OperationStatus.PENDING, OperationStatus.RUNNING)
@@ -81,6 +85,8 @@ class Claim:
     progress: dict[str, Any] = field(default_factory=dict)
     held_at: float = field(default_factory=time.monotonic)  # when it last was seen held
     lost: bool = False
+    # What must commit with this attempt's outcome, and only with it (`write_with_outcome`).
+    writes: list[Write] = field(default_factory=list)
 
     def held(self, step: Transition | None = None) -> tuple[Where, Where]:
         """The conditions under which the job is still this claim's, and `step` may be taken.
@@ -123,6 +129,49 @@ class JobContext:
         if not _holds(current, claim):
             claim.lost = True
             raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+        claim.held_at = time.monotonic()
+
+    def write_with_outcome(self, write: Write) -> None:
+        """Have `write(uow)` run in the transaction that writes this attempt's outcome
+        (completed, failed, or pending again to retry), so it commits exactly when the outcome
+        does: the usage of the calls the job made, say, which a worker that dies mid-job must
+        not lose, nor a job run again count twice.
+
+        An attempt whose outcome is dropped because it lost the job to another attempt drops
+        it too; one whose job was cancelled meanwhile still commits it (its calls were made).
+        `write` may run more than once, each time in a fresh transaction.
+        """
+        self.claim.writes.append(write)
+
+    async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
+        """Run `write` and record `progress` in one transaction, committed only while the claim
+        holds: a job cancelled or taken over meanwhile gets `Cancelled`, and nothing is written.
+
+        What a multi-step job keeps of a finished step goes through here, so a stale worker can
+        never record a step, and a recorded step always comes with the progress that counts it
+        and the writes handed to `write_with_outcome` until then (its calls' usage).
+        """
+        claim = self.claim
+        if claim.lost:
+            raise Cancelled(f"operation '{self.operation.id}' lost its lease")
+        merged = {**claim.progress, **progress}
+        # The writes handed over so far (the usage of the step's calls) commit with the step:
+        # a step recorded is never run again, so they would otherwise wait for an outcome that
+        # a crash could take from them.
+        pending = list(claim.writes)
+        async with self._runner.storage.unit_of_work() as uow:
+            await write(uow)
+            held = await uow.repo(Operation).write_where(
+                claim.operation_id, {"progress": merged}, *claim.held()
+            )
+            if not held:
+                claim.lost = True
+                raise Cancelled(f"operation '{self.operation.id}' was cancelled")
+            for handed in pending:
+                await handed(uow)
+            await uow.commit()
+        del claim.writes[: len(pending)]
+        claim.progress = merged
         claim.held_at = time.monotonic()
 
     async def set_progress(self, **progress: Any) -> None:
@@ -183,9 +232,11 @@ class OperationRunner:
         worker_id: str | None = None,
         timings: JobTimings | None = None,
         events: EventSink | None = None,
+        presence: WorkerPresence | None = None,
     ) -> None:
         self.storage = storage
         self.events = events
+        self.presence = presence  # which workers are alive: their jobs need not wait a lease
         self.queue = queue
         self.handlers = dict(handlers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
@@ -212,13 +263,27 @@ class OperationRunner:
             return False
         operation, claim = claimed
         key_id_var.set(operation.owner_key_id)
-        started = time.monotonic()
+        # A child of the span that created the job (its row keeps that span's context).
+        with tracing.job_span("job.run", operation.trace_context) as span:
+            span.set_attribute("gateway.operation.id", operation.id)
+            span.set_attribute("gateway.operation.kind", operation.kind)
+            span.set_attribute("gateway.operation.attempt", claim.attempt)
+            outcome = await self._run(operation, claim)
+            span.set_attribute("gateway.job.outcome", outcome)
+            if outcome not in ("succeeded", "cancelled"):
+                span.set_error(outcome)
+        return True
+
+    async def _run(self, operation: Operation, claim: Claim) -> str:
+        """Run the claimed job's handler and write the outcome; "succeeded", "cancelled", or
+        the code of the error the attempt failed with."""
+        operation_id = operation.id
         handler = self.handlers.get(OperationKind(operation.kind))
         if handler is None:
             await self._finish_failed(
                 operation, claim, "unsupported", f"no worker handles jobs of kind {operation.kind}"
             )
-            return True
+            return "unsupported"
         work = asyncio.ensure_future(handler(JobContext(self, operation, claim)))
         beat = asyncio.ensure_future(self._heartbeat(claim, work))
         started = time.perf_counter()
@@ -227,16 +292,18 @@ class OperationRunner:
         except Cancelled:
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
-            return True
+            await self._dropped(claim)
+            return "cancelled"
         except asyncio.CancelledError:
             if not claim.lost:
                 raise  # the worker is shutting down; the lease runs out and the job is recovered
             log.info("job %s stopped: cancelled or lease lost", operation_id)
             JOB_ATTEMPTS(operation.kind, "cancelled").inc()
-            return True
+            await self._dropped(claim)
+            return "cancelled"
         except Exception as exc:
             await self._attempt_failed(operation, claim, exc)
-            return True
+            return describe(exc)[0]
         finally:
             JOB_DURATION(operation.kind).observe(time.perf_counter() - started)
             beat.cancel()
@@ -255,7 +322,8 @@ class OperationRunner:
                 "result_not_storable",
                 f"the result cannot be stored: {exc.message}",
             )
-        return True
+            return "result_not_storable"
+        return "succeeded"
 
     async def claim(self, operation_id: str) -> tuple[Operation, Claim] | None:
         """Move a pending job to running under a fresh lease, or None if it is not pending.
@@ -336,35 +404,69 @@ class OperationRunner:
         changes: dict[str, Any],
         then: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
     ) -> bool:
-        """Take `step` with `changes` if the claim still holds, then `then` in the same unit.
+        """Take `step` with `changes` if the claim still holds, then `then` and the claim's
+        writes in the same unit.
 
-        Without `then` it is one conditional statement; with it, a transaction (retried whole
-        when what `then` touches changed meanwhile).
+        Without `then` or writes it is one conditional statement; with them, a transaction
+        (retried whole when what they touch changed meanwhile). The claim's writes come last,
+        so the rows they lock (a budget every job charges) are held the shortest time.
         """
         changes = {**changes, **step.changes}
         held = claim.held(step)
         while True:
             try:
-                if then is None:
+                if then is None and not claim.writes:
                     async with self.storage.unit_of_work(autocommit=True) as uow:
                         if await uow.repo(Operation).write_where(
                             claim.operation_id, changes, *held
                         ):
                             return True
-                    log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
+                    await self._dropped(claim)
                     return False
                 async with self.storage.unit_of_work() as uow:
-                    written = await uow.repo(Operation).update_where(
-                        claim.operation_id, changes, *held
-                    )
-                    if written is None:
-                        log.info(
-                            "job %s: outcome dropped, lease no longer held", claim.operation_id
-                        )
+                    repo = uow.repo(Operation)
+                    written: Operation | None = None
+                    if then is None:  # only the claim's writes: the row need not be read back
+                        held_still = await repo.write_where(claim.operation_id, changes, *held)
+                    else:
+                        written = await repo.update_where(claim.operation_id, changes, *held)
+                        held_still = written is not None
+                    if not held_still:
+                        await uow.rollback()
+                        await self._dropped(claim)
                         return False
-                    await then(uow, written)
+                    if then is not None and written is not None:
+                        await then(uow, written)
+                    for write in claim.writes:
+                        await write(uow)
                     await uow.commit()
                     return True
+            except StaleVersion:
+                continue
+
+    async def _dropped(self, claim: Claim) -> None:
+        """The outcome of an attempt that no longer holds its job was not written; its writes
+        are, alone, when the job was cancelled while this attempt held it (no other attempt
+        will make its calls again), and are dropped when another attempt has the job."""
+        log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
+        if claim.writes:
+            await self._commit_cancelled(claim)
+
+    async def _commit_cancelled(self, claim: Claim) -> None:
+        while True:
+            try:
+                async with self.storage.unit_of_work() as uow:
+                    current = await uow.repo(Operation).get(claim.operation_id)
+                    if (
+                        current is None
+                        or current.status != OperationStatus.CANCELLED
+                        or current.lease_token != claim.token
+                    ):
+                        return
+                    for write in claim.writes:
+                        await write(uow)
+                    await uow.commit()
+                    return
             except StaleVersion:
                 continue
 
@@ -451,14 +553,13 @@ class OperationRunner:
         None when there is neither (no parent, and no one interested in the event), so the
         outcome is one conditional statement.
         """
-        event = EVENT_TYPES.get(outcome)
-        announce = (
-            self.events is not None
-            and event is not None
-            and operation.parent_id is None
-            and OperationKind(operation.kind) not in SILENT_KINDS
-            and await self.events.interested(event)
-        )
+        types = finished_events(OperationKind(operation.kind), outcome)
+        announce = False
+        if self.events is not None and operation.parent_id is None:
+            for event_type in types:
+                if await self.events.interested(event_type):
+                    announce = True
+                    break
         if not announce and operation.parent_id is None:
             return None
 
@@ -534,21 +635,57 @@ class OperationRunner:
         report.resent = await self._resend_unsent(report)
         return report
 
-    async def _recover(self, operation_id: str) -> str | None:
+    async def recover_orphans(self) -> int:
+        """Return to pending (or fail, out of attempts) the running jobs whose worker's
+        heartbeat is gone, without waiting for their leases; how many.
+
+        One grouped count finds the owners of running jobs; only the jobs of those found gone
+        are read. A live worker's jobs keep their leases, however slow they are.
+        """
+        if self.presence is None:
+            return 0
+        async with self.storage.unit_of_work() as uow:
+            owners = await uow.repo(Operation).count_by("lease_owner", _RUNNING)
+            known = [owner for owner in owners if owner]
+            gone = await self.presence.gone(known)
+            if not gone:
+                return 0
+            orphans = await uow.repo(Operation).find(
+                _RUNNING, Where.in_("lease_owner", sorted(gone)), limit=self.timings.sweep_batch
+            )
+        recovered = 0
+        for operation in orphans.items:
+            outcome = await self._recover(operation.id, gone=operation.lease_owner)
+            if outcome is not None:
+                recovered += 1
+                LEASE_RECOVERIES(outcome).inc()
+                if outcome == "exhausted":
+                    JOBS_FINISHED(operation.kind, "failed").inc()
+        if recovered:
+            log.info("returned %d jobs of workers gone: %s", recovered, ", ".join(sorted(gone)))
+        return recovered
+
+    async def _recover(self, operation_id: str, *, gone: str | None = None) -> str | None:
+        """Recover a running job whose lease expired, or, with `gone`, whose owner is `gone`
+        (a worker whose heartbeat stopped), whatever its lease says."""
         while True:
             try:
                 async with self.storage.unit_of_work() as uow:
                     operation = await uow.repo(Operation).get(operation_id)
                     now = utcnow()
-                    if (
-                        operation is None
-                        or operation.status != OperationStatus.RUNNING
-                        or operation.lease_expires_at is None
-                        or operation.lease_expires_at >= now
-                    ):
+                    if operation is None or operation.status != OperationStatus.RUNNING:
+                        return None
+                    expired = (
+                        operation.lease_expires_at is not None and operation.lease_expires_at < now
+                    )
+                    if not expired and (gone is None or operation.lease_owner != gone):
                         return None
                     worker = operation.lease_owner
-                    lost = f"worker {worker} stopped responding"
+                    lost = (
+                        f"worker {worker} stopped responding"
+                        if expired
+                        else f"worker {worker} is gone (its heartbeat stopped)"
+                    )
                     for name, value in self._closed(operation.attempt_log, "lost", lost).items():
                         setattr(operation, name, value)
                     if operation.attempts >= operation.max_attempts:
@@ -625,5 +762,6 @@ class OperationRunner:
 
 
 def _ran(status: str, started: float) -> dict[str, Any]:
-    """The `extra` of a job's log line: how its handler ended, and how long it ran."""
-    return {"status": status, "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+    """The `extra` of a job's log line: how its handler ended, and how long it ran since
+    `started` (`time.perf_counter()`)."""
+    return {"status": status, "duration_ms": round((time.perf_counter() - started) * 1000, 1)}

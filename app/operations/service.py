@@ -15,7 +15,13 @@ from app.core.events import EventSink
 from app.core.ids import check_prefixed
 from app.operations.entities import Operation, OperationStatus
 from app.operations.events import emit_finished
-from app.operations.submit import OPERATION_ID_PREFIX, JobSubmitter, Owner, request_hash
+from app.operations.submit import (
+    OPERATION_ID_PREFIX,
+    JobSubmitter,
+    Owner,
+    enqueue_span,
+    request_hash,
+)
 from app.operations.transitions import TERMINAL, move
 from app.queue.names import OperationKind
 from app.queue.port import JobQueue
@@ -35,8 +41,8 @@ class ChildSpec:
     meta: dict[str, Any] | None = None
 
 
-def check_operation_id(value: str) -> str:
-    return check_prefixed("operation", OPERATION_ID_PREFIX, value)
+def check_operation_id(value: str, *, param: str = "id") -> str:
+    return check_prefixed("operation", OPERATION_ID_PREFIX, value, param=param)
 
 
 class OperationService:
@@ -68,32 +74,43 @@ class OperationService:
         idempotency_key: str | None = None,
         max_attempts: int | None = None,
         meta: dict[str, Any] | None = None,
+        send: bool = True,
     ) -> tuple[Operation, bool]:
         """Commit a pending job and send it; returns the job and whether it is new.
 
         The same `idempotency_key` with the same input returns the first job; with a different
-        input it is a `Conflict`.
+        input it is a `Conflict`. With `send` False the caller runs the job itself (a synchronous
+        workflow run); should it never claim it, the sweeper sends it as it does a lost message.
         """
         digest = request_hash(kind, input)
         if idempotency_key is not None:
             existing = await self._find_idempotent(owner, idempotency_key, digest)
             if existing is not None:
                 return existing, False
-        operation = self.jobs.new(
-            kind, input, owner, max_attempts, meta, idempotency_key=idempotency_key, digest=digest
-        )
-        try:
-            # Grouped with concurrent submits: one statement, committed on its own.
-            await self._inserts.add(operation)
-        except DuplicateKey:
-            if idempotency_key is None:
-                raise
-            # Someone submitted the same key at the same moment; theirs won.
-            existing = await self._find_idempotent(owner, idempotency_key, digest)
-            if existing is None:
-                raise
-            return existing, False
-        await self.jobs.send([operation])
+        with enqueue_span(kind) as span:
+            operation = self.jobs.new(
+                kind,
+                input,
+                owner,
+                max_attempts,
+                meta,
+                idempotency_key=idempotency_key,
+                digest=digest,
+            )
+            span.set_attribute("gateway.operation.id", operation.id)
+            try:
+                # Grouped with concurrent submits: one statement, committed on its own.
+                await self._inserts.add(operation)
+            except DuplicateKey:
+                if idempotency_key is None:
+                    raise
+                # Someone submitted the same key at the same moment; theirs won.
+                existing = await self._find_idempotent(owner, idempotency_key, digest)
+                if existing is None:
+                    raise
+                return existing, False
+            if send:
+                await self.jobs.send([operation])
         return operation, True
 
     async def submit_parent(
@@ -114,24 +131,27 @@ class OperationService:
         """
         if not children:
             raise InvalidInput("a parent operation needs at least one child", param="children")
-        now = utcnow()
-        # Born running (it is never claimed), so no status change is made here.
-        parent = self.jobs.new(kind, input, owner, 1, meta, status=OperationStatus.RUNNING)
-        parent.started_at = now
-        parent.enqueued_at = None
-        parent.send_count = 0
-        parent.children_total = len(children)
-        kids = [self.jobs.new(c.kind, c.input, owner, None, c.meta) for c in children]
-        for kid in kids:
-            kid.parent_id = parent.id
-        async with self._storage.unit_of_work() as uow:
-            await uow.repo(Operation).add(parent)
+        with enqueue_span(kind) as span:
+            now = utcnow()
+            # Born running (it is never claimed), so no status change is made here.
+            parent = self.jobs.new(kind, input, owner, 1, meta, status=OperationStatus.RUNNING)
+            span.set_attribute("gateway.operation.id", parent.id)
+            span.set_attribute("gateway.operation.children", len(children))
+            parent.started_at = now
+            parent.enqueued_at = None
+            parent.send_count = 0
+            parent.children_total = len(children)
+            kids = [self.jobs.new(c.kind, c.input, owner, None, c.meta) for c in children]
             for kid in kids:
-                await uow.repo(Operation).add(kid)
-            if attach is not None:
-                await attach(uow, parent)
-            self.jobs.send_after_commit(uow, kids)
-            await uow.commit()
+                kid.parent_id = parent.id
+            async with self._storage.unit_of_work() as uow:
+                await uow.repo(Operation).add(parent)
+                for kid in kids:
+                    await uow.repo(Operation).add(kid)
+                if attach is not None:
+                    await attach(uow, parent)
+                self.jobs.send_after_commit(uow, kids)
+                await uow.commit()
         return parent
 
     async def _find_idempotent(self, owner: Owner, key: str, digest: str) -> Operation | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from app.core import tracing
 from app.core.clock import utcnow
 from app.core.errors import InvalidInput
 from app.core.ids import new_id
@@ -70,10 +71,12 @@ class JobSubmitter:
         meta: dict[str, Any] | None = None,
     ) -> Operation:
         """Inside the caller's `uow`: add a pending job, sent once that unit commits."""
-        operation = self.new(kind, input, owner, max_attempts, meta)
-        operation.request_hash = request_hash(kind, input)
-        await uow.repo(Operation).add(operation)
-        self.send_after_commit(uow, [operation])
+        with enqueue_span(kind) as span:
+            operation = self.new(kind, input, owner, max_attempts, meta)
+            span.set_attribute("gateway.operation.id", operation.id)
+            operation.request_hash = request_hash(kind, input)
+            await uow.repo(Operation).add(operation)
+            self.send_after_commit(uow, [operation])
         return operation
 
     def new(
@@ -103,6 +106,8 @@ class JobSubmitter:
             enqueued_at=now,
             send_count=1,
             meta=meta or {},
+            # The current span's context (the enqueue's): the job's run is its child.
+            trace_context=tracing.carrier(),
             idempotency_key=idempotency_key,
             request_hash=digest,
             created_at=now,
@@ -120,6 +125,13 @@ class JobSubmitter:
             except Exception:
                 log.warning("broker unreachable; job %s left for the sweeper", operation.id)
                 await mark_unsent(self._storage, operation.id)
+
+
+def enqueue_span(kind: OperationKind) -> tracing.SpanHandle:
+    """The span of adding a job (its row and its send): the parent of the job's runs."""
+    span = tracing.span("job.enqueue", kind="producer")
+    span.set_attribute("gateway.operation.kind", kind.value)
+    return span
 
 
 async def mark_unsent(storage: Storage, operation_id: str) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path
 
 from app.access.deps import AdminDep
 from app.core.provide import provide
-from app.core.schemas import Deleted
+from app.core.schemas import Deleted, PageAfter, PageLimit
 from app.prompts.schemas import (
     LABEL_PATTERN,
     LabelMove,
@@ -42,8 +42,8 @@ async def list_prompts(
     admin: AdminDep,
     prompts: PromptsDep,
     enabled: bool | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> PromptList:
     """Prompts ordered by id."""
     page = await prompts.list(enabled=enabled, limit=limit, after=after)
@@ -76,8 +76,8 @@ async def list_prompt_versions(
     prompt_id: str,
     admin: AdminDep,
     prompts: PromptsDep,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> PromptVersionList:
     """The versions kept, newest first."""
     page, labels = await prompts.list_versions(prompt_id, limit=limit, after=after)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.ids import SLUG_MAX, is_slug
-from app.core.schemas import ListPage, from_entity
+from app.core.schemas import ListPage, PartialUpdate, from_entity
 from app.prompts.entities import Prompt, PromptVersion
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$"
@@ -51,10 +51,10 @@ class PromptCreate(BaseModel):
     _id = field_validator("id")(_slug)
 
 
-class PromptUpdate(BaseModel):
+class PromptUpdate(PartialUpdate):
     """Changes to a prompt; new content becomes a new version, and `labels` point at it."""
 
-    model_config = ConfigDict(extra="forbid")
+    clearable = frozenset({"description", "output_schema", "message", "labels"})
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
@@ -67,14 +67,6 @@ class PromptUpdate(BaseModel):
     labels: list[Label] | None = Field(default=None, max_length=20)
     message: str | None = Field(default=None, max_length=1000)
     enabled: bool | None = None
-
-    @model_validator(mode="after")
-    def _not_null(self) -> Self:
-        nullable = {"description", "output_schema", "message", "labels"}
-        for name in self.model_fields_set - nullable:
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
 
 
 class VariableRead(BaseModel):

@@ -39,8 +39,4 @@ ACTORS: dict[OperationKind, str] = {
     OperationKind.KNOWLEDGE_INGESTION: "knowledge.ingest",
 }
 
-# Not a job kind: batches of usage records and execution logs, inserted by one actor.
-USAGE_QUEUE = "usage"
-USAGE_ACTOR = "usage.record_batch"
-
-ALL_QUEUES: tuple[str, ...] = (*QUEUES.values(), USAGE_QUEUE)
+ALL_QUEUES: tuple[str, ...] = tuple(QUEUES.values())

@@ -22,3 +22,17 @@ def build_storage(settings: Settings, *, memory_store: MemoryStore | None = None
         statement_timeout=settings.statement_timeout(),
     )
     return SqlStorage(database)
+
+
+class NotDurable(Exception):
+    """A one-off command was given STORAGE_BACKEND=memory, where what it writes dies with it."""
+
+
+def build_durable_storage(settings: Settings, *, why: str, hint: str = "") -> Storage:
+    """The configured database for a command whose work must outlive it; memory storage is
+    refused with `NotDurable`, saying `why` it would be useless (and the `hint`)."""
+    if settings.STORAGE_BACKEND is StorageBackend.MEMORY:
+        raise NotDurable(
+            f"STORAGE_BACKEND=memory {why}: set STORAGE_BACKEND=postgres (and DATABASE_URL){hint}."
+        )
+    return build_storage(settings)

@@ -389,6 +389,29 @@ def check_column(info: TableInfo, name: str) -> None:
         raise ValueError(f"{info.kind} has no column {name!r}")
 
 
+def numeric_column(info: TableInfo, name: str) -> type[int] | type[float]:
+    """What `summarize` adds up in column `name`: `int` (integers and booleans, exactly) or
+    `float`; any other column is refused."""
+    check_column(info, name)
+    kind = info.table.columns[name].type
+    if isinstance(kind, sa.Boolean | sa.Integer):
+        return int
+    if isinstance(kind, sa.Float | sa.Numeric):
+        return float
+    raise ValueError(f"{info.kind}.{name} is not a numeric column")
+
+
+def quantile(ordered: Sequence[float], fraction: float) -> float | None:
+    """The value at `fraction` (0 to 1) of sorted values, linearly interpolated between the
+    closest ranks (PostgreSQL's `percentile_cont`, numpy's default); None when empty."""
+    if not ordered:
+        return None
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
 def _encode_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"t": value.isoformat()}

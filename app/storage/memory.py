@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +30,13 @@ from app.storage.mapping import (
     from_row,
     json_dumps,
     json_loads,
+    numeric_column,
+    quantile,
     referencing,
     table_info,
     to_row,
 )
-from app.storage.protocol import E, Op, Page, Tally, Where, apply_change
+from app.storage.protocol import E, Moments, Op, Page, Summary, Tally, Where, apply_change
 from app.storage.unit import UnitOfWorkBase
 
 Row = dict[str, Any]
@@ -461,6 +464,17 @@ class MemoryRepository(Generic[E]):
                 self._stage_new(row)
         return len(rows)
 
+    async def add_missing(self, entities: Sequence[E]) -> list[Any]:
+        self._uow._usable()
+        rows = [self._dump(entity) for entity in entities]
+        pk = self._info.pk
+        added: list[Any] = []
+        with self._uow._write():
+            for row in rows:
+                if self._uow._current(self._info, row[pk]) is None:
+                    added.append(self._stage_new(row)[pk])
+        return added
+
     async def update(self, entity: E) -> E:
         self._uow._usable()
         row = self._dump(entity)
@@ -569,3 +583,56 @@ class MemoryRepository(Generic[E]):
                 lowest = value
             groups[key] = Tally(seen.count + 1, lowest)
         return groups
+
+    async def summarize(
+        self,
+        group_by: str,
+        columns: Sequence[str],
+        *where: Where,
+        quantiles: Mapping[str, Sequence[float]] | None = None,
+        distinct: Sequence[str] = (),
+    ) -> dict[Any, Summary]:
+        self._uow._usable()
+        check_column(self._info, group_by)
+        for name in distinct:
+            check_column(self._info, name)
+        kinds = {name: numeric_column(self._info, name) for name in columns}
+        wanted = dict(quantiles or {})
+        for name in wanted:
+            numeric_column(self._info, name)
+        conds = _normalise(where, self._info)
+        groups: dict[Any, list[Row]] = {}
+        for row in self._uow._rows(self._info, conds):
+            groups.setdefault(row[group_by], []).append(row)
+        return {
+            key: Summary(
+                count=len(rows),
+                moments={name: _moments(rows, name, kind) for name, kind in kinds.items()},
+                quantiles={
+                    name: [quantile(ordered, q) for q in fractions]
+                    for name, fractions in wanted.items()
+                    for ordered in [sorted(r[name] for r in rows if r[name] is not None)]
+                },
+                distinct={
+                    name: len({r[name] for r in rows if r[name] is not None}) for name in distinct
+                },
+            )
+            for key, rows in groups.items()
+        }
+
+
+def _moments(rows: Sequence[Row], name: str, kind: type[int] | type[float]) -> Moments:
+    values = [kind(r[name]) for r in rows if r[name] is not None]
+    if not values:
+        return Moments()
+    if kind is int:
+        return Moments(
+            len(values), sum(values), sum(v * v for v in values), min(values), max(values)
+        )
+    return Moments(
+        len(values),
+        math.fsum(values),
+        math.fsum(v * v for v in values),
+        min(values),
+        max(values),
+    )

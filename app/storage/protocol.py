@@ -90,6 +90,34 @@ class Tally:
 
 
 @dataclass(frozen=True, slots=True)
+class Moments:
+    """The non-null values of one numeric (or boolean: true is 1) column in a group of
+    `summarize`: how many, their sum and sum of squares, least and greatest.
+
+    Sums of integer and boolean columns are exact integers; of float columns, floats.
+    """
+
+    n: int = 0
+    total: int | float = 0
+    squares: int | float = 0
+    least: int | float | None = None
+    most: int | float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One group of a `summarize`: its row count, the `Moments` of each column asked, the
+    quantiles asked of a column (linearly interpolated between the closest ranks, as
+    PostgreSQL's `percentile_cont` and numpy's default; None where the column has no value),
+    and how many distinct non-null values a column asked holds."""
+
+    count: int
+    moments: dict[str, Moments]
+    quantiles: dict[str, list[float | None]] = field(default_factory=dict)
+    distinct: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Increment:
     """A change of `update_where`: add `by` to an integer column's value (null counts as 0)."""
 
@@ -144,6 +172,16 @@ class Repository(Protocol[E]):
 
         Unlike `add`, nothing is read back: the caller keeps what it gave, and a later change
         to it changes nothing stored.
+        """
+        ...
+
+    async def add_missing(self, entities: Sequence[E]) -> list[Any]:
+        """Insert those of `entities` whose primary key is not taken, in one go; the keys of
+        the ones inserted, in the order given.
+
+        An entity whose key exists is skipped without being compared, so writing the same rows
+        again (a retried batch, a job run twice) changes nothing: the keys returned say which
+        rows are new, and so what else to do once per row (charge a budget, say).
         """
         ...
 
@@ -203,6 +241,20 @@ class Repository(Protocol[E]):
         """The entities matching all conditions, counted per value of `field` (one grouped
         query), with the least value of `least` in each group; values with no match are absent.
         """
+        ...
+
+    async def summarize(
+        self,
+        group_by: str,
+        columns: Sequence[str],
+        *where: Where,
+        quantiles: Mapping[str, Sequence[float]] | None = None,
+        distinct: Sequence[str] = (),
+    ) -> dict[Any, Summary]:
+        """Aggregates of the entities matching all conditions, per value of `group_by`, in one
+        query the database answers (nothing is loaded): the `Moments` of each of `columns`,
+        for each column of `quantiles` its values at those fractions (0 to 1), and for each
+        column of `distinct` how many different values it holds."""
         ...
 
 

@@ -38,11 +38,16 @@ def create_database_if_missing(url: DatabaseUrl) -> str | None:
         name = url.database
         found = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         if found.fetchone() is not None:
-            raise refused
+            # There now: another `gateway migrate` may have created it meanwhile. If it still
+            # refuses this connection, that was the reason all along.
+            psycopg.connect(url.libpq).close()
+            return None
         try:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        except errors.DuplicateDatabase:
-            return None  # another `gateway migrate` created it meanwhile
+        except (errors.DuplicateDatabase, errors.UniqueViolation):
+            # Another `gateway migrate` created it meanwhile (one that commits while this
+            # CREATE DATABASE runs shows as a unique violation on the catalogue).
+            return None
         except errors.InsufficientPrivilege as exc:
             info = admin.info
             createdb = f"createdb -h {info.host} -p {info.port} -U postgres {shlex.quote(name)}"

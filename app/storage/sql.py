@@ -14,6 +14,7 @@ from functools import cache, lru_cache
 from typing import Any, Generic
 
 import asyncpg
+import sqlalchemy as sa
 
 from app.core.clock import utcnow
 from app.core.database_url import parse_database_url
@@ -36,11 +37,23 @@ from app.storage.mapping import (
     from_row,
     json_dumps,
     json_loads,
+    numeric_column,
     table_info,
     to_row,
 )
 from app.storage.pool import ConnectionPool
-from app.storage.protocol import Append, E, IfNull, Increment, Op, Page, Tally, Where
+from app.storage.protocol import (
+    Append,
+    E,
+    IfNull,
+    Increment,
+    Moments,
+    Op,
+    Page,
+    Summary,
+    Tally,
+    Where,
+)
 from app.storage.unit import UnitOfWorkBase
 
 # Connections free for this long are closed: a quiet process holds few.
@@ -276,6 +289,10 @@ def _translate(
             return StaleVersion(kind, "*", 0)
         if state is not None and state.startswith(("08", "53", "57")):
             return Unavailable(f"database unavailable: {type(exc).__name__}")
+        if state in ("3D000", "42P01"):
+            # No such database, or no such table: a database `gateway migrate` has not set up
+            # (yet: processes may start while it runs).
+            return Unavailable(f"database not migrated (run gateway migrate): {detail}")
         raise exc
     if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | _InternalClientError):
         return Unavailable(f"database unavailable: {type(exc).__name__}")
@@ -442,6 +459,23 @@ class SqlUnitOfWork(UnitOfWorkBase):
             self._failed = self._failed or self._in_transaction
             raise error from exc
 
+    async def _fetch_many(
+        self, query: str, rows: Sequence[Mapping[str, Any]], info: TableInfo
+    ) -> list[asyncpg.Record]:
+        """`_execute_many`, returning the rows every execution returned."""
+        self._usable()
+        sql, names = _positional(query)
+        try:
+            conn = await self._connection(True)
+            found: list[asyncpg.Record] = await conn.fetchmany(
+                sql, [[row[n] for n in names] for row in rows]
+            )
+            return found
+        except _DRIVER_ERRORS as exc:
+            error = self._failure(exc, info, rows, names)
+            self._failed = self._failed or self._in_transaction
+            raise error from exc
+
 
 _DRIVER_ERRORS = (
     asyncpg.PostgresError,
@@ -469,6 +503,7 @@ class _Table:
     select: str  # SELECT every column FROM the table
     get: str
     insert: str
+    insert_missing: str
     update: str
     returning: str
 
@@ -483,11 +518,13 @@ def _table(info: TableInfo) -> _Table:
     table, pk = _q(info.name), _q(info.pk)
     settable = [n for n in names if n not in (info.pk, "created_at")]
     returning = f"RETURNING {columns}"
+    insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(f'%({n})s' for n in names)})"
     return _Table(
         names=names,
         select=f"SELECT {columns} FROM {table}",
         get=f"SELECT {columns} FROM {table} WHERE {pk} = %(_key)s",
-        insert=(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(f'%({n})s' for n in names)})"),
+        insert=insert,
+        insert_missing=f"{insert} ON CONFLICT ({pk}) DO NOTHING RETURNING {pk}",
         update=(
             f"UPDATE {table} SET {', '.join(f'{_q(n)} = %({n})s' for n in settable)} "
             f"WHERE {pk} = %(_key)s AND version = %(_expected)s {returning}"
@@ -612,6 +649,13 @@ class SqlRepository(Generic[E]):
         await self._uow._execute_many(self._sql.insert, rows, self._info)
         return len(rows)
 
+    async def add_missing(self, entities: Sequence[E]) -> list[Any]:
+        if not entities:
+            return []
+        rows = [to_row(e) for e in entities]
+        inserted = await self._uow._fetch_many(self._sql.insert_missing, rows, self._info)
+        return [r[0] for r in inserted]
+
     async def update(self, entity: E) -> E:
         row = to_row(entity)
         key, expected = row.pop(self._info.pk), row.pop("version")
@@ -707,3 +751,79 @@ class SqlRepository(Generic[E]):
         )
         found = await self._uow._fetch(query, params, self._info)
         return {row[0]: Tally(int(row[1]), row[2]) for row in found}
+
+    async def summarize(
+        self,
+        group_by: str,
+        columns: Sequence[str],
+        *where: Where,
+        quantiles: Mapping[str, Sequence[float]] | None = None,
+        distinct: Sequence[str] = (),
+    ) -> dict[Any, Summary]:
+        check_column(self._info, group_by)
+        for name in distinct:
+            check_column(self._info, name)
+        kinds = {name: numeric_column(self._info, name) for name in columns}
+        wanted = dict(quantiles or {})
+        params: dict[str, Any] = {}
+        clauses = _conditions(self._info, where, params)
+        parts = [_q(group_by), "count(*)"]
+        for name, kind in kinds.items():
+            value, square = self._numeric(name)
+            # Integer sums come back as numeric: exact, so variances computed from them are.
+            total = f"sum({value})" if kind is int else f"sum({value}::float8)"
+            squares = f"sum({square})" if kind is int else f"sum({value}::float8 * {value})"
+            parts += [f"count({value})", total, squares, f"min({value})", f"max({value})"]
+        for i, (name, fractions) in enumerate(wanted.items()):
+            numeric_column(self._info, name)
+            params[f"_quantiles_{i}"] = [float(f) for f in fractions]
+            value, _ = self._numeric(name)
+            parts.append(
+                f"percentile_cont(%(_quantiles_{i})s::float8[]) "
+                f"WITHIN GROUP (ORDER BY {value}::float8)"
+            )
+        query = (
+            f"SELECT {', '.join(parts)} FROM {_q(self._info.name)}{_where(clauses)} "
+            f"GROUP BY {_q(group_by)}"
+        )
+        found = await self._uow._fetch(query, params, self._info)
+        summaries: dict[Any, Summary] = {}
+        for row in found:
+            moments: dict[str, Moments] = {}
+            at = 2
+            for name, kind in kinds.items():
+                n, total, squares, least, most = row[at : at + 5]
+                at += 5
+                moments[name] = (
+                    Moments(int(n), kind(total), kind(squares), least, most) if n else Moments()
+                )
+            cuts: dict[str, list[float | None]] = {}
+            for name, fractions in wanted.items():
+                values = row[at]
+                at += 1
+                cuts[name] = list(values) if values is not None else [None] * len(fractions)
+            summaries[row[0]] = Summary(int(row[1]), moments, cuts, dict.fromkeys(distinct, 0))
+        for name in distinct:
+            # A hashed GROUP BY, then a count: `count(DISTINCT …)` sorts every group instead,
+            # several times slower on large tables.
+            query = (
+                f"SELECT {_q(group_by)}, count(*) FROM (SELECT {_q(group_by)}, {_q(name)} "
+                f"FROM {_q(self._info.name)}{_where([*clauses, f'{_q(name)} IS NOT NULL'])} "
+                f"GROUP BY {_q(group_by)}, {_q(name)}) AS seen GROUP BY {_q(group_by)}"
+            )
+            for key, count in await self._uow._fetch(query, params, self._info):
+                summaries[key].distinct[name] = int(count)
+        return summaries
+
+    def _numeric(self, name: str) -> tuple[str, str]:
+        """A numeric column as `summarize` reads it (booleans as 0 and 1), and its square
+        computed without overflow."""
+        column = _q(name)
+        kind = self._info.table.columns[name].type
+        if isinstance(kind, sa.Boolean):
+            return f"{column}::int", f"{column}::int::int8"
+        if isinstance(kind, sa.BigInteger):
+            return column, f"{column}::numeric * {column}"
+        if isinstance(kind, sa.Integer):
+            return column, f"{column}::int8 * {column}"
+        return column, f"{column}::float8 * {column}"

@@ -34,19 +34,28 @@ class Dependency:
     backend: str | None = None
 
 
-def process_dependencies(settings: Settings, storage: Storage, redis: Redis) -> list[Dependency]:
+def process_dependencies(
+    settings: Settings, storage: Storage, redis: Redis, *, started: Probe | None = None
+) -> list[Dependency]:
     """What a process built by `build_services` on `storage` and `redis` talks to, once each.
 
     Its database, and with BROKER=redis the one Redis server of REDIS_URL: the broker, job
     sends, metering, caches, sessions and invalidation all connect there with the same
     `Settings.redis_endpoint()`, so a ping through `redis`, the client the process shares,
-    stands for all of them. Otherwise its Redis is the in-process stand-in.
+    stands for all of them. Otherwise its Redis is the in-process stand-in. `started`, when
+    given, is asked with the database: the process's own writes there at start-up (the API's
+    bootstrap), which a database not migrated yet refuses.
     """
-    dependencies = [
-        Dependency("database", backend="memory")
-        if storage.name == "memory"
-        else Dependency("database", storage.check)
-    ]
+    if storage.name == "memory":
+        dependencies = [Dependency("database", backend="memory")]
+    else:
+
+        async def database() -> None:
+            await storage.check()
+            if started is not None:
+                await started()
+
+        dependencies = [Dependency("database", database)]
     if settings.BROKER is BrokerKind.REDIS:
         dependencies.append(Dependency("redis", redis.ping))
     elif settings.BROKER is BrokerKind.FAKEREDIS:

@@ -24,6 +24,7 @@ import functools
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,15 +48,21 @@ from app.usage.pricing import model_cost_micros
 
 log = logging.getLogger(__name__)
 
-# KEYS: the rate counters, then the budget counters. ARGV[1]: how many rate counters; then
-# per rate counter: limit, amount, firm amount, ttl in ms; then per budget counter: limit,
-# amount, firm amount. A counter refuses a call when it is full or the call's firm amount (its
-# input, and its output when the client capped it) does not fit; the whole amount is reserved.
-# Returns {1, rate values...} when admitted, {0, i, value} when rate counter i is full,
+# KEYS: the rate counters, the budget counters, then `EPOCH_KEY`. ARGV[1]: how many rate
+# counters; then per rate counter: limit, amount, firm amount, ttl in ms; then per budget
+# counter: limit, amount, firm amount; last, an epoch to start should Redis have none. A
+# counter refuses a call when it is full or the call's firm amount (its input, and its output
+# when the client capped it) does not fit; the whole amount is reserved. Returns
+# {1, rate values..., epoch} when admitted, {0, i, value} when rate counter i is full,
 # {2, j, value} when budget j would be crossed, {3, j...} when budget counters are missing.
 ADMIT = """
 local n_rate = tonumber(ARGV[1])
-local n = #KEYS
+local n = #KEYS - 1
+local epoch = redis.call('GET', KEYS[#KEYS])
+if not epoch then
+  epoch = ARGV[#ARGV]
+  redis.call('SET', KEYS[#KEYS], epoch)
+end
 local missing = {}
 for j = n_rate + 1, n do
   if redis.call('EXISTS', KEYS[j]) == 0 then missing[#missing + 1] = j - n_rate end
@@ -86,8 +93,15 @@ for j = 1, n - n_rate do
   redis.call('INCRBY', KEYS[n_rate + j], ARGV[base + 3 * j - 1])
 end
 table.insert(values, 1, 1)
+values[#values + 1] = epoch
 return values
 """
+
+# Which life of Redis's data the counters belong to: set by the first admission that finds it
+# missing (a Redis that restarted empty, a flushed database), and checked by every correction
+# (app/usage/pipeline.py), so that a correction of a reservation Redis lost is never applied
+# to a counter rebuilt since from the recorded spend, which would count the call below zero.
+EPOCH_KEY = "gateway:counters:epoch"
 
 _NO_LIMITS = RateLimits()
 _REBUILD_ATTEMPTS = 3
@@ -148,6 +162,8 @@ class Admission:
     headers: dict[str, str]
     rate_keys: list[tuple[str, str]]  # (counter key, dimension)
     budget_keys: list[str]
+    budget_ids: list[str] = field(default_factory=list)  # of `budget_keys`, in their order
+    epoch: str = ""  # the counters' epoch it was admitted in (`EPOCH_KEY`)
     started: float = field(default_factory=time.monotonic)
     finished: bool = False
 
@@ -286,7 +302,7 @@ class AdmissionControl:
             now,
         )
         keys = [c.key for c in counters] + budget_keys
-        args: list[int] = [len(counters)]
+        args: list[int | str] = [len(counters)]
         for c in counters:
             args += [c.limit, c.amount, c.firm, int((c.reset_at - now) * 1000) + 1000]
         for b in budgets:
@@ -297,7 +313,8 @@ class AdmissionControl:
             _refuse_rate(counter, int(result[2]), counters, now, prompt, max_output_tokens)
         if result[0] == 2:
             _refuse_budget(budgets[int(result[1]) - 1], int(result[2]), firm_cost)
-        values = [int(v) for v in result[1:]]
+        values = [int(v) for v in result[1:-1]]
+        epoch = result[-1]
         return Admission(
             key_id=principal.key_id,
             team_id=principal.team_id,
@@ -308,6 +325,8 @@ class AdmissionControl:
             headers=_headers(counters, values, now),
             rate_keys=[(c.key, c.dimension) for c in counters],
             budget_keys=budget_keys,
+            budget_ids=[b.id for b in budgets],
+            epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
         )
 
     def _applicable(
@@ -336,10 +355,12 @@ class AdmissionControl:
         return budgets, keys
 
     async def _run_admit(
-        self, keys: list[str], args: list[int], budgets: list[Budget]
+        self, keys: list[str], args: list[int | str], budgets: list[Budget]
     ) -> list[Any]:
         if not keys:
-            return [1]  # no limit and no budget applies: nothing to count
+            return [1, ""]  # no limit and no budget applies: nothing to count
+        keys = [*keys, EPOCH_KEY]
+        args = [*args, uuid.uuid4().hex]
         try:
             for _ in range(_REBUILD_ATTEMPTS):
                 result = await self._pipeline.admit(keys, args)

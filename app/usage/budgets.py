@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,8 +12,8 @@ from app.core.errors import InvalidInput, NotFound, StaleVersion
 from app.core.events import EventSink
 from app.core.ids import check_prefixed, new_id
 from app.core.invalidation import METERING_TOPIC, InvalidationBus
-from app.storage.protocol import Page, Storage, UnitOfWork, Where
-from app.usage.entities import Budget, BudgetPeriod, BudgetScope, BudgetStatus, UsageRecord
+from app.storage.protocol import Increment, Page, Storage, UnitOfWork, Where
+from app.usage.entities import Budget, BudgetPeriod, BudgetScope, BudgetStatus
 from app.usage.periods import period_end, period_start
 
 DEFAULT_THRESHOLDS = (50, 80, 100)
@@ -304,26 +304,42 @@ class BudgetService:
             await self._changed()
         return rolled
 
-    async def record_spend(self, uow: UnitOfWork, records: Iterable[UsageRecord]) -> None:
-        """Add the cost of `records` to the budgets they count against, firing due alerts."""
-        costly = [r for r in records if r.cost_micros > 0]
-        if not costly:
-            return
+    async def charge(self, uow: UnitOfWork, spend: Mapping[str, int]) -> None:
+        """Inside `uow`: add `spend` (micro-dollars by budget id) to the budgets' current
+        period, firing the alerts it makes due.
+
+        Each budget is one atomic increment, no read first, so concurrent writers never
+        collide on a version; they lock the rows in id order, so they never deadlock either.
+        A budget disabled or deleted since the call was admitted is not charged.
+        """
         repo = uow.repo(Budget)
         now = utcnow()
-        for budget in (await repo.find(Where.eq("enabled", True))).items:
-            changed = roll_if_due(budget, now)
-            spend = sum(
-                r.cost_micros
-                for r in costly
-                if r.created_at >= budget.period_start
-                and applies(
-                    budget, key_id=r.api_key_id, team_id=r.team_id, model_id=r.model_id or ""
-                )
-            )
-            if spend == 0 and not changed:
+        for budget_id in sorted(spend):
+            amount = spend[budget_id]
+            if amount <= 0:
                 continue
-            budget.current_usage_micros += spend
-            for event_type, data in due_alerts(budget):
+            budget = await repo.update_where(
+                budget_id,
+                {"current_usage_micros": Increment(amount)},
+                Where.eq("enabled", True),
+            )
+            if budget is None:
+                continue
+            rolled = roll_if_due(budget, now)
+            if rolled:  # the stored period is over: this spend is the first of the next
+                budget.current_usage_micros = amount
+            alerts = due_alerts(budget)
+            if not rolled and not alerts:
+                continue
+            # The increment locked the row until commit: these values cannot have gone stale.
+            await repo.update_where(
+                budget_id,
+                {
+                    "period_start": budget.period_start,
+                    "current_usage_micros": budget.current_usage_micros,
+                    "alerts_fired": budget.alerts_fired,
+                    "status": budget.status,
+                },
+            )
+            for event_type, data in alerts:
                 await self.events.record(uow, event_type, data)
-            await repo.update(budget)

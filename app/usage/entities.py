@@ -66,6 +66,9 @@ class UsageRecord(Entity, table=True):
     latency_ms: int = 0
     status: UsageStatus = choice(UsageStatus, UsageStatus.SUCCESS)
     cache_hit: bool = False
+    # The gateway's own time in milliseconds, the upstream's excluded, as `x-gateway-overhead-ms`
+    # said it (a stream: up to its first chunk); None for a call that failed.
+    overhead_ms: float | None = None
     operation_id: str | None = text(None, max_length=64)
     error: str | None = text(None)
 

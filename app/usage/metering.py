@@ -2,9 +2,9 @@
 
 Three parts do the work: admission (app/usage/admission.py) checks the rate limits and
 reserves tokens and maximum cost in one Lua script; settlement (app/usage/settlement.py)
-corrects the reservations with the real counts and queues the usage record and execution log,
-or gives the reservations back when no upstream call was made; and both reach Redis through
-one pipeline (app/usage/pipeline.py), so a call costs one Redis round trip.
+corrects the reservations with the real counts and records the usage record and execution log
+(app/usage/ledger.py), or gives the reservations back when no upstream call was made; and both
+reach Redis through one pipeline (app/usage/pipeline.py), so a call costs one Redis round trip.
 """
 
 from __future__ import annotations
@@ -14,14 +14,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from app.core import tracing
 from app.core.invalidation import InvalidationBus
 from app.models.entities import Model
 from app.storage.protocol import Storage
-from app.usage.admission import ADMIT, Admission, AdmissionControl, ConfigLookup, KeyAndTeam
+from app.usage.admission import (
+    ADMIT,
+    EPOCH_KEY,
+    Admission,
+    AdmissionControl,
+    ConfigLookup,
+    KeyAndTeam,
+)
 from app.usage.budgets import BudgetService
+from app.usage.ledger import JobUsage, OutcomeWrites, UsageRows, UsageWriter
 from app.usage.limits import RateLimits
 from app.usage.pipeline import CounterPipeline
-from app.usage.recorder import AccountingBuffer
 from app.usage.settlement import Settlement, UsageOutcome
 
 T = TypeVar("T")
@@ -46,7 +54,8 @@ class Metering:
         storage: Storage,
         redis: Any,
         budgets: BudgetService,
-        buffer: AccountingBuffer,
+        writer: UsageWriter,
+        rows: UsageRows,
         options: MeteringOptions,
         *,
         config: ConfigLookup | None = None,
@@ -55,9 +64,12 @@ class Metering:
     ) -> None:
         self._redis = redis
         self._owns_redis = owns_redis  # a client of its own, closed with this object
-        self.buffer = buffer
+        self.writer = writer
+        self._rows = rows
         self.config = config
-        self._pipeline = CounterPipeline(redis, ADMIT, timeout=options.redis_timeout)
+        self._pipeline = CounterPipeline(
+            redis, ADMIT, epoch_key=EPOCH_KEY, timeout=options.redis_timeout
+        )
         self._admission = AdmissionControl(
             storage,
             redis,
@@ -72,7 +84,7 @@ class Metering:
         )
         self._settlement = Settlement(
             self._pipeline,
-            buffer,
+            writer,
             self._admission.model,
             config=config,
             log_bodies=options.log_bodies,
@@ -91,18 +103,25 @@ class Metering:
     ) -> Admission:
         """Check the rate limits and reserve tokens and maximum cost; raises when refused
         (`AdmissionControl.admit`)."""
-        return await self._admission.admit(
-            principal, model, estimated_input_tokens, max_output_tokens
-        )
+        with tracing.span("gateway.admission") as span:
+            span.set_attribute("gateway.model", model if isinstance(model, str) else model.id)
+            return await self._admission.admit(
+                principal, model, estimated_input_tokens, max_output_tokens
+            )
 
     async def priced(self, admission: Admission, outcome: UsageOutcome) -> int:
         """The call's cost in micro-dollars, as its usage record will say (`Settlement.priced`)."""
         return await self._settlement.priced(admission, outcome)
 
     async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
-        """Correct the reservations with the real counts and queue the record and the log; a
+        """Correct the reservations with the real counts and record the record and the log; a
         second settle or release does nothing (`Settlement.settle`)."""
         await self._settlement.settle(admission, outcome)
+
+    def job_usage(self, job: OutcomeWrites) -> JobUsage:
+        """The ledger of the calls `job` makes: their usage commits with its outcome (give it
+        as the `ledger` of their outcomes)."""
+        return JobUsage(self._rows, job)
 
     async def release(self, admission: Admission) -> None:
         """Give back everything `admission` reserved (no upstream call was made)."""
@@ -156,10 +175,10 @@ class Metering:
             await self.settle(admission, call.outcome)
 
     async def close(self) -> None:
-        """Send the queued counter corrections, and the buffered records and logs (graceful
-        shutdown)."""
+        """Send the queued counter corrections, and write the usage that failed to be written
+        before (graceful shutdown)."""
         await self.flush_corrections()
-        await self.buffer.close()
+        await self.writer.close()
         if self._owns_redis:
             await self._redis.aclose()
 

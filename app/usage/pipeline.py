@@ -21,9 +21,13 @@ from redis.exceptions import NoScriptError, RedisError
 
 log = logging.getLogger(__name__)
 
-# Adds ARGV[i] to KEYS[i] when the counter still exists (an expired window stays expired).
+# Adds ARGV[i + 1] to KEYS[i + 1] when the counter still exists (an expired window stays
+# expired), and only while KEYS[1] holds ARGV[1]: the counters' epoch the reservations being
+# corrected were made in (`EPOCH_KEY` of app/usage/admission.py). A Redis that lost its data
+# since has a new epoch, and counters rebuilt without those reservations.
 _ADJUST = """
-for i = 1, #KEYS do
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #KEYS do
   local delta = tonumber(ARGV[i])
   if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
     redis.call('INCRBY', KEYS[i], delta)
@@ -41,14 +45,16 @@ _REFUSED = (0, 2)
 _CORRECTION_DELAY = 0.02
 
 # An admission to send: counter keys, script arguments, and (when it waits) its answer.
-_Pending = tuple[list[str], list[int], "asyncio.Future[list[Any]] | None"]
-_Waiting = tuple[list[str], list[int], "asyncio.Future[list[Any]]"]
+_Pending = tuple[list[str], list[Any], "asyncio.Future[list[Any]] | None"]
+_Waiting = tuple[list[str], list[Any], "asyncio.Future[list[Any]]"]
+# Corrections to send: per epoch, `_ADJUST`'s keys and arguments.
+_Corrections = list[tuple[list[str], list[Any]]]
 
 
 class CounterPipeline:
     """Runs the admission script and corrects counters, one pipeline in flight at a time."""
 
-    def __init__(self, redis: Any, admit_script: str, *, timeout: float) -> None:
+    def __init__(self, redis: Any, admit_script: str, *, epoch_key: str, timeout: float) -> None:
         self._redis = redis
         # Bound on each Redis call (the client may have no socket timeout, which would cost a
         # task per command in redis-py).
@@ -59,11 +65,12 @@ class CounterPipeline:
         self._admissions: list[_Waiting] = []
         self._in_flight = False
         self._sending: set[asyncio.Task[None]] = set()
-        # Counter key -> delta not yet sent to Redis (see `correct`).
-        self._corrections: dict[str, int] = {}
+        self._epoch_key = epoch_key
+        # Epoch -> counter key -> delta not yet sent to Redis (see `correct`).
+        self._corrections: dict[str, dict[str, int]] = {}
         self._corrector: asyncio.Task[None] | None = None
 
-    async def admit(self, keys: list[str], args: list[int]) -> list[Any]:
+    async def admit(self, keys: list[str], args: list[Any]) -> list[Any]:
         """The admission script's answer, sent behind the queued corrections so that it counts
         them and they cost no round trip of their own; raises `RedisError` or `TimeoutError`.
         """
@@ -74,8 +81,7 @@ class CounterPipeline:
                 return await answer
             self._in_flight = True
             try:
-                fixed, deltas = self._take_corrections()
-                (reply,) = await self._round_trip(fixed, deltas, [(keys, args, None)])
+                (reply,) = await self._round_trip(self._take_corrections(), [(keys, args, None)])
             finally:
                 self._in_flight = False
                 self._send_waiting()
@@ -84,19 +90,22 @@ class CounterPipeline:
         result: list[Any] = reply
         return result
 
-    def correct(self, deltas: Iterable[tuple[str, int]]) -> None:
-        """Queue `(counter key, delta)` corrections; they reach Redis with the next admission's
-        script (no round trip of their own) or, when none comes within `_CORRECTION_DELAY`, on
-        their own.
+    def correct(self, deltas: Iterable[tuple[str, int]], *, epoch: str) -> None:
+        """Queue `(counter key, delta)` corrections of reservations made in `epoch`; they reach
+        Redis with the next admission's script (no round trip of their own) or, when none
+        comes within `_CORRECTION_DELAY`, on their own, and apply only if Redis is still in
+        that epoch.
 
         Until then a counter holds the reservation, the larger amount in the usual case, so a
         limit or budget errs on the side of refusing, never of letting a call through.
         """
-        pending = self._corrections
+        pending = self._corrections.setdefault(epoch, {})
         for key, delta in deltas:
             if delta:
                 pending[key] = pending.get(key, 0) + delta
-        if pending and (self._corrector is None or self._corrector.done()):
+        if not pending:
+            del self._corrections[epoch]
+        elif self._corrector is None or self._corrector.done():
             self._corrector = asyncio.get_running_loop().create_task(self._correct_soon())
 
     async def flush(self) -> None:
@@ -109,10 +118,14 @@ class CounterPipeline:
         await asyncio.sleep(_CORRECTION_DELAY)
         await self._send_corrections()
 
-    def _take_corrections(self) -> tuple[list[str], list[int]]:
+    def _take_corrections(self) -> _Corrections:
         pending, self._corrections = self._corrections, {}
-        keys = [key for key, delta in pending.items() if delta]
-        return keys, [pending[key] for key in keys]
+        taken: _Corrections = []
+        for epoch, deltas in pending.items():
+            keys = [key for key, delta in deltas.items() if delta]
+            if keys:
+                taken.append(([self._epoch_key, *keys], [epoch, *(deltas[k] for k in keys)]))
+        return taken
 
     async def _send_corrections(self) -> None:
         """Send the queued corrections on their own, as a round of the pipeline: an admission
@@ -125,10 +138,10 @@ class CounterPipeline:
                 continue
             self._in_flight = True
             try:
-                keys, deltas = self._take_corrections()
-                if keys:
-                    async with asyncio.timeout(self._timeout):
-                        await self._adjust_script(keys=keys, args=deltas)
+                taken = self._take_corrections()
+                async with asyncio.timeout(self._timeout):
+                    for keys, args in taken:
+                        await self._adjust_script(keys=keys, args=args)
             except (RedisError, TimeoutError):
                 # The calls already happened; their records still count once batches are written.
                 log.warning("could not correct rate-limit and budget counters", exc_info=True)
@@ -152,10 +165,10 @@ class CounterPipeline:
         self._send_waiting()
 
     async def _run_admissions(self, batch: list[_Waiting]) -> None:
-        fixed, deltas = self._take_corrections()
+        fixed = self._take_corrections()
         try:
             async with asyncio.timeout(self._timeout):
-                replies = await self._round_trip(fixed, deltas, batch)
+                replies = await self._round_trip(fixed, batch)
         except BaseException as exc:
             if fixed:
                 # Whether they were applied is unknown; sending them again could count twice.
@@ -178,23 +191,21 @@ class CounterPipeline:
             else:
                 answer.set_result(reply)
 
-    async def _round_trip(
-        self, fixed: list[str], deltas: list[int], batch: Sequence[_Pending]
-    ) -> list[Any]:
+    async def _round_trip(self, fixed: _Corrections, batch: Sequence[_Pending]) -> list[Any]:
         # Plain EVALSHA: a pipeline given the script objects would first ask SCRIPT EXISTS,
         # a round trip of its own; a script Redis lost (restart) is loaded below instead.
         pipe = self._redis.pipeline(transaction=False)
-        if fixed:
-            pipe.evalsha(self._adjust_script.sha, len(fixed), *fixed, *deltas)
+        for keys, args in fixed:
+            pipe.evalsha(self._adjust_script.sha, len(keys), *keys, *args)
         for keys, args, _ in batch:
             pipe.evalsha(self._admit_script.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         corrected_late = False
-        if fixed:
+        for keys, args in fixed:
             adjusted = replies.pop(0)
             if isinstance(adjusted, NoScriptError):
                 try:
-                    adjusted = await self._adjust_script(keys=fixed, args=deltas)
+                    adjusted = await self._adjust_script(keys=keys, args=args)
                 except RedisError as exc:
                     adjusted = exc
                 else:

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from app.access.deps import AdminDep
 from app.core.clock import utcnow
 from app.core.provide import provide
-from app.core.schemas import Deleted
+from app.core.schemas import Deleted, PageAfter, PageLimit
 from app.usage.budgets import BudgetChanges, BudgetService
 from app.usage.entities import BudgetScope
 from app.usage.schemas import (
@@ -45,7 +45,7 @@ async def list_usage_records(
     team_id: str | None = Query(default=None, max_length=64),
     model_id: str | None = Query(default=None, max_length=64),
     limit: int = Query(default=50, ge=1, le=1000),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    after: PageAfter = None,
 ) -> UsageRecordList:
     """Raw usage records (kept for the usage retention period), newest first."""
     page = await usage.records(
@@ -129,8 +129,8 @@ async def list_budgets(
     budgets: BudgetsDep,
     scope: BudgetScope | None = None,
     scope_id: str | None = Query(default=None, max_length=64),
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> BudgetList:
     """Budgets, newest first."""
     page = await budgets.find(scope=scope, scope_id=scope_id, limit=limit, after=after)

@@ -99,6 +99,7 @@ class UsageRecordRead(BaseModel):
     latency_ms: int
     status: str
     cache_hit: bool
+    overhead_ms: float | None
     operation_id: str | None
     error: str | None
     created_at: datetime

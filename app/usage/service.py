@@ -1,34 +1,33 @@
-"""Usage: writing the batched records, aggregations, daily roll-ups and retention."""
+"""Usage: writing calls' records and logs, aggregations, daily roll-ups and retention."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import logging
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from app.core.clock import utcnow
-from app.core.errors import DuplicateKey, InvalidInput, StaleVersion
+from app.core.errors import InvalidInput
 from app.logs.entities import ExecutionLog
 from app.storage.entity import Entity
-from app.storage.protocol import Page, Storage, Where, given
+from app.storage.mapping import construct
+from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
 from app.usage.budgets import BudgetService
 from app.usage.entities import UsageRecord, UsageRollup, UsageStatus
-from app.usage.recorder import Batch, decode_batch
+from app.usage.ledger import CallUsage
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Entity)
 
 _PAGE = 1000
-_WRITE_ATTEMPTS = 20
-# Batches arrive seconds late; days this recent are recomputed by every roll-up.
+# Days this recent are recomputed by every roll-up (a call settles after it began, a job's
+# usage commits with its outcome).
 _OPEN_DAYS = 2
 
 
@@ -100,44 +99,34 @@ async def _every(fetch: Callable[[str | None], Awaitable[Page[E]]]) -> AsyncIter
 
 
 class UsageService:
-    """Records usage in batches and answers aggregations over records and roll-ups."""
+    """Writes calls' usage and answers aggregations over records and roll-ups."""
 
     def __init__(self, storage: Storage, budgets: BudgetService) -> None:
         self._storage = storage
         self._budgets = budgets
 
-    async def write_batch(self, batch: Batch) -> int:
-        """Insert a batch of records and logs and charge budgets, once however often it comes.
+    async def write_usage(self, uow: UnitOfWork, calls: Sequence[CallUsage]) -> int:
+        """Inside `uow`: insert the calls' usage records and execution logs whose ids are new,
+        and charge the budgets for the new records; how many records were new.
 
-        Returns how many entries were written (0 when this batch was already written).
+        Writing the same calls again (a retried transaction, a batch sent twice) inserts and
+        charges nothing more.
         """
-        records, logs = decode_batch(batch)
-        if not records and not logs:
+        if not calls:
             return 0
-        for attempt in range(_WRITE_ATTEMPTS):
-            try:
-                return await self._write_once(records, logs)
-            except DuplicateKey:
-                return 0  # a concurrent delivery of the same batch committed first
-            except StaleVersion:
-                # Another batch charged the same budget meanwhile: recompute, after a random
-                # pause so the writers that collided do not collide again.
-                await asyncio.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        # The queue retries the whole batch later (writing it is idempotent).
-        raise StaleVersion("budget", "*", 0)
-
-    async def _write_once(self, records: list[UsageRecord], logs: list[ExecutionLog]) -> int:
-        async with self._storage.unit_of_work() as uow:
-            # A batch commits whole, so finding its first entry means it was written before.
-            if records and await uow.repo(UsageRecord).get(records[0].id) is not None:
-                return 0
-            if not records and await uow.repo(ExecutionLog).get(logs[0].id) is not None:
-                return 0
-            await uow.repo(UsageRecord).add_many(records)
-            await uow.repo(ExecutionLog).add_many(logs)
-            await self._budgets.record_spend(uow, records)
-            await uow.commit()
-        return len(records) + len(logs)
+        # Rows settlement built, validated once, by the repositories (`to_row`).
+        records = [construct(UsageRecord, **call.record) for call in calls]
+        logs = [construct(ExecutionLog, **call.log) for call in calls]
+        new = set(await uow.repo(UsageRecord).add_missing(records))
+        await uow.repo(ExecutionLog).add_missing(logs)
+        spend: dict[str, int] = {}
+        for call, record in zip(calls, records, strict=True):
+            cost = int(record.cost_micros)
+            if record.id in new and cost > 0:
+                for budget_id in call.budget_ids:
+                    spend[budget_id] = spend.get(budget_id, 0) + cost
+        await self._budgets.charge(uow, spend)
+        return len(new)
 
     async def records(
         self,

@@ -1,11 +1,13 @@
-"""Settlement: an admitted call's real use counted, and its usage record and log queued.
+"""Settlement: an admitted call's real use counted, and its usage record and log recorded.
 
-`settle` corrects the call's reservations with the real counts and queues its usage record and
-execution log; `release` gives its reservations back when no upstream call was made; `fail`
-tells the two apart for a call that raised, and `stream` settles a relayed stream when it ends,
-cut short or not. Corrections cost no Redis call of their own: they are queued and ride with
-the next admission (app/usage/pipeline.py). Records are built as plain JSON rows, what the
-entities would dump: building the entities would cost more than the rest of a call.
+`settle` corrects the call's reservations with the real counts and records its usage record
+and execution log in its ledger (app/usage/ledger.py: committed before a direct call's answer
+leaves, or with its job's outcome); `release` gives its reservations back when no upstream
+call was made; `fail` tells the two apart for a call that raised, and `stream` settles a
+relayed stream when it ends, cut short or not. Corrections cost no Redis call of their own:
+they are queued and ride with the next admission (app/usage/pipeline.py). Records are built as
+plain JSON rows, what the entities would dump: building the entities would cost more than the
+rest of a call.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from app.core.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    Unavailable,
 )
 from app.core.ids import new_id
 from app.core.metrics import observe_settled
@@ -31,9 +34,9 @@ from app.logs.entities import ExecutionStatus, ExecutionType
 from app.models.entities import Model
 from app.usage.admission import Admission, ConfigLookup
 from app.usage.entities import UsageStatus, UsageType
+from app.usage.ledger import CallUsage, UsageLedger
 from app.usage.pipeline import CounterPipeline
 from app.usage.pricing import model_cost_micros
-from app.usage.recorder import AccountingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class UsageOutcome:
     output_tokens: int = 0
     latency_ms: int | None = None  # measured from admission when not given
     cache_hit: bool = False
+    # The gateway's own time in milliseconds, as the answer's `x-gateway-overhead-ms` says it.
+    overhead_ms: float | None = None
     operation_id: str | None = None
     model_id: str | None = None  # the model that answered, when a fallback did
     provider: str | None = None
@@ -64,6 +69,9 @@ class UsageOutcome:
     response_body: Any = None
     workflow_steps: list[dict[str, Any]] = field(default_factory=list)
     cost_micros: int | None = None  # set by `Settlement.priced`, computed at settlement if not
+    # Where the usage goes: the job the call runs in (`JobUsage`); None for the process's
+    # writer, which commits it before the answer leaves.
+    ledger: UsageLedger | None = None
 
 
 _EXECUTION_TYPES = {
@@ -74,19 +82,19 @@ _EXECUTION_TYPES = {
 
 
 class Settlement:
-    """Ends admitted calls: corrects their counters and queues what they used."""
+    """Ends admitted calls: corrects their counters and records what they used."""
 
     def __init__(
         self,
         pipeline: CounterPipeline,
-        buffer: AccountingBuffer,
+        writer: UsageLedger,
         prices: Callable[[str], Awaitable[Model]],
         *,
         config: ConfigLookup | None,
         log_bodies: bool,
     ) -> None:
         self._pipeline = pipeline
-        self._buffer = buffer
+        self._writer = writer
         self._prices = prices  # a model by id, for a fallback's price
         self._config = config
         self._default_log_bodies = log_bodies
@@ -110,7 +118,9 @@ class Settlement:
         return outcome.cost_micros
 
     async def settle(self, admission: Admission, outcome: UsageOutcome) -> None:
-        """Correct the reservations with the real counts and queue the record and the log.
+        """Correct the reservations with the real counts and record the record and the log in
+        the call's ledger; raises `Unavailable` when they could not be written (the counters
+        are corrected all the same).
 
         Settling (or releasing) an admission a second time does nothing.
         """
@@ -127,9 +137,10 @@ class Settlement:
         if latency is None:
             latency = int((time.monotonic() - admission.started) * 1000)
         record, entry = _rows(admission, outcome, model, cost, latency, await self._log_bodies())
-        self._buffer.add(record, entry)
         if not outcome.cache_hit:  # metrics: what upstream calls used (app/core/metrics.py)
             observe_settled(model.id, outcome.input_tokens, outcome.output_tokens, cost)
+        ledger = outcome.ledger or self._writer
+        await ledger.record(CallUsage(record, entry, tuple(admission.budget_ids)))
 
     async def release(self, admission: Admission) -> None:
         """Give back everything `admission` reserved (no upstream call was made)."""
@@ -148,7 +159,7 @@ class Settlement:
         ]
         if cost_delta:
             deltas += [(key, cost_delta) for key in admission.budget_keys]
-        self._pipeline.correct(deltas)
+        self._pipeline.correct(deltas, epoch=admission.epoch)
 
     async def _log_bodies(self) -> bool:
         if self._config is not None:
@@ -166,9 +177,13 @@ class Settlement:
         (bad input, unknown model, cancellation) made no upstream call and is released."""
         if isinstance(exc, DomainError) and not isinstance(exc, _NO_CALL_MADE):
             error = f"{exc.code}: {exc.message}"
-            await self.settle(
-                admission, UsageOutcome(status=UsageStatus.ERROR, error=error, **outcome)
-            )
+            try:
+                await self.settle(
+                    admission, UsageOutcome(status=UsageStatus.ERROR, error=error, **outcome)
+                )
+            except Unavailable:
+                # The caller hears of `exc`, what went wrong first; the writer keeps the rows.
+                log.warning("the usage of a failed call could not be written yet")
         else:
             await self.release(admission)
 
@@ -197,16 +212,21 @@ class Settlement:
         finally:
             if not admission.finished:
                 used = usage() or {}
-                await self.settle(
-                    admission,
-                    UsageOutcome(
-                        status=status,
-                        error=error,
-                        input_tokens=int(used.get("prompt_tokens") or 0),
-                        output_tokens=int(used.get("completion_tokens") or 0),
-                        **outcome,
-                    ),
+                settled = UsageOutcome(
+                    status=status,
+                    error=error,
+                    input_tokens=int(used.get("prompt_tokens") or 0),
+                    output_tokens=int(used.get("completion_tokens") or 0),
+                    **outcome,
                 )
+                if status is UsageStatus.SUCCESS:
+                    # Before the stream's end is sent: a failure is its last event.
+                    await self.settle(admission, settled)
+                else:
+                    try:
+                        await self.settle(admission, settled)
+                    except Unavailable:
+                        log.warning("the usage of a broken stream could not be written yet")
 
 
 def _rows(
@@ -221,19 +241,21 @@ def _rows(
     (what `model_dump(mode="json")` of the entities gives); bodies only when `bodies`."""
     success = outcome.status is UsageStatus.SUCCESS
     stamp = utcnow().isoformat()
+    provider = outcome.provider or str(model.provider)
     record = {
         "id": new_id("usage"),
         "usage_type": outcome.usage_type.value,
         "api_key_id": admission.key_id,
         "team_id": admission.team_id,
         "model_id": model.id,
-        "provider": outcome.provider or str(model.provider),
+        "provider": provider,
         "input_tokens": outcome.input_tokens,
         "output_tokens": outcome.output_tokens,
         "cost_micros": cost,
         "latency_ms": latency,
         "status": outcome.status.value,
         "cache_hit": outcome.cache_hit,
+        "overhead_ms": outcome.overhead_ms,
         "operation_id": outcome.operation_id,
         "error": outcome.error,
         "created_at": stamp,
@@ -253,6 +275,9 @@ def _rows(
         "input_tokens": outcome.input_tokens,
         "output_tokens": outcome.output_tokens,
         "execution_time_ms": latency,
+        "provider": provider,
+        "cache_hit": outcome.cache_hit,
+        "overhead_ms": outcome.overhead_ms,
         "api_key_id": admission.key_id,
         "user_id": None,
         "team_id": admission.team_id,

@@ -16,9 +16,9 @@ from app.queue.periodic import PeriodicTask
 from app.storage.protocol import Storage
 from app.usage.admission import ConfigLookup
 from app.usage.budgets import BudgetService
+from app.usage.ledger import UsageWriter
 from app.usage.limits import RateLimits
 from app.usage.metering import Metering, MeteringOptions
-from app.usage.recorder import AccountingBuffer, Batch, BatchSender
 from app.usage.service import UsageService
 
 log = logging.getLogger(__name__)
@@ -34,27 +34,16 @@ class Accounting:
     logs: LogService
 
 
-class DirectSender:
-    """Writes each batch in this process: for set-ups without a queue worker (tests)."""
-
-    def __init__(self, usage: UsageService) -> None:
-        self._usage = usage
-
-    async def send(self, batch: Batch) -> None:
-        await self._usage.write_batch(batch)
-
-
 def build_accounting(
     settings: Settings,
     storage: Storage,
     redis: Any,
     events: EventSink,
     *,
-    sender: BatchSender | None = None,
     config: ConfigLookup | None = None,
     bus: InvalidationBus | None = None,
 ) -> Accounting:
-    """The accounting services; batches go to `sender`, or are written in-process without one.
+    """The accounting services; calls' usage is written by this process (app/usage/ledger.py).
 
     Budget, limit and price changes reach the caches of metering through `bus` (the process's
     invalidation channel; without one, only this process's).
@@ -62,10 +51,11 @@ def build_accounting(
     bus = bus or InvalidationBus(None, shared=False)
     budgets = BudgetService(storage, events, bus)
     usage = UsageService(storage, budgets)
-    buffer = AccountingBuffer(
-        sender or DirectSender(usage),
-        interval=settings.USAGE_FLUSH_INTERVAL_SECONDS,
-        max_records=settings.USAGE_FLUSH_MAX_RECORDS,
+    writer = UsageWriter(
+        storage,
+        usage,
+        max_batch=settings.USAGE_WRITE_MAX_CALLS,
+        retry_interval=settings.USAGE_RETRY_INTERVAL_SECONDS,
     )
     options = MeteringOptions(
         default_limits=RateLimits(
@@ -83,7 +73,8 @@ def build_accounting(
         storage,
         hot or redis,
         budgets,
-        buffer,
+        writer,
+        usage,
         options,
         config=config,
         owns_redis=hot is not None,

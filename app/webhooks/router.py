@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends
 from pydantic import AwareDatetime
 
 from app.access.deps import AdminDep
 from app.core.provide import provide
+from app.core.schemas import PageAfter, PageLimit
 from app.webhooks import catalogue
 from app.webhooks.entities import DeliveryStatus
 from app.webhooks.schemas import (
@@ -53,8 +54,8 @@ async def create_webhook(
 async def list_webhooks(
     admin: AdminDep,
     webhooks: WebhooksDep,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> WebhookList:
     """Every subscription, newest first."""
     return WebhookList.of(await webhooks.list_webhooks(limit=limit, after=after), WebhookRead.of)
@@ -117,8 +118,8 @@ async def list_deliveries(
     event_type: str | None = None,
     created_after: AwareDatetime | None = None,
     created_before: AwareDatetime | None = None,
-    limit: int = Query(default=20, ge=1, le=100),
-    after: str | None = Query(default=None, description="The `next_cursor` of the previous page."),
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> DeliveryList:
     """The delivery log of a subscription, newest first."""
     page = await webhooks.list_deliveries(

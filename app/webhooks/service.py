@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from app.core import tracing
 from app.core.clock import utcnow
 from app.core.crypto import SecretBox, UndecryptableSecret
 from app.core.errors import (
@@ -611,23 +612,41 @@ class WebhookService:
         """Make one attempt at a delivery and record it.
 
         Raises `RetryLater` with the schedule's next delay when another attempt is due, and
-        `DeliveryAbandoned` when none is. Counted by outcome in `gateway_webhook_deliveries_total`.
+        `DeliveryAbandoned` when none is. Counted by outcome in `gateway_webhook_deliveries_total`,
+        and traced as a `webhook.delivery` span (ids, event type, status code: never the URL).
         """
-        try:
-            result = await self._deliver(
-                delivery_id, operation_id=operation_id, attempt=attempt, max_attempts=max_attempts
-            )
-        except RetryLater:
-            WEBHOOK_DELIVERIES("retry").inc()
-            raise
-        except DeliveryAbandoned:
-            WEBHOOK_DELIVERIES("abandoned").inc()
-            raise
-        WEBHOOK_DELIVERIES("skipped" if "skipped" in result else "succeeded").inc()
+        with tracing.span("webhook.delivery", kind="client") as span:
+            span.set_attribute("gateway.webhook.delivery_id", delivery_id)
+            span.set_attribute("gateway.webhook.attempt", attempt)
+            try:
+                result = await self._deliver(
+                    delivery_id,
+                    operation_id=operation_id,
+                    attempt=attempt,
+                    max_attempts=max_attempts,
+                    span=span,
+                )
+            except RetryLater:
+                WEBHOOK_DELIVERIES("retry").inc()
+                span.set_attribute("gateway.webhook.outcome", "retry")
+                raise
+            except DeliveryAbandoned:
+                WEBHOOK_DELIVERIES("abandoned").inc()
+                span.set_attribute("gateway.webhook.outcome", "abandoned")
+                raise
+            outcome = "skipped" if "skipped" in result else "succeeded"
+            WEBHOOK_DELIVERIES(outcome).inc()
+            span.set_attribute("gateway.webhook.outcome", outcome)
         return result
 
     async def _deliver(
-        self, delivery_id: str, *, operation_id: str, attempt: int, max_attempts: int
+        self,
+        delivery_id: str,
+        *,
+        operation_id: str,
+        attempt: int,
+        max_attempts: int,
+        span: tracing.SpanHandle = tracing.NO_SPAN,
     ) -> dict[str, Any]:
         async with self._storage.unit_of_work() as uow:
             delivery = await uow.repo(WebhookDelivery).get(delivery_id)
@@ -643,7 +662,11 @@ class WebhookService:
             reason = f"webhook {webhook.status.value}: not sent"
             await self._record(delivery, webhook, None, attempt=attempt, abandon=reason)
             raise DeliveryAbandoned(reason)
+        span.set_attribute("gateway.webhook.id", webhook.id)
+        span.set_attribute("gateway.webhook.event_type", delivery.event_type)
         outcome = await self._attempt(webhook, delivery)
+        if outcome.status_code is not None:
+            span.set_attribute("http.response.status_code", outcome.status_code)
         retry_in = self._next_delay(attempt, max_attempts) if outcome.retryable else None
         try:
             delivery = await self._record(

@@ -172,3 +172,26 @@ async def test_concurrent_requests_with_an_uncached_key_share_one_read(
     assert {p.key_id for p in principals} == {key_id}
     await keys.revoke_key(key_id)
     assert await can_call(client, headers) == 401  # the shared read never outlives a change
+
+
+async def test_processes_ensuring_one_key_together_all_get_it_and_one_row_is_written(
+    storage: Storage,
+) -> None:
+    # Replicas starting at once each ensure ADMIN_API_KEY: none may fail on another's insert.
+    services = [ApiKeyService(storage) for _ in range(8)]
+    secret = "gw-ensured-together-0123456789abcdefghijklmnop"
+    keys = await asyncio.gather(
+        *(s.ensure_key(key_id="ensured", name="admin", secret=secret, admin=True) for s in services)
+    )
+    assert {k.id for k in keys} == {"ensured"}
+    async with storage.unit_of_work() as uow:
+        assert await uow.repo(ApiKey).count() == 1
+    assert (await services[0].authenticate(secret)).key_id == "ensured"
+    rotated = secret.replace("together", "rotated!")
+    await asyncio.gather(
+        *(
+            s.ensure_key(key_id="ensured", name="admin", secret=rotated, admin=True)
+            for s in services
+        )
+    )
+    assert (await ApiKeyService(storage).authenticate(rotated)).key_id == "ensured"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
@@ -99,9 +99,13 @@ async def test_models_are_listed_and_retrieved_per_key(
 class FakeContext:
     operation: Operation
     attempt: int = 1
+    writes: list[Any] = field(default_factory=list)
 
     async def checkpoint(self) -> None:
         return None
+
+    def write_with_outcome(self, write: Any) -> None:
+        self.writes.append(write)
 
 
 async def test_a_queued_call_is_checked_against_the_key_when_it_runs(

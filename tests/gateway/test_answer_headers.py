@@ -1,6 +1,7 @@
 """The headers every answer carries: who answered (model and provider, after fallbacks), what it
 cost (exactly the usage record's figure), the gateway's own time, the cache, the request id;
-direct and streamed, through the fast path and through the FastAPI stack."""
+direct and streamed, through the fast path and through the FastAPI stack. The usage record and
+the execution log keep the same facts."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 
 from app.credentials.entities import Provider
 from app.gateway.calls import usd
+from app.logs.entities import ExecutionLog
 from app.models.entities import Model, ModelKind
 from app.services import Services
 from app.usage.entities import UsageRecord
@@ -46,9 +48,27 @@ async def priced(services: Services, *model_ids: str, price: str = "2.5") -> Non
 
 
 async def records(services: Services) -> list[UsageRecord]:
-    await services.metering.buffer.flush()
     async with services.storage.unit_of_work() as uow:
         return list((await uow.repo(UsageRecord).find(order_by=["created_at"])).items)
+
+
+async def execution_logs(services: Services) -> list[ExecutionLog]:
+    async with services.storage.unit_of_work() as uow:
+        return list((await uow.repo(ExecutionLog).find(order_by=["created_at"])).items)
+
+
+def assert_same_facts(response: httpx.Response, record: UsageRecord, entry: ExecutionLog) -> None:
+    """The usage record and the execution log say what the answer's headers said."""
+    headers = response.headers
+    overhead = float(headers["x-gateway-overhead-ms"])
+    cached = headers.get("x-gateway-cache") == "hit"
+    for kept in (record, entry):
+        assert kept.provider == headers["x-gateway-provider"]
+        assert kept.overhead_ms == overhead
+        assert kept.cache_hit is cached
+        assert kept.cost_micros == record.cost_micros
+    if "x-gateway-response-cost" in headers:
+        assert cost_of(response) == record.cost_micros
 
 
 def cost_of(response: httpx.Response) -> int:
@@ -80,6 +100,8 @@ async def test_a_direct_answer_says_its_model_provider_cost_and_overhead(
     assert 0 < overhead < UPSTREAM_DELAY * 1000 / 3
     assert record.latency_ms >= UPSTREAM_DELAY * 1000
     assert headers["x-gateway-cache"] == "miss"
+    (entry,) = await execution_logs(services)
+    assert_same_facts(response, record, entry)
 
 
 @pytest.mark.parametrize("via", PATHS)
@@ -123,6 +145,8 @@ async def test_a_stream_says_who_answers_and_its_overhead_to_the_first_chunk_but
     assert "x-gateway-response-cost" not in headers
     (record,) = await records(services)
     assert (record.model_id, record.provider) == ("b", "anthropic") and record.cost_micros > 0
+    (entry,) = await execution_logs(services)
+    assert_same_facts(response, record, entry)
 
 
 async def test_embeddings_say_their_model_provider_cost_and_overhead(
@@ -138,6 +162,8 @@ async def test_embeddings_say_their_model_provider_cost_and_overhead(
     (record,) = await records(services)
     assert cost_of(response) == record.cost_micros > 0
     assert 0 < float(headers["x-gateway-overhead-ms"]) < UPSTREAM_DELAY * 1000 / 3
+    (entry,) = await execution_logs(services)
+    assert_same_facts(response, record, entry)
 
 
 @pytest.mark.parametrize("via", PATHS)
@@ -159,6 +185,13 @@ async def test_a_cached_answer_says_so_and_costs_nothing(
         assert response.headers["x-gateway-provider"] == "openai"
         assert response.headers["x-gateway-model"] == "gpt"
         assert float(response.headers["x-gateway-overhead-ms"]) > 0
+    for response, record, entry in zip(
+        (first, second, streamed),
+        await records(services),
+        await execution_logs(services),
+        strict=True,
+    ):
+        assert_same_facts(response, record, entry)
 
 
 async def test_the_openai_sdk_still_reads_answers_and_exposes_the_headers(

@@ -29,9 +29,11 @@ def answered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = answer_directly
 
-    async def recording(calls_: Any, principal: Any, request: Any, *args: Any) -> Any:
+    async def recording(
+        calls_: Any, principal: Any, request: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         calls.append(request.model)
-        return await original(calls_, principal, request, *args)
+        return await original(calls_, principal, request, *args, **kwargs)
 
     monkeypatch.setattr(fastpath, "answer_directly", recording)
     return calls
@@ -54,9 +56,11 @@ def submitted(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
     calls: list[str | None] = []
     original = submit_job
 
-    async def recording(calls_: Any, principal: Any, request: Any, *args: Any) -> Any:
+    async def recording(
+        calls_: Any, principal: Any, request: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         calls.append(args[1])
-        return await original(calls_, principal, request, *args)
+        return await original(calls_, principal, request, *args, **kwargs)
 
     monkeypatch.setattr(fastpath, "submit_job", recording)
     return calls

@@ -19,7 +19,6 @@ from app.models.entities import Model
 from app.services import Services
 from app.storage.protocol import Storage
 from app.usage.entities import UsageStatus
-from app.usage.recorder import encode_batch
 from app.usage.settlement import UsageOutcome
 from tests.usage.conftest import Principal
 from tests.usage.test_api import ADMIN, app_on, serve, services_of
@@ -61,7 +60,6 @@ async def call(services: Services, *, key: str = "key-1", fail: bool = False) ->
             latency_ms=25 if fail else 75,
         ),
     )
-    await services.metering.buffer.flush()
 
 
 async def logs(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
@@ -136,7 +134,9 @@ async def test_retention_deletes_only_logs_older_than_the_period(
         status=ExecutionStatus.SUCCESS,
         created_at=utcnow() - timedelta(days=31),
     )
-    await services.accounting.usage.write_batch(encode_batch([], [old]))
+    async with services.storage.unit_of_work() as uow:
+        await uow.repo(ExecutionLog).add(old)
+        await uow.commit()
     await call(services)
     assert await services.accounting.logs.purge_expired(30) == 1
     remaining = (await logs(client))["data"]

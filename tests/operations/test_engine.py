@@ -23,7 +23,8 @@ from app.operations.service import ChildSpec, OperationService
 from app.operations.submit import Owner
 from app.operations.transitions import TRANSITIONS, move
 from app.queue.names import OperationKind
-from app.storage.protocol import Storage
+from app.storage.protocol import Storage, UnitOfWork
+from app.usage.entities import UsageRecord, UsageType
 from tests.fakes import RecordingQueue
 
 ALICE = Owner(key_id="key-alice")
@@ -325,6 +326,103 @@ async def test_finished_jobs_cannot_be_cancelled(
     await runner_with(storage, queue, echo).execute(operation.id)
     with pytest.raises(Conflict):
         await service.cancel(operation.id, owner=ALICE)
+
+
+# ---- writes that commit with the outcome (a job's usage) -------------------------------------
+
+
+def write_record(ctx: JobContext, record_id: str) -> None:
+    """Have a usage record commit with the attempt's outcome, as a job's calls do."""
+
+    async def write(uow: UnitOfWork) -> None:
+        record = UsageRecord(
+            id=record_id, usage_type=UsageType.CHAT_COMPLETION, operation_id=ctx.operation.id
+        )
+        await uow.repo(UsageRecord).add_missing([record])
+
+    ctx.write_with_outcome(write)
+
+
+async def record_ids(storage: Storage) -> list[str]:
+    async with storage.unit_of_work() as uow:
+        return sorted(r.id for r in (await uow.repo(UsageRecord).find()).items)
+
+
+async def test_writes_made_with_the_outcome_commit_with_the_completed_job(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    async def paid(ctx: JobContext) -> str:
+        write_record(ctx, "usage-1")
+        assert await record_ids(storage) == []  # not before the outcome
+        return "done"
+
+    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
+    assert await runner_with(storage, queue, paid).execute(operation.id)
+    assert (await load(storage, operation.id)).status == OperationStatus.COMPLETED
+    assert await record_ids(storage) == ["usage-1"]
+
+
+async def test_the_writes_of_a_worker_that_died_never_commit_and_the_rerun_writes_its_own(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
+    dead = runner_with(storage, queue, echo, worker="dead")
+    claimed = await dead.claim(operation.id)
+    assert claimed is not None
+    write_record(JobContext(dead, *claimed), "usage-dead")  # ... and the worker dies
+    await asyncio.sleep(FAST.lease + 0.05)
+    assert (await dead.sweep()).recovered == 1
+
+    async def rerun(ctx: JobContext) -> str:
+        write_record(ctx, "usage-rerun")
+        return "done"
+
+    assert await runner_with(storage, queue, rerun, worker="fresh").execute(operation.id)
+    assert await dead._complete(claimed[0], claimed[1], "late") is False  # woke up too late
+    assert await record_ids(storage) == ["usage-rerun"]
+
+
+async def test_a_failed_attempt_commits_its_writes_with_the_retry(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    async def paid_then_flaky(ctx: JobContext) -> str:
+        write_record(ctx, f"usage-{ctx.attempt}")
+        if ctx.attempt == 1:
+            raise Transient("upstream answered 503 after a call that counted")
+        return "ok"
+
+    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
+    runner = runner_with(storage, queue, paid_then_flaky)
+    await runner.execute(operation.id)
+    assert (await load(storage, operation.id)).status == OperationStatus.PENDING
+    assert await record_ids(storage) == ["usage-1"]
+    await runner.execute(operation.id)
+    assert (await load(storage, operation.id)).status == OperationStatus.COMPLETED
+    assert await record_ids(storage) == ["usage-1", "usage-2"]
+
+
+async def test_a_job_cancelled_mid_run_still_commits_the_writes_of_its_attempt(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    called = asyncio.Event()
+
+    async def paid_then_stepwise(ctx: JobContext) -> str:
+        write_record(ctx, "usage-before-cancel")
+        called.set()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            await ctx.checkpoint()
+        return "finished"
+
+    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
+    task = asyncio.create_task(
+        runner_with(storage, queue, paid_then_stepwise).execute(operation.id)
+    )
+    await called.wait()
+    await service.cancel(operation.id, owner=ALICE)
+    await asyncio.wait_for(task, timeout=5)
+    assert (await load(storage, operation.id)).status == OperationStatus.CANCELLED
+    assert await record_ids(storage) == ["usage-before-cancel"]
 
 
 # ---- idempotency -----------------------------------------------------------------------------

@@ -939,6 +939,60 @@ async def test_add_many_of_nothing_returns_zero_and_writes_nothing(
     assert await usage_ids(storage) == []
 
 
+# ---- add_missing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
+async def test_add_missing_inserts_the_new_rows_skips_the_taken_keys_and_says_which_are_new(
+    storage: Storage, autocommit: bool
+) -> None:
+    async with storage.unit_of_work() as uow:
+        await uow.repo(UsageRecord).add(record(2, cost_micros=5))
+        await uow.commit()
+    async with storage.unit_of_work(autocommit=autocommit) as uow:
+        added = await uow.repo(UsageRecord).add_missing(
+            [record(1), record(2, cost_micros=99), record(3)]
+        )
+        await uow.commit()
+    assert added == ["usage-0001", "usage-0003"]
+    assert sorted(await usage_ids(storage)) == ["usage-0001", "usage-0002", "usage-0003"]
+    async with storage.unit_of_work() as uow:
+        kept = await uow.repo(UsageRecord).get("usage-0002")
+    assert kept is not None and kept.cost_micros == 5  # the row already there is not compared
+
+
+async def test_add_missing_of_rows_all_written_before_adds_nothing(storage: Storage) -> None:
+    rows = [record(1), record(2)]
+    for expected in (["usage-0001", "usage-0002"], []):
+        async with storage.unit_of_work() as uow:
+            assert await uow.repo(UsageRecord).add_missing(rows) == expected
+            assert await uow.repo(ExecutionLog).add_missing([]) == []
+            await uow.commit()
+    assert sorted(await usage_ids(storage)) == ["usage-0001", "usage-0002"]
+
+
+async def test_add_missing_sees_the_rows_its_own_unit_added_and_others_see_none_until_commit(
+    storage: Storage,
+) -> None:
+    async with storage.unit_of_work() as uow:
+        assert await uow.repo(UsageRecord).add_missing([record(1)]) == ["usage-0001"]
+        assert await uow.repo(UsageRecord).add_missing([record(1), record(2)]) == ["usage-0002"]
+        assert await usage_ids(storage) == []
+        await uow.commit()
+    assert sorted(await usage_ids(storage)) == ["usage-0001", "usage-0002"]
+
+
+async def test_add_missing_still_refuses_another_unique_key_taken(storage: Storage) -> None:
+    await add_ops(storage, [op(1, owner_key_id="key-a", idempotency_key="k1")])
+    async with storage.unit_of_work() as uow:
+        with pytest.raises(DuplicateKey):
+            await uow.repo(Operation).add_missing(
+                [op(2, owner_key_id="key-a", idempotency_key="k1")]
+            )
+            await uow.commit()
+    assert sorted(await snapshot(storage)) == ["op-0001"]
+
+
 INVALID_VALUES: dict[str, tuple[str, Any]] = {
     "unknown-status": ("status", "exploded"),
     "not-a-number": ("attempts", "many"),

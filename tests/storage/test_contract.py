@@ -24,7 +24,7 @@ from app.schema import ENTITIES
 from app.storage.entity import Entity
 from app.storage.mapping import referencing, table_info
 from app.storage.memory import MemoryStorage
-from app.storage.protocol import Storage, Tally, Where, given
+from app.storage.protocol import Moments, Storage, Tally, Where, given
 from tests.factories import BASE_INSTANT, build, comparable, create
 
 ENTITY_IDS = [e.__name__ for e in ENTITIES]
@@ -622,3 +622,77 @@ def test_optional_filters_drop_only_the_conditions_not_given() -> None:
     kept = given(Where.eq("status", None), Where.eq("attempts", 0), Where.eq("enabled", False))
 
     assert kept == [Where.eq("attempts", 0), Where.eq("enabled", False)]
+
+
+async def test_summarize_gives_exact_moments_and_interpolated_quantiles_per_group(
+    storage: Storage,
+) -> None:
+    from app.experiments.entities import Experiment, ExperimentRecord, RecordSource
+
+    latencies = {"a": [120, 80, 100, 95, 3_000_000_000], "b": [7]}
+    scores = {"a": [0.5, None, 0.25, None, 1.0], "b": [None]}
+    async with storage.unit_of_work() as uow:
+        await create(uow, Experiment, id="exp")
+        n = 0
+        for variant, values in latencies.items():
+            for i, latency in enumerate(values):
+                n += 1
+                await uow.repo(ExperimentRecord).add(
+                    build(
+                        ExperimentRecord,
+                        id=f"r{n}",
+                        experiment_id="exp",
+                        variant_id=variant,
+                        source=RecordSource.LIVE,
+                        operation_id=None,
+                        item_id=None,
+                        cost_micros=latency,  # a BigInteger: its square is past 64 bits
+                        latency_ms=latency % 1000,
+                        unit=f"u{i % 2}" if variant == "a" else None,
+                        success=i % 2 == 0,
+                        feedback_score=scores[variant][i],
+                    )
+                )
+        # Left out by the condition.
+        await uow.repo(ExperimentRecord).add(
+            build(
+                ExperimentRecord,
+                id="offline",
+                experiment_id="exp",
+                variant_id="a",
+                source=RecordSource.OFFLINE,
+                latency_ms=999,
+            )
+        )
+        await uow.commit()
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(ExperimentRecord)
+        groups = await repo.summarize(
+            "variant_id",
+            ["cost_micros", "latency_ms", "success", "feedback_score"],
+            Where.eq("source", RecordSource.LIVE),
+            quantiles={"latency_ms": [0.0, 0.5, 0.95, 1.0], "feedback_score": [0.5]},
+            distinct=["unit"],
+        )
+        none = await repo.summarize("variant_id", ["latency_ms"], Where.eq("experiment_id", "x"))
+        with pytest.raises(ValueError):
+            await repo.summarize("variant_id", ["error"])
+    a, b = groups["a"], groups["b"]
+    assert set(groups) == {"a", "b"} and a.count == 5 and b.count == 1
+    costs = latencies["a"]
+    assert a.moments["cost_micros"] == Moments(
+        5, sum(costs), sum(c * c for c in costs), 80, 3_000_000_000
+    )
+    assert type(a.moments["cost_micros"].squares) is int
+    # latency_ms: 120, 80, 100, 95, 0 (3e9 % 1000)
+    assert a.moments["latency_ms"] == Moments(5, 395, 120**2 + 80**2 + 100**2 + 95**2, 0, 120)
+    assert a.moments["success"] == Moments(5, 3, 3, 0, 1)
+    score = a.moments["feedback_score"]
+    assert (score.n, score.total, score.squares) == (3, 1.75, 0.25 + 0.0625 + 1.0)
+    # Sorted 0, 80, 95, 100, 120: 0.95 lies at rank 3.8, between 100 and 120.
+    assert a.quantiles["latency_ms"] == [0.0, 95.0, pytest.approx(116.0), 120.0]
+    assert a.quantiles["feedback_score"] == [0.5]
+    assert b.moments["feedback_score"] == Moments()
+    assert b.quantiles == {"latency_ms": [7.0, 7.0, 7.0, 7.0], "feedback_score": [None]}
+    assert a.distinct == {"unit": 2} and b.distinct == {"unit": 0}
+    assert none == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -15,8 +16,10 @@ from psycopg import sql
 
 from app.cli import main
 from app.config import Settings
+from app.core.database_url import parse_database_url
 from app.schema import ENTITIES
 from app.storage.mapping import table_info
+from app.storage.provision import create_database_if_missing
 from tests.conftest import TEST_DATABASE_URL
 
 pytestmark = pytest.mark.postgres
@@ -111,3 +114,24 @@ def test_migrate_reports_other_refusals_as_they_are(
     err = capsys.readouterr().err
     assert f'role "{stranger}" does not exist' in err
     assert "Created database" not in capsys.readouterr().out
+
+
+def test_migrations_creating_one_missing_database_together_all_succeed(missing_name: str) -> None:
+    url = parse_database_url(f"{SERVER}/{quote(missing_name)}")
+    barrier = threading.Barrier(4)
+    outcomes: list[object] = []
+
+    def create() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(create_database_if_missing(url))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes, key=str) == ["127.0.0.1", None, None, None]  # created once
+    assert exists(missing_name)

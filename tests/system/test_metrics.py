@@ -6,6 +6,8 @@ before with a scrape after (deltas), parsed with the library's own parser.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +33,8 @@ from app.storage.protocol import Storage
 from tests.fakes import RecordingQueue
 from tests.redis_servers import free_port
 from tests.usage.test_chat_metering import CALL, PRICED
+from tests.webhooks.receiver import Receiver, Reply
+from tests.webhooks.test_delivery import make_rig
 
 ADMIN_KEY = "gw-metrics-tests-admin-secret-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -283,3 +287,72 @@ async def test_the_sweeper_counts_the_leases_it_recovers() -> None:
 
 def _exposition() -> str:
     return exposition()[0].decode()
+
+
+async def test_webhook_deliveries_are_counted_by_outcome() -> None:
+    storage = MemoryStorage()
+    rig = make_rig(storage, schedule=(0, 0.05))
+    up = await Receiver().start()
+    down = await Receiver(lambda _: _reply(503)).start()
+    before = parse(_exposition())
+    try:
+        await rig.webhooks.create(url=up.url)
+        await rig.webhooks.create(url=down.url)
+        await rig.emit("api_key.created", {})  # one delivery to each
+        await rig.drain()
+    finally:
+        await rig.client.aclose()
+        await up.close()
+        await down.close()
+    after = parse(_exposition())
+    deliveries = "gateway_webhook_deliveries_total"
+    assert delta(before, after, deliveries, outcome="succeeded") == 1
+    # The failing endpoint: a retry, then the schedule's last attempt, abandoned.
+    assert delta(before, after, deliveries, outcome="retry") == 1
+    assert delta(before, after, deliveries, outcome="abandoned") == 1
+    assert delta(before, after, deliveries, outcome="skipped") == 0
+
+
+async def _reply(status: int) -> Reply:
+    return status, b""
+
+
+_WORKER_PROCESS = """
+import sys
+from app.core.metrics import JOBS_FINISHED
+from workers.middleware import Metrics
+
+metrics = Metrics("127.0.0.1", int(sys.argv[1]), int(sys.argv[2]))
+metrics.before_worker_boot(None, None)  # what Dramatiq calls in each worker process
+JOBS_FINISHED("chat_completion", "completed").inc(int(sys.argv[3]))
+print(metrics._listener.port if metrics._listener else "none", flush=True)
+sys.stdin.read()  # until the test is done with it
+metrics.after_worker_shutdown(None, None)
+"""
+
+
+@pytest.mark.slow
+def test_worker_processes_on_one_host_each_serve_their_own_metrics() -> None:
+    base, span = free_port(), 4
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER_PROCESS, str(base), str(span), str(jobs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for jobs in (1, 5)
+    ]
+    try:
+        ports = [int(p.stdout.readline()) for p in processes if p.stdout is not None]
+        assert len(set(ports)) == 2 and all(base <= port < base + span for port in ports)
+        scraped = [parse(httpx.get(f"http://127.0.0.1:{port}/metrics").text) for port in ports]
+    finally:
+        for process in processes:
+            process.communicate(timeout=10)
+    finished = (
+        "gateway_jobs_finished_total",
+        frozenset({("kind", "chat_completion"), ("status", "completed")}),
+    )
+    # Each process's own count, on its own port: neither overwrote nor summed the other's.
+    assert [figures[finished] for figures in scraped] == [1, 5]

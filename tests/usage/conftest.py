@@ -14,6 +14,7 @@ from app.config import Settings
 from app.credentials.entities import Provider
 from app.models.entities import Model
 from app.storage.protocol import Storage, UnitOfWork
+from app.usage.ledger import CallUsage
 from app.usage.wiring import Accounting, build_accounting
 
 
@@ -39,6 +40,16 @@ class RecordingSink:
         return [data for kind, data in self.events if kind == event_type]
 
 
+@dataclass
+class RecordingLedger:
+    """Keeps the usage settled into it (as a job's ledger would, until its outcome commits)."""
+
+    calls: list[CallUsage] = field(default_factory=list)
+
+    async def record(self, usage: CallUsage) -> None:
+        self.calls.append(usage)
+
+
 def redis_client(url: str) -> aioredis.Redis:
     """A client built like the application's (a blocking pool, see app/core/redis.py)."""
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=5.0)
@@ -60,7 +71,7 @@ def sink() -> RecordingSink:
 
 
 def accounting_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"METERING_CACHE_SECONDS": 0, "USAGE_FLUSH_INTERVAL_SECONDS": 0.05}
+    values: dict[str, Any] = {"METERING_CACHE_SECONDS": 0}
     values.update(overrides)
     return Settings(**values)
 

@@ -20,7 +20,6 @@ from app.main import create_app
 from app.services import Services
 from app.storage.protocol import Storage
 from app.usage.entities import UsageRecord, UsageStatus, UsageType
-from app.usage.recorder import encode_batch
 from tests.fakes import RecordingQueue
 
 ADMIN_KEY = "gw-usage-tests-admin-secret-0123456789"
@@ -92,7 +91,9 @@ async def seed(services: Services) -> tuple[date, date]:
         record(noon, key="k2", team="t2", model="m1", cost=400),
         record(old, key="k1", team="t1", model="m1", cost=1000),
     ]
-    await services.accounting.usage.write_batch(encode_batch(records, []))
+    async with services.storage.unit_of_work() as uow:
+        await uow.repo(UsageRecord).add_many(records)
+        await uow.commit()
     return old.date(), today
 
 

@@ -1,4 +1,4 @@
-"""Budget accounting: threshold alerts once per period, period resets, idempotent batches."""
+"""Budget accounting: threshold alerts once per period, period resets, usage charged once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import asyncio
 from datetime import timedelta
 
 from app.core.clock import utcnow
+from app.logs.entities import ExecutionLog, ExecutionType
+from app.models.entities import Model
 from app.storage.protocol import Storage
+from app.usage.budgets import BudgetChanges, applies
 from app.usage.entities import (
     Budget,
     BudgetPeriod,
@@ -15,10 +18,11 @@ from app.usage.entities import (
     UsageRecord,
     UsageType,
 )
+from app.usage.ledger import CallUsage
 from app.usage.periods import period_start
-from app.usage.recorder import encode_batch
+from app.usage.settlement import UsageOutcome
 from app.usage.wiring import Accounting
-from tests.usage.conftest import RecordingSink
+from tests.usage.conftest import Principal, RecordingSink
 
 _n = iter(range(10**9))
 
@@ -34,8 +38,28 @@ def spend(micros: int, *, key: str = "key-1", team: str | None = None) -> UsageR
     )
 
 
+async def calls_of(accounting: Accounting, *records: UsageRecord) -> list[CallUsage]:
+    """The records as settled calls, charged to every enabled budget they fall under (what
+    admission reserves against)."""
+    enabled = await accounting.budgets.enabled()
+    return [
+        CallUsage(
+            record.model_dump(mode="json"),
+            ExecutionLog(
+                id=f"log-{record.id}", execution_type=ExecutionType.MODEL, resource_id="priced"
+            ).model_dump(mode="json"),
+            tuple(
+                b.id
+                for b in enabled
+                if applies(b, key_id=record.api_key_id, team_id=record.team_id, model_id="priced")
+            ),
+        )
+        for record in records
+    ]
+
+
 async def charge(accounting: Accounting, *records: UsageRecord) -> None:
-    await accounting.usage.write_batch(encode_batch(list(records), []))
+    await accounting.metering.writer.write(await calls_of(accounting, *records))
 
 
 async def new_budget(accounting: Accounting, **overrides: object) -> Budget:
@@ -111,30 +135,45 @@ async def test_a_new_period_resets_usage_and_alerts(
     assert [e.get("threshold_percent") for _, e in sink.events] == [50, 80, None, 50]
 
 
-async def test_only_matching_scope_and_model_count_against_a_budget(
-    accounting: Accounting,
+async def test_a_call_is_charged_to_the_budgets_of_its_key_team_and_model_alone(
+    accounting: Accounting, model: Model
 ) -> None:
     team = await new_budget(accounting, scope=BudgetScope.TEAM, scope_id="team-a")
     key = await new_budget(accounting, scope=BudgetScope.KEY, scope_id="key-9")
     other_model = await new_budget(accounting, model_ids=["another-model"])
-    await charge(
-        accounting,
-        spend(10, key="key-1", team="team-a"),
-        spend(20, key="key-9", team="team-b"),
-        spend(40, key="key-2", team=None),
-    )
+    metering = accounting.metering
+    for principal, output_tokens in (
+        (Principal("key-1", "team-a"), 1),
+        (Principal("key-9", "team-b"), 2),
+        (Principal("key-2"), 4),
+    ):
+        admission = await metering.admit(principal, model, 0, output_tokens)
+        await metering.settle(admission, UsageOutcome(output_tokens=output_tokens))
     assert (await accounting.budgets.get(team.id)).current_usage_micros == 10
     assert (await accounting.budgets.get(key.id)).current_usage_micros == 20
     assert (await accounting.budgets.get(other_model.id)).current_usage_micros == 0
 
 
-async def test_a_batch_delivered_twice_is_written_and_charged_once(
+async def test_usage_written_twice_is_stored_and_charged_once(
     accounting: Accounting, storage: Storage
 ) -> None:
     budget = await new_budget(accounting)
-    batch = encode_batch([spend(100), spend(50)], [])
-    assert await accounting.usage.write_batch(batch) == 2
-    assert await accounting.usage.write_batch(batch) == 0
+    calls = await calls_of(accounting, spend(100), spend(50))
+    for expected in (2, 0):
+        async with storage.unit_of_work() as uow:
+            assert await accounting.usage.write_usage(uow, calls) == expected
+            await uow.commit()
     async with storage.unit_of_work() as uow:
         assert await uow.repo(UsageRecord).count() == 2
+        assert await uow.repo(ExecutionLog).count() == 2
     assert (await accounting.budgets.get(budget.id)).current_usage_micros == 150
+
+
+async def test_a_disabled_budget_is_not_charged_for_calls_admitted_before(
+    accounting: Accounting, storage: Storage
+) -> None:
+    budget = await new_budget(accounting)
+    calls = await calls_of(accounting, spend(100))
+    await accounting.budgets.update(budget.id, BudgetChanges(enabled=False))
+    await accounting.metering.writer.write(calls)
+    assert (await accounting.budgets.get(budget.id)).current_usage_micros == 0

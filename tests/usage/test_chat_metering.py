@@ -73,7 +73,6 @@ async def test_a_chat_call_is_recorded_and_answers_with_rate_limit_headers(
     assert response.headers["x-ratelimit-limit-requests"] == "5"
     assert response.headers["x-ratelimit-remaining-requests"] == "4"
     assert response.headers["x-ratelimit-limit-tokens"] == "1000"
-    await services_of(client).metering.buffer.flush()
     (record,) = await records(storage)
     assert record.model_id == "priced-mock" and record.output_tokens == 10
     assert record.cost_micros == 100 and record.provider == "mock"
@@ -86,7 +85,6 @@ async def test_a_streamed_call_is_recorded_too(client: httpx.AsyncClient, storag
         assert response.status_code == 200
         text = "".join([chunk async for chunk in response.aiter_text()])
     assert text.rstrip().endswith("data: [DONE]")
-    await services_of(client).metering.buffer.flush()
     (record,) = await records(storage)
     assert record.output_tokens == 10 and record.cost_micros == 100
 
@@ -126,7 +124,6 @@ async def test_200_concurrent_calls_against_a_budget_for_50(
     refused = [r for r in responses if r.status_code != 200]
     assert {r.status_code for r in refused} == {402}
     assert {r.json()["error"]["code"] for r in refused} == {"budget_exceeded"}
-    await services_of(client).metering.buffer.flush()
     spent = sum(r.cost_micros for r in await records(storage))
     assert spent <= 50 * 100 + 100
     budget = (await client.get(f"/admin/budgets/{created.json()['id']}", headers=ADMIN)).json()
@@ -186,7 +183,6 @@ async def test_a_small_token_limit_admits_calls_without_max_tokens_and_counts_th
     counted = sum([int(await services.redis.get(counter)) for counter in counters])
     usage = response.json()["usage"]
     assert counted == 3 * usage["total_tokens"]
-    await services.metering.buffer.flush()
     assert (
         sum(r.input_tokens + r.output_tokens for r in await records(storage))
         == 3 * usage["total_tokens"]

@@ -16,17 +16,19 @@ from app.core.errors import RateLimited, Unavailable
 from app.core.redis_pipe import PipelinedRedis
 from app.logs.entities import ExecutionLog, ExecutionType
 from app.models.entities import Model
+from app.storage.mapping import validate
 from app.storage.protocol import Storage
 from app.usage import pipeline as pipeline_module
 from app.usage.entities import BudgetPeriod, BudgetScope, UsageRecord, UsageStatus, UsageType
 from app.usage.metering import Metering, MeteringOptions
-from app.usage.recorder import decode_batch, encode_batch
 from app.usage.settlement import UsageOutcome
 from app.usage.wiring import Accounting, build_accounting
 from tests.factories import create
 from tests.usage.conftest import (
     Principal,
+    RecordingLedger,
     RecordingSink,
+    accounting_settings,
     redis_broker_settings,
 )
 
@@ -108,22 +110,27 @@ async def test_settled_rows_are_the_entities_json(
 ) -> None:
     metering = accounting.metering
     admission = await metering.admit(Principal("key-row", "team-row"), model, 10, 10)
+    ledger = RecordingLedger()
     await metering.settle(
         admission,
-        UsageOutcome(input_tokens=7, output_tokens=3, status=UsageStatus.ERROR, error="boom"),
+        UsageOutcome(
+            input_tokens=7, output_tokens=3, status=UsageStatus.ERROR, error="boom", ledger=ledger
+        ),
     )
-    batch = encode_batch(list(metering.buffer._usage), list(metering.buffer._logs))
-    (row,), (log_row,) = batch["usage"], batch["logs"]
+    (usage,) = ledger.calls
+    row, log_row = usage.record, usage.log
     assert row.keys() == UsageRecord(id="x", usage_type=UsageType.EMBEDDING).model_dump().keys()
     blank_log = ExecutionLog(id="x", execution_type=ExecutionType.MODEL, resource_id="m")
     assert log_row.keys() == blank_log.model_dump().keys()
-    (record,), (entry,) = decode_batch(batch)
+    record, entry = validate(UsageRecord, row), validate(ExecutionLog, log_row)
     assert (record.api_key_id, record.team_id, record.model_id) == ("key-row", "team-row", "priced")
     assert (record.input_tokens, record.output_tokens, record.cost_micros) == (7, 3, 44)
     assert record.status is UsageStatus.ERROR and record.error == "boom"
     assert abs(record.created_at - datetime.now(UTC)).total_seconds() < 5
     assert entry.status.value == "failed" and entry.cost_micros == 44
-    await metering.buffer.flush()
+    async with storage.unit_of_work() as uow:
+        await accounting.usage.write_usage(uow, [usage])
+        await uow.commit()
     async with storage.unit_of_work() as uow:
         stored = await uow.repo(UsageRecord).get(record.id)
     assert stored is not None and stored.cost_micros == 44
@@ -176,7 +183,8 @@ async def test_a_redis_that_does_not_answer_makes_the_call_unavailable_in_time(
         storage,
         built.metering._redis,  # the pipelined client of its own
         built.budgets,
-        built.metering.buffer,
+        built.metering.writer,
+        built.usage,
         MeteringOptions(redis_timeout=0.2),
     )
     await limited_key(storage, "key-silent")
@@ -244,3 +252,35 @@ async def test_an_admission_refused_before_its_corrections_were_counted_is_asked
     second = await metering.admit(Principal("key-late"), model, 10, None)
     tokens_key = next(key for key, dimension in second.rate_keys if dimension == "tokens")
     assert await counter(redis, tokens_key) == 20 + 4106
+
+
+async def test_a_correction_of_a_reservation_redis_lost_is_not_applied_to_a_rebuilt_counter(
+    accounting: Accounting,
+    model: Model,
+    storage: Storage,
+    redis: aioredis.Redis,
+    sink: RecordingSink,
+) -> None:
+    budget = await accounting.budgets.create(
+        name="b",
+        scope=BudgetScope.GLOBAL,
+        scope_id=None,
+        period=BudgetPeriod.DAILY,
+        hard_limit_micros=10**9,
+    )
+    metering = accounting.metering
+    first = await metering.admit(Principal("key-epoch"), model, 0, 100)  # reserves 1000 µ$
+    await redis.flushdb()  # Redis restarts empty: the reservation is gone
+    # Settled after the loss: 100 µ$ recorded, a correction of -900 queued for the old counter.
+    await metering.settle(first, UsageOutcome(output_tokens=10))
+    other = build_accounting(accounting_settings(), storage, redis, sink)  # another process
+    second = await other.metering.admit(Principal("key-epoch"), model, 0, 100)
+    # Rebuilt from the recorded spend (100), then this call's reservation (1000).
+    assert await counter(redis, second.budget_keys[0]) == 1100
+    await metering.flush_corrections()
+    assert await counter(redis, second.budget_keys[0]) == 1100  # the stale -900 did not apply
+    await other.metering.settle(second, UsageOutcome(output_tokens=10))
+    await other.metering.flush_corrections()
+    assert await counter(redis, second.budget_keys[0]) == 200
+    assert (await accounting.budgets.get(budget.id)).current_usage_micros == 200
+    await other.metering.close()

@@ -9,7 +9,14 @@ from typing import Any
 import orjson
 
 from app.core.errors import InvalidInput
-from app.gateway.providers.base import JSON, Embeddings, Upstream, no_embeddings, upstream_error
+from app.gateway.providers.base import (
+    JSON,
+    Embeddings,
+    Upstream,
+    content_text,
+    no_embeddings,
+    upstream_error,
+)
 from app.gateway.providers.http import HttpPool, open_stream, post_json, sse_events
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -32,14 +39,6 @@ ERROR_STATUS = {
     "rate_limit_error": 429,
     "overloaded_error": 529,
 }
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
-    return ""
 
 
 def _image(part: JSON) -> JSON:
@@ -81,7 +80,7 @@ def translate_messages(messages: list[JSON]) -> tuple[str | None, list[JSON]]:
     for message in messages:
         role = message.get("role")
         if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
+            system.append(content_text(message.get("content")))
             continue
         blocks: list[JSON]
         if role in ("tool", "function"):
@@ -93,7 +92,7 @@ def translate_messages(messages: list[JSON]) -> tuple[str | None, list[JSON]]:
                         "tool_use_id": str(
                             message.get("tool_call_id") or message.get("name") or ""
                         ),
-                        "content": _text(message.get("content")),
+                        "content": content_text(message.get("content")),
                     }
                 ],
             )
@@ -244,14 +243,8 @@ class AnthropicProvider:
         return (upstream.base_url or self.default_base_url).rstrip("/") + "/v1/messages"
 
     def _headers(self, upstream: Upstream) -> dict[str, str]:
-        headers = {
-            "content-type": "application/json",
-            "anthropic-version": upstream.api_version or ANTHROPIC_VERSION,
-        }
-        auth = upstream.auth_header("x-api-key", "{secret}")
-        if auth is not None:
-            headers[auth[0]] = auth[1]
-        return headers
+        version = upstream.api_version or ANTHROPIC_VERSION
+        return upstream.json_headers("x-api-key", "{secret}", **{"anthropic-version": version})
 
     async def chat(self, upstream: Upstream, body: JSON) -> JSON:
         payload = translate_request(upstream, body)

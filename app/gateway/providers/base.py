@@ -42,16 +42,31 @@ class Upstream:
     # The model's `config_version`: cached answers of an older configuration are never reused.
     config_version: int = 1
 
-    def auth_header(self, default_name: str, default_template: str) -> tuple[str, str] | None:
-        if self.secret is None:
-            return None
-        name = self.header_name or default_name
-        template = self.header_value_template or default_template
-        return name, template.replace("{secret}", self.secret)
+    def json_headers(
+        self, default_name: str, default_template: str, **extra: str
+    ) -> dict[str, str]:
+        """The headers of a JSON request (`extra` among them) with the secret in the provider's
+        header (`default_name: default_template`) unless the credential names its own."""
+        headers = {"content-type": "application/json", **extra}
+        if self.secret is not None:
+            name = self.header_name or default_name
+            template = self.header_value_template or default_template
+            headers[name] = template.replace("{secret}", self.secret)
+        return headers
 
     def scrub(self, text: str) -> str:
         """`text` without the secret, for upstream messages that echo what they were sent."""
         return text.replace(self.secret, "***") if self.secret else text
+
+
+def content_text(content: Any, separator: str = "") -> str:
+    """The text of a message's `content`: the string, or its text parts joined by `separator`
+    (images and other parts left out)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return separator.join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    return ""
 
 
 @dataclass(frozen=True, slots=True)

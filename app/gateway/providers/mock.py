@@ -25,7 +25,7 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.gateway.providers.base import JSON, Embeddings, Upstream
+from app.gateway.providers.base import JSON, Embeddings, Upstream, content_text
 from app.gateway.providers.json_sample import SchemaError, sample
 
 DEFAULT_DIMENSIONS = 256
@@ -67,14 +67,6 @@ class MockBehaviour:
             prompt_tokens=number("mock_prompt_tokens") or default.prompt_tokens,
             dimensions=int(parameters.get("mock_dimensions", default.dimensions)),
         )
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
-    return ""
 
 
 def _count(text: str) -> int:
@@ -135,11 +127,15 @@ def _content(body: JSON, messages: list[JSON], behaviour: MockBehaviour) -> tupl
     `max_tokens`, with finish reason `length`."""
     last = messages[-1] if messages else {}
     if last.get("role") in ("tool", "function"):
-        text = f"Mock reply to the tool result: {_text(last.get('content'))[:200]}"
+        text = f"Mock reply to the tool result: {content_text(last.get('content'), ' ')[:200]}"
         text = behaviour.reply or text
     else:
         last_user = next(
-            (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
+            (
+                content_text(m.get("content"), " ")
+                for m in reversed(messages)
+                if m.get("role") == "user"
+            ),
             "",
         )
         text = f"Mock reply to: {last_user[:200]}" if last_user else "Mock reply."
@@ -200,7 +196,7 @@ class MockProvider:
 
     def _answer(self, upstream: Upstream, body: JSON, behaviour: MockBehaviour) -> _Reply:
         messages = body.get("messages") or []
-        prompt = " ".join(_text(m.get("content")) for m in messages)
+        prompt = " ".join(content_text(m.get("content"), " ") for m in messages)
         digest = hashlib.sha256(f"{upstream.model_id}\n{prompt}".encode()).hexdigest()[:24]
         prompt_tokens = behaviour.prompt_tokens or _count(prompt)
         reply = _Reply(head={"id": f"chatcmpl-{digest}", "created": int(time.time())})

@@ -26,11 +26,7 @@ class OpenAIProvider:
         return base.rstrip("/") + path
 
     def headers(self, upstream: Upstream) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        auth = upstream.auth_header("authorization", "Bearer {secret}")
-        if auth is not None:
-            headers[auth[0]] = auth[1]
-        return headers
+        return upstream.json_headers("authorization", "Bearer {secret}")
 
     def payload(self, upstream: Upstream, body: JSON) -> JSON:
         return {**body, "model": upstream.provider_model}
@@ -87,11 +83,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         return f"{base}/openai/deployments/{upstream.provider_model}{path}?api-version={version}"
 
     def headers(self, upstream: Upstream) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        auth = upstream.auth_header("api-key", "{secret}")
-        if auth is not None:
-            headers[auth[0]] = auth[1]
-        return headers
+        return upstream.json_headers("api-key", "{secret}")
 
     def payload(self, upstream: Upstream, body: JSON) -> JSON:
         # The deployment in the URL chooses the model.

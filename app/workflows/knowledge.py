@@ -1,0 +1,45 @@
+"""What workflow steps need of knowledge bases, declared here so this package imports none:
+the knowledge service satisfies it, and `build_services` passes it in (or None)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from app.gateway.calls import CallContext, Caller
+
+
+class KnowledgeSearch(Protocol):
+    """Search and grading of knowledge bases, for `caller` (its permissions, limits, budget)."""
+
+    async def exists(self, kb_id: str) -> bool:
+        """Whether the knowledge base `kb_id` exists (checked when a workflow is saved)."""
+        ...
+
+    async def search(
+        self,
+        caller: Caller,
+        kb_id: str,
+        query: str,
+        top_k: int,
+        min_score: float | None,
+        filter: Mapping[str, Any] | None,
+        *,
+        context: CallContext,
+    ) -> list[dict[str, Any]]:
+        """The chunks nearest to `query`: each `{id, content, score, source?, metadata?}`."""
+        ...
+
+    async def grade(
+        self,
+        caller: Caller,
+        query: str,
+        chunks: Sequence[Mapping[str, Any]],
+        judge_model: str,
+        thresholds: Mapping[str, float],
+        *,
+        context: CallContext,
+    ) -> dict[str, Any]:
+        """`chunks` graded for relevance to `query` by `judge_model` (CRAG): at least
+        `{documents: [the relevant ones], scores: {id: score}}`."""
+        ...
