@@ -1,7 +1,7 @@
 """Knowledge bases ingest as jobs: document status, kept sources, packed embeddings.
 
 Revision ID: 3f1b7c9d2e40
-Revises: 5e7545995fae
+Revises: 3b64a81239ac
 Create Date: 2026-12-07 01:40:00+00:00
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "3f1b7c9d2e40"
-down_revision: str | Sequence[str] | None = "5e7545995fae"
+down_revision: str | Sequence[str] | None = "3b64a81239ac"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
