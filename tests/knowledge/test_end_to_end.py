@@ -132,7 +132,6 @@ async def test_ingestion_and_search_usage_go_to_their_keys(gateway: Gateway) -> 
     )
     assert found.json()["data"][0]["title"] == "notes"
 
-    await gateway.services.metering.buffer.flush()
     async with gateway.storage.unit_of_work() as uow:
         records = (
             await uow.repo(UsageRecord).find(Where.eq("usage_type", UsageType.EMBEDDING))

@@ -64,7 +64,6 @@ async def test_grading_classifies_each_chunk_and_keeps_the_relevant_ones_best_fi
     assert grading.verdict is GradeVerdict.CORRECT
     assert [g.chunk.chunk_id for g in grading.kept] == ["penguin", "walrus"]
 
-    await gateway.services.metering.buffer.flush()
     async with gateway.storage.unit_of_work() as uow:
         calls = await uow.repo(UsageRecord).count(
             Where.eq("api_key_id", "key-grader"), Where.eq("usage_type", UsageType.CHAT_COMPLETION)

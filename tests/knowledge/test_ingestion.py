@@ -67,7 +67,6 @@ async def _stored(gateway: Gateway, document_id: str) -> list[int]:
 
 
 async def _embedding_calls(gateway: Gateway, operation_id: str) -> int:
-    await gateway.services.metering.buffer.flush()
     async with gateway.storage.unit_of_work() as uow:
         return await uow.repo(UsageRecord).count(
             Where.eq("usage_type", UsageType.EMBEDDING), Where.eq("operation_id", operation_id)

@@ -248,15 +248,27 @@ async def test_end_workflow_ends_the_run_with_its_value(
     assert api.requests == []
 
 
-async def test_knowledge_steps_fail_clearly_when_no_knowledge_bases_are_wired(
+async def test_a_knowledge_step_naming_an_unknown_base_is_refused_at_save(
     gateway: Gateway,
 ) -> None:
-    await gateway.workflow(
-        [{"name": "s", "type": "knowledge_base_search", "knowledge_base_id": "kb", "query": "q"}]
+    response = await gateway.http.post(
+        "/admin/workflows",
+        json={
+            "id": "flow",
+            "name": "a flow",
+            "steps": [
+                {
+                    "name": "s",
+                    "type": "knowledge_base_search",
+                    "knowledge_base_id": "kb",
+                    "query": "q",
+                }
+            ],
+        },
+        headers=ADMIN,
     )
-    run = await gateway.execute()
-    assert run["success"] is False
-    assert run["error"]["message"] == "step 's' failed: knowledge bases are not available"
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "steps[0].knowledge_base_id"
 
 
 # ---- step types ----------------------------------------------------------------------------
