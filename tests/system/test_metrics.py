@@ -349,7 +349,7 @@ def test_worker_processes_on_one_host_each_serve_their_own_metrics() -> None:
         scraped = [parse(httpx.get(f"http://127.0.0.1:{port}/metrics").text) for port in ports]
     finally:
         for process in processes:
-            process.communicate(timeout=10)
+            process.communicate(timeout=60)  # a loaded host is slow to stop them
     finished = (
         "gateway_jobs_finished_total",
         frozenset({("kind", "chat_completion"), ("status", "completed")}),
