@@ -271,6 +271,10 @@ async def test_a_six_step_workflow_runs_and_records_every_step_and_its_usage(
             await uow.repo(UsageRecord).find(Where.eq("operation_id", run["operation_id"]))
         ).items
     assert sorted(r.model_id for r in records) == ["judge", "judge", "llm", "llm", "mock-embedding"]
+    listed = await gateway.http.get("/admin/usage?limit=1000", headers=ADMIN)
+    assert listed.status_code == 200, listed.text
+    of_run = [r for r in listed.json()["data"] if r["operation_id"] == run["operation_id"]]
+    assert sorted(r["id"] for r in of_run) == sorted(r.id for r in records)
     chat_records = [r for r in records if r.model_id == "llm"]
     llm_steps = [s for s in steps if s["type"] == "chat_completion"]
     assert sum(s["prompt_tokens"] for s in llm_steps) == sum(r.input_tokens for r in chat_records)
