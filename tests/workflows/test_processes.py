@@ -1,5 +1,6 @@
-"""A workflow run survives its worker: real PostgreSQL, Redis and worker processes, the worker
-killed with SIGKILL in the middle of a step; the run resumes at that step in another worker."""
+"""Workflow runs in real PostgreSQL, Redis and worker processes: a worker killed with SIGKILL in
+the middle of a step leaves the run to resume at that step in another worker, and a run
+cancelled in the middle of a step stops there."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import redis
 from app.config import Settings
 from app.core.redis import build_redis
 from app.credentials.entities import Provider
+from app.operations.entities import OperationStatus
+from app.operations.submit import Owner
 from app.queue.broker import build_broker
 from app.queue.port import build_queue
 from app.services import Services, build_services
@@ -157,3 +160,47 @@ async def test_a_worker_killed_mid_step_leaves_the_run_to_resume_at_that_step(
     # Each recorded step's call is paid for once: the two before the kill committed their usage
     # with their records, and the call the killed attempt cut off left none.
     assert usage_rows(database_url, operation.id) == (5, 5)
+
+
+# Slow enough that the cancellation lands while step 2's call is still at the upstream, and that
+# the worker's heartbeat (a third of the two-second lease) notices it before the call ends.
+SLOW_CALL_SECONDS = 2.5
+
+
+async def test_cancelling_a_run_mid_step_stops_it_there_and_no_later_step_is_called(
+    clean: tuple[str, str], api_side: Services, upstream: FakeUpstream, processes: Processes
+) -> None:
+    database_url, redis_url = clean
+    env = worker_env(database_url, redis_url)
+    steps = [
+        {"name": f"s{n}", "type": "chat_completion", "model_id": "llm", "user_message": text}
+        for n, text in enumerate(TEXTS, 1)
+    ]
+    await api_side.workflows.create(WorkflowCreate(id="five", name="five", steps=steps))
+    principal = await api_side.keys.authenticate(ADMIN_KEY)
+    upstream.delays["up-llm"] = SLOW_CALL_SECONDS
+    processes.start(["worker", "--processes", "1", "--threads", "2"], env)
+    operation, _ = await api_side.workflows.submit(principal, "five", None)
+
+    def inside_step_two() -> bool:
+        return said(upstream, "two") == 1 and len(recorded(database_url, operation.id)) == 1
+
+    await asyncio.to_thread(wait_until, inside_step_two, 30, 0.02)
+    owner = Owner(key_id=principal.key_id, team_id=principal.team_id, admin=True)
+    cancelled = await api_side.operations.cancel(operation.id, owner=owner)
+    assert cancelled.status == OperationStatus.CANCELLED
+
+    # Had the run gone on, step 2's call would have ended and step 3's begun by now.
+    await asyncio.sleep(SLOW_CALL_SECONDS + 2)
+    status, attempt_log = operation_row(database_url, operation.id)
+    assert status == "cancelled", attempt_log
+    assert {text: said(upstream, text) for text in TEXTS} == {
+        "one": 1,
+        "two": 1,
+        "three": 0,
+        "four": 0,
+        "five": 0,
+    }
+    # Step 1 keeps its record and its usage; step 2, aborted in flight, left neither.
+    assert recorded(database_url, operation.id) == [("s1", "completed")]
+    assert usage_rows(database_url, operation.id) == (1, 1)

@@ -14,7 +14,10 @@ import orjson
 import pytest
 
 from app.core.clock import utcnow
-from app.gateway.calls import CallContext, Caller, CallSource
+from app.credentials.entities import Provider
+from app.gateway.calls import CallContext, Caller
+from app.models.entities import Model
+from app.models.schemas import ModelParameters
 from app.operations.entities import Operation, OperationStatus
 from app.storage.protocol import Where
 from app.usage.entities import UsageRecord
@@ -167,7 +170,7 @@ SIX_STEPS = [
     {
         "name": "grade",
         "type": "crag_scoring",
-        "model_id": "llm",
+        "model_id": "judge",
         "query": "${request:question}",
         "documents_source": "${step:search:documents}",
         "threshold": 0.5,
@@ -190,9 +193,45 @@ SIX_STEPS = [
 ]
 
 
+LEASES = "A lease is a claim on a job for a time, renewed by heartbeats."
+CAMELS = "Camels cross hot deserts for days without water."
+
+
+@pytest.fixture
+async def knowledge(gateway: Gateway) -> None:
+    """A real knowledge base `docs` (built-in mock embeddings) holding two ingested documents,
+    and a mock `judge` model that grades only the lease document relevant."""
+    await gateway.admin(
+        "/admin/knowledge-bases",
+        {"id": "docs", "name": "Docs", "embedding_model": "mock-embedding"},
+    )
+    for title, content in (("leases", LEASES), ("camels", CAMELS)):
+        await gateway.admin(
+            "/admin/knowledge-bases/docs/documents",
+            {"title": title, "content": content},
+            status=202,
+        )
+    assert await gateway.run_jobs() == 2
+    # The mock answers by what the judge's prompt holds: only the lease text scores (any other
+    # answer holds no score, which grades 0).
+    async with gateway.storage.unit_of_work() as uow:
+        await uow.repo(Model).add(
+            Model(
+                id="judge",
+                name="judge",
+                provider=Provider.MOCK,
+                provider_model="mock",
+                parameters=ModelParameters(
+                    mock_replies={"renewed by heartbeats": '{"score": 0.95}'}
+                ).as_dict(),
+            )
+        )
+        await uow.commit()
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_a_six_step_workflow_runs_and_records_every_step_and_its_usage(
-    gateway: Gateway, upstream: FakeUpstream, api: Api, library: Library, mode: str
+    gateway: Gateway, upstream: FakeUpstream, api: Api, knowledge: None, mode: str
 ) -> None:
     await gateway.admin(
         "/admin/prompts", {"id": "rephrase", "content": "Rephrase: ${var:question}"}
@@ -209,34 +248,41 @@ async def test_a_six_step_workflow_runs_and_records_every_step_and_its_usage(
         assert operation["status"] == "completed"
         assert operation["progress"]["steps_completed"] == 6
         run = {"operation_id": operation["id"], **operation["result"]}
-    assert (
-        run["output"]["content"] == "echo: Answer with about echo: Rephrase: what is a lease? (200)"
-    )
+    assert run["output"]["content"] == f"echo: Answer with {LEASES} (200)"
     assert [s["name"] for s in run["steps"]] == [s["name"] for s in SIX_STEPS]
     assert {s["status"] for s in run["steps"]} == {"completed"}
     steps = await gateway.steps(run["operation_id"])
+    assert [s["name"] for s in steps] == [s["name"] for s in SIX_STEPS]
     assert steps[0]["input"]["messages"][0]["prompt_id"] == "rephrase"
-    assert steps[2]["output"]["documents"] == [
-        {"id": "d1", "content": "about echo: Rephrase: what is a lease?", "score": 0.9}
-    ]
+    # The search embedded the rephrased question and found both ingested documents.
+    assert steps[1]["input"]["query"] == "echo: Rephrase: what is a lease?"
+    assert sorted(d["content"] for d in steps[1]["output"]["documents"]) == sorted([LEASES, CAMELS])
+    # The judge graded both; only the lease document passed.
+    graded = steps[2]["output"]
+    assert [d["content"] for d in graded["documents"]] == [LEASES]
+    assert graded["verdict"] == "correct" and sorted(graded["scores"].values()) == [0.0, 0.95]
     assert steps[3]["output"] == {"matched": None, "action": "continue"}
-    assert orjson.loads(api.requests[0].body) == {"docs": steps[2]["output"]["documents"]}
-    assert library.contexts[0] == CallContext(
-        source=CallSource.WORKFLOW_STEP, operation_id=run["operation_id"]
-    )
-    # The usage of every LLM step is recorded for the run, and summed in its result.
+    assert orjson.loads(api.requests[0].body) == {"docs": graded["documents"]}
+    assert steps[4]["output"]["status_code"] == 200
+    # The usage of every LLM call is recorded for the run: the two chat steps, the search's
+    # query embedding and one judge call per graded document.
     async with gateway.storage.unit_of_work() as uow:
         records = (
             await uow.repo(UsageRecord).find(Where.eq("operation_id", run["operation_id"]))
         ).items
-    assert len(records) == 2 and {r.model_id for r in records} == {"llm"}
+    assert sorted(r.model_id for r in records) == ["judge", "judge", "llm", "llm", "mock-embedding"]
+    listed = await gateway.http.get("/admin/usage?limit=1000", headers=ADMIN)
+    assert listed.status_code == 200, listed.text
+    of_run = [r for r in listed.json()["data"] if r["operation_id"] == run["operation_id"]]
+    assert sorted(r["id"] for r in of_run) == sorted(r.id for r in records)
+    chat_records = [r for r in records if r.model_id == "llm"]
     llm_steps = [s for s in steps if s["type"] == "chat_completion"]
-    assert sum(s["prompt_tokens"] for s in llm_steps) == sum(r.input_tokens for r in records)
-    assert run["usage"]["prompt_tokens"] == sum(r.input_tokens for r in records)
+    assert sum(s["prompt_tokens"] for s in llm_steps) == sum(r.input_tokens for r in chat_records)
+    assert run["usage"]["prompt_tokens"] == sum(s["prompt_tokens"] for s in steps)
 
 
 async def test_end_workflow_ends_the_run_with_its_value(
-    gateway: Gateway, upstream: FakeUpstream, api: Api, library: Library
+    gateway: Gateway, upstream: FakeUpstream, api: Api, knowledge: None
 ) -> None:
     await gateway.admin("/admin/prompts", {"id": "rephrase", "content": "${var:question}"})
     steps = [dict(s) for s in SIX_STEPS]
