@@ -336,7 +336,12 @@ async def _run_eval(args: argparse.Namespace, plan: Any, threshold: float) -> in
             poll = args.poll_interval
         try:
             outcome = await gate.run(
-                client, plan, threshold, poll_seconds=poll, timeout_seconds=args.timeout
+                client,
+                plan,
+                threshold,
+                poll_seconds=poll,
+                timeout_seconds=args.timeout,
+                progress=sys.stderr,
             )
         except gate.GateError as exc:
             raise _GateFailed(str(exc), exc.code) from exc

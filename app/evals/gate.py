@@ -9,7 +9,6 @@ remote gateway's, or one over an in-process app.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -106,7 +105,7 @@ async def run(
     *,
     poll_seconds: float = 1.0,
     timeout_seconds: float = 600.0,
-    progress: TextIO | None = sys.stderr,
+    progress: TextIO | None = None,
 ) -> Outcome:
     """Write the cases and suite, run the suite, wait for the run, read its results."""
     await apply(client, plan, threshold)
