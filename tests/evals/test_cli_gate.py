@@ -244,6 +244,12 @@ def test_without_a_gateway_url_it_exits_2(
     assert "--url" in capsys.readouterr().err
 
 
+def test_a_gateway_out_of_reach_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--url", "http://127.0.0.1:9", "--api-key", "gw-some-key"]
+    assert main(["eval", "run", str(SAMPLE), *args]) == 3
+    assert "cannot reach the gateway at http://127.0.0.1:9" in capsys.readouterr().err
+
+
 async def test_running_the_same_file_again_reuses_its_cases_and_suite(tmp_path: Path) -> None:
     settings = load_settings(
         PROCESS_ROLE=ProcessRole.DEV, STORAGE_BACKEND="memory", BROKER="stub",
