@@ -10,13 +10,16 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from app import __version__
 from app.config import LogFormat, ProcessRole, Settings
 from app.core.log_format import JsonFormatter, LogContextFilter
+
+if TYPE_CHECKING:
+    from app.evals.promptfoo import Plan
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -298,7 +301,7 @@ class _GateFailed(Exception):
         self.code = code
 
 
-async def _run_eval(args: argparse.Namespace, plan: Any, threshold: float) -> int:
+async def _run_eval(args: argparse.Namespace, plan: Plan, threshold: float) -> int:
     import contextlib
     import secrets
 

@@ -59,9 +59,16 @@ class LocalQueue:
             self._jobs.put_nowait(operation_id)
 
     async def work(self, execute: Callable[[str], Awaitable[object]]) -> None:
-        """Execute the jobs as they come, one at a time, until cancelled."""
+        """Execute the jobs as they come, one at a time, until cancelled; a job that raises is
+        logged (its row says what became of it) and the next one runs."""
+        import logging
+
         while True:
-            await execute(await self._jobs.get())
+            operation_id = await self._jobs.get()
+            try:
+                await execute(operation_id)
+            except Exception:
+                logging.getLogger(__name__).exception("job %s raised", operation_id)
 
 
 @asynccontextmanager
