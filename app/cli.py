@@ -1,4 +1,5 @@
-"""The `gateway` command: the all-in-one dev process, the API, the worker, migrations."""
+"""The `gateway` command: the all-in-one dev process, the API, the worker, migrations, and
+the evaluation gate (`gateway eval run`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from app import __version__
 from app.config import LogFormat, ProcessRole, Settings
 from app.core.log_format import JsonFormatter, LogContextFilter
+
+if TYPE_CHECKING:
+    from app.evals.promptfoo import Plan
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -230,7 +235,6 @@ def run_migrate(args: argparse.Namespace) -> int:
 def run_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when this host's gateway is healthy: the API answers /live, or (PROCESS_ROLE=worker)
     every worker process has shown its event loop turning within the last few heartbeats."""
-    from pathlib import Path
 
     from app.system.liveness import check_workers
 
@@ -266,6 +270,101 @@ def _live_problem(settings: Settings) -> str | None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"{url} did not answer: {reason}"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run a promptfoo-style config (YAML) as a suite of the gateway: exit 0 when its pass rate
+    reaches the threshold, 1 below it, 2 on a config error, 3 when the gateway cannot run it."""
+    import asyncio
+
+    from app.evals.promptfoo import ConfigError, load
+
+    try:
+        plan = load(Path(args.file), suite_id=args.suite_id)
+    except ConfigError as exc:
+        print(f"gateway eval run: invalid config {args.file}: {exc}", file=sys.stderr)
+        return 2
+    if args.threshold is not None:
+        threshold = args.threshold
+    else:
+        threshold = plan.threshold if plan.threshold is not None else 1.0
+    try:
+        return asyncio.run(_run_eval(args, plan, threshold))
+    except _GateFailed as exc:
+        print(f"gateway eval run: {exc}", file=sys.stderr)
+        return exc.code
+
+
+class _GateFailed(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _run_eval(args: argparse.Namespace, plan: Plan, threshold: float) -> int:
+    import contextlib
+    import secrets
+
+    import httpx
+
+    from app.evals import gate
+
+    async with contextlib.AsyncExitStack() as stack:
+        if args.in_process:
+            from app.commands import in_process_gateway
+
+            settings = load_settings(
+                PROCESS_ROLE=ProcessRole.DEV,
+                STORAGE_BACKEND="memory",
+                BROKER="stub",
+                ADMIN_API_KEY=None,
+                # Set, so the throwaway gateway does not announce an administrator's password.
+                ADMIN_DEFAULT_PASSWORD=secrets.token_urlsafe(24),
+            )
+            client, _ = await stack.enter_async_context(in_process_gateway(settings))
+            poll = min(args.poll_interval, 0.1)
+        else:
+            url = args.url or os.environ.get("GATEWAY_URL")
+            key = args.api_key or os.environ.get("GATEWAY_API_KEY")
+            if not url or not key:
+                missing = "--url (or GATEWAY_URL)" if not url else "--api-key (or GATEWAY_API_KEY)"
+                raise _GateFailed(f"{missing} is needed, or --in-process", 2)
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=url.rstrip("/"),
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=60,
+                )
+            )
+            poll = args.poll_interval
+        try:
+            outcome = await gate.run(
+                client,
+                plan,
+                threshold,
+                poll_seconds=poll,
+                timeout_seconds=args.timeout,
+                progress=sys.stderr,
+            )
+        except gate.GateError as exc:
+            raise _GateFailed(str(exc), exc.code) from exc
+    print(gate.table(plan, outcome))
+    if args.output:
+        _write_report(args.output, gate.report(plan, outcome, args.file))
+    return 0 if outcome.passed else 1
+
+
+def _write_report(path: str, report: dict[str, Any]) -> None:
+    import orjson
+
+    Path(path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def _share(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, not {value}")
+    return number
 
 
 def _positive(value: str) -> int:
@@ -310,6 +409,31 @@ def _parser() -> argparse.ArgumentParser:
     health = command("healthcheck", run_healthcheck)
     health.add_argument(
         "--role", choices=["api", "worker"], help="what to check (default: PROCESS_ROLE)"
+    )
+    evals = commands.add_parser("eval", help="Evaluations from promptfoo-style configs")
+    eval_commands = evals.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    eval_run = eval_commands.add_parser("run", help=run_eval.__doc__, description=run_eval.__doc__)
+    eval_run.set_defaults(run=run_eval)
+    eval_run.add_argument("file", help="the promptfoo-style YAML config")
+    eval_run.add_argument("--url", help="the gateway's base URL (default: GATEWAY_URL)")
+    eval_run.add_argument("--api-key", help="an admin API key (default: GATEWAY_API_KEY)")
+    eval_run.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run against a gateway built in this process (memory storage, mock models)",
+    )
+    eval_run.add_argument(
+        "--threshold",
+        type=_share,
+        help="the share of cases that must pass (default: the config's `threshold`, else 1)",
+    )
+    eval_run.add_argument("--output", help="write the run and every result to this JSON file")
+    eval_run.add_argument("--suite-id", help="the suite's id (default: from the file's path)")
+    eval_run.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between polls (default: 1)"
+    )
+    eval_run.add_argument(
+        "--timeout", type=float, default=600.0, help="give up after this many seconds (600)"
     )
     return parser
 
