@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,18 @@ def ensure_database(url: str, *, fresh: bool = False) -> None:
 
 
 def drop_database(url: str) -> None:
+    """Drop a scratch database after its tests. A drop that waits too long (DROP DATABASE waits
+    for a checkpoint, slow on a busy host) is given up with a warning: what is left is an
+    unused database with a name of its own, and the tests it served have passed."""
     admin, name = _admin_url(url)
     with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute("SET statement_timeout = '30s'")
+        try:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.errors.QueryCanceled:
+            warnings.warn(
+                f"left database {name} in place: dropping it took over 30 s", stacklevel=2
+            )
 
 
 @pytest.fixture(scope="session")
