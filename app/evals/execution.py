@@ -385,9 +385,9 @@ class RunExecutor:
         )
 
     async def _keep(self, ctx: JobContext, result: TestCaseResult) -> bool:
-        """Commit a case's result, with the usage of the calls made so far (`ctx.save`: a case
-        with a result is never run again); False when it already has one (another delivery of
-        the job wrote it) or the case was deleted meanwhile. A deleted run stops the job."""
+        """Commit a case's result while the job is still this attempt's (`ctx.save`); False when
+        it already has one (another delivery of the job wrote it) or the case was deleted
+        meanwhile. A deleted run stops the job."""
 
         async def write(uow: UnitOfWork) -> None:
             await uow.repo(TestCaseResult).add(result)

@@ -148,17 +148,12 @@ class JobContext:
         holds: a job cancelled or taken over meanwhile gets `Cancelled`, and nothing is written.
 
         What a multi-step job keeps of a finished step goes through here, so a stale worker can
-        never record a step, and a recorded step always comes with the progress that counts it
-        and the writes handed to `write_with_outcome` until then (its calls' usage).
+        never record a step, and a recorded step always comes with the progress that counts it.
         """
         claim = self.claim
         if claim.lost:
             raise Cancelled(f"operation '{self.operation.id}' lost its lease")
         merged = {**claim.progress, **progress}
-        # The writes handed over so far (the usage of the step's calls) commit with the step:
-        # a step recorded is never run again, so they would otherwise wait for an outcome that
-        # a crash could take from them.
-        pending = list(claim.writes)
         async with self._runner.storage.unit_of_work() as uow:
             await write(uow)
             held = await uow.repo(Operation).write_where(
@@ -167,10 +162,7 @@ class JobContext:
             if not held:
                 claim.lost = True
                 raise Cancelled(f"operation '{self.operation.id}' was cancelled")
-            for handed in pending:
-                await handed(uow)
             await uow.commit()
-        del claim.writes[: len(pending)]
         claim.progress = merged
         claim.held_at = time.monotonic()
 

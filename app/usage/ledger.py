@@ -69,27 +69,15 @@ class JobUsage:
     def __init__(self, rows: UsageRows, job: OutcomeWrites) -> None:
         self._rows = rows
         self._job = job
-        self._calls: list[CallUsage] = []  # not yet committed
-        self._handed = False  # `_write` waits in the job's writes
+        self._calls: list[CallUsage] = []
 
     async def record(self, usage: CallUsage) -> None:
-        self._calls.append(usage)
-        if not self._handed:
-            self._handed = True
+        if not self._calls:
             self._job.write_with_outcome(self._write)
+        self._calls.append(usage)
 
     async def _write(self, uow: UnitOfWork) -> None:
-        calls = list(self._calls)
-        await self._rows.write_usage(uow, calls)
-        uow.on_commit(lambda: self._written(len(calls)))
-
-    def _written(self, count: int) -> None:
-        """The first `count` calls are committed: a job that commits a finished step with the
-        usage so far (`JobContext.save`) hands the calls made since in a write of their own."""
-        del self._calls[:count]
-        self._handed = bool(self._calls)
-        if self._handed:
-            self._job.write_with_outcome(self._write)
+        await self._rows.write_usage(uow, self._calls)
 
 
 class UsageWriter:
