@@ -105,13 +105,27 @@ def redis_url() -> Iterator[str]:
 
 
 def truncate_all(database_url: str) -> None:
-    """Empty every table of the schema (fast enough to run before each test)."""
+    """Empty every table of the schema (fast enough to run before each test).
+
+    Only the tables that hold rows are emptied, by DELETE with foreign-key triggers off (every
+    non-empty table goes, so no reference is left dangling): a TRUNCATE of every table costs a
+    new file per table and index, about 0.3 s, against a few milliseconds for this.
+    """
     from app.schema import ENTITIES
     from app.storage.mapping import table_info
 
-    names = ", ".join(f'"{table_info(e).name}"' for e in ENTITIES)
+    names = [table_info(e).name for e in ENTITIES]
+    probe = " UNION ALL ".join(
+        f"SELECT '{name}' WHERE EXISTS (SELECT 1 FROM \"{name}\")" for name in names
+    )
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {names} CASCADE")
+        filled = [row[0] for row in conn.execute(probe).fetchall()]
+        if not filled:
+            return
+        with conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            for name in filled:
+                conn.execute(f'DELETE FROM "{name}"')
 
 
 @pytest.fixture(params=["memory", "postgres"])
