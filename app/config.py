@@ -368,6 +368,8 @@ class Settings(BaseSettings):
     # A direct call's usage commits before its answer leaves, the calls settling together
     # sharing one transaction of at most this many; a failed write is tried again this often.
     USAGE_WRITE_MAX_CALLS: int = Field(default=500, ge=1, le=5000)
+    # How many of those transactions one process runs at once (each holds a pool connection).
+    USAGE_WRITES_IN_FLIGHT: int = Field(default=2, ge=1, le=8)
     USAGE_RETRY_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
     # Defaults of the app configuration keys retention.usage_days, retention.logs_days and
     # logging.log_request_bodies.

@@ -83,8 +83,10 @@ class JobUsage:
 class UsageWriter:
     """Commits direct calls' usage before their answers leave, many calls per transaction.
 
-    One transaction is in flight at a time; the calls that settle meanwhile wait and go
-    together in the next, so the wait is at most about two commits. A transaction that fails
+    Up to `in_flight` transactions run at once, each on its own connection; the calls that
+    settle while all of them are busy wait and go together in the next one free, so under load
+    the wait is about one commit and the database's group commit serves several transactions
+    with one flush. A transaction that fails
     fails its calls (`Unavailable`: their answers are not sent), and their rows are kept and
     written again every `retry_interval` seconds (those upstream calls were paid for), up to
     `max_kept` rows; closing writes what is left.
@@ -96,6 +98,7 @@ class UsageWriter:
         rows: UsageRows,
         *,
         max_batch: int = 500,
+        in_flight: int = 2,
         retry_interval: float = 1.0,
         max_kept: int = 100_000,
     ) -> None:
@@ -104,8 +107,10 @@ class UsageWriter:
         self._max_batch = max_batch
         self._retry_interval = retry_interval
         self._max_kept = max_kept
+        self._in_flight = max(1, in_flight)
         self._waiting: deque[tuple[CallUsage, asyncio.Future[None]]] = deque()
-        self._writing: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Task[None]] = set()
+        self._unstarted: set[asyncio.Task[None]] = set()  # not yet taken their first calls
         self._kept: deque[CallUsage] = deque()
         self._retrying: asyncio.Task[None] | None = None
         self._closed = False
@@ -120,12 +125,21 @@ class UsageWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)  # its caller may be gone by the time it fails
         self._waiting.append((usage, future))
-        if self._writing is None or self._writing.done():
-            self._writing = asyncio.get_running_loop().create_task(self._write_waiting())
+        # Another transaction starts only when every running one has taken its calls: one that
+        # has not will take this call with the others waiting.
+        if not self._unstarted and len(self._writing) < self._in_flight:
+            task = asyncio.get_running_loop().create_task(self._write_waiting())
+            self._writing.add(task)
+            self._unstarted.add(task)
+            task.add_done_callback(self._writing.discard)
+            task.add_done_callback(self._unstarted.discard)
         # Shielded: a caller that goes away (a client hanging up) still has its usage written.
         await asyncio.shield(future)
 
     async def _write_waiting(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._unstarted.discard(task)
         while self._waiting:
             batch = [
                 self._waiting.popleft() for _ in range(min(self._max_batch, len(self._waiting)))
@@ -193,8 +207,8 @@ class UsageWriter:
     async def close(self) -> None:
         """Wait for the transaction in flight, then write what earlier ones failed to."""
         self._closed = True
-        if self._writing is not None:
-            await self._writing
+        while self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
         if self._retrying is not None:
             self._retrying.cancel()
         await self._write_kept()

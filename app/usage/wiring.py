@@ -55,6 +55,7 @@ def build_accounting(
         storage,
         usage,
         max_batch=settings.USAGE_WRITE_MAX_CALLS,
+        in_flight=settings.USAGE_WRITES_IN_FLIGHT,
         retry_interval=settings.USAGE_RETRY_INTERVAL_SECONDS,
     )
     options = MeteringOptions(

@@ -23,14 +23,18 @@ from tests.usage.conftest import Principal, RecordingLedger, RecordingSink, acco
 
 
 class FlakyStorage:
-    """A storage whose commits fail while `down` is set (a database that went away), and that
-    counts the commits that succeeded."""
+    """A storage whose commits fail while `down` is set (a database that went away) and take
+    `delay` seconds (a slow disk), and that counts the commits that succeeded and the most that
+    were under way at once."""
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self.name = storage.name
         self.down = False
+        self.delay = 0.0
         self.commits = 0
+        self.committing = 0
+        self.most_at_once = 0
 
     def unit_of_work(self, *, autocommit: bool = False) -> UnitOfWork:
         return _FlakyUnit(self, self._storage.unit_of_work(autocommit=autocommit))
@@ -54,10 +58,17 @@ class _FlakyUnit:
         self._inner.on_commit(callback)
 
     async def commit(self) -> None:
-        if self._owner.down:
+        owner = self._owner
+        if owner.down:
             raise Unavailable("the database is unreachable")
-        await self._inner.commit()
-        self._owner.commits += 1
+        owner.committing += 1
+        owner.most_at_once = max(owner.most_at_once, owner.committing)
+        try:
+            await asyncio.sleep(owner.delay)
+            await self._inner.commit()
+        finally:
+            owner.committing -= 1
+        owner.commits += 1
 
     async def rollback(self) -> None:
         await self._inner.rollback()
@@ -126,6 +137,24 @@ async def test_calls_settling_together_share_transactions_and_each_is_written_on
     assert flaky.commits - before <= 200 / 4  # many calls per commit
     spent = (await flaky_accounting.budgets.get(budget.id)).current_usage_micros
     assert spent == 200 * (5 * 2 + 5 * 10)  # µ$ at $2/M input and $10/M output
+
+
+async def test_at_most_the_configured_transactions_run_at_once_and_none_waits_idle(
+    flaky: FlakyStorage, redis: aioredis.Redis, sink: RecordingSink, model: Model, storage: Storage
+) -> None:
+    accounting = build_accounting(accounting_settings(USAGE_WRITES_IN_FLIGHT=3), flaky, redis, sink)
+    flaky.delay = 0.02  # a commit takes 20 ms; a call settles every millisecond or so
+    calls = []
+    try:
+        for n in range(300):
+            calls.append(asyncio.create_task(call(accounting, model, n)))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*calls)
+    finally:
+        await accounting.metering.close()
+    assert await count(storage) == 300
+    assert await count(storage, ExecutionLog) == 300
+    assert flaky.most_at_once == 3  # the calls kept three transactions busy, never more
 
 
 async def test_a_failed_write_fails_its_calls_and_their_usage_is_written_once_it_can_be(
