@@ -514,6 +514,24 @@ class MemoryRepository(Generic[E]):
             self._rewrite(entity_id, row, current)
         return row
 
+    async def update_all(
+        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
+    ) -> int:
+        self._uow._usable()
+        conds = _normalise(where, self._info)
+        checked = check_changes(self._type, changes)
+        pk = self._info.pk
+        with self._uow._write():
+            rows = list(self._uow._rows(self._info, conds))
+            if limit is not None:
+                rows = sorted(rows, key=lambda r: r[pk])[: max(0, limit)]
+            for current in rows:
+                entity = self._load(current)
+                for name, change in checked.items():
+                    setattr(entity, name, apply_change(getattr(entity, name), change))
+                self._rewrite(current[pk], self._dump(entity), current)
+        return len(rows)
+
     def _rewrite(self, key: Any, row: Row, current: Row) -> None:
         row["version"] = current["version"] + 1
         row["updated_at"] = utcnow()
@@ -543,7 +561,7 @@ class MemoryRepository(Generic[E]):
     ) -> Page[E]:
         self._uow._usable()
         conds = _normalise(where, self._info)
-        keys = find_order(self._info, order_by, limit, after)
+        keys = find_order(self._info, order_by, limit, after, where)
         rows = sorted(self._uow._rows(self._info, conds), key=_sort_key(keys))
         if after is not None:
             start = _sort_key(keys)(
