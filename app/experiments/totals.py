@@ -148,7 +148,11 @@ def sketch_quantiles(bins: Mapping[str, int], fractions: Iterable[float]) -> lis
     for key, count in bins.items():
         if count > 0:
             sketch.add(0.0 if key == _ZERO else _MAPPING.value(int(key)), float(count))
-    return [None if sketch.count == 0 else float(sketch.get_quantile_value(q)) for q in fractions]
+    cuts: list[float | None] = []
+    for q in fractions:
+        value = sketch.get_quantile_value(q) if sketch.count else None
+        cuts.append(None if value is None else float(value))
+    return cuts
 
 
 # ---- sums of a set of records --------------------------------------------------------------

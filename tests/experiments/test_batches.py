@@ -73,6 +73,18 @@ async def test_a_batch_runs_every_item_through_every_variant_once(gateway: Gatew
         f"/admin/experiments/exp/results?operation_id={accepted['operation_id']}"
     )
     assert results["source"] == "offline" and results["total"] == 10
+    # Every item ran through both variants: they are compared on the same items.
+    tests = {c["metric"]: (c["test"], c["pairs"]) for c in results["comparisons"]}
+    assert tests["success_rate"] == ("mcnemar_exact", 5)
+    assert tests["latency_ms"] == tests["cost_micros"] == ("paired_t", 5)
+    by_item = {(r.item_id, r.variant_id): r for r in records}
+    for (item_id, variant_id), record in by_item.items():
+        if variant_id == "other":
+            control = by_item[(item_id, "control")]
+            assert record.latency_ms_diff == record.latency_ms - control.latency_ms
+            assert (record.success_diff, record.cost_micros_diff) == (0, 0)
+        else:
+            assert record.latency_ms_diff is None
     assert (await gateway.get("/admin/experiments/exp/results"))["total"] == 0
 
 
