@@ -59,8 +59,9 @@ SKETCHED = (Metric.LATENCY_MS, Metric.FIRST_TOKEN_MS)
 # The metrics an offline record holds its difference from control's for (`<metric>_diff`).
 PAIRED = (Metric.SUCCESS_RATE, *OF_SUCCESSES)
 SKETCH_ACCURACY = 0.01
-# Records (and feedback changes) one roll-up transaction claims at most.
-CHUNK = 20_000
+# Records (and feedback changes) one roll-up transaction claims at most: each is updated once
+# (its `rollup`), well under a second a chunk.
+CHUNK = 5_000
 _ATTEMPTS = 5
 _ZERO = "zero"  # the sketch bin of values too small for a logarithm (0 ms)
 _MAPPING = LogarithmicMapping(SKETCH_ACCURACY)
