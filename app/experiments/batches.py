@@ -2,11 +2,11 @@
 submitted) through every variant, inside one job.
 
 Items run with bounded concurrency in the job (not as child jobs: one lease, one progress,
-one cancellation), each through the variants one after another. Each (item, variant) outcome
-is one record, unique per batch; an item's records are written together once its calls end,
-each variant's with its differences from control's on that item (the paired tests). A batch
-run again after its worker died skips the items recorded and runs only the others (calls of an
-item cut off by the crash are made again, since their answers were never kept).
+one cancellation), each through the variants one after another, control first. Each (item,
+variant) outcome is one record, unique per batch, written as its call ends, a variant's with its
+differences from control's on that item (the paired tests). A batch run again after its worker
+died skips what is recorded and makes only the calls that never finished (one cut off by the
+crash is made again, since its answer was never kept).
 """
 
 from __future__ import annotations
@@ -124,30 +124,26 @@ class BatchRunner:
         progress = _Progress(ctx, total, len(done))
         await progress.write()
 
+        # Control first, so that each variant's record, written as its call ends, finds
+        # control's record of the item (made just before, or by an earlier attempt).
+        arms.sort(key=lambda a: a.id != control)
+
         def job(item: DatasetItem) -> Callable[[], Awaitable[None]]:
             async def one() -> None:
-                made: dict[str, ExperimentRecord] = {}
+                reference = done.get((item.item_id, control))
                 for arm in arms:
                     if (item.item_id, arm.id) in done:
                         continue
                     await ctx.checkpoint()  # a cancelled batch makes no further call
-                    made[arm.id] = await self._call(
+                    record = await self._call(
                         caller, experiment, item, arm, spec["model"], operation_id, ctx
                     )
-                reference = made.get(control)
-                if reference is None:
-                    reference = done.get((item.item_id, control))
-                pair(made, reference, control)
-                try:
-                    # An item's records are written together: a re-run finds all or none.
-                    async with self._storage.unit_of_work(autocommit=True) as uow:
-                        await uow.repo(ExperimentRecord).add_many(list(made.values()))
-                except DuplicateKey:
-                    # A worker that lost this job's lease finished the same item first.
-                    log.info("item %s of %s already recorded", item.item_id, operation_id)
-                except Unavailable as exc:
-                    raise Transient(f"cannot record a batch item: {exc.message}") from exc
-                await progress.advance(len(made))
+                    if arm.id == control:
+                        reference = record
+                    else:
+                        pair(record, reference)
+                    await self._keep(record)
+                    await progress.advance()
 
             return one
 
@@ -169,6 +165,23 @@ class BatchRunner:
             "failed": recorded - succeeded,
             "results": f"/admin/experiments/{experiment.id}/results?operation_id={operation_id}",
         }
+
+    async def _keep(self, record: ExperimentRecord) -> None:
+        """Write one call's record as soon as it ends: an answer recorded is never asked
+        again, even if the worker dies the next instant."""
+        try:
+            async with self._storage.unit_of_work(autocommit=True) as uow:
+                await uow.repo(ExperimentRecord).add(record)
+        except DuplicateKey:
+            # A worker that lost this job's lease finished the same call first.
+            log.info(
+                "%s / %s of %s already recorded",
+                record.item_id,
+                record.variant_id,
+                record.operation_id,
+            )
+        except Unavailable as exc:
+            raise Transient(f"cannot record a batch item: {exc.message}") from exc
 
     async def _recorded(self, operation_id: str) -> dict[tuple[str | None, str], ExperimentRecord]:
         async with self._storage.unit_of_work() as uow:
@@ -232,26 +245,21 @@ class BatchRunner:
         return record
 
 
-def pair(
-    made: dict[str, ExperimentRecord], control: ExperimentRecord | None, control_id: str
-) -> None:
-    """Give each variant record just made its differences from control's record of the same
-    item (success always; the other metrics where both calls succeeded): the paired tests of
-    the batch's results sum them."""
+def pair(record: ExperimentRecord, control: ExperimentRecord | None) -> None:
+    """Give a variant's record its differences from control's record of the same item
+    (success always; the other metrics where both calls succeeded): the paired tests of the
+    batch's results sum them. Without control's record, there is no pair."""
     if control is None:
         return
-    for variant_id, record in made.items():
-        if variant_id == control_id:
-            continue
-        record.success_diff = int(record.success) - int(control.success)
-        if not (record.success and control.success):
-            continue
-        record.latency_ms_diff = record.latency_ms - control.latency_ms
-        if record.first_token_ms is not None and control.first_token_ms is not None:
-            record.first_token_ms_diff = record.first_token_ms - control.first_token_ms
-        record.input_tokens_diff = record.input_tokens - control.input_tokens
-        record.output_tokens_diff = record.output_tokens - control.output_tokens
-        record.cost_micros_diff = record.cost_micros - control.cost_micros
+    record.success_diff = int(record.success) - int(control.success)
+    if not (record.success and control.success):
+        return
+    record.latency_ms_diff = record.latency_ms - control.latency_ms
+    if record.first_token_ms is not None and control.first_token_ms is not None:
+        record.first_token_ms_diff = record.first_token_ms - control.first_token_ms
+    record.input_tokens_diff = record.input_tokens - control.input_tokens
+    record.output_tokens_diff = record.output_tokens - control.output_tokens
+    record.cost_micros_diff = record.cost_micros - control.cost_micros
 
 
 def _text(body: dict[str, Any]) -> str | None:

@@ -163,7 +163,7 @@ def paired_records(operation_id: str, n: int) -> tuple[list[ExperimentRecord], d
                 output_tokens=int(tokens[i]) // 2,
                 cost_micros=(int(tokens[i]) + extra) * 3,
             )
-        pair(made, made["control"], "control")
+        pair(made["other"], made["control"])
         records.extend(made.values())
     both = control_ok & other_ok
     raw = {
