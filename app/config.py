@@ -311,6 +311,9 @@ class Settings(BaseSettings):
     JOB_RETENTION_SECONDS: float = Field(default=7 * 24 * 3600.0, gt=0)
     SWEEP_INTERVAL_SECONDS: float = Field(default=1.0, gt=0)
     PURGE_INTERVAL_SECONDS: float = Field(default=300.0, gt=0)
+    # How often the records of experiments are rolled up into their totals (results roll up
+    # the rest when they are read).
+    EXPERIMENT_ROLLUP_SECONDS: float = Field(default=10.0, gt=0)
     WORKER_THREADS: int = Field(default=8, ge=1, le=256)
     WORKER_PROCESSES: int = Field(default=1, ge=1, le=64)
     # Each `gateway worker` process touches a file of its own here this often while its event

@@ -5,9 +5,15 @@ from __future__ import annotations
 from app.access.entities import ApiKey, Team, TeamMember, User
 from app.batches.entities import Batch, StoredFile
 from app.credentials.entities import StoredCredential
-from app.datasets.entities import Dataset, DatasetItem
+from app.datasets.entities import Dataset, DatasetItem, DatasetVersion
 from app.evals.entities import TestCase, TestCaseResult, TestRun, TestSuite, TestSuiteCase
-from app.experiments.entities import Experiment, ExperimentRecord
+from app.experiments.entities import (
+    Experiment,
+    ExperimentFeedbackChange,
+    ExperimentRecord,
+    ExperimentTotals,
+    ExperimentUnit,
+)
 from app.knowledge.entities import (
     KnowledgeBase,
     KnowledgeChunk,
@@ -51,7 +57,11 @@ ENTITIES: tuple[type[Entity], ...] = (
     Budget,
     Experiment,
     ExperimentRecord,
+    ExperimentFeedbackChange,
+    ExperimentTotals,
+    ExperimentUnit,
     Dataset,
+    DatasetVersion,
     DatasetItem,
     TestCase,
     TestSuite,

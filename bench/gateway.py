@@ -43,7 +43,7 @@ def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[byt
 
 
 def wait_for(port: int) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a loaded machine imports slowly
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return

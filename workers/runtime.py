@@ -106,6 +106,9 @@ def _build(config: Settings) -> Runtime:
             services.webhooks.purge_deliveries,
         ),
         PeriodicTask("batches", config.SWEEP_INTERVAL_SECONDS, services.batches.process_due),
+        PeriodicTask(
+            "experiment-rollup", config.EXPERIMENT_ROLLUP_SECONDS, services.experiments.roll_up
+        ),
         *accounting_tasks(services.accounting, config),
     ]
     if presence is not None:

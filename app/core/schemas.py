@@ -7,7 +7,7 @@ from functools import cache
 from typing import Annotated, Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -54,12 +54,13 @@ class PartialUpdate(BaseModel):
 
     clearable: ClassVar[frozenset[str]] = frozenset()
 
-    @model_validator(mode="after")
-    def _refuse_nulls(self) -> Self:
-        for name in sorted(self.model_fields_set - self.clearable):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
+    @field_validator("*")
+    @classmethod
+    def _refuse_nulls(cls, value: Any, info: ValidationInfo) -> Any:
+        # A field validator, so the error names the field that was sent as null.
+        if value is None and info.field_name not in cls.clearable:
+            raise ValueError(f"{info.field_name} cannot be null")
+        return value
 
 
 class Deleted(BaseModel):

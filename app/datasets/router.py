@@ -1,4 +1,4 @@
-"""`/admin/datasets`: datasets, their items, and JSONL or CSV import and export."""
+"""`/admin/datasets`: datasets, their items and versions, and JSONL or CSV import and export."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from app.datasets.schemas import (
     DatasetList,
     DatasetRead,
     DatasetUpdate,
+    DatasetVersionList,
+    DatasetVersionRead,
     ExportFormat,
     ItemList,
     ItemRead,
     ItemsAdd,
+    ItemUpdate,
 )
 from app.datasets.service import DatasetService
 
@@ -28,6 +31,11 @@ admin_router = APIRouter(prefix="/admin/datasets", tags=["admin: datasets"])
 DatasetsDep = Annotated[DatasetService, Depends(provide(DatasetService))]
 
 _MEDIA = {ExportFormat.JSONL: "application/jsonl", ExportFormat.CSV: "text/csv"}
+
+AtVersion = Annotated[
+    int | None,
+    Query(ge=1, description="Read the dataset as it was at this version (default: the current)"),
+]
 
 
 @admin_router.post("", response_model=DatasetRead, status_code=201)
@@ -67,17 +75,39 @@ async def delete_dataset(dataset_id: str, admin: AdminDep, datasets: DatasetsDep
     return Deleted(id=dataset_id, object="dataset")
 
 
-@admin_router.get("/{dataset_id}/items", response_model=ItemList)
-async def list_items(
+@admin_router.get("/{dataset_id}/versions", response_model=DatasetVersionList)
+async def list_versions(
     dataset_id: str,
     admin: AdminDep,
     datasets: DatasetsDep,
     limit: PageLimit = 20,
     after: PageAfter = None,
+) -> DatasetVersionList:
+    """A dataset's versions, the newest first: each change of its items made one."""
+    page = await datasets.versions(dataset_id, limit=limit, after=after)
+    return DatasetVersionList.of(page, DatasetVersionRead.of)
+
+
+@admin_router.get("/{dataset_id}/items", response_model=ItemList)
+async def list_items(
+    dataset_id: str,
+    admin: AdminDep,
+    datasets: DatasetsDep,
+    version: AtVersion = None,
+    limit: PageLimit = 20,
+    after: PageAfter = None,
 ) -> ItemList:
-    """A dataset's items in order."""
-    page = await datasets.list_items(dataset_id, limit=limit, after=after)
+    """A dataset's items in order, now or at an earlier version."""
+    page = await datasets.list_items(dataset_id, version=version, limit=limit, after=after)
     return ItemList.of(page, ItemRead.of)
+
+
+@admin_router.patch("/{dataset_id}/items/{item_id}", response_model=ItemRead)
+async def update_item(
+    dataset_id: str, item_id: str, body: ItemUpdate, admin: AdminDep, datasets: DatasetsDep
+) -> ItemRead:
+    """Change one item (a new version of the dataset)."""
+    return ItemRead.of(await datasets.update_item(dataset_id, item_id, body))
 
 
 @admin_router.post("/{dataset_id}/items", response_model=DatasetRead)
@@ -122,7 +152,9 @@ async def export_items(
     admin: AdminDep,
     datasets: DatasetsDep,
     format: ExportFormat = ExportFormat.JSONL,
+    version: AtVersion = None,
 ) -> Response:
-    """The items as JSONL (what import reads) or CSV (prompt variables and `expected`)."""
-    body = await datasets.export(dataset_id, format)
+    """The items as JSONL (what import reads) or CSV (prompt variables and `expected`), now or
+    at an earlier version."""
+    body = await datasets.export(dataset_id, format, version=version)
     return Response(body.encode(), media_type=_MEDIA[format])

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.core.ids import SLUG_MAX, is_slug
 from app.core.schemas import ListPage, PartialUpdate, from_entity
-from app.datasets.entities import Dataset, DatasetItem
+from app.datasets.entities import Dataset, DatasetChange, DatasetItem, DatasetVersion
 from app.gateway.schemas import ChatMessage
 
 MAX_ITEMS = 10_000  # per dataset: a batch runs each through every variant
@@ -58,6 +58,18 @@ class ItemCreate(BaseModel):
     )
 
 
+class ItemUpdate(PartialUpdate):
+    """Changes to one item (a new version of its dataset): what is left out is kept."""
+
+    clearable = frozenset({"expected"})
+
+    input: ItemInput | None = None
+    expected: Any = None
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(default=None, max_length=16)
+
+
 class ItemsAdd(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,20 +105,41 @@ class DatasetUpdate(PartialUpdate):
 
 
 class DatasetRead(BaseModel):
-    """A dataset; `revision` changes whenever its items do."""
+    """A dataset; `version` moves on whenever its items change (every version stays
+    readable)."""
 
     id: str
     object: Literal["dataset"] = "dataset"
     name: str
     description: str | None
-    revision: int
-    item_count: int
+    version: int = Field(description="The current version: each change of items makes one")
+    item_count: int = Field(description="Items in the current version")
     created_at: datetime
     updated_at: datetime
 
     @classmethod
     def of(cls, dataset: Dataset) -> DatasetRead:
-        return from_entity(cls, dataset)
+        return from_entity(cls, dataset, version=dataset.current_version)
+
+
+class DatasetVersionRead(BaseModel):
+    """One version of a dataset: the change that made it, and its size."""
+
+    object: Literal["dataset.version"] = "dataset.version"
+    dataset_id: str
+    version: int
+    change: DatasetChange
+    items_changed: int
+    item_count: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, version: DatasetVersion) -> DatasetVersionRead:
+        return from_entity(cls, version, version=version.number)
+
+
+class DatasetVersionList(ListPage[DatasetVersionRead]):
+    pass
 
 
 class DatasetList(ListPage[DatasetRead]):
@@ -122,10 +155,11 @@ class ItemRead(BaseModel):
     expected: Any
     metadata: dict[str, str]
     created_at: datetime
+    version: int = Field(description="The version of the dataset that wrote the item so")
 
     @classmethod
     def of(cls, item: DatasetItem) -> ItemRead:
-        return from_entity(cls, item, metadata=item.meta)
+        return from_entity(cls, item, id=item.item_id, metadata=item.meta, version=item.valid_from)
 
 
 class ItemList(ListPage[ItemRead]):

@@ -1,10 +1,12 @@
-"""Experiment batches: every item of a dataset through every variant, inside one job.
+"""Experiment batches: every item of a dataset (at the version pinned when the batch was
+submitted) through every variant, inside one job.
 
-Calls run with bounded concurrency in the job (not as child jobs: one lease, one progress,
-one cancellation). Each (item, variant) outcome is one record, unique per batch, written as
-its call ends: a batch run again after its worker died skips what is recorded and makes only
-the calls that never finished (one cut off by the crash is made again, since its answer was
-never kept).
+Items run with bounded concurrency in the job (not as child jobs: one lease, one progress,
+one cancellation), each through the variants one after another, control first. Each (item,
+variant) outcome is one record, unique per batch, written as its call ends, a variant's with its
+differences from control's on that item (the paired tests). A batch run again after its worker
+died skips what is recorded and makes only the calls that never finished (one cut off by the
+crash is made again, since its answer was never kept).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class BatchRunner:
         self._datasets = datasets
 
     async def run(self, ctx: JobContext) -> dict[str, Any]:
-        """Make every (item, variant) call not yet recorded for this job, then sum them up."""
+        """Run every item not yet recorded for this job through every variant, then sum up."""
         spec = ctx.operation.input
         operation_id = ctx.operation.id
         async with self._storage.unit_of_work() as uow:
@@ -109,39 +111,43 @@ class BatchRunner:
             dataset = await self._datasets.get(spec["dataset_id"])
         except NotFound as exc:
             raise InvalidInput(f"dataset '{spec['dataset_id']}' no longer exists") from exc
-        if dataset.revision != spec["revision"]:
-            raise InvalidInput(
-                f"dataset '{dataset.id}' changed since the batch was submitted (revision "
-                f"{spec['revision']}, now {dataset.revision}); submit the batch again"
-            )
-        items = await self._datasets.items(dataset.id)
+        # The version pinned at submission (a job submitted before versions were kept pinned
+        # its `revision`, the same number): a resumed batch runs on the items it started with.
+        version = int(spec.get("dataset_version") or spec["revision"])
+        items = await self._datasets.items(dataset.id, version=version)
         arms = [Arm.of(v) for v in experiment.variants]
+        control = next(v["id"] for v in experiment.variants if v.get("control"))
         done = await self._recorded(operation_id)
-        todo = [(i, a) for i in items for a in arms if (i.id, a.id) not in done]
+        todo = [i for i in items if any((i.item_id, a.id) not in done for a in arms)]
         total = len(items) * len(arms)
         caller = await self._calls.job_caller(ctx.operation)
         progress = _Progress(ctx, total, len(done))
         await progress.write()
 
-        def job(item: DatasetItem, arm: Arm) -> Callable[[], Awaitable[None]]:
+        # Control first, so that each variant's record, written as its call ends, finds
+        # control's record of the item (made just before, or by an earlier attempt).
+        arms.sort(key=lambda a: a.id != control)
+
+        def job(item: DatasetItem) -> Callable[[], Awaitable[None]]:
             async def one() -> None:
-                await ctx.checkpoint()  # a cancelled batch makes no further call
-                record = await self._call(
-                    caller, experiment, item, arm, spec["model"], operation_id, ctx
-                )
-                try:
-                    async with self._storage.unit_of_work(autocommit=True) as uow:
-                        await uow.repo(ExperimentRecord).add(record)
-                except DuplicateKey:
-                    # A worker that lost this job's lease finished the same item first.
-                    log.info("item %s / %s of %s already recorded", item.id, arm.id, operation_id)
-                except Unavailable as exc:
-                    raise Transient(f"cannot record a batch item: {exc.message}") from exc
-                await progress.advance()
+                reference = done.get((item.item_id, control))
+                for arm in arms:
+                    if (item.item_id, arm.id) in done:
+                        continue
+                    await ctx.checkpoint()  # a cancelled batch makes no further call
+                    record = await self._call(
+                        caller, experiment, item, arm, spec["model"], operation_id, ctx
+                    )
+                    if arm.id == control:
+                        reference = record
+                    else:
+                        pair(record, reference)
+                    await self._keep(record)
+                    await progress.advance()
 
             return one
 
-        await bounded(int(spec.get("concurrency") or 1), [job(i, a) for i, a in todo])
+        await bounded(int(spec.get("concurrency") or 1), [job(i) for i in todo])
         await progress.write()
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(ExperimentRecord)
@@ -152,6 +158,7 @@ class BatchRunner:
             "object": "experiment.batch",
             "experiment_id": experiment.id,
             "dataset_id": dataset.id,
+            "dataset_version": version,
             "total": total,
             "recorded": recorded,
             "succeeded": succeeded,
@@ -159,10 +166,27 @@ class BatchRunner:
             "results": f"/admin/experiments/{experiment.id}/results?operation_id={operation_id}",
         }
 
-    async def _recorded(self, operation_id: str) -> set[tuple[str | None, str]]:
+    async def _keep(self, record: ExperimentRecord) -> None:
+        """Write one call's record as soon as it ends: an answer recorded is never asked
+        again, even if the worker dies the next instant."""
+        try:
+            async with self._storage.unit_of_work(autocommit=True) as uow:
+                await uow.repo(ExperimentRecord).add(record)
+        except DuplicateKey:
+            # A worker that lost this job's lease finished the same call first.
+            log.info(
+                "%s / %s of %s already recorded",
+                record.item_id,
+                record.variant_id,
+                record.operation_id,
+            )
+        except Unavailable as exc:
+            raise Transient(f"cannot record a batch item: {exc.message}") from exc
+
+    async def _recorded(self, operation_id: str) -> dict[tuple[str | None, str], ExperimentRecord]:
         async with self._storage.unit_of_work() as uow:
             page = await uow.repo(ExperimentRecord).find(Where.eq("operation_id", operation_id))
-        return {(r.item_id, r.variant_id) for r in page.items}
+        return {(r.item_id, r.variant_id): r for r in page.items}
 
     async def _call(
         self,
@@ -180,10 +204,10 @@ class BatchRunner:
             experiment_id=experiment.id,
             variant_id=arm.id,
             source=RecordSource.OFFLINE,
-            unit=item.id,
+            unit=item.item_id,
             api_key_id=caller.key_id,
             operation_id=operation_id,
-            item_id=item.id,
+            item_id=item.item_id,
         )
         context = CallContext(source=CallSource.EXPERIMENT, operation_id=operation_id)
         started = time.perf_counter()
@@ -221,6 +245,23 @@ class BatchRunner:
         return record
 
 
+def pair(record: ExperimentRecord, control: ExperimentRecord | None) -> None:
+    """Give a variant's record its differences from control's record of the same item
+    (success always; the other metrics where both calls succeeded): the paired tests of the
+    batch's results sum them. Without control's record, there is no pair."""
+    if control is None:
+        return
+    record.success_diff = int(record.success) - int(control.success)
+    if not (record.success and control.success):
+        return
+    record.latency_ms_diff = record.latency_ms - control.latency_ms
+    if record.first_token_ms is not None and control.first_token_ms is not None:
+        record.first_token_ms_diff = record.first_token_ms - control.first_token_ms
+    record.input_tokens_diff = record.input_tokens - control.input_tokens
+    record.output_tokens_diff = record.output_tokens - control.output_tokens
+    record.cost_micros_diff = record.cost_micros - control.cost_micros
+
+
 def _text(body: dict[str, Any]) -> str | None:
     choices = body.get("choices") or []
     if not choices:
@@ -238,8 +279,8 @@ class _Progress:
         self.done = done
         self._written = 0.0
 
-    async def advance(self) -> None:
-        self.done += 1
+    async def advance(self, calls: int = 1) -> None:
+        self.done += calls
         if time.monotonic() - self._written >= _PROGRESS_EVERY:
             await self.write()
 

@@ -9,7 +9,17 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app.storage.entity import Entity, big, choice, instant, json_list, pk, reference, text
+from app.storage.entity import (
+    Entity,
+    big,
+    choice,
+    instant,
+    json_list,
+    json_object,
+    pk,
+    reference,
+    text,
+)
 
 
 class ExperimentStatus(StrEnum):
@@ -97,6 +107,17 @@ class ExperimentRecord(Entity, table=True):
             "variant_id",
             name="uq_experiment_records_operation_id_item_id_variant_id",
         ),
+        # The records not yet in the totals (`rollup` null) of an experiment, and those one
+        # roll-up took.
+        sa.Index("ix_experiment_records_rollup_experiment_id", "rollup", "experiment_id"),
+        # The least and greatest feedback score of a variant, read without a scan.
+        sa.Index(
+            "ix_experiment_records_experiment_id_variant_id_feedback_score",
+            "experiment_id",
+            "variant_id",
+            "feedback_score",
+            postgresql_where=sa.text("feedback_score IS NOT NULL"),
+        ),
     )
 
     id: str = pk()
@@ -121,3 +142,76 @@ class ExperimentRecord(Entity, table=True):
     feedback_score: float | None = None
     feedback_label: str | None = text(None, max_length=100)
     output: str | None = text(None)  # the answer's text, kept for offline items only
+    # The roll-up that counted this record in `ExperimentTotals`; null until one does.
+    rollup: str | None = text(None, max_length=64)
+    # Offline, on a variant's record: this record's value minus control's on the same item
+    # (both successful for the metrics of successes), for the paired tests of a batch.
+    success_diff: int | None = None
+    latency_ms_diff: int | None = None
+    first_token_ms_diff: int | None = None
+    input_tokens_diff: int | None = None
+    output_tokens_diff: int | None = None
+    cost_micros_diff: int | None = big(None)
+
+
+class ExperimentFeedbackChange(Entity, table=True):
+    """Feedback that changed a record already counted in the totals: what it adds to them
+    (the new score and label in, the old ones out), rolled up like a record."""
+
+    __tablename__ = "experiment_feedback_changes"
+    __table_args__ = (
+        sa.Index("ix_experiment_feedback_changes_rollup_experiment_id", "rollup", "experiment_id"),
+    )
+
+    id: str = pk()
+    experiment_id: str = reference("experiments.id")
+    record_id: str = text(max_length=64)
+    variant_id: str = text(max_length=64)
+    source: RecordSource = choice(RecordSource, RecordSource.LIVE)
+    operation_id: str | None = text(None, max_length=64)
+    scored: int = 0  # +1: a first score; 0: one replaced or none; -1 never happens today
+    score: float = 0.0  # the new score minus the old one
+    score_squares: float = 0.0  # the new score squared minus the old one squared
+    label_added: str | None = text(None, max_length=100)
+    label_removed: str | None = text(None, max_length=100)
+    rollup: str | None = text(None, max_length=64)
+
+
+class ExperimentTotals(Entity, table=True):
+    """What the counted records of one variant sum to, live or in one batch: calls, units,
+    the moments of each metric (exact integers for integer metrics), latency sketches, and
+    feedback label tallies."""
+
+    __tablename__ = "experiment_totals"
+    __table_args__ = (
+        sa.Index(
+            "ix_experiment_totals_experiment_id_source_operation_id",
+            "experiment_id",
+            "source",
+            "operation_id",
+        ),
+    )
+
+    id: str = pk()  # derived from experiment, source, batch and variant (`totals_id`)
+    experiment_id: str = reference("experiments.id", index=False)
+    variant_id: str = text(max_length=64)
+    source: RecordSource = choice(RecordSource, RecordSource.LIVE)
+    operation_id: str | None = text(None, max_length=64)  # the batch; null for live calls
+    calls: int = big()
+    units: int = big()  # distinct units (one `ExperimentUnit` each)
+    # metric -> [n, sum, sum of squares, least, greatest]; integer sums as decimal strings
+    moments: dict[str, Any] = json_object()
+    # metric -> sketch bin -> count (`app.experiments.totals`)
+    sketches: dict[str, Any] = json_object()
+    labels: dict[str, Any] = json_object()  # feedback label -> count
+
+
+class ExperimentUnit(Entity, table=True):
+    """One unit seen by the variant of one `ExperimentTotals` row: the count of its units is
+    exact across roll-ups."""
+
+    __tablename__ = "experiment_units"
+
+    id: str = pk()  # derived from the totals row and the unit (`unit_id`)
+    experiment_id: str = reference("experiments.id")
+    totals_id: str = text(max_length=64)

@@ -1,4 +1,4 @@
-"""An experiment's results from the aggregates of its records (`Repository.summarize`)."""
+"""An experiment's results from the totals of its records (`app.experiments.totals`)."""
 
 from __future__ import annotations
 
@@ -22,29 +22,28 @@ from app.experiments.stats import (
     Rate,
     Test,
     holm,
+    mcnemar,
     mean_of,
+    paired_t,
     sample_ratio,
     two_proportions,
     welch,
     wilson,
 )
+from app.experiments.totals import OF_ALL, OF_SUCCESSES, SKETCHED, diff_column
 from app.storage.protocol import Moments, Summary
 
-# Latency, tokens and cost are of the calls that succeeded (a failure's are not comparable);
-# feedback is of every call that got some.
-OF_SUCCESSES = (
-    Metric.LATENCY_MS,
-    Metric.FIRST_TOKEN_MS,
-    Metric.INPUT_TOKENS,
-    Metric.OUTPUT_TOKENS,
-    Metric.COST_MICROS,
-)
-OF_ALL = (Metric.FEEDBACK_SCORE,)
 QUANTILES = (0.5, 0.95, 0.99)
-WITH_QUANTILES = (Metric.LATENCY_MS, Metric.FIRST_TOKEN_MS)
+WITH_QUANTILES = SKETCHED
 # Fewer units than this expected in a variant make the χ² approximation of the split rough.
 _SRM_MIN_EXPECTED = 5
 _EMPTY = Moments()
+_NAMES = {
+    welch: "welch_t",
+    two_proportions: "two_proportion_z",
+    paired_t: "paired_t",
+    mcnemar: "mcnemar_exact",
+}
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,30 @@ class Aggregates:
     labels: Mapping[Any, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Made:
+    """One comparison made: of which variant, on which metric, by which test."""
+
+    variant_id: str
+    metric: Metric
+    name: str
+    test: Test
+    pairs: int | None = None
+
+
 def _mean(summary: Summary | None, metric: Metric) -> tuple[Mean, list[float | None]]:
     if summary is None:
         return mean_of(_EMPTY), [None] * len(QUANTILES)
     cuts = summary.quantiles.get(metric.value, [None] * len(QUANTILES))
     return mean_of(summary.moments.get(metric.value, _EMPTY)), cuts
+
+
+def _differences(found: Aggregates, metric: Metric) -> Moments | None:
+    """The moments of a variant's per-item differences from control on `metric`, if any."""
+    if found.every is None:
+        return None
+    d = found.every.moments.get(diff_column(metric))
+    return d if d is not None and d.n > 0 else None
 
 
 def analyse(
@@ -117,14 +135,25 @@ def analyse(
                 feedback_labels={str(k): v for k, v in sorted(found.labels.items())},
             )
         )
-    tests: list[tuple[str, Metric, Test]] = []
+    tests: list[Made] = []
     for variant in variants:
         if variant is control:
             continue
         vid, cid = variant["id"], control["id"]
-        tests.append((vid, Metric.SUCCESS_RATE, two_proportions(rates[vid], rates[cid])))
-        for metric in (*OF_SUCCESSES, *OF_ALL):
-            tests.append((vid, metric, welch(means[vid][metric], means[cid][metric])))
+        found = aggregates.get(vid, Aggregates(None, None))
+        for metric in (Metric.SUCCESS_RATE, *OF_SUCCESSES, *OF_ALL):
+            # A batch ran every item through every variant: where its items pair up, compare
+            # on the same items (paired t, McNemar) rather than as independent samples.
+            pairs = _differences(found, metric) if source is RecordSource.OFFLINE else None
+            if pairs is not None:
+                test = mcnemar if metric is Metric.SUCCESS_RATE else paired_t
+                tests.append(Made(vid, metric, _NAMES[test], test(pairs), pairs.n))
+            elif metric is Metric.SUCCESS_RATE:
+                made = two_proportions(rates[vid], rates[cid])
+                tests.append(Made(vid, metric, _NAMES[two_proportions], made))
+            else:
+                made = welch(means[vid][metric], means[cid][metric])
+                tests.append(Made(vid, metric, _NAMES[welch], made))
     comparisons = _comparisons(tests, rates, means, control["id"])
     winner, recommendation = _winner(experiment, comparisons)
     return ResultsRead(
@@ -146,15 +175,16 @@ def analyse(
 
 
 def _comparisons(
-    tests: list[tuple[str, Metric, Test]],
+    tests: list[Made],
     rates: Mapping[str, Rate],
     means: Mapping[str, Mapping[Metric, Mean]],
     control_id: str,
 ) -> list[Comparison]:
-    made = [i for i, (_, _, t) in enumerate(tests) if t.p_value is not None]
-    adjusted = dict(zip(made, holm([tests[i][2].p_value or 0.0 for i in made]), strict=True))
+    made = [i for i, m in enumerate(tests) if m.test.p_value is not None]
+    adjusted = dict(zip(made, holm([tests[i].test.p_value or 0.0 for i in made]), strict=True))
     shown = []
-    for i, (variant_id, metric, test) in enumerate(tests):
+    for i, one in enumerate(tests):
+        variant_id, metric, test = one.variant_id, one.metric, one.test
         if metric is Metric.SUCCESS_RATE:
             base = rates[control_id].rate
         else:
@@ -174,7 +204,8 @@ def _comparisons(
             Comparison(
                 variant_id=variant_id,
                 metric=metric,
-                test="two_proportion_z" if metric is Metric.SUCCESS_RATE else "welch_t",
+                test=one.name,
+                pairs=one.pairs,
                 statistic=test.statistic,
                 df=test.df,
                 p_value=test.p_value,

@@ -228,7 +228,9 @@ class RateRead(BaseModel):
 
 
 class MeanRead(BaseModel):
-    """A mean over the records that have the value, with its 95 % t interval."""
+    """A mean over the records that have the value, with its 95 % t interval (exact: from
+    sums of the values). The percentiles of latencies come from a DDSketch: each is within
+    1 % of the value of rank floor(q·(n - 1)) among the n values."""
 
     n: int
     mean: float | None
@@ -259,7 +261,14 @@ class Comparison(BaseModel):
 
     variant_id: str
     metric: Metric
-    test: Literal["welch_t", "two_proportion_z"]
+    test: Literal["welch_t", "two_proportion_z", "paired_t", "mcnemar_exact"] = Field(
+        description="Live: Welch's t (means), the pooled two-proportion z (success rate). A "
+        "batch, where each item ran through both sides: the paired t-test of the per-item "
+        "differences and McNemar's exact test of paired success"
+    )
+    pairs: int | None = Field(
+        default=None, description="Items compared on both sides (paired tests only)"
+    )
     statistic: float | None
     df: float | None
     p_value: float | None
@@ -311,7 +320,15 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: str = Field(min_length=1, max_length=64)
-    concurrency: int = Field(default=4, ge=1, le=64, description="Calls in flight at once")
+    dataset_version: int | None = Field(
+        default=None, ge=1, description="The version of the dataset to run (default: current)"
+    )
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Items in flight at once (each runs through the variants one after another)",
+    )
     model: ModelName | None = Field(
         default=None,
         description="The model a prompt experiment's items are sent to (a model experiment "

@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.core.clock import utcnow
-from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
 from app.core.invalidation import InvalidationBus
 from app.datasets.service import DatasetService
 from app.experiments.assignment import BUCKETS
 from app.experiments.entities import (
     Experiment,
+    ExperimentFeedbackChange,
     ExperimentRecord,
     ExperimentStatus,
     RecordSource,
@@ -32,14 +33,7 @@ from app.experiments.lifecycle import (
     move,
 )
 from app.experiments.live import EXPERIMENTS_TOPIC, FLUSH_INTERVAL, RecordWriter
-from app.experiments.results import (
-    OF_ALL,
-    OF_SUCCESSES,
-    QUANTILES,
-    WITH_QUANTILES,
-    Aggregates,
-    analyse,
-)
+from app.experiments.results import QUANTILES, Aggregates, analyse
 from app.experiments.schemas import (
     BatchCreate,
     ExperimentCreate,
@@ -47,6 +41,7 @@ from app.experiments.schemas import (
     ResultsRead,
     VariantSpec,
 )
+from app.experiments.totals import Totals, change_of
 from app.gateway.chat import ChatService
 from app.operations.entities import Operation
 from app.operations.service import OperationService, check_operation_id
@@ -57,6 +52,8 @@ from app.storage.protocol import Page, Storage, Where, given
 from app.storage.reads import get_existing, read_existing, read_page
 
 log = logging.getLogger(__name__)
+
+_FEEDBACK_ATTEMPTS = 5
 
 
 def design(target_kind: TargetKind, variants: Sequence[VariantSpec]) -> list[dict[str, Any]]:
@@ -120,6 +117,7 @@ class ExperimentService:
         self._datasets = datasets
         self._operations = operations
         self._records = records
+        self._totals = Totals(storage)
 
     # ---- design ---------------------------------------------------------------------------
 
@@ -298,15 +296,35 @@ class ExperimentService:
                 f"experiment '{experiment.id}' is completed: its results take no more feedback",
                 param="request_id",
             )
-        changes: dict[str, Any] = {}
-        if score is not None:
-            changes["feedback_score"] = score
-        if label is not None:
-            changes["feedback_label"] = label
-        async with self._storage.unit_of_work(autocommit=True) as uow:
-            written = await uow.repo(ExperimentRecord).update_where(record.id, changes)
-        if written is None:
-            raise NotFound("experiment call", request_id, param="request_id")
+        for attempt in range(_FEEDBACK_ATTEMPTS):
+            try:
+                return await self._give_feedback(record.id, request_id, score, label)
+            except StaleVersion:
+                # A roll-up counted the record meanwhile (or more feedback came): read again.
+                if attempt == _FEEDBACK_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _give_feedback(
+        self, record_id: str, request_id: str, score: float | None, label: str | None
+    ) -> ExperimentRecord:
+        """Set the feedback on the record; if a roll-up has counted it already, record what
+        the change adds to the totals in the same transaction (the version check makes the
+        two agree on whether it was counted)."""
+        async with self._storage.unit_of_work() as uow:
+            repo = uow.repo(ExperimentRecord)
+            record = await repo.get(record_id)
+            if record is None:
+                raise NotFound("experiment call", request_id, param="request_id")
+            change = change_of(record, score, label) if record.rollup is not None else None
+            if score is not None:
+                record.feedback_score = score
+            if label is not None:
+                record.feedback_label = label
+            written = await repo.update(record)
+            if change is not None:
+                await uow.repo(ExperimentFeedbackChange).add(change)
+            await uow.commit()
         return written
 
     async def _own_record(self, key_id: str | None, request_id: str) -> ExperimentRecord | None:
@@ -320,43 +338,25 @@ class ExperimentService:
     # ---- results --------------------------------------------------------------------------
 
     async def results(self, experiment_id: str, *, operation_id: str | None = None) -> ResultsRead:
-        """Live results, or with `operation_id` those of one of its batches."""
+        """Live results, or with `operation_id` those of one of its batches, from the totals
+        (once what arrived since the last roll-up is rolled up)."""
         experiment = await self.get(experiment_id)
-        where = [Where.eq("experiment_id", experiment_id)]
         if operation_id is None:
             source = RecordSource.LIVE
         else:
             check_operation_id(operation_id, param="operation_id")
             source = RecordSource.OFFLINE
-            where.append(Where.eq("operation_id", operation_id))
-        where.append(Where.eq("source", source))
-        columns = [m.value for m in OF_SUCCESSES]
-        quantiles = {m.value: QUANTILES for m in WITH_QUANTILES}
-        async with self._storage.unit_of_work() as uow:
-            repo = uow.repo(ExperimentRecord)
-            every = await repo.summarize(
-                "variant_id",
-                ["success", *(m.value for m in OF_ALL)],
-                *where,
-                distinct=["unit"],
-            )
-            successes = await repo.summarize(
-                "variant_id", columns, *where, Where.eq("success", True), quantiles=quantiles
-            )
-            labels = {}
-            for variant_id in every:
-                tallies = await repo.count_by(
-                    "feedback_label",
-                    *where,
-                    Where.eq("variant_id", variant_id),
-                    Where.is_null("feedback_label", False),
-                )
-                labels[variant_id] = {k: t.count for k, t in tallies.items()}
-        aggregates = {
-            v: Aggregates(every.get(v), successes.get(v), labels.get(v, {}))
-            for v in {*every, *successes}
-        }
+        await self._totals.roll_up(experiment_id)
+        found = await self._totals.read(
+            experiment_id, source=source, operation_id=operation_id, fractions=QUANTILES
+        )
+        aggregates = {v: Aggregates(every, ok, labels) for v, (every, ok, labels) in found.items()}
         return analyse(experiment, aggregates, source=source, operation_id=operation_id)
+
+    async def roll_up(self) -> int:
+        """Count the records and feedback of every experiment not yet in its totals (the
+        periodic task); how many were."""
+        return await self._totals.roll_up_all()
 
     # ---- batches --------------------------------------------------------------------------
 
@@ -368,9 +368,15 @@ class ExperimentService:
         experiment = await self.get(experiment_id)
         if experiment.status == ExperimentStatus.COMPLETED:
             raise Conflict(f"experiment '{experiment_id}' is completed", param="experiment_id")
-        dataset = await self._datasets.get(data.dataset_id, param="dataset_id")
-        if dataset.item_count == 0:
-            raise InvalidInput(f"dataset '{dataset.id}' has no items", param="dataset_id")
+        await self._datasets.get(data.dataset_id, param="dataset_id")
+        version = await self._datasets.get_version(
+            data.dataset_id, data.dataset_version, param="dataset_version"
+        )
+        if version.item_count == 0:
+            raise InvalidInput(
+                f"dataset '{data.dataset_id}' has no items at version {version.number}",
+                param="dataset_id",
+            )
         model = data.model
         if experiment.target_kind == TargetKind.MODEL:
             if model is not None and model != experiment.target:
@@ -391,14 +397,15 @@ class ExperimentService:
             kind=OperationKind.EXPERIMENT_BATCH,
             input={
                 "experiment_id": experiment_id,
-                "dataset_id": dataset.id,
-                "revision": dataset.revision,
+                "dataset_id": version.dataset_id,
+                # The batch runs on this version, whatever changes the dataset meanwhile.
+                "dataset_version": version.number,
                 "model": model,
                 "concurrency": data.concurrency,
             },
             owner=owner,
         )
-        return operation, dataset.item_count * len(experiment.variants)
+        return operation, version.item_count * len(experiment.variants)
 
 
 def _spec(variant: dict[str, Any]) -> VariantSpec:

@@ -5,9 +5,11 @@ with a t interval, from `Moments` (count, sum, sum of squares: exact integers fo
 columns, so the variance has no cancellation error). Each variant against control: Welch's t
 for means, the pooled two-proportion z for the success rate, the difference with its 95 %
 interval (Welch's degrees of freedom; the unpooled standard error for rates), and p-values
-adjusted by Holm over every comparison made. The split is checked by a χ² test of the units
-each variant got against its allocation (a sample-ratio mismatch below p = 0.001). The
-distributions are scipy's.
+adjusted by Holm over every comparison made. An offline batch, where every item ran through
+every variant, compares a variant with control on the same items instead: the paired t-test of
+the per-item differences and McNemar's exact test of paired success. The split is checked by
+a χ² test of the units each variant got against its allocation (a sample-ratio mismatch below
+p = 0.001). The distributions are scipy's.
 """
 
 from __future__ import annotations
@@ -168,6 +170,47 @@ def two_proportions(variant: Rate, control: Rate) -> Test:
     )
     half = _z() * se
     return Test(z, None, p, difference, difference - half, difference + half)
+
+
+def paired_t(differences: Moments) -> Test:
+    """The paired t-test (as `scipy.stats.ttest_rel`) from the moments of the per-item
+    differences variant minus control: their mean with its 95 % t interval, on n - 1 degrees
+    of freedom."""
+    mean = mean_of(differences)
+    if mean.variance is None or mean.mean is None:
+        return _untested("needs at least 2 items run through both", mean.mean)
+    if mean.variance == 0:
+        return _untested("every item differs by the same amount", mean.mean)
+    df = mean.n - 1
+    t = mean.mean / math.sqrt(mean.variance / mean.n)
+    p = float(2 * stats.t.sf(abs(t), df))
+    return Test(t, float(df), p, mean.mean, mean.low, mean.high)
+
+
+def mcnemar(differences: Moments) -> Test:
+    """McNemar's exact test of paired success, from the moments of the per-item differences
+    d = variant - control in {-1, 0, 1}: b = (Σd² + Σd) / 2 items succeeded only through the
+    variant, c = (Σd² - Σd) / 2 only through control, and the two-sided binomial test of b
+    among b + c at one half (`scipy.stats.binomtest`). The difference of rates (b - c) / n
+    has the Wald interval of paired proportions. The statistic is min(b, c)."""
+    n, total, squares = differences.n, int(differences.total), int(differences.squares)
+    if n == 0:
+        return _untested("needs at least 1 item run through both")
+    b, c = (squares + total) // 2, (squares - total) // 2
+    difference = (b - c) / n
+    if b + c == 0:
+        return _untested("no item had different outcomes on the two sides", difference)
+    p = float(stats.binomtest(b, b + c, 0.5).pvalue)
+    half = _z() * math.sqrt(max(0.0, b + c - (b - c) ** 2 / n)) / n
+    return Test(
+        float(min(b, c)),
+        None,
+        p,
+        difference,
+        difference - half,
+        difference + half,
+        f"{b} items succeeded only through the variant, {c} only through control",
+    )
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

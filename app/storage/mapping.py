@@ -21,7 +21,7 @@ from sqlmodel import SQLModel
 
 from app.core.errors import InvalidInput
 from app.storage.entity import Entity
-from app.storage.protocol import Append, IfNull, Increment
+from app.storage.protocol import Append, IfNull, Increment, Op, Where
 
 E = TypeVar("E", bound=Entity)
 
@@ -373,13 +373,19 @@ def parse_order(info: TableInfo, order_by: tuple[str, ...] | list[str]) -> list[
 
 
 def find_order(
-    info: TableInfo, order_by: Sequence[str], limit: int | None, after: str | None
+    info: TableInfo,
+    order_by: Sequence[str],
+    limit: int | None,
+    after: str | None,
+    where: Sequence[Where] = (),
 ) -> list[tuple[str, bool]]:
     """The sort keys of a `find`; a paged one refuses a nullable key, which a cursor cannot
-    pass (NULL compares as neither before nor after it)."""
+    pass (NULL compares as neither before nor after it), unless a condition leaves no null
+    in it (`Where.is_null(name, False)`, or any comparison)."""
     keys = parse_order(info, tuple(order_by))
     paged = limit is not None or after is not None
-    if paged and any(name in info.nullable for name, _ in keys):
+    present = {c.field for c in where if c.op is not Op.IS_NULL or c.value is False}
+    if paged and any(name in info.nullable - present for name, _ in keys):
         raise ValueError("cursor pagination needs sort columns that cannot be null")
     return keys
 

@@ -223,6 +223,7 @@ class _Autocommit:
                 self._uow._apply()
             else:
                 self._uow._staged.clear()
+                self._uow._staged_keys.clear()
                 self._uow._based_on.clear()
                 self._uow._failed = False  # nothing of it was kept: the unit stays usable
         finally:
@@ -237,6 +238,9 @@ class MemoryUnitOfWork(UnitOfWorkBase):
         self._store = store
         # table -> key -> staged row (None means deleted)
         self._staged: dict[str, dict[Any, Row | None]] = {}
+        # (table, unique columns) -> values -> keys of the staged rows holding them, so a
+        # unique check does not scan every row this unit staged.
+        self._staged_keys: dict[tuple[str, tuple[str, ...]], dict[tuple[Any, ...], set[Any]]] = {}
         # (table, key) -> committed version this unit's write was based on (None = absent)
         self._based_on: dict[tuple[str, Any], int | None] = {}
 
@@ -245,6 +249,7 @@ class MemoryUnitOfWork(UnitOfWorkBase):
 
     async def rollback(self) -> None:
         self._staged.clear()
+        self._staged_keys.clear()
         self._based_on.clear()
         self._callbacks.clear()
         self._done = True
@@ -264,6 +269,7 @@ class MemoryUnitOfWork(UnitOfWorkBase):
                 for key, row in staged.items():
                     table.put(key, row)
         self._staged.clear()
+        self._staged_keys.clear()
         self._based_on.clear()
 
     # ---- internals used by the repositories ----------------------------------------------
@@ -292,6 +298,13 @@ class MemoryUnitOfWork(UnitOfWorkBase):
             # The version the decision was made on, not the one committed now: another unit
             # may have committed in between, and its write must not be silently overwritten.
             self._based_on[(info.name, key)] = None if seen is None else seen["version"]
+        before = staged.get(key)
+        for cols in info.unique[1:]:
+            index = self._staged_keys.setdefault((info.name, cols), {})
+            if before is not None:
+                index.get(tuple(before[c] for c in cols), set()).discard(key)
+            if row is not None:
+                index.setdefault(tuple(row[c] for c in cols), set()).add(key)
         staged[key] = row
 
     def _rows(self, info: TableInfo, where: Sequence[Where]) -> Iterator[Row]:
@@ -327,16 +340,11 @@ class MemoryUnitOfWork(UnitOfWorkBase):
             if any(v is None for v in values):
                 continue
             if cols == (info.pk,):
-                holders = {key} if key in table.rows else set()
-            else:
-                with self._store.lock:
-                    holders = table.lookup(cols, values)
+                continue  # a taken primary key is found by whoever stages the row
+            with self._store.lock:
+                holders = table.lookup(cols, values)
             holders = {h for h in holders if h not in staged}
-            holders |= {
-                k
-                for k, r in staged.items()
-                if r is not None and tuple(r[c] for c in cols) == values
-            }
+            holders |= self._staged_keys.get((info.name, cols), {}).get(values, set())
             holders.discard(key)
             if holders:
                 shown = ", ".join(f"{c}={v!r}" for c, v in zip(cols, values, strict=True))
@@ -514,6 +522,24 @@ class MemoryRepository(Generic[E]):
             self._rewrite(entity_id, row, current)
         return row
 
+    async def update_all(
+        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
+    ) -> int:
+        self._uow._usable()
+        conds = _normalise(where, self._info)
+        checked = check_changes(self._type, changes)
+        pk = self._info.pk
+        with self._uow._write():
+            rows = list(self._uow._rows(self._info, conds))
+            if limit is not None:
+                rows = sorted(rows, key=lambda r: r[pk])[: max(0, limit)]
+            for current in rows:
+                entity = self._load(current)
+                for name, change in checked.items():
+                    setattr(entity, name, apply_change(getattr(entity, name), change))
+                self._rewrite(current[pk], self._dump(entity), current)
+        return len(rows)
+
     def _rewrite(self, key: Any, row: Row, current: Row) -> None:
         row["version"] = current["version"] + 1
         row["updated_at"] = utcnow()
@@ -543,7 +569,7 @@ class MemoryRepository(Generic[E]):
     ) -> Page[E]:
         self._uow._usable()
         conds = _normalise(where, self._info)
-        keys = find_order(self._info, order_by, limit, after)
+        keys = find_order(self._info, order_by, limit, after, where)
         rows = sorted(self._uow._rows(self._info, conds), key=_sort_key(keys))
         if after is not None:
             start = _sort_key(keys)(

@@ -209,6 +209,18 @@ class Repository(Protocol[E]):
         row written is not read back."""
         ...
 
+    async def update_all(
+        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
+    ) -> int:
+        """Set `changes` on every entity matching all conditions, in one statement; how many.
+
+        With `limit`, at most that many are changed, and rows another unit of work is
+        changing are skipped rather than waited for (`FOR UPDATE SKIP LOCKED`): two units
+        claiming rows this way take different ones. Each row written gets its next version,
+        so a unit that read one before cannot commit a stale change to it.
+        """
+        ...
+
     async def delete(self, entity_id: Any) -> bool:
         """Remove the entity (and what cascades from it); False when it did not exist."""
         ...

@@ -692,6 +692,25 @@ class SqlRepository(Generic[E]):
         query = f"UPDATE {_q(self._info.name)} SET {', '.join(sets)}{_where(clauses)}"
         return query, params
 
+    async def update_all(
+        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
+    ) -> int:
+        params = check_changes(self._type, changes)
+        sets = [_assignment(self._info, name, params) for name in list(params)]
+        sets += ["version = version + 1", "updated_at = %(_now)s"]
+        clauses = _conditions(self._info, where, params)
+        params["_now"] = utcnow()
+        table, key = _q(self._info.name), _q(self._info.pk)
+        if limit is not None:
+            # The keys first, then the rows by primary key: a plan that never scans the table,
+            # whatever the statistics say of the conditions.
+            clauses = [
+                f"{key} = ANY(ARRAY(SELECT {key} FROM {table}{_where(clauses)} "
+                f"LIMIT {int(limit)} FOR UPDATE SKIP LOCKED))"
+            ]
+        query = f"UPDATE {table} SET {', '.join(sets)}{_where(clauses)}"
+        return await self._uow._execute(query, params, self._info)
+
     async def delete(self, entity_id: Any) -> bool:
         query = f"DELETE FROM {_q(self._info.name)} WHERE {_q(self._info.pk)} = %(_key)s"
         return bool(await self._uow._execute(query, {"_key": entity_id}, self._info))
@@ -709,7 +728,7 @@ class SqlRepository(Generic[E]):
         limit: int | None = None,
         after: str | None = None,
     ) -> Page[E]:
-        keys = find_order(self._info, order_by, limit, after)
+        keys = find_order(self._info, order_by, limit, after, where)
         params: dict[str, Any] = {}
         clauses = _conditions(self._info, where, params)
         if after is not None:

@@ -73,6 +73,18 @@ async def test_a_batch_runs_every_item_through_every_variant_once(gateway: Gatew
         f"/admin/experiments/exp/results?operation_id={accepted['operation_id']}"
     )
     assert results["source"] == "offline" and results["total"] == 10
+    # Every item ran through both variants: they are compared on the same items.
+    tests = {c["metric"]: (c["test"], c["pairs"]) for c in results["comparisons"]}
+    assert tests["success_rate"] == ("mcnemar_exact", 5)
+    assert tests["latency_ms"] == tests["cost_micros"] == ("paired_t", 5)
+    by_item = {(r.item_id, r.variant_id): r for r in records}
+    for (item_id, variant_id), record in by_item.items():
+        if variant_id == "other":
+            control = by_item[(item_id, "control")]
+            assert record.latency_ms_diff == record.latency_ms - control.latency_ms
+            assert (record.success_diff, record.cost_micros_diff) == (0, 0)
+        else:
+            assert record.latency_ms_diff is None
     assert (await gateway.get("/admin/experiments/exp/results"))["total"] == 0
 
 
@@ -169,19 +181,60 @@ async def test_a_batch_refuses_what_it_cannot_run(gateway: Gateway) -> None:
     await gateway.post("/admin/experiments/exp/batches", {"dataset_id": "one"}, 409)
 
 
-async def test_a_batch_fails_when_its_dataset_changed_since_it_was_submitted(
+async def test_a_batch_runs_on_the_dataset_version_it_was_submitted_on(
     gateway: Gateway,
 ) -> None:
     await gateway.running(experiment())
-    accepted = await batch(gateway, n_items=2)
-    await gateway.post("/admin/datasets/qs/items", {"items": items(1)})
+    accepted = await batch(gateway, n_items=3)
+    operation_id = accepted["operation_id"]
+    first, second, _ = (await gateway.get("/admin/datasets/qs/items"))["data"]
+    # A first attempt recorded the first item, then the dataset changed under the batch.
+    async with gateway.storage.unit_of_work() as uow:
+        for variant_id in ("control", "other"):
+            await uow.repo(ExperimentRecord).add(
+                ExperimentRecord(
+                    id=new_id("expr"),
+                    experiment_id="exp",
+                    variant_id=variant_id,
+                    source=RecordSource.OFFLINE,
+                    operation_id=operation_id,
+                    item_id=first["id"],
+                )
+            )
+        await uow.commit()
+    await gateway.post("/admin/datasets/qs/items", {"items": items(2)})
+    await gateway.delete(f"/admin/datasets/qs/items/{first['id']}")
+    changed = {"input": {"messages": [{"role": "user", "content": "changed"}]}}
+    await gateway.patch(f"/admin/datasets/qs/items/{second['id']}", changed)
+    assert (await gateway.get("/admin/datasets/qs"))["version"] == 4
 
     await gateway.run_jobs()
 
-    job = await operation(gateway, accepted["operation_id"])
-    assert job.status == OperationStatus.FAILED
-    assert "changed since the batch was submitted" in (job.error_message or "")
-    assert await gateway.records() == []
+    job = await operation(gateway, operation_id)
+    assert job.status == OperationStatus.COMPLETED, job.error_message
+    assert job.result is not None and job.result["dataset_version"] == 1
+    assert (job.result["total"], job.result["recorded"]) == (6, 6)
+    records = await gateway.records(Where.eq("operation_id", operation_id))
+    assert {r.item_id for r in records} == {i["id"] for i in (first, second, _)}
+    made = [r for r in records if r.item_id == second["id"]]
+    assert all("question 1" in (r.output or "") for r in made), "ran the item as it is now"
+    assert await usage_of(gateway, operation_id) == 4
+
+
+async def test_a_batch_can_run_an_earlier_version(gateway: Gateway) -> None:
+    await gateway.running(experiment())
+    await batch(gateway, n_items=2)
+    await gateway.post("/admin/datasets/qs/items", {"items": items(3)})
+
+    older = await gateway.post(
+        "/admin/experiments/exp/batches", {"dataset_id": "qs", "dataset_version": 1}, 202
+    )
+    missing = await gateway.post(
+        "/admin/experiments/exp/batches", {"dataset_id": "qs", "dataset_version": 9}, 404
+    )
+
+    assert older["total"] == 4
+    assert missing["error"]["param"] == "dataset_version"
 
 
 async def test_an_item_a_variant_cannot_make_is_recorded_as_its_failure(gateway: Gateway) -> None:

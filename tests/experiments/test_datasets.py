@@ -1,7 +1,9 @@
-"""`/admin/datasets`: items added, imported and exported as JSONL and CSV, checked line by
-line, with a revision that moves on at every change (both backends)."""
+"""`/admin/datasets`: items added, changed, imported and exported as JSONL and CSV, checked
+line by line, each change a version that stays readable (both backends)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import httpx
 import orjson
@@ -11,7 +13,7 @@ from tests.experiments.conftest import ADMIN, Gateway
 MESSAGES = {"messages": [{"role": "user", "content": "What is 2 + 2?"}]}
 
 
-async def test_a_dataset_keeps_its_items_in_order_and_moves_its_revision(
+async def test_a_dataset_keeps_its_items_in_order_and_moves_its_version(
     gateway: Gateway,
 ) -> None:
     created = await gateway.post(
@@ -23,13 +25,13 @@ async def test_a_dataset_keeps_its_items_in_order_and_moves_its_revision(
         },
         201,
     )
-    assert (created["revision"], created["item_count"]) == (1, 1)
+    assert (created["version"], created["item_count"]) == (1, 1)
 
     added = await gateway.post(
         "/admin/datasets/maths/items",
         {"items": [{"input": {"variables": {"name": "Ada", "n": 3}}}]},
     )
-    assert (added["revision"], added["item_count"]) == (2, 2)
+    assert (added["version"], added["item_count"]) == (2, 2)
     items = await gateway.get("/admin/datasets/maths/items")
     assert [i["position"] for i in items["data"]] == [1, 2]
     first, second = items["data"]
@@ -40,14 +42,66 @@ async def test_a_dataset_keeps_its_items_in_order_and_moves_its_revision(
     assert page["has_more"] is True and len(page["data"]) == 1
 
     removed = await gateway.delete(f"/admin/datasets/maths/items/{first['id']}")
-    assert (removed["revision"], removed["item_count"]) == (3, 1)
+    assert (removed["version"], removed["item_count"]) == (3, 1)
     await gateway.delete(f"/admin/datasets/maths/items/{first['id']}", 404)
     renamed = await gateway.patch("/admin/datasets/maths", {"name": "Sums"})
-    assert renamed["name"] == "Sums" and renamed["revision"] == 3
+    assert renamed["name"] == "Sums" and renamed["version"] == 3
     assert [d["id"] for d in (await gateway.get("/admin/datasets"))["data"]] == ["maths"]
     await gateway.post("/admin/datasets", {"id": "maths", "name": "again"}, 409)
     assert (await gateway.delete("/admin/datasets/maths"))["deleted"] is True
     await gateway.get("/admin/datasets/maths/items", 404)
+
+
+async def test_every_version_of_a_dataset_stays_readable(gateway: Gateway) -> None:
+    one = {"input": {"variables": {"n": 1}}, "expected": "one"}
+    two = {"input": {"variables": {"n": 2}}}
+    await gateway.post("/admin/datasets", {"id": "d", "name": "D", "items": [one]}, 201)
+    await gateway.post("/admin/datasets/d/items", {"items": [two]})  # version 2
+    first, second = (await gateway.get("/admin/datasets/d/items"))["data"]
+    changed = await gateway.patch(
+        f"/admin/datasets/d/items/{first['id']}", {"expected": None, "metadata": {"k": "v"}}
+    )  # version 3
+    await gateway.delete(f"/admin/datasets/d/items/{second['id']}")  # version 4
+    three = orjson.dumps({"input": {"variables": {"n": 3}}}).decode() + "\n"
+    assert (await upload(gateway, "d", three, "jsonl")).status_code == 200  # version 5
+
+    assert changed["id"] == first["id"] and changed["version"] == 3
+    assert (changed["expected"], changed["metadata"]) == (None, {"k": "v"})
+    assert changed["input"] == first["input"] and changed["position"] == 1
+    versions = (await gateway.get("/admin/datasets/d/versions"))["data"]
+    assert [(v["version"], v["change"], v["items_changed"], v["item_count"]) for v in versions] == [
+        (5, "imported", 1, 2),
+        (4, "item_deleted", 1, 1),
+        (3, "item_updated", 1, 2),
+        (2, "items_added", 1, 2),
+        (1, "created", 1, 1),
+    ]
+    page = await gateway.get("/admin/datasets/d/versions?limit=2")
+    assert page["has_more"] is True and [v["version"] for v in page["data"]] == [5, 4]
+
+    async def at(version: int) -> list[tuple[str, Any]]:
+        listed = await gateway.get(f"/admin/datasets/d/items?version={version}")
+        return [(i["input"]["variables"]["n"], i["expected"]) for i in listed["data"]]
+
+    assert await at(1) == [(1, "one")]
+    assert await at(2) == [(1, "one"), (2, None)]
+    assert await at(3) == [(1, None), (2, None)]
+    assert await at(4) == [(1, None)]
+    assert await at(5) == [(1, None), (3, None)]
+    current = await gateway.get("/admin/datasets/d/items")
+    assert [i["input"]["variables"]["n"] for i in current["data"]] == [1, 3]
+    assert [i["position"] for i in current["data"]] == [1, 3]  # a removed item's is not reused
+    old = await gateway.http.get("/admin/datasets/d/export?version=2", headers=ADMIN)
+    assert [orjson.loads(line)["expected"] for line in old.text.splitlines()] == ["one", None]
+    missing = await gateway.get("/admin/datasets/d/items?version=9", 404)
+    assert missing["error"]["param"] == "version"
+    refused = await gateway.get("/admin/datasets/d/items?version=0", 400)
+    assert refused["error"]["param"] == "version"
+    gone = await gateway.patch(f"/admin/datasets/d/items/{second['id']}", {"expected": "x"}, 404)
+    assert gone["error"]["param"] == "item_id"
+    bad = await gateway.patch(f"/admin/datasets/d/items/{first['id']}", {"input": None}, 400)
+    assert bad["error"]["param"] == "input"
+    assert (await gateway.get("/admin/datasets/d"))["version"] == 5
 
 
 async def test_items_are_checked_and_the_error_names_the_field(gateway: Gateway) -> None:

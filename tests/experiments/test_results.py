@@ -12,6 +12,7 @@ from scipy import stats
 from app.core.ids import new_id
 from app.experiments.entities import ExperimentRecord, RecordSource
 from app.experiments.stats import holm
+from app.experiments.totals import SKETCH_ACCURACY
 from tests.experiments.conftest import Gateway, experiment, variant
 
 RNG_SEED = 2116
@@ -105,8 +106,11 @@ async def test_results_equal_scipys_numbers_for_generated_records(gateway: Gatew
             pytest.approx(low, rel=1e-9),
             pytest.approx(high, rel=1e-9),
         )
+        assert (latency["min"], latency["max"]) == (values.min(), values.max())
         for q, key in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
-            assert latency[key] == pytest.approx(np.quantile(values, q), rel=1e-9)
+            # A sketch's quantile: within 1 % of the value of rank floor(q (n - 1)).
+            lower = np.quantile(values, q, method="lower")
+            assert latency[key] == pytest.approx(lower, rel=SKETCH_ACCURACY)
         score = variant_["metrics"]["feedback_score"]
         assert score["mean"] == pytest.approx(raw["feedback_score"].mean(), rel=1e-9)
         assert sum(variant_["feedback_labels"].values()) == len(raw["feedback_score"])

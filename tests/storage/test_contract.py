@@ -24,7 +24,7 @@ from app.schema import ENTITIES
 from app.storage.entity import Entity
 from app.storage.mapping import referencing, table_info
 from app.storage.memory import MemoryStorage
-from app.storage.protocol import Moments, Storage, Tally, Where, given
+from app.storage.protocol import Increment, Moments, Storage, Tally, Where, given
 from tests.factories import BASE_INSTANT, build, comparable, create
 
 ENTITY_IDS = [e.__name__ for e in ENTITIES]
@@ -481,6 +481,29 @@ async def test_a_cursor_for_another_ordering_or_garbage_is_refused(storage: Stor
             await uow.repo(Operation).find(order_by=["created_at"], limit=2, after="not a cursor")
 
 
+async def test_a_page_may_sort_by_a_nullable_column_only_where_it_holds_no_null(
+    storage: Storage,
+) -> None:
+    started = [op(n, started_at=BASE_INSTANT + timedelta(seconds=10 - n)) for n in range(1, 5)]
+    await add_ops(storage, [*started, op(5), op(6)])
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        with pytest.raises(ValueError):
+            await repo.find(order_by=["started_at"], limit=1)
+        first = await repo.find(
+            Where.is_null("started_at", False), order_by=["started_at"], limit=1
+        )
+        last = await repo.find(
+            Where.is_null("started_at", False), order_by=["-started_at"], limit=1
+        )
+        after = await repo.find(
+            Where.gt("started_at", BASE_INSTANT), order_by=["started_at"], after=first.next_cursor
+        )
+    assert [o.id for o in first.items] == ["op-0004"] and first.next_cursor is not None
+    assert [o.id for o in last.items] == ["op-0001"]
+    assert [o.id for o in after.items] == ["op-0003", "op-0002", "op-0001"]
+
+
 async def test_count_and_delete_where_follow_the_conditions(storage: Storage) -> None:
     await add_ops(storage, [op(n) for n in range(1, 21)])
     async with storage.unit_of_work() as uow:
@@ -492,6 +515,68 @@ async def test_count_and_delete_where_follow_the_conditions(storage: Storage) ->
         await uow.commit()
     async with storage.unit_of_work() as uow:
         assert await uow.repo(Operation).count(Where.eq("owner_key_id", "key-0")) == 0
+
+
+async def test_update_all_changes_every_matching_row_and_bumps_its_version(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(n) for n in range(1, 11)])
+    async with storage.unit_of_work() as uow:
+        repo = uow.repo(Operation)
+        changed = await repo.update_all(
+            {"queue": "moved", "attempts": Increment(10)}, Where.eq("owner_key_id", "key-1")
+        )
+        none = await repo.update_all({"queue": "nowhere"}, Where.eq("owner_key_id", "key-9"))
+        with pytest.raises(ValueError):
+            await repo.update_all({"no_such_column": 1})
+        await uow.commit()
+    async with storage.unit_of_work() as uow:
+        moved = await uow.repo(Operation).find(Where.eq("queue", "moved"), order_by=["id"])
+        kept = await uow.repo(Operation).count(Where.eq("queue", "chat"))
+    assert (changed, none, kept) == (4, 0, 6)
+    assert [(o.id, o.attempts, o.version) for o in moved.items] == [
+        ("op-0001", 11, 2),
+        ("op-0004", 14, 2),
+        ("op-0007", 12, 2),
+        ("op-0010", 10, 2),
+    ]
+
+
+async def test_update_all_with_a_limit_lets_concurrent_claims_take_different_rows(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(n) for n in range(1, 11)])
+    unclaimed = Where.eq("queue", "chat")
+    async with storage.unit_of_work() as first, storage.unit_of_work() as second:
+        taken = await first.repo(Operation).update_all({"queue": "first"}, unclaimed, limit=4)
+        # The first unit has not committed: its rows are skipped, not waited for (PostgreSQL),
+        # or its commit wins and the second one's is refused (memory).
+        others = await second.repo(Operation).update_all({"queue": "second"}, unclaimed, limit=4)
+        await first.commit()
+        try:
+            await second.commit()
+        except StaleVersion:
+            others = 0
+    async with storage.unit_of_work() as uow:
+        counts = await uow.repo(Operation).count_by("queue")
+    assert taken == 4 and others in (0, 4)
+    assert {k: t.count for k, t in counts.items()} == (
+        {"first": 4, "second": 4, "chat": 2} if others else {"first": 4, "chat": 6}
+    )
+
+
+async def test_update_all_refuses_to_overwrite_a_row_another_unit_changed(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work() as reader:
+        seen = await reader.repo(Operation).get("op-0001")
+        assert seen is not None
+        async with storage.unit_of_work(autocommit=True) as claimer:
+            assert await claimer.repo(Operation).update_all({"queue": "claimed"}) == 1
+        seen.queue = "stale"
+        with pytest.raises(StaleVersion):
+            await reader.repo(Operation).update(seen)
 
 
 async def test_count_by_groups_the_matching_rows_with_the_least_value_of_each_group(
