@@ -327,10 +327,10 @@ class MemoryUnitOfWork(UnitOfWorkBase):
             if any(v is None for v in values):
                 continue
             if cols == (info.pk,):
-                holders = {key} if key in table.rows else set()
-            else:
-                with self._store.lock:
-                    holders = table.lookup(cols, values)
+                # Staged rows are keyed by their primary key: none but this one can hold it.
+                continue
+            with self._store.lock:
+                holders = table.lookup(cols, values)
             holders = {h for h in holders if h not in staged}
             holders |= {
                 k
