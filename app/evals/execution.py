@@ -236,7 +236,7 @@ class RunExecutor:
         data = ctx.operation.input
         run_id, case = str(data["run_id"]), dict(data["case"])
         settings = dict(data.get("settings") or {})
-        if not await self._open(run_id):
+        if not await self._open(run_id, first=bool(data.get("first"))):
             log.info("run %s is no longer open: case %s not run", run_id, case["id"])
             return {"run_id": run_id, "test_case_id": case["id"], "outcome": None}
         caller = await self._calls.job_caller(ctx.operation)
@@ -451,14 +451,16 @@ class RunExecutor:
 
         return write
 
-    async def _open(self, run_id: str) -> bool:
-        """Whether the run still takes results; the first case to start marks it running."""
+    async def _open(self, run_id: str, *, first: bool) -> bool:
+        """Whether the run still takes results (one read); the run's first case, sent first,
+        marks it running."""
         async with self._storage.unit_of_work(autocommit=True) as uow:
             runs = uow.repo(TestRun)
-            pending = Where.eq("status", RunStatus.PENDING)
-            if await runs.write_where(run_id, {"status": RUNNING, "started_at": utcnow()}, pending):
-                return True
-            return await runs.count(Where.eq("id", run_id), Where.eq("status", RUNNING)) > 0
+            if first:
+                started = {"status": RUNNING, "started_at": utcnow()}
+                if await runs.write_where(run_id, started, Where.eq("status", RunStatus.PENDING)):
+                    return True
+            return await runs.count(Where.eq("id", run_id), _OPEN) > 0
 
     @staticmethod
     async def _unresulted(

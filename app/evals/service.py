@@ -427,10 +427,10 @@ class EvalService:
         children = [
             ChildSpec(
                 OperationKind.TEST_CASE_RUN,
-                {"run_id": run.id, "case": case, "settings": settings},
+                {"run_id": run.id, "case": case, "settings": settings, "first": index == 0},
                 meta={"run_id": run.id, "test_case_id": case["id"]},
             )
-            for case in planned
+            for index, case in enumerate(planned)
         ]
 
         async def attach(uow: UnitOfWork, parent: Operation) -> None:

@@ -409,8 +409,10 @@ class OperationRunner:
         writes in the same unit.
 
         Without `then` or writes it is one conditional statement; with them, a transaction
-        (retried whole when what they touch changed meanwhile). The claim's writes come last,
-        so the rows they lock (a budget every job charges) are held the shortest time.
+        (retried whole when what they touch changed meanwhile). The rows most contended are
+        locked last, so they are held the shortest time: for a child, its parent's (which every
+        sibling's outcome counts on), so `then` comes after the writes; for any other job, the
+        rows the writes lock (a budget every job charges), so they come after `then`.
         """
         changes = {**changes, **step.changes}
         held = claim.held(step)
@@ -436,10 +438,13 @@ class OperationRunner:
                         await uow.rollback()
                         await self._dropped(claim)
                         return False
-                    if then is not None and written is not None:
+                    last = written is not None and written.parent_id is not None
+                    if then is not None and written is not None and not last:
                         await then(uow, written)
                     for write in claim.writes:
                         await write(uow)
+                    if then is not None and written is not None and last:
+                        await then(uow, written)
                     await uow.commit()
                     return True
             except StaleVersion:
