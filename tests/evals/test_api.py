@@ -650,3 +650,71 @@ async def test_a_case_whose_worker_died_runs_again_and_no_finished_case_does(
     assert parent.status == OperationStatus.COMPLETED and parent.attempts == 1
     assert parent.result["progress"]["passed"] == 6  # the summary is the run's job's result
     assert orjson.dumps(parent.result)
+
+
+async def test_a_close_whose_worker_died_after_writing_the_run_announces_it_once(
+    gateway: Gateway,
+) -> None:
+    hook = {"url": "http://127.0.0.1:9/hooks", "events": ["suite_run.completed"]}
+    await gateway.post("/admin/webhooks", hook, 201)
+    for i in range(3):
+        await gateway.case(f"c{i}", f"case {i}", contains("case"))
+    await suite_of(gateway, "c0", "c1", "c2", concurrency=2)
+    accepted = await gateway.post("/admin/test-suites/suite/runs", None, 202)
+    parent_id = accepted["operation_id"]
+    runner = gateway.runner()
+    while gateway.queue.sent and gateway.queue.sent[0].operation_id != parent_id:
+        await runner.execute(gateway.queue.sent.pop(0).operation_id)
+    assert [s.operation_id for s in gateway.queue.sent] == [parent_id]  # the close, sent
+
+    async def die(*args: Any) -> bool:
+        raise asyncio.CancelledError  # the worker is gone before the close's outcome
+
+    dying = gateway.runner()
+    dying._complete = die  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await dying.execute(gateway.queue.sent.pop(0).operation_id)
+    closed = await gateway.get(f"/admin/test-runs/{accepted['id']}")
+    assert closed["status"] == "completed"  # the close had committed the run
+    async with gateway.storage.unit_of_work() as uow:
+        await uow.repo(Operation).write_where(
+            parent_id, {"lease_expires_at": utcnow() - timedelta(seconds=1)}
+        )
+        await uow.commit()
+    assert (await runner.sweep()).recovered == 1
+    await gateway.run_jobs()
+
+    parent = await gateway.operation(parent_id)
+    assert parent.status == OperationStatus.COMPLETED and parent.attempts == 2
+    assert parent.result["run_id"] == accepted["id"] and parent.result["passed"] is True
+    assert parent.result["progress"]["done"] == 3
+    async with gateway.storage.unit_of_work() as uow:
+        events = await uow.repo(WebhookDelivery).find(Where.eq("event_type", "suite_run.completed"))
+    assert len(events.items) == 1
+
+
+async def test_a_runs_cases_are_at_most_its_concurrency_at_once_however_many_threads(
+    gateway: Gateway,
+) -> None:
+    for i in range(9):
+        await gateway.case(f"c{i}", f"case {i}", contains("case"))
+    await suite_of(gateway, *[f"c{i}" for i in range(9)], concurrency=2)
+    accepted = await gateway.post("/admin/test-suites/suite/runs", None, 202)
+    log = record_calls(gateway)
+    in_flight, most = 0, 0
+
+    async def enter(request: ChatCompletionRequest) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+
+    async def leave(request: ChatCompletionRequest) -> None:
+        nonlocal in_flight
+        in_flight -= 1
+
+    log.before, log.after = enter, leave
+    await gateway.run_jobs(slots=8)
+    run = await gateway.get(f"/admin/test-runs/{accepted['id']}")
+    assert run["status"] == "completed" and run["progress"]["passed"] == 9
+    assert most == 2 and len(log.calls) == 9
