@@ -58,17 +58,22 @@ class LocalQueue:
         else:
             self._jobs.put_nowait(operation_id)
 
-    async def work(self, execute: Callable[[str], Awaitable[object]]) -> None:
-        """Execute the jobs as they come, one at a time, until cancelled; a job that raises is
-        logged (its row says what became of it) and the next one runs."""
+    async def work(self, execute: Callable[[str], Awaitable[object]], *, slots: int = 1) -> None:
+        """Execute the jobs as they come, up to `slots` at once (a worker's threads: a test
+        run's cases run side by side), until cancelled; a job that raises is logged (its row
+        says what became of it) and the others go on."""
+        import asyncio
         import logging
 
-        while True:
-            operation_id = await self._jobs.get()
-            try:
-                await execute(operation_id)
-            except Exception:
-                logging.getLogger(__name__).exception("job %s raised", operation_id)
+        async def slot() -> None:
+            while True:
+                operation_id = await self._jobs.get()
+                try:
+                    await execute(operation_id)
+                except Exception:
+                    logging.getLogger(__name__).exception("job %s raised", operation_id)
+
+        await asyncio.gather(*(slot() for _ in range(max(slots, 1))))
 
 
 @asynccontextmanager
@@ -97,7 +102,7 @@ async def in_process_gateway(settings: Settings) -> AsyncIterator[tuple[httpx.As
             name="gateway eval run", admin=True, team_id=ADMIN_TEAM_ID
         )
         runner = OperationRunner(storage, queue, build_handlers(services))
-        worker = asyncio.create_task(queue.work(runner.execute))
+        worker = asyncio.create_task(queue.work(runner.execute, slots=settings.WORKER_THREADS))
         try:
             async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app),

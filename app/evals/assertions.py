@@ -33,7 +33,7 @@ from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext.parser import parse as parse_json_path
 from rapidfuzz.distance import Levenshtein
 
-from app.core.errors import InvalidInput
+from app.core.errors import Cancelled, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -687,6 +687,8 @@ async def grade(assertion: Assertion, output: Output, grader: Grader) -> Verdict
             fact = await spec.model_check(assertion, output, grader)
     except GradingError as exc:
         return _errored(assertion, str(exc))
+    except Cancelled:
+        raise  # the job was cancelled before a judge call: no verdict at all
     except Exception as exc:  # e.g. a schema whose `$ref` cannot be resolved
         log.warning("assertion %s could not be graded: %r", assertion.type, exc)
         return _errored(assertion, f"the assertion could not be graded ({type(exc).__name__})")

@@ -1,35 +1,35 @@
-"""Running a test run inside its `test_case_run` job: each case's target called, its assertions
-graded, its result committed once.
+"""Running a test run as jobs: a child job per case, at most the run's `concurrency` of them
+queued or running at once on all the workers together, then the run's own job to sum them up.
 
-A run is one job, its cases run inside it `concurrency` at a time. Each case's result is a row
-keyed by (case, run), committed as soon as the case is graded: a job resumed after its worker
-died (the sweeper hands it to another) reads which cases have a row and runs only the others.
-A case whose call was in flight when the worker died has no row, so it runs again; a case
-with a row never does. Every model call (target, judge, embeddings) goes through
-`GatewayCalls` for the job's owner, with the job's operation id in its `CallContext`.
+A run's operation is a parent (`OperationService.submit_parent` with a window of `concurrency`
+and `runs_after_children`); each child holds one planned case. A child calls the case's target
+and grades its assertions; its result row and the usage of every call it made (target, judge,
+embeddings) are written in the transaction that completes the child, which also counts it on the
+parent (passed, failed or errored) and sends the parent's next held child. So a case with a
+committed result is a finished job and never runs again. A worker that dies mid-case commits
+nothing of it: the sweeper hands the case's job to another worker, which makes its calls again,
+and only the attempt that completes keeps a result and is charged. Once the last child is
+counted the parent is pending again, and its own run (`close`) writes the run's summary and its
+`suite_run.completed` event in one transaction, at most once. Every model call goes through
+`GatewayCalls` for the run's owner, with the case's job in its `CallContext`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from functools import partial
+from typing import Any, Protocol
 
 import orjson
 
 from app.core.clock import utcnow
-from app.core.errors import (
-    Cancelled,
-    DomainError,
-    DuplicateKey,
-    InvalidInput,
-    RateLimited,
-    ReferenceViolation,
-)
+from app.core.errors import Cancelled, DomainError, InvalidInput, RateLimited
 from app.core.events import EventSink
 from app.core.ids import new_id
 from app.evals.assertions import (
@@ -44,19 +44,18 @@ from app.evals.assertions import (
     parse,
     score_case,
 )
-from app.evals.entities import CaseOutcome, RunStatus, TestCaseResult, TestRun
+from app.evals.entities import CaseOutcome, RunStatus, TestCase, TestCaseResult, TestRun
 from app.gateway.cache import CacheControl
 from app.gateway.calls import COST_HEADER, CallContext, Caller, CallSource, GatewayCalls
 from app.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import JobContext
-from app.storage.protocol import IfNull, Storage, UnitOfWork, Where
+from app.storage.protocol import Storage, Summary, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
 
 RESULT_ID_PREFIX = "result"
 SUITE_RUN_COMPLETED = "suite_run.completed"
-# How often a running run's progress is written to its job (pollers see it move).
-PROGRESS_EVERY_SECONDS = 0.5
 # A case refused by a rate limit waits and tries again this many times before it errors.
 RATE_LIMIT_RETRIES = 3
 RATE_LIMIT_MAX_WAIT_SECONDS = 30.0
@@ -65,8 +64,6 @@ WORKFLOWS_UNAVAILABLE = (
     "workflows are not available in this gateway: a test case that targets a workflow "
     "cannot run until workflow runs are"
 )
-
-T = TypeVar("T")
 
 
 class WorkflowRunner(Protocol):
@@ -82,18 +79,20 @@ class WorkflowRunner(Protocol):
         workflow_id: str,
         input: dict[str, Any],
         *,
-        operation_id: str | None = None,
+        context: CallContext,
     ) -> Any:
-        """Run the workflow to its end for `caller` and return its output."""
+        """Run the workflow to its end for `caller`, its calls made in `context`, and return
+        its output."""
         ...
 
 
-def evaluation_context(operation_id: str | None) -> CallContext:
-    """The context of an evaluation's calls: its job, and no response cache (a case measures
-    what the target answers now, at its latency and cost)."""
-    return CallContext(
+def evaluation_context(job: CallContext) -> CallContext:
+    """The context of an evaluation's calls, from that of the case's job (its id, and its
+    ledger: the usage commits with the case's result): no response cache, since a case
+    measures what the target answers now, at its latency and cost."""
+    return dataclasses.replace(
+        job,
         source=CallSource.EVALUATION,
-        operation_id=operation_id,
         cache_control=CacheControl(no_cache=True, no_store=True),
     )
 
@@ -107,6 +106,8 @@ class GatewayGrader:
     context: CallContext
     judge_model: str | None
     embedding_model: str | None
+    # Raises `Cancelled` once the case's job is cancelled: called before each model call.
+    checkpoint: Callable[[], Awaitable[None]] | None = None
 
     async def judge(self, model: str | None, messages: list[dict[str, str]]) -> Judged:
         name = model or self.judge_model
@@ -117,6 +118,8 @@ class GatewayGrader:
         request = ChatCompletionRequest.model_validate(
             {"model": name, "messages": messages, "temperature": 0}
         )
+        if self.checkpoint is not None:
+            await self.checkpoint()
         try:
             completion = await self.calls.complete(self.caller, request, self.context)
         except Cancelled:
@@ -133,6 +136,8 @@ class GatewayGrader:
             raise GradingError(
                 "no embedding model: give the suite an embedding_model or the assertion a provider"
             )
+        if self.checkpoint is not None:
+            await self.checkpoint()
         try:
             embedded = await self.calls.embed(
                 self.caller, EmbeddingRequest(model=name, input=texts), self.context
@@ -198,7 +203,7 @@ def summarize(run: TestRun, tally: Tally, score: float | None) -> dict[str, Any]
 
 
 class RunExecutor:
-    """Executes test runs in their jobs."""
+    """Executes test runs in their jobs: each case in its own, then the run's summary."""
 
     def __init__(
         self,
@@ -214,69 +219,115 @@ class RunExecutor:
         self._events = events
 
     async def execute(self, ctx: JobContext) -> dict[str, Any]:
-        """Run every case of the job's run that has no result yet; the run's summary."""
-        run_id = str(ctx.operation.input.get("run_id", ""))
-        run = await self._start(run_id)
+        """A `test_case_run` job: one case of a run (a child), or the run's close (its parent,
+        after the last case)."""
+        if "case" in ctx.operation.input:
+            return await self.run_case(ctx)
+        if ctx.operation.children_total:
+            return await self.close(ctx)
+        raise InvalidInput(
+            f"test run '{ctx.operation.input.get('run_id')}' was queued as a single job by an "
+            "earlier version of the gateway: start it again"
+        )
+
+    async def run_case(self, ctx: JobContext) -> dict[str, Any]:
+        """Call one case's target, grade its assertions, and have its result and its calls'
+        usage commit with the job's outcome (nothing is called for a run no longer open)."""
+        data = ctx.operation.input
+        run_id, case = str(data["run_id"]), dict(data["case"])
+        settings = dict(data.get("settings") or {})
+        if not await self._open(run_id, first=bool(data.get("first"))):
+            log.info("run %s is no longer open: case %s not run", run_id, case["id"])
+            return {"run_id": run_id, "test_case_id": case["id"], "outcome": None}
         caller = await self._calls.job_caller(ctx.operation)
-        context = evaluation_context(ctx.operation.id)
+        context = evaluation_context(self._calls.job_context(ctx))
         grader = GatewayGrader(
             self._calls,
             caller,
             context,
-            run.settings.get("judge_model"),
-            run.settings.get("embedding_model"),
+            settings.get("judge_model"),
+            settings.get("embedding_model"),
+            checkpoint=ctx.checkpoint,
         )
+        await ctx.checkpoint()  # a cancelled run calls nothing more
+        result = await self.evaluate(case, settings, caller, context, grader, run_id=run_id)
+        ctx.write_with_outcome(self._keeper(result))
+        ctx.count_as(result.outcome.value)
+        return {
+            "run_id": run_id,
+            "test_case_id": result.test_case_id,
+            "outcome": result.outcome.value,
+            "score": result.score,
+        }
+
+    async def close(self, ctx: JobContext) -> dict[str, Any]:
+        """Sum up a run whose every case's job has finished: its summary (the CI gate) on the
+        run and as the job's result, an errored result for each case whose job failed or was
+        cancelled alone, and a suite's `suite_run.completed` event, all in one transaction."""
+        run_id = str(ctx.operation.input.get("run_id", ""))
         async with self._storage.unit_of_work() as uow:
-            kept = await uow.repo(TestCaseResult).find(Where.eq("run_id", run.id))
+            run = await uow.repo(TestRun).get(run_id)
+            if run is None:
+                raise InvalidInput(f"test run '{run_id}' does not exist (deleted?)")
+            if run.status not in (RunStatus.PENDING, RUNNING):
+                return dict(run.summary)  # cancelled, or closed by an attempt that then died
+            groups = await uow.repo(TestCaseResult).summarize(
+                "outcome", ["score"], Where.eq("run_id", run.id)
+            )
+            missing = await self._unresulted(uow, run, ctx.operation, groups)
         tally = Tally(total=len(run.cases))
-        scores: dict[str, float] = {}
-        for result in kept.items:
-            tally.add(CaseOutcome(result.outcome))
-            scores[result.test_case_id] = result.score or 0.0
-        todo = [case for case in run.cases if case["id"] not in scores]
-        if kept.items:
-            log.info("run %s resumed: %d cases done, %d to go", run.id, tally.done, len(todo))
-        written = time.monotonic()
+        total_score = 0.0
+        for outcome, group in groups.items():
+            setattr(tally, outcome, getattr(tally, outcome) + group.count)
+            total_score += float(group.moments["score"].total or 0)
+        tally.errored += len(missing)
+        scored = tally.done
+        summary = summarize(run, tally, total_score / scored if scored else None)
+        changes = {"status": RunStatus.COMPLETED, "summary": summary, "finished_at": utcnow()}
+        announce = (
+            self._events is not None
+            and run.suite_id is not None
+            and await self._events.interested(SUITE_RUN_COMPLETED)
+        )
 
-        async def one(case: dict[str, Any]) -> None:
-            nonlocal written
-            await ctx.checkpoint()  # a cancelled run starts no further case
-            result = await self.evaluate(case, run, caller, context, grader)
-            if await self._keep(ctx, result):
-                tally.add(CaseOutcome(result.outcome))
-                scores[result.test_case_id] = result.score or 0.0
-            if time.monotonic() - written >= PROGRESS_EVERY_SECONDS:
-                written = time.monotonic()
-                await ctx.set_progress(**tally.as_dict())
+        async def write(uow: UnitOfWork) -> None:
+            # Only while the run is open: an attempt that closed it and died closes nothing again.
+            if not await uow.repo(TestRun).write_where(run.id, changes, _OPEN):
+                return
+            if missing:
+                await uow.repo(TestCaseResult).add_many(missing)
+            if announce:
+                assert self._events is not None
+                data = {"suite_id": run.suite_id, "operation_id": run.operation_id, **summary}
+                await self._events.record(uow, SUITE_RUN_COMPLETED, data)
 
-        await _each(todo, int(run.settings.get("concurrency", 1)), one)
-        mean = sum(scores.values()) / len(scores) if scores else None
-        summary = summarize(run, tally, mean)
-        await ctx.set_progress(**tally.as_dict())
-        await self._finish(run, summary)
+        await ctx.save(write)
         return summary
 
     async def evaluate(
         self,
         case: dict[str, Any],
-        run: TestRun,
+        settings: dict[str, Any],
         caller: Caller,
         context: CallContext,
         grader: GatewayGrader,
+        *,
+        run_id: str,
     ) -> TestCaseResult:
         """One case: its target called, its assertions graded (never raises for the case's
         own failures: they are its errored result)."""
         started = time.perf_counter()
+        result = partial(self._result, case, run_id, context.operation_id, started)
         try:
             answer = await self._answer(case, caller, context)
         except Cancelled:
             raise
         except DomainError as exc:
-            return self._result(case, run, started, error=f"{exc.code}: {exc.message}")
+            return result(error=f"{exc.code}: {exc.message}")
         except Exception as exc:  # a timeout, a lost connection, or a bug: this case errs
             if not isinstance(exc, TimeoutError | ConnectionError | OSError):
-                log.exception("run %s: case %s failed unexpectedly", run.id, case["id"])
-            return self._result(case, run, started, error=f"the call failed ({type(exc).__name__})")
+                log.exception("run %s: case %s failed unexpectedly", run_id, case["id"])
+            return result(error=f"the call failed ({type(exc).__name__})")
         latency_ms = int((time.perf_counter() - started) * 1000)
         cost = None if answer.cost_micros is None else answer.cost_micros / 1_000_000
         output = Output(answer.text, latency_ms, cost, task=_task(case))
@@ -290,16 +341,13 @@ class RunExecutor:
             verdicts.append(await grade(assertion, output, grader))
         threshold = case.get("threshold")
         if threshold is None:
-            threshold = run.settings.get("case_threshold")
+            threshold = settings.get("case_threshold")
         scored = score_case(verdicts, threshold)
         if scored.errored:
             outcome = CaseOutcome.ERRORED
         else:
             outcome = CaseOutcome.PASSED if scored.passed else CaseOutcome.FAILED
-        return self._result(
-            case,
-            run,
-            started,
+        return result(
             outcome=outcome,
             score=scored.score,
             answer=answer,
@@ -321,7 +369,7 @@ class RunExecutor:
                 caller,
                 target["workflow_id"],
                 dict((case.get("input") or {}).get("input") or {}),
-                operation_id=context.operation_id,
+                context=context,
             )
             text = output if isinstance(output, str) else _pretty(output)
             return Answer(text[:MAX_OUTPUT_CHARS])
@@ -348,10 +396,11 @@ class RunExecutor:
 
     # ---- rows --------------------------------------------------------------------------------
 
+    @staticmethod
     def _result(
-        self,
         case: dict[str, Any],
-        run: TestRun,
+        run_id: str,
+        operation_id: str | None,
         started: float,
         *,
         outcome: CaseOutcome = CaseOutcome.ERRORED,
@@ -365,8 +414,8 @@ class RunExecutor:
         return TestCaseResult(
             id=new_id(RESULT_ID_PREFIX),
             test_case_id=case["id"],
-            run_id=run.id,
-            operation_id=run.operation_id,
+            run_id=run_id,
+            operation_id=operation_id,
             outcome=outcome,
             passed=outcome is CaseOutcome.PASSED,
             score=score if score is not None else 0.0,
@@ -384,62 +433,68 @@ class RunExecutor:
             error=error,
         )
 
-    async def _keep(self, ctx: JobContext, result: TestCaseResult) -> bool:
-        """Commit a case's result while the job is still this attempt's (`ctx.save`); False when
-        it already has one (another delivery of the job wrote it) or the case was deleted
-        meanwhile. A deleted run stops the job."""
+    def _keeper(self, result: TestCaseResult) -> Callable[[UnitOfWork], Awaitable[None]]:
+        """The write of a case's result, run in the transaction of its job's outcome; a case or
+        run deleted meanwhile keeps none (its job still completes)."""
 
         async def write(uow: UnitOfWork) -> None:
+            run = await uow.repo(TestRun).count(Where.eq("id", result.run_id))
+            case = await uow.repo(TestCase).count(Where.eq("id", result.test_case_id))
+            if not (run and case):
+                log.info(
+                    "run %s: case %s or its run was deleted; no result kept",
+                    result.run_id,
+                    result.test_case_id,
+                )
+                return
             await uow.repo(TestCaseResult).add(result)
 
-        try:
-            await ctx.save(write)
-        except DuplicateKey:
-            return False
-        except ReferenceViolation:
-            async with self._storage.unit_of_work() as uow:
-                run = await uow.repo(TestRun).get(result.run_id)
-            if run is None:
-                raise InvalidInput(f"test run '{result.run_id}' was deleted") from None
-            log.info("run %s: case %s was deleted; skipped", result.run_id, result.test_case_id)
-            return False
-        return True
+        return write
 
-    async def _start(self, run_id: str) -> TestRun:
+    async def _open(self, run_id: str, *, first: bool) -> bool:
+        """Whether the run still takes results (one read); the run's first case, sent first,
+        marks it running."""
         async with self._storage.unit_of_work(autocommit=True) as uow:
-            run = await uow.repo(TestRun).update_where(
-                run_id,
-                {"status": RunStatus.RUNNING, "started_at": IfNull(utcnow())},
-                Where.in_("status", [RunStatus.PENDING, RunStatus.RUNNING]),
-            )
-            if run is None:
-                found = await uow.repo(TestRun).get(run_id)
-        if run is None:
-            if found is None:
-                raise InvalidInput(f"test run '{run_id}' does not exist (deleted?)")
-            raise InvalidInput(f"test run '{run_id}' is already {found.status.value}")
-        return run
+            runs = uow.repo(TestRun)
+            if first:
+                started = {"status": RUNNING, "started_at": utcnow()}
+                if await runs.write_where(run_id, started, Where.eq("status", RunStatus.PENDING)):
+                    return True
+            return await runs.count(Where.eq("id", run_id), _OPEN) > 0
 
-    async def _finish(self, run: TestRun, summary: dict[str, Any]) -> None:
-        """Record the summary, unless the run was cancelled meanwhile, and a suite's run's
-        `suite_run.completed` event with it."""
-        changes = {"status": RunStatus.COMPLETED, "summary": summary, "finished_at": utcnow()}
-        running = Where.eq("status", RunStatus.RUNNING)
-        announce = (
-            self._events is not None
-            and run.suite_id is not None
-            and await self._events.interested(SUITE_RUN_COMPLETED)
+    @staticmethod
+    async def _unresulted(
+        uow: UnitOfWork, run: TestRun, parent: Operation, groups: dict[Any, Summary]
+    ) -> list[TestCaseResult]:
+        """An errored result for each case of the run that has none: its job failed (out of
+        attempts, say) or was cancelled on its own."""
+        if sum(g.count for g in groups.values()) >= len(run.cases):
+            return []
+        kept = await uow.repo(TestCaseResult).find(Where.eq("run_id", run.id))
+        done = {r.test_case_id for r in kept.items}
+        ended = await uow.repo(Operation).find(
+            Where.eq("parent_id", parent.id),
+            Where.in_("status", [OperationStatus.FAILED, OperationStatus.CANCELLED]),
         )
-        if not announce:
-            async with self._storage.unit_of_work(autocommit=True) as uow:
-                await uow.repo(TestRun).write_where(run.id, changes, running)
-            return
-        assert self._events is not None
-        async with self._storage.unit_of_work() as uow:
-            if await uow.repo(TestRun).write_where(run.id, changes, running):
-                data = {"suite_id": run.suite_id, "operation_id": run.operation_id, **summary}
-                await self._events.record(uow, SUITE_RUN_COMPLETED, data)
-                await uow.commit()
+        why = {
+            str(o.input.get("case", {}).get("id")): o.error_message or o.status.value
+            for o in ended.items
+        }
+        return [
+            RunExecutor._result(
+                case,
+                run.id,
+                parent.id,
+                time.perf_counter(),
+                error=f"the case's job ended without a result: {why.get(case['id'], 'unknown')}",
+            )
+            for case in run.cases
+            if case["id"] not in done
+        ]
+
+
+RUNNING = RunStatus.RUNNING
+_OPEN = Where.in_("status", [RunStatus.PENDING, RunStatus.RUNNING])
 
 
 def chat_request(case: dict[str, Any]) -> ChatCompletionRequest:
@@ -510,25 +565,3 @@ def _json_of(text: str | None) -> Any:
 def _unreadable(raw: Any, message: str) -> Verdict:
     kind = str(raw.get("type", "?")) if isinstance(raw, dict) else "?"
     return errored(Assertion(type=kind, base=kind, inverse=False), message)
-
-
-async def _each(items: Sequence[T], limit: int, work: Callable[[T], Awaitable[None]]) -> None:
-    """`work` on every item, at most `limit` at once; the first error stops the rest."""
-    if not items:
-        return
-    pending = iter(items)
-
-    async def worker() -> None:
-        for item in pending:
-            await work(item)
-
-    tasks = [asyncio.ensure_future(worker()) for _ in range(min(max(limit, 1), len(items)))]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

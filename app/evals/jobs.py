@@ -1,4 +1,5 @@
-"""The evaluations' job handler: one `test_case_run` job runs every case of one test run."""
+"""The evaluations' job handler: a `test_case_run` job runs one case of a test run, or (the
+run's parent job, after every case) sums the run up."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Test cases, suites and runs: what is saved is checked to be runnable, and a run is a job.
+"""Test cases, suites and runs: what is saved is checked to be runnable, and a run is jobs.
 
 A case or suite is refused when saved if it could not run: an unknown assertion type, a
 pattern that does not compile, a JSON Schema that is not one, a model, chain, prompt version or
 workflow that does not exist (a 4xx naming the field, e.g. `assertions.1.value`). A run is
 planned when it is started (each case's target decided, its judge and embedding models found)
-and kept as a snapshot beside its `test_case_run` job, committed with it in one transaction.
+and kept as a snapshot beside its `test_case_run` job, a parent with a child job per planned
+case, all committed in one transaction (`app.evals.execution` runs them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from app.core.clock import utcnow
-from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from app.core.errors import Conflict, DuplicateKey, InvalidInput, NotFound, StaleVersion
 from app.core.ids import check_prefixed, new_id
 from app.evals.assertions import parse_all
 from app.evals.entities import (
@@ -49,7 +50,7 @@ from app.evals.schemas import (
 from app.models.entities import Model, ModelKind
 from app.models.service import ModelService
 from app.operations.entities import Operation, OperationStatus
-from app.operations.service import OperationService, cancel_in
+from app.operations.service import ChildSpec, OperationService, cancel_in
 from app.operations.submit import Owner
 from app.operations.transitions import TERMINAL
 from app.prompts.service import PromptService
@@ -422,17 +423,30 @@ class EvalService:
             cases=planned,
             settings=settings,
         )
-        async with self._storage.unit_of_work() as uow:
-            operation = await self._operations.jobs.submit_in(
-                uow,
-                kind=OperationKind.TEST_CASE_RUN,
-                input={"run_id": run.id},
-                owner=owner,
-                meta={"run_id": run.id, "suite_id": suite_id, "cases": len(planned)},
+        # Each case's job carries its planned case: it reads nothing of the run's snapshot.
+        children = [
+            ChildSpec(
+                OperationKind.TEST_CASE_RUN,
+                {"run_id": run.id, "case": case, "settings": settings, "first": index == 0},
+                meta={"run_id": run.id, "test_case_id": case["id"]},
             )
-            run.operation_id = operation.id
+            for index, case in enumerate(planned)
+        ]
+
+        async def attach(uow: UnitOfWork, parent: Operation) -> None:
+            run.operation_id = parent.id
             await uow.repo(TestRun).add(run)
-            await uow.commit()
+
+        operation = await self._operations.submit_parent(
+            kind=OperationKind.TEST_CASE_RUN,
+            input={"run_id": run.id},
+            owner=owner,
+            children=children,
+            meta={"run_id": run.id, "suite_id": suite_id, "cases": len(planned)},
+            attach=attach,
+            window=int(settings.get("concurrency") or 1),
+            runs_after_children=True,
+        )
         log.info("test run %s of %d cases submitted as %s", run.id, len(planned), operation.id)
         return run
 
@@ -541,21 +555,33 @@ class EvalService:
         return view, rows
 
     async def cancel_run(self, run_id: str, *, suite_id: str | None = None) -> RunView:
-        """Cancel a pending or running run: its job stops before its next case; the results of
-        cases already done are kept."""
+        """Cancel a pending or running run: every case's job not yet started is cancelled, and
+        one under way stops at its next model call (or, done with its calls, keeps its result);
+        the results of cases already done are kept."""
         run = await self._run_of(run_id, suite_id)
-        async with self._storage.unit_of_work() as uow:
-            if run.operation_id is not None:
-                await cancel_in(uow, run.operation_id, events=self._operations.events)
-            current = await get_existing(uow.repo(TestRun), run.id, "test run")
-            if current.status in (RunStatus.PENDING, RunStatus.RUNNING):
-                tally = await _tally(uow, current)
-                current.status = RunStatus.CANCELLED
-                current.finished_at = utcnow()
-                current.summary = {"run_id": current.id, "progress": tally.as_dict()}
-                current.updated_at = utcnow()
-                await uow.repo(TestRun).update(current)
-            await uow.commit()
+        while True:
+            try:
+                async with self._storage.unit_of_work() as uow:
+                    job = (
+                        await uow.repo(Operation).get(run.operation_id)
+                        if run.operation_id is not None
+                        else None
+                    )
+                    if job is not None and job.status not in TERMINAL:
+                        await cancel_in(uow, job.id, events=self._operations.events)
+                    current = await get_existing(uow.repo(TestRun), run.id, "test run")
+                    if current.status in (RunStatus.PENDING, RunStatus.RUNNING):
+                        # No counts kept: a cancelled run counts its results when read, those of
+                        # cases that were finishing their calls included.
+                        current.status = RunStatus.CANCELLED
+                        current.finished_at = utcnow()
+                        current.summary = {"run_id": current.id}
+                        current.updated_at = utcnow()
+                        await uow.repo(TestRun).update(current)
+                    await uow.commit()
+                break
+            except StaleVersion:
+                continue  # a case finished meanwhile, counted on the run's job: again
         return await self.get_run(run_id)
 
     async def _run_of(self, run_id: str, suite_id: str | None, *, param: str = "run_id") -> TestRun:

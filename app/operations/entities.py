@@ -75,6 +75,12 @@ class Operation(Entity, table=True):
     children_completed: int = 0
     children_failed: int = 0
     children_cancelled: int = 0
+    # How many children were handed to the broker: a parent with a window sends that many at
+    # submit and one more as each finishes (`submit_parent`); the rest wait, held.
+    children_sent: int = 0
+    # Whether the parent, once its last child finishes, runs its own handler (pending again,
+    # then claimed as any job) rather than completing with its children's counts.
+    runs_after_children: bool = False
     idempotency_key: str | None = text(None, max_length=255)
     request_hash: str | None = text(None, max_length=64)
     meta: dict[str, Any] = json_object()

@@ -34,6 +34,8 @@ class OperationFilter:
     kind: OperationKind | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    # The children of one parent job (a batch's lines, a test run's cases).
+    parent_id: str | None = None
 
 
 FiltersDep = Annotated[OperationFilter, Depends()]

@@ -34,7 +34,7 @@ from app.operations.entities import Operation, OperationStatus
 from app.operations.events import emit_finished, finished_events
 from app.operations.presence import WorkerPresence
 from app.operations.service import count_child_finished
-from app.operations.submit import mark_unsent
+from app.operations.submit import JobSubmitter, mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
 from app.queue.names import OperationKind
 from app.queue.port import JobQueue
@@ -87,6 +87,8 @@ class Claim:
     lost: bool = False
     # What must commit with this attempt's outcome, and only with it (`write_with_outcome`).
     writes: list[Write] = field(default_factory=list)
+    # What a child counts as in its parent's progress once it completes (`count_as`).
+    label: str | None = None
 
     def held(self, step: Transition | None = None) -> tuple[Where, Where]:
         """The conditions under which the job is still this claim's, and `step` may be taken.
@@ -142,6 +144,11 @@ class JobContext:
         `write` may run more than once, each time in a fresh transaction.
         """
         self.claim.writes.append(write)
+
+    def count_as(self, label: str) -> None:
+        """Have the parent of this child count it under `label` in its progress (`passed`,
+        say) when this attempt completes it, in the same transaction as the outcome."""
+        self.claim.label = label
 
     async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
         """Run `write` and record `progress` in one transaction, committed only while the claim
@@ -233,6 +240,8 @@ class OperationRunner:
         self.handlers = dict(handlers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self.timings = timings or JobTimings()
+        # Sends what a finished child lets its parent send: the next held child, or the parent.
+        self._jobs = JobSubmitter(storage, queue)
 
     # ---- execution -------------------------------------------------------------------------
 
@@ -400,8 +409,10 @@ class OperationRunner:
         writes in the same unit.
 
         Without `then` or writes it is one conditional statement; with them, a transaction
-        (retried whole when what they touch changed meanwhile). The claim's writes come last,
-        so the rows they lock (a budget every job charges) are held the shortest time.
+        (retried whole when what they touch changed meanwhile). The rows most contended are
+        locked last, so they are held the shortest time: for a child, its parent's (which every
+        sibling's outcome counts on), so `then` comes after the writes; for any other job, the
+        rows the writes lock (a budget every job charges), so they come after `then`.
         """
         changes = {**changes, **step.changes}
         held = claim.held(step)
@@ -427,10 +438,13 @@ class OperationRunner:
                         await uow.rollback()
                         await self._dropped(claim)
                         return False
-                    if then is not None and written is not None:
+                    last = written is not None and written.parent_id is not None
+                    if then is not None and written is not None and not last:
                         await then(uow, written)
                     for write in claim.writes:
                         await write(uow)
+                    if then is not None and written is not None and last:
+                        await then(uow, written)
                     await uow.commit()
                     return True
             except StaleVersion:
@@ -487,7 +501,7 @@ class OperationRunner:
             "error_message": None,
             "finished_at": utcnow(),
         }
-        then = await self._aftermath(operation, COMPLETE.target)
+        then = await self._aftermath(operation, COMPLETE.target, claim.label)
         return _counted(operation, "completed", await self._finish(claim, COMPLETE, changes, then))
 
     async def _finish_failed(
@@ -538,7 +552,7 @@ class OperationRunner:
         }
 
     async def _aftermath(
-        self, operation: Operation, outcome: OperationStatus
+        self, operation: Operation, outcome: OperationStatus, label: str | None = None
     ) -> Callable[[UnitOfWork, Operation], Awaitable[None]] | None:
         """What must commit with a job's final outcome: its event and its parent's count.
 
@@ -555,15 +569,26 @@ class OperationRunner:
         if not announce and operation.parent_id is None:
             return None
 
-        return lambda uow, written: self._announce(uow, written, outcome)
+        return lambda uow, written: self._announce(uow, written, outcome, label)
 
     async def _announce(
-        self, uow: UnitOfWork, written: Operation, outcome: OperationStatus
+        self,
+        uow: UnitOfWork,
+        written: Operation,
+        outcome: OperationStatus,
+        label: str | None = None,
     ) -> None:
         """Inside `uow`, with the job's outcome: its event, and its count on its parent."""
         await emit_finished(self.events, uow, written)
         if written.parent_id:
-            await count_child_finished(uow, written.parent_id, outcome, events=self.events)
+            await count_child_finished(
+                uow,
+                written.parent_id,
+                outcome,
+                events=self.events,
+                jobs=self._jobs,
+                label=label,
+            )
 
     async def _fail(
         self, uow: UnitOfWork, operation: Operation, error_type: str, message: str
@@ -703,6 +728,7 @@ class OperationRunner:
             never = await repo.find(
                 Where.eq("status", OperationStatus.PENDING),
                 Where.is_null("enqueued_at"),
+                Where.gt("send_count", 0),  # a held child waits for its parent to send it
                 order_by=["created_at"],
                 limit=self.timings.sweep_batch,
             )

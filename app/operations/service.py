@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from app.operations.transitions import TERMINAL, move
 from app.queue.names import OperationKind
 from app.queue.port import JobQueue
 from app.storage.grouped import GroupInsert
-from app.storage.protocol import Page, Storage, UnitOfWork, Where, given
+from app.storage.protocol import Increment, Page, Storage, UnitOfWork, Where, given
 from app.storage.reads import get_existing, read_page
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,27 @@ class ChildSpec:
 
 def check_operation_id(value: str, *, param: str = "id") -> str:
     return check_prefixed("operation", OPERATION_ID_PREFIX, value, param=param)
+
+
+def child_operation_id(parent_id: str, index: int) -> str:
+    """The id of a parent's child at `index`: an operation id derived from both (a version 8
+    UUID of their BLAKE2b hash), so the next held child is read by its key."""
+    raw = bytearray(hashlib.blake2b(f"{parent_id}/{index}".encode(), digest_size=16).digest())
+    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8: custom
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 9562 variant
+    h = raw.hex()
+    return f"{OPERATION_ID_PREFIX}-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def hold(child: Operation) -> None:
+    """Mark a pending child as held: committed, not sent, and left alone by the sweeper until
+    its parent sends it (`count_child_finished`)."""
+    child.enqueued_at = None
+    child.send_count = 0
+
+
+def is_held(operation: Operation) -> bool:
+    return operation.status == OperationStatus.PENDING and operation.send_count == 0
 
 
 class OperationService:
@@ -122,35 +144,51 @@ class OperationService:
         children: Sequence[ChildSpec],
         meta: dict[str, Any] | None = None,
         attach: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
+        window: int | None = None,
+        runs_after_children: bool = False,
     ) -> Operation:
         """Commit a parent with its children in one transaction and send the children.
 
-        The parent runs while its children do and finishes when the last one finishes.
-        `attach` writes, in the same transaction, what the caller keeps about the parent (a
-        batch row pointing at it), so neither exists without the other.
+        The parent runs while its children do. With a `window`, only that many children are
+        sent now and the others are held: each child that finishes sends the next, so at most
+        `window` of them are queued or running at once, in every worker together. The parent
+        finishes when the last child does, or, with `runs_after_children`, goes back to pending
+        then and runs its own handler (a summary of what its children did). `attach` writes, in
+        the same transaction, what the caller keeps about the parent (a batch row pointing at
+        it), so neither exists without the other.
         """
         if not children:
             raise InvalidInput("a parent operation needs at least one child", param="children")
+        sent = len(children) if window is None else min(max(window, 1), len(children))
         with enqueue_span(kind) as span:
             now = utcnow()
-            # Born running (it is never claimed), so no status change is made here.
-            parent = self.jobs.new(kind, input, owner, 1, meta, status=OperationStatus.RUNNING)
+            # Born running (it is never claimed while its children run), so no status change
+            # is made here; one that runs after them has attempts of its own for that run.
+            attempts = None if runs_after_children else 1
+            parent = self.jobs.new(
+                kind, input, owner, attempts, meta, status=OperationStatus.RUNNING
+            )
             span.set_attribute("gateway.operation.id", parent.id)
             span.set_attribute("gateway.operation.children", len(children))
             parent.started_at = now
             parent.enqueued_at = None
             parent.send_count = 0
             parent.children_total = len(children)
+            parent.children_sent = sent
+            parent.runs_after_children = runs_after_children
             kids = [self.jobs.new(c.kind, c.input, owner, None, c.meta) for c in children]
-            for kid in kids:
+            for index, kid in enumerate(kids):
+                # Derived from the position, so the next one to send is found by its key.
+                kid.id = child_operation_id(parent.id, index)
                 kid.parent_id = parent.id
+                if index >= sent:
+                    hold(kid)
             async with self._storage.unit_of_work() as uow:
                 await uow.repo(Operation).add(parent)
-                for kid in kids:
-                    await uow.repo(Operation).add(kid)
+                await uow.repo(Operation).add_many(kids)
                 if attach is not None:
                     await attach(uow, parent)
-                self.jobs.send_after_commit(uow, kids)
+                self.jobs.send_after_commit(uow, kids[:sent])
                 await uow.commit()
         return parent
 
@@ -240,7 +278,9 @@ class OperationService:
         while True:
             try:
                 async with self._storage.unit_of_work() as uow:
-                    operation = await cancel_in(uow, operation_id, events=self.events)
+                    operation = await cancel_in(
+                        uow, operation_id, events=self.events, jobs=self.jobs
+                    )
                     await uow.commit()
                 return operation
             except StaleVersion:
@@ -265,9 +305,15 @@ class OperationService:
 
 
 async def cancel_in(
-    uow: UnitOfWork, operation_id: str, *, events: EventSink | None = None
+    uow: UnitOfWork,
+    operation_id: str,
+    *,
+    events: EventSink | None = None,
+    jobs: JobSubmitter | None = None,
 ) -> Operation:
-    """Inside `uow`: cancel the job and its unfinished children, counting them on the parent."""
+    """Inside `uow`: cancel the job and its unfinished children (held ones included, so none is
+    sent), counting them on the parent; a child cancelled alone lets its parent send the next
+    (through `jobs`, else the sweeper sends it)."""
     repo = uow.repo(Operation)
     operation = await get_existing(repo, operation_id, "operation")
     if operation.status in TERMINAL:
@@ -276,6 +322,7 @@ async def cancel_in(
         raise Conflict(
             f"operation '{operation_id}' already {operation.status.value}; it cannot be cancelled"
         )
+    held = is_held(operation)
     now = utcnow()
     move(operation, OperationStatus.CANCELLED)
     operation.finished_at = now
@@ -296,9 +343,22 @@ async def cancel_in(
     await emit_finished(events, uow, operation)
     if operation.parent_id is not None:
         await count_child_finished(
-            uow, operation.parent_id, OperationStatus.CANCELLED, events=events
+            uow,
+            operation.parent_id,
+            OperationStatus.CANCELLED,
+            events=events,
+            jobs=jobs,
+            # A held child took no place in its parent's window, so it frees none.
+            release=not held,
         )
     return operation
+
+
+_COUNTERS = {
+    OperationStatus.COMPLETED: "children_completed",
+    OperationStatus.FAILED: "children_failed",
+    OperationStatus.CANCELLED: "children_cancelled",
+}
 
 
 async def count_child_finished(
@@ -307,32 +367,58 @@ async def count_child_finished(
     outcome: OperationStatus,
     *,
     events: EventSink | None = None,
+    jobs: JobSubmitter | None = None,
+    label: str | None = None,
+    release: bool = True,
 ) -> None:
-    """Inside `uow`: count a finished child on its parent; the last one finishes the parent.
+    """Inside `uow`: count a finished child on its parent (and under `label` in its progress,
+    when the child named one: `JobContext.count_as`); send the parent's next held child; the
+    last child finishes the parent, or sends it to run its own handler.
 
-    The parent's version makes siblings that finish at once serialise (a `StaleVersion` means
-    the caller retries its whole unit of work).
+    The count is an increment that locks the parent's row, so siblings finishing at once take
+    turns, and exactly one of them sees the last count. What it sends goes after the commit
+    (through `jobs`; without, the sweeper sends it as a lost message).
     """
     repo = uow.repo(Operation)
-    parent = await repo.get(parent_id)
+    parent = await repo.update_where(parent_id, {_COUNTERS[outcome]: Increment(1)})
     if parent is None:
         return
-    if outcome == OperationStatus.COMPLETED:
-        parent.children_completed += 1
-    elif outcome == OperationStatus.FAILED:
-        parent.children_failed += 1
-    else:
-        parent.children_cancelled += 1
     done = parent.children_completed + parent.children_failed + parent.children_cancelled
-    parent.progress = {"completed": done, "total": parent.children_total}
+    progress = {**parent.progress, "completed": done, "total": parent.children_total}
+    if label is not None:
+        progress[label] = int(progress.get(label, 0)) + 1
+    parent.progress = progress
+    sent: list[Operation] = []
     if done >= parent.children_total and parent.status == OperationStatus.RUNNING:
-        move(parent, OperationStatus.COMPLETED)
-        parent.finished_at = utcnow()
-        parent.result = {
-            "total": parent.children_total,
-            "completed": parent.children_completed,
-            "failed": parent.children_failed,
-            "cancelled": parent.children_cancelled,
-        }
-        await emit_finished(events, uow, parent)
+        if parent.runs_after_children:
+            move(parent, OperationStatus.PENDING)
+            parent.enqueued_at = utcnow() if jobs is not None else None
+            parent.send_count += 1
+            sent.append(parent)
+        else:
+            move(parent, OperationStatus.COMPLETED)
+            parent.finished_at = utcnow()
+            parent.result = {
+                "total": parent.children_total,
+                "completed": parent.children_completed,
+                "failed": parent.children_failed,
+                "cancelled": parent.children_cancelled,
+            }
+            await emit_finished(events, uow, parent)
+    elif release and parent.status == OperationStatus.RUNNING:
+        # The next held child, by position; one cancelled meanwhile is passed over.
+        while parent.children_sent < parent.children_total:
+            index = parent.children_sent
+            parent.children_sent += 1
+            child = await repo.update_where(
+                child_operation_id(parent.id, index),
+                {"enqueued_at": utcnow() if jobs is not None else None, "send_count": 1},
+                Where.eq("status", OperationStatus.PENDING),
+                Where.eq("send_count", 0),
+            )
+            if child is not None:
+                sent.append(child)
+                break
     await repo.update(parent)
+    if sent and jobs is not None:
+        jobs.send_after_commit(uow, sent)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.errors import NotFound
-from app.gateway.cache import CacheControl
-from app.gateway.calls import CallContext, Caller, CallSource
+from app.gateway.calls import CallContext, Caller
 from app.storage.protocol import Storage
 from app.storage.reads import read_existing
 from app.workflows.engine import WorkflowEngine
@@ -17,7 +16,8 @@ from app.workflows.schema_check import check_value
 class WorkflowCases:
     """Runs a workflow's current version for a caller, its steps unrecorded: the evaluation job
     that asks keeps the outcome as its case result, and a resumed evaluation runs the case again.
-    Its calls are the evaluation's (`CallSource.EVALUATION`, the job's id, no response cache)."""
+    Its calls are made in the evaluation's context (`CallSource.EVALUATION`, the case's job and
+    its ledger, no response cache)."""
 
     def __init__(self, storage: Storage, engine: WorkflowEngine) -> None:
         self._storage = storage
@@ -35,19 +35,15 @@ class WorkflowCases:
         workflow_id: str,
         input: dict[str, Any],
         *,
-        operation_id: str | None = None,
+        context: CallContext,
     ) -> Any:
-        """The workflow's output for `input`; the error that ended it, raised."""
+        """The workflow's output for `input`, its calls made in `context` (the evaluation's);
+        the error that ended it, raised."""
         workflow = await read_existing(self._storage, Workflow, workflow_id, "workflow")
         if not workflow.enabled:
             raise NotFound("workflow", workflow_id)
         if workflow.input_schema is not None:
             check_value(workflow.input_schema, input, param="input")
-        context = CallContext(
-            source=CallSource.EVALUATION,
-            operation_id=operation_id,
-            cache_control=CacheControl(no_cache=True, no_store=True),
-        )
         output, _, error = await self._engine.dry_run(
             caller, workflow.steps, input, mocks={}, mock_all=False, context=context
         )

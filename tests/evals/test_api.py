@@ -26,6 +26,7 @@ from app.operations.entities import Operation, OperationStatus
 from app.operations.runner import JobTimings, OperationRunner
 from app.services import Services, build_handlers
 from app.storage.protocol import Storage, Where
+from app.usage.entities import UsageRecord
 from app.webhooks.entities import WebhookDelivery
 from tests.fakes import RecordingQueue
 from tests.gateway.conftest import ADMIN, gateway_settings
@@ -51,14 +52,31 @@ class Gateway:
             self.storage, self.queue, build_handlers(self.services), timings=FAST
         )
 
-    async def run_jobs(self) -> int:
-        """Execute the jobs sent so far, as a worker would."""
+    async def run_jobs(self, slots: int = 1) -> int:
+        """Execute the jobs sent so far, and those they send, as a worker with `slots` threads
+        would: up to that many at once."""
         runner = self.runner()
         ran = 0
-        while self.queue.sent:
-            await runner.execute(self.queue.sent.pop(0).operation_id)
-            ran += 1
+        running: set[asyncio.Future[bool]] = set()
+        while self.queue.sent or running:
+            while self.queue.sent and len(running) < slots:
+                sent = self.queue.sent.pop(0)
+                running.add(asyncio.ensure_future(runner.execute(sent.operation_id)))
+                ran += 1
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         return ran
+
+    async def usage(self) -> list[UsageRecord]:
+        async with self.storage.unit_of_work() as uow:
+            return (await uow.repo(UsageRecord).find()).items
+
+    async def operation(self, operation_id: str) -> Operation:
+        async with self.storage.unit_of_work() as uow:
+            found = await uow.repo(Operation).get(operation_id)
+        assert found is not None
+        return found
 
     async def post(self, path: str, body: Any = None, status: int = 200) -> Any:
         response = await self.http.post(path, json=body)
@@ -109,10 +127,12 @@ MOCK = {"type": "model", "model": "mock"}
 
 @dataclass
 class CallLog:
-    """Every chat call the gateway made, with its context; `before` runs before each."""
+    """Every chat call the gateway made, with its context; `before` runs before each, `after`
+    once it answered."""
 
     calls: list[tuple[ChatCompletionRequest, CallContext]]
     before: Callable[[ChatCompletionRequest], Awaitable[None]] | None = None
+    after: Callable[[ChatCompletionRequest], Awaitable[None]] | None = None
 
     def texts(self) -> Counter[str]:
         return Counter(str(r.messages[-1].content) for r, _ in self.calls)
@@ -129,7 +149,10 @@ def record_calls(gateway: Gateway) -> CallLog:
         log.calls.append((request, context))
         if log.before is not None:
             await log.before(request)
-        return await original(caller, request, context)
+        answered = await original(caller, request, context)
+        if log.after is not None:
+            await log.after(request)
+        return answered
 
     calls.complete = complete  # type: ignore[method-assign]
     return log
@@ -293,10 +316,18 @@ async def test_a_suite_run_is_a_job_whose_results_keep_output_verdicts_latency_a
     failed = await gateway.get(f"/admin/test-runs/{accepted['id']}/results?outcome=failed")
     assert [r["test_case_id"] for r in failed["data"]] == ["bye"]
 
-    # Every target call went through the gateway as the run's evaluation calls.
+    # Every target call went through the gateway as the run's evaluation calls, each case's
+    # in a job of its own, a child of the run's.
     assert len(log.calls) == 2
     assert {c.source for _, c in log.calls} == {CallSource.EVALUATION}
-    assert {c.operation_id for _, c in log.calls} == {accepted["operation_id"]}
+    children = await gateway.get(f"/v1/operations?parent_id={accepted['operation_id']}")
+    assert {c.operation_id for _, c in log.calls} == {c["id"] for c in children["data"]}
+    assert operation["children"] == {"total": 2, "completed": 2, "failed": 0, "cancelled": 0}
+    assert operation["progress"] == {"completed": 2, "total": 2, "passed": 1, "failed": 1}
+    usage = await gateway.usage()
+    assert sorted(u.operation_id or "" for u in usage) == sorted(
+        c["id"] for c in children["data"]
+    )  # one record per call, with its case's job
     exported = await gateway.get(f"/admin/test-runs/{accepted['id']}/export")
     assert exported["run"]["passed"] is True
     assert [(r["name"], r["outcome"]) for r in exported["results"]] == [
@@ -517,7 +548,51 @@ async def test_a_run_cancelled_mid_way_starts_no_further_case(gateway: Gateway) 
     assert len(log.calls) == 3 and run["progress"]["done"] <= 3
 
 
-async def test_a_run_resumed_after_its_worker_died_skips_every_finished_case(
+async def test_cancelling_a_run_with_cases_in_flight_calls_nothing_more_and_keeps_theirs(
+    gateway: Gateway,
+) -> None:
+    for i in range(8):
+        await gateway.case(f"c{i}", f"case {i}", contains("case"))
+    await suite_of(gateway, *[f"c{i}" for i in range(8)], concurrency=3)
+    accepted = await gateway.post("/admin/test-suites/suite/runs", None, 202)
+    assert len(gateway.queue.sent) == 3  # the window: the other cases' jobs are held
+    log = record_calls(gateway)
+    three_in_flight, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hold_until_cancelled(request: ChatCompletionRequest) -> None:
+        if len(log.calls) == 3:
+            three_in_flight.set()
+        await cancelled.wait()
+
+    async def cancel_then_release() -> None:
+        await three_in_flight.wait()
+        await gateway.services.evals.cancel_run(accepted["id"])
+        cancelled.set()
+
+    log.before = hold_until_cancelled
+    canceller = asyncio.ensure_future(cancel_then_release())
+    await gateway.run_jobs(slots=8)
+    await canceller
+
+    run = await gateway.get(f"/admin/test-runs/{accepted['id']}")
+    assert run["status"] == "cancelled" and run["passed"] is None
+    # No case was called after the cancel; the three under way had made their calls, and
+    # each keeps its result with its one usage record.
+    assert len(log.calls) == 3
+    results = (await gateway.get(f"/admin/test-runs/{accepted['id']}/results"))["data"]
+    assert run["progress"]["done"] == len(results) == 3
+    assert sorted(u.operation_id or "" for u in await gateway.usage()) == sorted(
+        r["operation_id"] for r in results
+    )
+    parent = await gateway.get(f"/v1/operations/{accepted['operation_id']}")
+    assert parent["status"] == "cancelled"
+    assert parent["children"] == {"total": 8, "completed": 0, "failed": 0, "cancelled": 8}
+    children = await gateway.get(f"/v1/operations?parent_id={accepted['operation_id']}")
+    assert {c["status"] for c in children["data"]} == {"cancelled"}
+    assert not gateway.queue.sent  # nothing held was sent
+
+
+async def test_a_case_whose_worker_died_runs_again_and_no_finished_case_does(
     gateway: Gateway,
 ) -> None:
     for i in range(6):
@@ -525,28 +600,34 @@ async def test_a_run_resumed_after_its_worker_died_skips_every_finished_case(
     await suite_of(gateway, *[f"c{i}" for i in range(6)], concurrency=1)
     accepted = await gateway.post("/admin/test-suites/suite/runs", None, 202)
     log = record_calls(gateway)
-    worker: asyncio.Task[Any] | None = None
+    worker: asyncio.Future[bool] | None = None
 
-    async def die_during_the_third(request: ChatCompletionRequest) -> None:
+    async def die_once_the_third_answered(request: ChatCompletionRequest) -> None:
         if len(log.calls) == 3 and worker is not None:
-            worker.cancel()  # the worker process is gone mid-call
+            worker.cancel()  # the worker process is gone: the call made, nothing committed
             await asyncio.sleep(10)
 
-    log.before = die_during_the_third
-    sent = gateway.queue.sent.pop(0)
+    log.after = die_once_the_third_answered
     runner = gateway.runner()
-    worker = asyncio.ensure_future(runner.execute(sent.operation_id))
     with pytest.raises(asyncio.CancelledError):
-        await worker
-    log.before = None
+        while gateway.queue.sent:
+            worker = asyncio.ensure_future(runner.execute(gateway.queue.sent.pop(0).operation_id))
+            await worker
+    log.after = None
     async with gateway.storage.unit_of_work() as uow:
         kept = await uow.repo(TestCaseResult).count(Where.eq("run_id", accepted["id"]))
+        (third,) = (
+            await uow.repo(Operation).find(
+                Where.eq("parent_id", accepted["operation_id"]), Where.eq("status", "running")
+            )
+        ).items
         # Its lease runs out, as a dead worker's does.
         await uow.repo(Operation).write_where(
-            accepted["operation_id"], {"lease_expires_at": utcnow() - timedelta(seconds=1)}
+            third.id, {"lease_expires_at": utcnow() - timedelta(seconds=1)}
         )
         await uow.commit()
-    assert kept == 2
+    assert kept == 2 and third.parent_id == accepted["operation_id"]
+    assert len(await gateway.usage()) == 2  # the killed attempt's call is not charged
     report = await runner.sweep()
     assert report.recovered == 1
     await gateway.run_jobs()
@@ -557,7 +638,83 @@ async def test_a_run_resumed_after_its_worker_died_skips_every_finished_case(
     assert [calls[f"case {i}"] for i in range(6)] == [1, 1, 2, 1, 1, 1]
     async with gateway.storage.unit_of_work() as uow:
         rows = await uow.repo(TestCaseResult).find(Where.eq("run_id", accepted["id"]))
-        job = await uow.repo(Operation).get(accepted["operation_id"])
     assert sorted(r.test_case_id for r in rows.items) == [f"c{i}" for i in range(6)]
-    assert job is not None and job.status == OperationStatus.COMPLETED and job.attempts == 2
-    assert orjson.dumps(job.result)  # the summary is the job's result
+    # One usage record per kept result: the case that ran twice is charged once.
+    assert sorted(u.operation_id or "" for u in await gateway.usage()) == sorted(
+        r.operation_id or "" for r in rows.items
+    )
+    again = await gateway.operation(third.id)
+    assert again.status == OperationStatus.COMPLETED and again.attempts == 2
+    assert [e["outcome"] for e in again.attempt_log] == ["lost", "completed"]
+    parent = await gateway.operation(accepted["operation_id"])
+    assert parent.status == OperationStatus.COMPLETED and parent.attempts == 1
+    assert parent.result["progress"]["passed"] == 6  # the summary is the run's job's result
+    assert orjson.dumps(parent.result)
+
+
+async def test_a_close_whose_worker_died_after_writing_the_run_announces_it_once(
+    gateway: Gateway,
+) -> None:
+    hook = {"url": "http://127.0.0.1:9/hooks", "events": ["suite_run.completed"]}
+    await gateway.post("/admin/webhooks", hook, 201)
+    for i in range(3):
+        await gateway.case(f"c{i}", f"case {i}", contains("case"))
+    await suite_of(gateway, "c0", "c1", "c2", concurrency=2)
+    accepted = await gateway.post("/admin/test-suites/suite/runs", None, 202)
+    parent_id = accepted["operation_id"]
+    runner = gateway.runner()
+    while gateway.queue.sent and gateway.queue.sent[0].operation_id != parent_id:
+        await runner.execute(gateway.queue.sent.pop(0).operation_id)
+    assert [s.operation_id for s in gateway.queue.sent] == [parent_id]  # the close, sent
+
+    async def die(*args: Any) -> bool:
+        raise asyncio.CancelledError  # the worker is gone before the close's outcome
+
+    dying = gateway.runner()
+    dying._complete = die  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await dying.execute(gateway.queue.sent.pop(0).operation_id)
+    closed = await gateway.get(f"/admin/test-runs/{accepted['id']}")
+    assert closed["status"] == "completed"  # the close had committed the run
+    async with gateway.storage.unit_of_work() as uow:
+        await uow.repo(Operation).write_where(
+            parent_id, {"lease_expires_at": utcnow() - timedelta(seconds=1)}
+        )
+        await uow.commit()
+    assert (await runner.sweep()).recovered == 1
+    await gateway.run_jobs()
+
+    parent = await gateway.operation(parent_id)
+    assert parent.status == OperationStatus.COMPLETED and parent.attempts == 2
+    assert parent.result["run_id"] == accepted["id"] and parent.result["passed"] is True
+    assert parent.result["progress"]["done"] == 3
+    async with gateway.storage.unit_of_work() as uow:
+        events = await uow.repo(WebhookDelivery).find(Where.eq("event_type", "suite_run.completed"))
+    assert len(events.items) == 1
+
+
+async def test_a_runs_cases_are_at_most_its_concurrency_at_once_however_many_threads(
+    gateway: Gateway,
+) -> None:
+    for i in range(9):
+        await gateway.case(f"c{i}", f"case {i}", contains("case"))
+    await suite_of(gateway, *[f"c{i}" for i in range(9)], concurrency=2)
+    accepted = await gateway.post("/admin/test-suites/suite/runs", None, 202)
+    log = record_calls(gateway)
+    in_flight, most = 0, 0
+
+    async def enter(request: ChatCompletionRequest) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+
+    async def leave(request: ChatCompletionRequest) -> None:
+        nonlocal in_flight
+        in_flight -= 1
+
+    log.before, log.after = enter, leave
+    await gateway.run_jobs(slots=8)
+    run = await gateway.get(f"/admin/test-runs/{accepted['id']}")
+    assert run["status"] == "completed" and run["progress"]["passed"] == 9
+    assert most == 2 and len(log.calls) == 9

@@ -506,6 +506,100 @@ async def test_cancelling_a_parent_cancels_its_unfinished_children(
         assert await runner_with(storage, queue, echo).execute(child.id) is False
 
 
+async def test_a_windowed_parent_keeps_that_many_children_sent_and_sends_one_as_each_ends(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    parent = await service.submit_parent(
+        kind=OperationKind.BATCH,
+        input={},
+        owner=ALICE,
+        children=[ChildSpec(CHAT, {"n": i}) for i in range(5)],
+        window=2,
+    )
+    children = {
+        c.input["n"]: c for c in (await service.list(owner=ALICE, parent_id=parent.id)).items
+    }
+    assert queue.ids() == [children[0].id, children[1].id]
+    assert all(children[n].send_count == 0 for n in (2, 3, 4))  # held
+    # The sweeper leaves held children alone: they are not lost messages.
+    queue.sent.clear()
+    await asyncio.sleep(FAST.resend_after * 1.5)
+    await runner_with(storage, queue, echo).sweep()
+    assert set(queue.ids()) == {children[0].id, children[1].id}  # the stale sends, not the held
+    queue.sent.clear()
+
+    runner = runner_with(storage, queue, echo)
+    order: list[int] = []
+    pending = [children[0].id, children[1].id]
+    while pending:
+        operation_id = pending.pop(0)
+        order.append((await load(storage, operation_id)).input["n"])
+        await runner.execute(operation_id)
+        pending += queue.ids()
+        queue.sent.clear()
+    assert order == [0, 1, 2, 3, 4]  # each finished child sent the next, in order
+    stored = await load(storage, parent.id)
+    assert stored.status == OperationStatus.COMPLETED and stored.children_sent == 5
+
+
+async def test_a_child_cancelled_alone_passes_its_turn_and_a_held_one_is_skipped(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    parent = await service.submit_parent(
+        kind=OperationKind.BATCH,
+        input={},
+        owner=ALICE,
+        children=[ChildSpec(CHAT, {"n": i}) for i in range(4)],
+        window=1,
+    )
+    children = {
+        c.input["n"]: c for c in (await service.list(owner=ALICE, parent_id=parent.id)).items
+    }
+    queue.sent.clear()
+    await service.cancel(children[2].id, owner=ALICE)  # held: it frees no place
+    assert queue.ids() == []
+    await service.cancel(children[0].id, owner=ALICE)  # sent: its place goes to the next
+    assert queue.ids() == [children[1].id]
+    queue.sent.clear()
+    await runner_with(storage, queue, echo).execute(children[1].id)
+    assert queue.ids() == [children[3].id]  # the cancelled held one is passed over
+    await runner_with(storage, queue, echo).execute(children[3].id)
+    stored = await load(storage, parent.id)
+    assert stored.status == OperationStatus.COMPLETED
+    assert stored.result == {"total": 4, "completed": 2, "failed": 0, "cancelled": 2}
+
+
+async def test_a_parent_that_runs_after_its_children_sees_their_labels_and_runs_once(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    async def child_or_summary(ctx: JobContext) -> Any:
+        if ctx.operation.parent_id is None:
+            return {"summary": ctx.operation.progress}
+        ctx.count_as("even" if ctx.operation.input["n"] % 2 == 0 else "odd")
+        return "ok"
+
+    parent = await service.submit_parent(
+        kind=CHAT,
+        input={},
+        owner=ALICE,
+        children=[ChildSpec(CHAT, {"n": i}) for i in range(3)],
+        window=3,
+        runs_after_children=True,
+    )
+    runner = runner_with(storage, queue, child_or_summary)
+    children = (await service.list(owner=ALICE, parent_id=parent.id)).items
+    queue.sent.clear()
+    await asyncio.gather(*(runner.execute(c.id) for c in children))
+    waiting = await load(storage, parent.id)
+    assert waiting.status == OperationStatus.PENDING and queue.ids() == [parent.id]
+    assert waiting.progress == {"completed": 3, "total": 3, "even": 2, "odd": 1}
+    assert await runner.execute(parent.id) is True
+    assert await runner.execute(parent.id) is False  # a second delivery finds it done
+    done = await load(storage, parent.id)
+    assert done.status == OperationStatus.COMPLETED and done.attempts == 1
+    assert done.result == {"summary": {"completed": 3, "total": 3, "even": 2, "odd": 1}}
+
+
 # ---- visibility, ids, listing ----------------------------------------------------------------
 
 
