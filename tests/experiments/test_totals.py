@@ -14,7 +14,12 @@ from scipy import stats
 
 from app.core.ids import new_id
 from app.experiments.batches import pair
-from app.experiments.entities import ExperimentRecord, ExperimentTotals, RecordSource
+from app.experiments.entities import (
+    ExperimentRecord,
+    ExperimentTotals,
+    ExperimentWatermark,
+    RecordSource,
+)
 from app.experiments.totals import SKETCH_ACCURACY, Totals
 from app.storage.protocol import Where
 from tests.experiments.conftest import Gateway, experiment
@@ -61,9 +66,16 @@ async def test_results_are_the_same_however_the_records_were_rolled_up(
                 assert mine[path] == pytest.approx(value, rel=1e-12), path
             else:
                 assert mine[path] == value, path
+    # The results query wrote nothing: the last 340 records wait, above the watermark.
+    assert await small.roll_up("again") == 340
     async with gateway.storage.unit_of_work() as uow:
-        waiting = await uow.repo(ExperimentRecord).count(Where.is_null("rollup"))
+        mark = await uow.repo(ExperimentWatermark).get("again")
+        assert mark is not None
+        waiting = await uow.repo(ExperimentRecord).count(
+            Where.eq("experiment_id", "again"), Where.ge("commit_stamp", mark.watermark)
+        )
     assert waiting == 0
+    assert flat(await gateway.get("/admin/experiments/again/results")) == flat(piecewise)
 
 
 async def test_concurrent_roll_ups_count_each_record_once(gateway: Gateway) -> None:
