@@ -2,8 +2,8 @@
 differences of offline records, and dataset versions (items valid over a range of versions).
 
 Records already stored are stamped with this migration's transaction id, below any later
-horizon: the first roll-up counts them. Items already stored become version 1 of their rows, and each dataset gets one
-version row, its current revision: earlier versions were not kept.
+horizon: the first roll-up counts them. Items already stored become version 1 of their rows,
+and each dataset gets one version row, its current revision: earlier versions were not kept.
 
 Revision ID: 5c2e8a41d7f3
 Revises: 3f1b7c9d2e40
