@@ -114,12 +114,14 @@ class ExperimentRecord(Entity, table=True):
         sa.Index(
             "ix_experiment_records_experiment_id_commit_stamp", "experiment_id", "commit_stamp"
         ),
-        # The least and greatest feedback score of a variant, read without a scan.
+        # The least and greatest feedback score of a variant, read without a scan (the key
+        # last, as `find` orders: many records share a score).
         sa.Index(
-            "ix_experiment_records_experiment_id_variant_id_feedback_score",
+            "ix_experiment_records_experiment_id_variant_id_score_id",
             "experiment_id",
             "variant_id",
             "feedback_score",
+            "id",
             postgresql_where=sa.text("feedback_score IS NOT NULL"),
         ),
     )

@@ -67,9 +67,9 @@ def upgrade() -> None:
         unique=False,
     )
     op.create_index(
-        "ix_experiment_records_experiment_id_variant_id_feedback_score",
+        "ix_experiment_records_experiment_id_variant_id_score_id",
         "experiment_records",
-        ["experiment_id", "variant_id", "feedback_score"],
+        ["experiment_id", "variant_id", "feedback_score", "id"],
         unique=False,
         postgresql_where=sa.text("feedback_score IS NOT NULL"),
     )
@@ -223,7 +223,7 @@ def downgrade() -> None:
     op.drop_table("experiment_watermarks")
     op.drop_table("experiment_feedback_changes")
     op.drop_index(
-        "ix_experiment_records_experiment_id_variant_id_feedback_score",
+        "ix_experiment_records_experiment_id_variant_id_score_id",
         table_name="experiment_records",
     )
     op.drop_index(
