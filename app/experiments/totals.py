@@ -507,7 +507,8 @@ class Totals:
             keys = [unit_id(key, u) for u in sorted(units)]
             counted = 0
             for at in range(0, len(keys), _UNITS_READ):
-                counted += len(await uow.repo(ExperimentUnit).get_many(keys[at : at + _UNITS_READ]))
+                part = keys[at : at + _UNITS_READ]
+                counted += await uow.repo(ExperimentUnit).count(Where.in_("id", part))
             for i, sums in enumerate(parts):
                 _fold(totals, sums, len(units) - counted if i == 0 else 0)
         return rows
