@@ -13,6 +13,7 @@ from app.experiments.entities import (
     ExperimentRecord,
     ExperimentTotals,
     ExperimentUnit,
+    ExperimentWatermark,
 )
 from app.knowledge.entities import (
     KnowledgeBase,
@@ -60,6 +61,7 @@ ENTITIES: tuple[type[Entity], ...] = (
     ExperimentFeedbackChange,
     ExperimentTotals,
     ExperimentUnit,
+    ExperimentWatermark,
     Dataset,
     DatasetVersion,
     DatasetItem,

@@ -84,7 +84,7 @@ def build(entity: type[E], **overrides: Any) -> E:
     info = table_info(entity)
     values: dict[str, Any] = {}
     for name in info.columns:
-        if name in ("created_at", "updated_at", "version"):
+        if name in ("created_at", "updated_at", "version", info.stamp):
             continue
         if name in overrides:
             continue
@@ -110,4 +110,6 @@ async def create(uow: UnitOfWork, entity: type[E], **overrides: Any) -> E:
 
 def comparable(entity: Entity) -> dict[str, Any]:
     """The stored fields of an entity, for equality checks across backends."""
-    return {name: getattr(entity, name) for name in table_info(type(entity)).columns}
+    info = table_info(type(entity))
+    # The commit stamp is the backend's, written at commit.
+    return {name: getattr(entity, name) for name in info.columns if name != info.stamp}

@@ -8,11 +8,13 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
+from sqlmodel import Field
 
 from app.storage.entity import (
     Entity,
     big,
     choice,
+    commit_stamp,
     instant,
     json_list,
     json_object,
@@ -107,15 +109,19 @@ class ExperimentRecord(Entity, table=True):
             "variant_id",
             name="uq_experiment_records_operation_id_item_id_variant_id",
         ),
-        # The records not yet in the totals (`rollup` null) of an experiment, and those one
-        # roll-up took.
-        sa.Index("ix_experiment_records_rollup_experiment_id", "rollup", "experiment_id"),
-        # The least and greatest feedback score of a variant, read without a scan.
+        # The records of an experiment in a range of commit stamps: those not yet in the
+        # totals (at or above its watermark), and those one roll-up counts.
         sa.Index(
-            "ix_experiment_records_experiment_id_variant_id_feedback_score",
+            "ix_experiment_records_experiment_id_commit_stamp", "experiment_id", "commit_stamp"
+        ),
+        # The least and greatest feedback score of a variant, read without a scan (the key
+        # last, as `find` orders: many records share a score).
+        sa.Index(
+            "ix_experiment_records_experiment_id_variant_id_score_id",
             "experiment_id",
             "variant_id",
             "feedback_score",
+            "id",
             postgresql_where=sa.text("feedback_score IS NOT NULL"),
         ),
     )
@@ -142,8 +148,9 @@ class ExperimentRecord(Entity, table=True):
     feedback_score: float | None = None
     feedback_label: str | None = text(None, max_length=100)
     output: str | None = text(None)  # the answer's text, kept for offline items only
-    # The roll-up that counted this record in `ExperimentTotals`; null until one does.
-    rollup: str | None = text(None, max_length=64)
+    # When it was committed, in commit order: the totals count the records stamped below
+    # the experiment's `ExperimentWatermark`.
+    commit_stamp: int | None = commit_stamp()
     # Offline, on a variant's record: this record's value minus control's on the same item
     # (both successful for the metrics of successes), for the paired tests of a batch.
     success_diff: int | None = None
@@ -160,7 +167,11 @@ class ExperimentFeedbackChange(Entity, table=True):
 
     __tablename__ = "experiment_feedback_changes"
     __table_args__ = (
-        sa.Index("ix_experiment_feedback_changes_rollup_experiment_id", "rollup", "experiment_id"),
+        sa.Index(
+            "ix_experiment_feedback_changes_experiment_id_commit_stamp",
+            "experiment_id",
+            "commit_stamp",
+        ),
     )
 
     id: str = pk()
@@ -174,7 +185,23 @@ class ExperimentFeedbackChange(Entity, table=True):
     score_squares: float = 0.0  # the new score squared minus the old one squared
     label_added: str | None = text(None, max_length=100)
     label_removed: str | None = text(None, max_length=100)
-    rollup: str | None = text(None, max_length=64)
+    commit_stamp: int | None = commit_stamp()
+
+
+class ExperimentWatermark(Entity, table=True):
+    """How far the totals of an experiment go: they count its records and feedback changes
+    stamped below `watermark` (`commit_stamp`), none at or above it. A roll-up moves it in
+    the transaction that adds to the totals, version-checked, so two cannot count the same
+    range; feedback written in place on a record not yet counted steps its version too."""
+
+    __tablename__ = "experiment_watermarks"
+
+    id: str = Field(  # the experiment's id
+        primary_key=True,
+        max_length=64,
+        sa_column_args=[sa.ForeignKey("experiments.id", ondelete="CASCADE")],
+    )
+    watermark: int = big()
 
 
 class ExperimentTotals(Entity, table=True):

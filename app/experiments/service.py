@@ -41,7 +41,7 @@ from app.experiments.schemas import (
     ResultsRead,
     VariantSpec,
 )
-from app.experiments.totals import Totals, change_of
+from app.experiments.totals import Totals, change_of, save_watermark, watermark
 from app.gateway.chat import ChatService
 from app.operations.entities import Operation
 from app.operations.service import OperationService, check_operation_id
@@ -299,7 +299,7 @@ class ExperimentService:
         for attempt in range(_FEEDBACK_ATTEMPTS):
             try:
                 return await self._give_feedback(record.id, request_id, score, label)
-            except StaleVersion:
+            except (StaleVersion, DuplicateKey):
                 # A roll-up counted the record meanwhile (or more feedback came): read again.
                 if attempt == _FEEDBACK_ATTEMPTS - 1:
                     raise
@@ -308,15 +308,20 @@ class ExperimentService:
     async def _give_feedback(
         self, record_id: str, request_id: str, score: float | None, label: str | None
     ) -> ExperimentRecord:
-        """Set the feedback on the record; if a roll-up has counted it already, record what
-        the change adds to the totals in the same transaction (the version check makes the
-        two agree on whether it was counted)."""
+        """Set the feedback on the record; if a roll-up has counted it already (it is stamped
+        below the watermark), record what the change adds to the totals in the same
+        transaction. Otherwise the roll-up to come counts the record as written: stepping the
+        watermark's version makes a roll-up counting it meanwhile, or this write, start over."""
         async with self._storage.unit_of_work() as uow:
             repo = uow.repo(ExperimentRecord)
             record = await repo.get(record_id)
             if record is None:
                 raise NotFound("experiment call", request_id, param="request_id")
-            change = change_of(record, score, label) if record.rollup is not None else None
+            mark, stored = await watermark(uow, record.experiment_id)
+            counted = record.commit_stamp is not None and record.commit_stamp < mark.watermark
+            change = change_of(record, score, label) if counted else None
+            if not counted:
+                await save_watermark(uow, mark, stored)
             if score is not None:
                 record.feedback_score = score
             if label is not None:
@@ -339,14 +344,13 @@ class ExperimentService:
 
     async def results(self, experiment_id: str, *, operation_id: str | None = None) -> ResultsRead:
         """Live results, or with `operation_id` those of one of its batches, from the totals
-        (once what arrived since the last roll-up is rolled up)."""
+        and the records not yet rolled up (nothing is written)."""
         experiment = await self.get(experiment_id)
         if operation_id is None:
             source = RecordSource.LIVE
         else:
             check_operation_id(operation_id, param="operation_id")
             source = RecordSource.OFFLINE
-        await self._totals.roll_up(experiment_id)
         found = await self._totals.read(
             experiment_id, source=source, operation_id=operation_id, fractions=QUANTILES
         )

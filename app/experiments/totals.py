@@ -1,12 +1,16 @@
 """Experiment totals: what the records of each variant sum to, live or per batch, kept in a
 few rows so results never read every record.
 
-A roll-up claims the records (and feedback changes) of an experiment that no roll-up has
-counted yet (`update_all` of their `rollup` column: concurrent roll-ups take different rows,
-and the claim and the totals commit together, so a record is counted once), sums them in the
-database (`summarize`, `count_by`) and adds the sums to the `ExperimentTotals` rows. Nothing on
-a call's path changes: records are inserted as before, and a periodic task and each results
-query roll up what has arrived since.
+Every record (and feedback change) carries a commit stamp (`commit_stamp()`: the inserting
+transaction's id on PostgreSQL), and each experiment an `ExperimentWatermark`: its totals count
+exactly the rows stamped below it. A roll-up reads the commit horizon (no row can appear below
+it any more), sums in the database (`summarize`, `count_by`) the rows stamped in [watermark,
+horizon) — at most a chunk of records, ending between two stamps — adds the sums to the
+`ExperimentTotals` rows and moves the watermark, version-checked, in the same transaction: two
+roll-ups cannot both count a range (the second one starts over). Records are only read, never
+written, by a roll-up, and nothing on a call's path changes. Results are the totals plus the
+same sums over the rows at or above the watermark (few, since a periodic task rolls up), so a
+results query writes nothing.
 
 What the totals keep, per variant: the calls; `Moments` (count, sum, sum of squares, least,
 greatest) of each metric, whose integer sums stay exact integers, so means, variances and
@@ -16,8 +20,11 @@ tallies; and for latency and time to first token a DDSketch (relative accuracy 1
 quantile read from it is within 1 % of the value of rank ⌊q·(n - 1)⌋ among the n values (the
 "lower" quantile), whatever n is.
 
-Feedback given to a record already counted becomes an `ExperimentFeedbackChange` (the new score
-and label in, the old ones out), rolled up the same way; the least and greatest score are read
+Feedback given to a record already counted (stamped below the watermark) becomes an
+`ExperimentFeedbackChange` (the new score and label in, the old ones out), stamped and rolled
+up with the records by the same watermark; feedback to a record not yet counted is written on
+it, and steps the watermark's version so that a roll-up counting the record meanwhile starts
+over; the least and greatest score are read
 from the records themselves (an index gives each in one lookup), since a replaced score cannot
 be taken out of a minimum.
 """
@@ -36,10 +43,12 @@ from ddsketch.mapping import LogarithmicMapping
 from app.core.errors import DuplicateKey, StaleVersion
 from app.core.ids import new_id
 from app.experiments.entities import (
+    Experiment,
     ExperimentFeedbackChange,
     ExperimentRecord,
     ExperimentTotals,
     ExperimentUnit,
+    ExperimentWatermark,
     Metric,
     RecordSource,
 )
@@ -59,10 +68,13 @@ SKETCHED = (Metric.LATENCY_MS, Metric.FIRST_TOKEN_MS)
 # The metrics an offline record holds its difference from control's for (`<metric>_diff`).
 PAIRED = (Metric.SUCCESS_RATE, *OF_SUCCESSES)
 SKETCH_ACCURACY = 0.01
-# Records (and feedback changes) one roll-up transaction claims at most: each is updated once
-# (its `rollup`), well under a second a chunk.
-CHUNK = 5_000
+# Records one roll-up transaction counts at most (all of a transaction's, should it have more):
+# they are only read, a few seconds' work a chunk.
+CHUNK = 50_000
+STAMP = "commit_stamp"
 _ATTEMPTS = 5
+_PAGE = 500
+_UNITS_READ = 10_000  # unit keys looked up a query
 _ZERO = "zero"  # the sketch bin of values too small for a logarithm (0 ms)
 _MAPPING = LogarithmicMapping(SKETCH_ACCURACY)
 _SUCCESS = "success"
@@ -89,6 +101,24 @@ def totals_id(
 
 def unit_id(totals: str, unit: str) -> str:
     return _digest(totals, unit)
+
+
+async def watermark(uow: UnitOfWork, experiment_id: str) -> tuple[ExperimentWatermark, bool]:
+    """The experiment's watermark (0 before its first roll-up), and whether it is stored."""
+    found = await uow.repo(ExperimentWatermark).get(experiment_id)
+    if found is not None:
+        return found, True
+    return ExperimentWatermark(id=experiment_id, watermark=0), False
+
+
+async def save_watermark(uow: UnitOfWork, mark: ExperimentWatermark, stored: bool) -> None:
+    """Write `mark`, version-checked: `StaleVersion` (or `DuplicateKey`, for the first one)
+    when another unit wrote it since it was read."""
+    repo = uow.repo(ExperimentWatermark)
+    if stored:
+        await repo.update(mark)
+    else:
+        await repo.add(mark)
 
 
 # ---- moments and sketches ------------------------------------------------------------------
@@ -177,28 +207,28 @@ Group = tuple[RecordSource, str | None, str]  # source, batch (offline), variant
 
 
 async def _selections(
-    repo: Any, claimed: Where
+    repo: Any, span: Sequence[Where]
 ) -> list[tuple[RecordSource, str | None, list[Where]]]:
-    """The live records and each batch's among those claimed, with their conditions."""
+    """The live records and each batch's among those matching `span`, with their conditions."""
     found: list[tuple[RecordSource, str | None, list[Where]]] = []
-    sources = await repo.count_by("source", claimed)
+    sources = await repo.count_by("source", *span)
     if RecordSource.LIVE in sources:
-        found.append((RecordSource.LIVE, None, [claimed, Where.eq("source", RecordSource.LIVE)]))
+        found.append((RecordSource.LIVE, None, [*span, Where.eq("source", RecordSource.LIVE)]))
     if RecordSource.OFFLINE in sources:
         offline = Where.eq("source", RecordSource.OFFLINE)
-        for batch in await repo.count_by("operation_id", claimed, offline):
+        for batch in await repo.count_by("operation_id", *span, offline):
             found.append(
-                (RecordSource.OFFLINE, batch, [claimed, offline, Where.eq("operation_id", batch)])
+                (RecordSource.OFFLINE, batch, [*span, offline, Where.eq("operation_id", batch)])
             )
     return found
 
 
-async def record_sums(uow: UnitOfWork, claimed: Where) -> dict[Group, Sums]:
-    """The sums of the records matching `claimed`, per source, batch and variant."""
+async def record_sums(uow: UnitOfWork, span: Sequence[Where]) -> dict[Group, Sums]:
+    """The sums of the records matching `span`, per source, batch and variant."""
     repo = uow.repo(ExperimentRecord)
     sums: dict[Group, Sums] = {}
     every_columns = [_SUCCESS, _FEEDBACK, *(diff_column(m) for m in PAIRED)]
-    for source, batch, where in await _selections(repo, claimed):
+    for source, batch, where in await _selections(repo, span):
         every = await repo.summarize("variant_id", every_columns, *where)
         ok = Where.eq("success", True)
         successes = await repo.summarize("variant_id", [m.value for m in OF_SUCCESSES], *where, ok)
@@ -222,11 +252,11 @@ async def record_sums(uow: UnitOfWork, claimed: Where) -> dict[Group, Sums]:
     return sums
 
 
-async def change_sums(uow: UnitOfWork, claimed: Where) -> dict[Group, Sums]:
-    """What the feedback changes matching `claimed` add, per source, batch and variant."""
+async def change_sums(uow: UnitOfWork, span: Sequence[Where]) -> dict[Group, Sums]:
+    """What the feedback changes matching `span` add, per source, batch and variant."""
     repo = uow.repo(ExperimentFeedbackChange)
     sums: dict[Group, Sums] = {}
-    for source, batch, where in await _selections(repo, claimed):
+    for source, batch, where in await _selections(repo, span):
         found = await repo.summarize("variant_id", ["scored", "score", "score_squares"], *where)
         for variant_id, summary in found.items():
             group = sums[(source, batch, variant_id)] = Sums()
@@ -273,61 +303,76 @@ class Totals:
         self._chunk = chunk
 
     async def roll_up(self, experiment_id: str) -> int:
-        """Count every record and feedback change of the experiment not yet counted; how
-        many were."""
+        """Count every record and feedback change of the experiment committed before now and
+        not yet counted; how many were."""
         counted = 0
         while True:
-            claimed = await self._roll_up_chunk(experiment_id)
-            counted += claimed
-            if claimed < self._chunk:
+            found, more = await self._roll_up_range(experiment_id)
+            counted += found
+            if not more:
                 return counted
 
     async def roll_up_all(self) -> int:
-        """`roll_up` every experiment with something to count (the periodic task)."""
-        waiting = Where.is_null("rollup")
-        async with self._storage.unit_of_work() as uow:
-            pending = set(await uow.repo(ExperimentRecord).count_by("experiment_id", waiting))
-            pending |= set(
-                await uow.repo(ExperimentFeedbackChange).count_by("experiment_id", waiting)
-            )
+        """`roll_up` every experiment (the periodic task): one index lookup each when nothing
+        arrived."""
         counted = 0
-        for experiment_id in sorted(pending):
-            counted += await self.roll_up(experiment_id)
-        return counted
+        after: str | None = None
+        while True:
+            async with self._storage.unit_of_work() as uow:
+                page = await uow.repo(Experiment).find(order_by=["id"], limit=_PAGE, after=after)
+            for experiment in page.items:
+                counted += await self.roll_up(experiment.id)
+            if page.next_cursor is None:
+                return counted
+            after = page.next_cursor
 
-    async def _roll_up_chunk(self, experiment_id: str) -> int:
+    async def _roll_up_range(self, experiment_id: str) -> tuple[int, bool]:
         for attempt in range(_ATTEMPTS):
             try:
-                return await self._claim_and_count(experiment_id)
+                return await self._count_range(experiment_id)
             except (StaleVersion, DuplicateKey):
-                # Another roll-up wrote the same totals (or units) first: claim again.
+                # Another roll-up moved the watermark (or wrote the same units) first, or
+                # feedback changed a record of the range: count again from the new one.
                 if attempt == _ATTEMPTS - 1:
                     raise
-        return 0  # pragma: no cover
+        return 0, False  # pragma: no cover
 
-    async def _claim_and_count(self, experiment_id: str) -> int:
-        token = new_id("rollup")
-        waiting = [Where.eq("experiment_id", experiment_id), Where.is_null("rollup")]
-        claimed = Where.eq("rollup", token)
+    async def _count_range(self, experiment_id: str) -> tuple[int, bool]:
+        """Count the records and changes stamped in [watermark, end) and move the watermark
+        to `end`: the horizon, or an earlier stamp when more than a chunk of records lies
+        below it; how many were counted, and whether some are left below the horizon."""
         async with self._storage.unit_of_work() as uow:
-            records = await uow.repo(ExperimentRecord).update_all(
-                {"rollup": token}, *waiting, limit=self._chunk
+            mark, stored = await watermark(uow, experiment_id)
+            horizon = await uow.commit_horizon()
+            if horizon <= mark.watermark:
+                return 0, False
+            mine = Where.eq("experiment_id", experiment_id)
+            stamps = await uow.repo(ExperimentRecord).count_by(
+                STAMP, mine, Where.ge(STAMP, mark.watermark), Where.lt(STAMP, horizon)
             )
-            changes = await uow.repo(ExperimentFeedbackChange).update_all(
-                {"rollup": token}, *waiting, limit=self._chunk
-            )
+            # A transaction's records share a stamp: a range ends between two stamps.
+            end, more, records = horizon, False, 0
+            for stamp in sorted(stamps):
+                if records >= self._chunk:
+                    end, more = stamp, True
+                    break
+                records += stamps[stamp].count
+            span = [mine, Where.ge(STAMP, mark.watermark), Where.lt(STAMP, end)]
+            changes = await uow.repo(ExperimentFeedbackChange).count(*span)
             if not records and not changes:
-                return 0
+                return 0, False  # nothing to count: the watermark need not move
             groups: dict[Group, list[Sums]] = {}
             if records:
-                for group, sums in (await record_sums(uow, claimed)).items():
+                for group, sums in (await record_sums(uow, span)).items():
                     groups.setdefault(group, []).append(sums)
             if changes:
-                for group, sums in (await change_sums(uow, claimed)).items():
+                for group, sums in (await change_sums(uow, span)).items():
                     groups.setdefault(group, []).append(sums)
             await self._add(uow, experiment_id, groups)
+            mark.watermark = end
+            await save_watermark(uow, mark, stored)
             await uow.commit()
-        return max(records, changes)
+        return records + changes, more
 
     async def _add(
         self, uow: UnitOfWork, experiment_id: str, groups: Mapping[Group, list[Sums]]
@@ -386,10 +431,12 @@ class Totals:
             if operation_id is not None
             else Where.is_null("operation_id")
         )
+        # Live records may name the job that made the call: only a batch's are told apart by it.
+        tail = where[:2] if operation_id is None else where
         async with self._storage.unit_of_work() as uow:
-            rows = (await uow.repo(ExperimentTotals).find(*where)).items
+            rows = await self._with_tail(uow, experiment_id, where, tail)
             found = {}
-            for totals in rows:
+            for totals in rows.values():
                 moments = {k: decode_moments(v) for k, v in totals.moments.items()}
                 feedback = moments.get(_FEEDBACK, Moments())
                 if feedback.n:
@@ -415,6 +462,56 @@ class Totals:
                 labels = {k: int(v) for k, v in totals.labels.items()}
                 found[totals.variant_id] = (every, successes, labels)
         return found
+
+    async def _with_tail(
+        self,
+        uow: UnitOfWork,
+        experiment_id: str,
+        where: Sequence[Where],
+        records: Sequence[Where],
+    ) -> dict[str, ExperimentTotals]:
+        """The totals rows matching `where` plus what the records (and changes) matching
+        `records` not yet rolled up (stamped at or above the watermark) add to them, nothing
+        written.
+
+        The watermark is read before and after: a roll-up (or feedback changing a record not
+        yet counted) that commits meanwhile steps its version, and the read starts again, so
+        the totals and the rest are of the same watermark."""
+        for _ in range(_ATTEMPTS):
+            mark, _stored = await watermark(uow, experiment_id)
+            rows = {t.id: t for t in (await uow.repo(ExperimentTotals).find(*where)).items}
+            tail = [*records, Where.ge(STAMP, mark.watermark)]
+            groups: dict[Group, list[Sums]] = {}
+            for group, sums in (await record_sums(uow, tail)).items():
+                groups.setdefault(group, []).append(sums)
+            for group, sums in (await change_sums(uow, tail)).items():
+                groups.setdefault(group, []).append(sums)
+            again, _ = await watermark(uow, experiment_id)
+            if again.version == mark.version:
+                break
+        else:
+            raise StaleVersion("ExperimentWatermark", experiment_id, mark.version)
+        for group, parts in groups.items():
+            key = totals_id(experiment_id, *group)
+            totals = rows.get(key)
+            if totals is None:
+                source, batch, variant_id = group
+                totals = rows[key] = ExperimentTotals(
+                    id=key,
+                    experiment_id=experiment_id,
+                    variant_id=variant_id,
+                    source=source,
+                    operation_id=batch,
+                )
+            units: set[str] = set().union(*(p.units for p in parts))
+            keys = [unit_id(key, u) for u in sorted(units)]
+            counted = 0
+            for at in range(0, len(keys), _UNITS_READ):
+                part = keys[at : at + _UNITS_READ]
+                counted += await uow.repo(ExperimentUnit).count(Where.in_("id", part))
+            for i, sums in enumerate(parts):
+                _fold(totals, sums, len(units) - counted if i == 0 else 0)
+        return rows
 
     async def _score_extremes(
         self, uow: UnitOfWork, totals: ExperimentTotals

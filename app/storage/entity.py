@@ -109,6 +109,26 @@ def big(default: int | None = 0, *, index: bool = False) -> Any:
     return Field(default=default, sa_type=sa.BigInteger, nullable=default is None, index=index)
 
 
+# The column `commit_stamp()` declares: a commit-order stamp every backend writes on insert.
+COMMIT_STAMP_INFO = "commit_stamp"
+
+
+def commit_stamp() -> Any:
+    """A commit-order stamp, written by the backend when the row is inserted and never
+    changed: a row committed after `UnitOfWork.commit_horizon()` returned h is stamped h or
+    above. On PostgreSQL the inserting transaction's id, on the memory backend a counter
+    stepped at each commit. None on an entity not yet read back."""
+    return Field(
+        default=None,
+        sa_type=sa.BigInteger,
+        nullable=True,
+        sa_column_kwargs={
+            "server_default": sa.text("pg_current_xact_id()::text::bigint"),
+            "info": {COMMIT_STAMP_INFO: True},
+        },
+    )
+
+
 def reference(
     target: str, *, on_delete: str = "CASCADE", nullable: bool = False, index: bool = True
 ) -> Any:

@@ -20,7 +20,7 @@ from sqlalchemy.orm.instrumentation import manager_of_class
 from sqlmodel import SQLModel
 
 from app.core.errors import InvalidInput
-from app.storage.entity import Entity
+from app.storage.entity import COMMIT_STAMP_INFO, Entity
 from app.storage.protocol import Append, IfNull, Increment, Op, Where
 
 E = TypeVar("E", bound=Entity)
@@ -62,6 +62,8 @@ class TableInfo:
     nullable: frozenset[str]
     unique: tuple[tuple[str, ...], ...]
     references: tuple[ForeignKey, ...]
+    # The `commit_stamp()` column, if the entity has one.
+    stamp: str | None = None
 
     @property
     def kind(self) -> str:
@@ -103,6 +105,7 @@ def table_info(entity: type[Entity]) -> TableInfo:
         nullable=frozenset(c.name for c in table.columns if c.nullable),
         unique=tuple(dict.fromkeys(unique)),
         references=references,
+        stamp=next((c.name for c in table.columns if c.info.get(COMMIT_STAMP_INFO)), None),
     )
 
 

@@ -88,6 +88,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._tables: dict[str, _Table] = {}
+        # The commit stamp the next commit writes on the rows it inserts (`commit_stamp()`).
+        self.next_stamp = 1
 
     def table(self, info: TableInfo) -> _Table:
         table = self._tables.get(info.name)
@@ -264,13 +266,24 @@ class MemoryUnitOfWork(UnitOfWorkBase):
         """Validate the staged writes against what is committed now and make them visible."""
         with self._store.lock:
             self._validate_commit()
+            stamp = self._store.next_stamp
+            self._store.next_stamp += 1
             for name, staged in self._staged.items():
-                table = self._store.table(table_info(entity_for_table(name)))
+                info = table_info(entity_for_table(name))
+                table = self._store.table(info)
                 for key, row in staged.items():
+                    if row is not None and info.stamp is not None:
+                        current = table.rows.get(key)
+                        row[info.stamp] = stamp if current is None else current[info.stamp]
                     table.put(key, row)
         self._staged.clear()
         self._staged_keys.clear()
         self._based_on.clear()
+
+    async def commit_horizon(self) -> int:
+        self._usable()
+        with self._store.lock:
+            return self._store.next_stamp
 
     # ---- internals used by the repositories ----------------------------------------------
 
@@ -522,17 +535,13 @@ class MemoryRepository(Generic[E]):
             self._rewrite(entity_id, row, current)
         return row
 
-    async def update_all(
-        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
-    ) -> int:
+    async def update_all(self, changes: Mapping[str, Any], *where: Where) -> int:
         self._uow._usable()
         conds = _normalise(where, self._info)
         checked = check_changes(self._type, changes)
         pk = self._info.pk
         with self._uow._write():
             rows = list(self._uow._rows(self._info, conds))
-            if limit is not None:
-                rows = sorted(rows, key=lambda r: r[pk])[: max(0, limit)]
             for current in rows:
                 entity = self._load(current)
                 for name, change in checked.items():
@@ -544,6 +553,8 @@ class MemoryRepository(Generic[E]):
         row["version"] = current["version"] + 1
         row["updated_at"] = utcnow()
         row["created_at"] = current["created_at"]
+        if self._info.stamp is not None:
+            row[self._info.stamp] = current[self._info.stamp]
         self._uow._check_unique(self._info, row)
         self._uow._check_references(self._info, row)
         self._uow._stage(self._info, key, row, current)

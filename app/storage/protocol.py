@@ -209,15 +209,11 @@ class Repository(Protocol[E]):
         row written is not read back."""
         ...
 
-    async def update_all(
-        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
-    ) -> int:
+    async def update_all(self, changes: Mapping[str, Any], *where: Where) -> int:
         """Set `changes` on every entity matching all conditions, in one statement; how many.
 
-        With `limit`, at most that many are changed, and rows another unit of work is
-        changing are skipped rather than waited for (`FOR UPDATE SKIP LOCKED`): two units
-        claiming rows this way take different ones. Each row written gets its next version,
-        so a unit that read one before cannot commit a stale change to it.
+        Each row written gets its next version, so a unit that read one before cannot commit
+        a stale change to it.
         """
         ...
 
@@ -287,6 +283,13 @@ class UnitOfWork(Protocol):
 
     async def commit(self) -> None:
         """Make every write of this unit visible, then run the after-commit callbacks."""
+        ...
+
+    async def commit_horizon(self) -> int:
+        """The commit-order stamp below which no row can ever appear again: every row with a
+        `commit_stamp()` under it is committed (and visible to what this unit reads next),
+        and any row inserted by a unit still open, or committed later, is stamped at or above
+        it. So the rows stamped in [a, b), b a horizon read earlier, are a fixed set."""
         ...
 
     async def rollback(self) -> None:

@@ -362,6 +362,10 @@ class SqlUnitOfWork(UnitOfWorkBase):
             await self._release()
         await self._run_callbacks()
 
+    async def commit_horizon(self) -> int:
+        rows = await self._fetch(_HORIZON, {}, None)
+        return int(rows[0][0])
+
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
         self._in_transaction = False
@@ -511,14 +515,21 @@ class _Table:
         return dict(zip(self.names, values, strict=True))
 
 
+_XACT_ID = "pg_current_xact_id()::text::bigint"
+# Every transaction with a lower id has ended: any row inserted from now on has a higher one.
+_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
 @cache
 def _table(info: TableInfo) -> _Table:
     names = tuple(c.name for c in info.table.columns)
     columns = ", ".join(_q(n) for n in names)
     table, pk = _q(info.name), _q(info.pk)
-    settable = [n for n in names if n not in (info.pk, "created_at")]
+    settable = [n for n in names if n not in (info.pk, "created_at", info.stamp)]
     returning = f"RETURNING {columns}"
-    insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(f'%({n})s' for n in names)})"
+    # The commit stamp is the inserting transaction's id, whatever the entity carries.
+    values = [_XACT_ID if n == info.stamp else f"%({n})s" for n in names]
+    insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(values)})"
     return _Table(
         names=names,
         select=f"SELECT {columns} FROM {table}",
@@ -692,23 +703,13 @@ class SqlRepository(Generic[E]):
         query = f"UPDATE {_q(self._info.name)} SET {', '.join(sets)}{_where(clauses)}"
         return query, params
 
-    async def update_all(
-        self, changes: Mapping[str, Any], *where: Where, limit: int | None = None
-    ) -> int:
+    async def update_all(self, changes: Mapping[str, Any], *where: Where) -> int:
         params = check_changes(self._type, changes)
         sets = [_assignment(self._info, name, params) for name in list(params)]
         sets += ["version = version + 1", "updated_at = %(_now)s"]
         clauses = _conditions(self._info, where, params)
         params["_now"] = utcnow()
-        table, key = _q(self._info.name), _q(self._info.pk)
-        if limit is not None:
-            # The keys first, then the rows by primary key: a plan that never scans the table,
-            # whatever the statistics say of the conditions.
-            clauses = [
-                f"{key} = ANY(ARRAY(SELECT {key} FROM {table}{_where(clauses)} "
-                f"LIMIT {int(limit)} FOR UPDATE SKIP LOCKED))"
-            ]
-        query = f"UPDATE {table} SET {', '.join(sets)}{_where(clauses)}"
+        query = f"UPDATE {_q(self._info.name)} SET {', '.join(sets)}{_where(clauses)}"
         return await self._uow._execute(query, params, self._info)
 
     async def delete(self, entity_id: Any) -> bool:

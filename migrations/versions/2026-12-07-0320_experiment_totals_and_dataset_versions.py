@@ -1,9 +1,9 @@
 """Experiment totals (rolled up from records: totals, units, feedback changes), the paired
 differences of offline records, and dataset versions (items valid over a range of versions).
 
-Records already stored have no roll-up yet: the first results query (or the periodic task)
-counts them. Items already stored become version 1 of their rows, and each dataset gets one
-version row, its current revision: earlier versions were not kept.
+Records already stored are stamped with this migration's transaction id, below any later
+horizon: the first roll-up counts them. Items already stored become version 1 of their rows,
+and each dataset gets one version row, its current revision: earlier versions were not kept.
 
 Revision ID: 5c2e8a41d7f3
 Revises: 3f1b7c9d2e40
@@ -24,6 +24,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 CURRENT = 2**31 - 1
+# The inserting transaction's id: a commit-order stamp (`app.storage.entity.commit_stamp`).
+_XACT_ID = sa.text("pg_current_xact_id()::text::bigint")
 _DIFFS = (
     ("success_diff", sa.Integer()),
     ("latency_ms_diff", sa.Integer()),
@@ -52,19 +54,22 @@ def _experiment_reference(table: str) -> sa.ForeignKeyConstraint:
 
 
 def upgrade() -> None:
-    op.add_column("experiment_records", sa.Column("rollup", sa.String(length=64), nullable=True))
+    op.add_column(
+        "experiment_records",
+        sa.Column("commit_stamp", sa.BigInteger(), server_default=_XACT_ID, nullable=True),
+    )
     for name, kind in _DIFFS:
         op.add_column("experiment_records", sa.Column(name, kind, nullable=True))
     op.create_index(
-        "ix_experiment_records_rollup_experiment_id",
+        "ix_experiment_records_experiment_id_commit_stamp",
         "experiment_records",
-        ["rollup", "experiment_id"],
+        ["experiment_id", "commit_stamp"],
         unique=False,
     )
     op.create_index(
-        "ix_experiment_records_experiment_id_variant_id_feedback_score",
+        "ix_experiment_records_experiment_id_variant_id_score_id",
         "experiment_records",
-        ["experiment_id", "variant_id", "feedback_score"],
+        ["experiment_id", "variant_id", "feedback_score", "id"],
         unique=False,
         postgresql_where=sa.text("feedback_score IS NOT NULL"),
     )
@@ -82,7 +87,7 @@ def upgrade() -> None:
         sa.Column("score_squares", sa.Float(), nullable=False),
         sa.Column("label_added", sa.String(length=100), nullable=True),
         sa.Column("label_removed", sa.String(length=100), nullable=True),
-        sa.Column("rollup", sa.String(length=64), nullable=True),
+        sa.Column("commit_stamp", sa.BigInteger(), server_default=_XACT_ID, nullable=True),
         _experiment_reference("experiment_feedback_changes"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_experiment_feedback_changes")),
     )
@@ -93,10 +98,23 @@ def upgrade() -> None:
         unique=False,
     )
     op.create_index(
-        "ix_experiment_feedback_changes_rollup_experiment_id",
+        "ix_experiment_feedback_changes_experiment_id_commit_stamp",
         "experiment_feedback_changes",
-        ["rollup", "experiment_id"],
+        ["experiment_id", "commit_stamp"],
         unique=False,
+    )
+    op.create_table(
+        "experiment_watermarks",
+        *_stamps(),
+        sa.Column("id", sa.String(length=64), nullable=False),
+        sa.Column("watermark", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["id"],
+            ["experiments.id"],
+            name=op.f("fk_experiment_watermarks_id_experiments"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_experiment_watermarks")),
     )
     op.create_table(
         "experiment_totals",
@@ -202,12 +220,15 @@ def downgrade() -> None:
 
     op.drop_table("experiment_units")
     op.drop_table("experiment_totals")
+    op.drop_table("experiment_watermarks")
     op.drop_table("experiment_feedback_changes")
     op.drop_index(
-        "ix_experiment_records_experiment_id_variant_id_feedback_score",
+        "ix_experiment_records_experiment_id_variant_id_score_id",
         table_name="experiment_records",
     )
-    op.drop_index("ix_experiment_records_rollup_experiment_id", table_name="experiment_records")
+    op.drop_index(
+        "ix_experiment_records_experiment_id_commit_stamp", table_name="experiment_records"
+    )
     for name, _ in _DIFFS:
         op.drop_column("experiment_records", name)
-    op.drop_column("experiment_records", "rollup")
+    op.drop_column("experiment_records", "commit_stamp")

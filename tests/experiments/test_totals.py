@@ -14,11 +14,36 @@ from scipy import stats
 
 from app.core.ids import new_id
 from app.experiments.batches import pair
-from app.experiments.entities import ExperimentRecord, ExperimentTotals, RecordSource
+from app.experiments.entities import (
+    ExperimentFeedbackChange,
+    ExperimentRecord,
+    ExperimentTotals,
+    ExperimentWatermark,
+    RecordSource,
+)
 from app.experiments.totals import SKETCH_ACCURACY, Totals
-from app.storage.protocol import Where
+from app.storage.protocol import Storage, Where
 from tests.experiments.conftest import Gateway, experiment
 from tests.experiments.test_results import by, generated, store
+
+
+async def settled(storage: Storage) -> None:
+    """Wait until every record and feedback change committed is below the commit horizon, so
+    a roll-up counts it (on a shared PostgreSQL server, a transaction open elsewhere holds
+    the horizon back)."""
+    stamps = [0]
+    async with storage.unit_of_work() as uow:
+        for kind in (ExperimentRecord, ExperimentFeedbackChange):
+            newest = await uow.repo(kind).find(
+                Where.is_null("commit_stamp", False), order_by=["-commit_stamp"], limit=1
+            )
+            stamps += [e.commit_stamp or 0 for e in newest.items]
+    for _ in range(300):
+        async with storage.unit_of_work() as uow:
+            if await uow.commit_horizon() > max(stamps):
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the commit horizon did not pass the newest record")
 
 
 def flat(value: Any, path: str = "") -> dict[str, Any]:
@@ -48,6 +73,7 @@ async def test_results_are_the_same_however_the_records_were_rolled_up(
     ]
     small = Totals(gateway.storage, chunk=7)
     await store(gateway, copies[:200])
+    await settled(gateway.storage)
     assert await small.roll_up("again") == 200
     await store(gateway, copies[200:])
     piecewise = await gateway.get("/admin/experiments/again/results")
@@ -61,15 +87,24 @@ async def test_results_are_the_same_however_the_records_were_rolled_up(
                 assert mine[path] == pytest.approx(value, rel=1e-12), path
             else:
                 assert mine[path] == value, path
+    # The results query wrote nothing: the last 340 records wait, above the watermark.
+    await settled(gateway.storage)
+    assert await small.roll_up("again") == 340
     async with gateway.storage.unit_of_work() as uow:
-        waiting = await uow.repo(ExperimentRecord).count(Where.is_null("rollup"))
+        mark = await uow.repo(ExperimentWatermark).get("again")
+        assert mark is not None
+        waiting = await uow.repo(ExperimentRecord).count(
+            Where.eq("experiment_id", "again"), Where.ge("commit_stamp", mark.watermark)
+        )
     assert waiting == 0
+    assert flat(await gateway.get("/admin/experiments/again/results")) == flat(piecewise)
 
 
 async def test_concurrent_roll_ups_count_each_record_once(gateway: Gateway) -> None:
     await gateway.running(experiment())
     records, _ = generated("control", 400, success=0.9, latency=500, score=3.0)
     await store(gateway, records)
+    await settled(gateway.storage)
 
     counted = await asyncio.gather(
         *(Totals(gateway.storage, chunk=50).roll_up("exp") for _ in range(3))
@@ -99,7 +134,8 @@ async def test_feedback_given_after_a_roll_up_still_counts(gateway: Gateway) -> 
         for i in range(40)
     ]
     await store(gateway, records)
-    await gateway.get("/admin/experiments/exp/results")  # rolls every record up
+    await settled(gateway.storage)
+    assert await gateway.services.experiments.roll_up() == 40
     scores = {r.request_id: r.feedback_score for r in records}
     labels = {r.request_id: r.feedback_label for r in records}
     experiments = gateway.services.experiments
@@ -131,6 +167,12 @@ async def test_feedback_given_after_a_roll_up_still_counts(gateway: Gateway) -> 
     reference = stats.ttest_ind(theirs, given, equal_var=False)
     assert compared["statistic"] == pytest.approx(reference.statistic, rel=1e-9)
     assert compared["p_value"] == pytest.approx(reference.pvalue, rel=1e-9)
+
+    # The feedback to counted records became changes, rolled up like records: the same
+    # results once they are.
+    await settled(gateway.storage)
+    assert await experiments.roll_up() == 7
+    assert flat(await gateway.get("/admin/experiments/exp/results")) == flat(results)
 
 
 def paired_records(operation_id: str, n: int) -> tuple[list[ExperimentRecord], dict[str, Any]]:

@@ -18,6 +18,7 @@ from app.core.errors import (
     ReferenceViolation,
     StaleVersion,
 )
+from app.experiments.entities import ExperimentRecord
 from app.operations.entities import Operation, OperationStatus
 from app.queue.names import OperationKind
 from app.schema import ENTITIES
@@ -542,27 +543,68 @@ async def test_update_all_changes_every_matching_row_and_bumps_its_version(
     ]
 
 
-async def test_update_all_with_a_limit_lets_concurrent_claims_take_different_rows(
+# ---- commit stamps ---------------------------------------------------------------------
+
+
+async def _stamp_of(storage: Storage, record_id: str) -> int:
+    async with storage.unit_of_work() as uow:
+        found = await uow.repo(ExperimentRecord).get(record_id)
+    assert found is not None and found.commit_stamp is not None
+    return found.commit_stamp
+
+
+async def _horizon_past(storage: Storage, stamp: int) -> int:
+    for _ in range(300):
+        async with storage.unit_of_work() as uow:
+            horizon = await uow.commit_horizon()
+        if horizon > stamp:
+            return horizon
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the horizon stayed at or below {stamp}")
+
+
+async def test_a_row_committed_after_a_horizon_was_read_is_stamped_at_or_above_it(
     storage: Storage,
 ) -> None:
-    await add_ops(storage, [op(n) for n in range(1, 11)])
-    unclaimed = Where.eq("queue", "chat")
-    async with storage.unit_of_work() as first, storage.unit_of_work() as second:
-        taken = await first.repo(Operation).update_all({"queue": "first"}, unclaimed, limit=4)
-        # The first unit has not committed: its rows are skipped, not waited for (PostgreSQL),
-        # or its commit wins and the second one's is refused (memory).
-        others = await second.repo(Operation).update_all({"queue": "second"}, unclaimed, limit=4)
-        await first.commit()
-        try:
-            await second.commit()
-        except StaleVersion:
-            others = 0
     async with storage.unit_of_work() as uow:
-        counts = await uow.repo(Operation).count_by("queue")
-    assert taken == 4 and others in (0, 4)
-    assert {k: t.count for k, t in counts.items()} == (
-        {"first": 4, "second": 4, "chat": 2} if others else {"first": 4, "chat": 6}
-    )
+        before = await uow.commit_horizon()
+    async with storage.unit_of_work() as uow:
+        first = await create(uow, ExperimentRecord)
+        await uow.commit()
+    stamp = await _stamp_of(storage, first.id)
+    after = await _horizon_past(storage, stamp)
+    async with storage.unit_of_work() as uow:
+        second = await create(uow, ExperimentRecord, experiment_id=first.experiment_id)
+        await uow.commit()
+    # Committed, a row falls below the horizon (once every unit open before it ended: on a
+    # shared PostgreSQL server, others' too); one written later is above.
+    assert before <= stamp < after <= await _stamp_of(storage, second.id)
+    # An update keeps the stamp, whatever the entity carries.
+    async with storage.unit_of_work() as uow:
+        loaded = await uow.repo(ExperimentRecord).get(first.id)
+        assert loaded is not None
+        loaded.commit_stamp, loaded.latency_ms = 0, 7
+        await uow.repo(ExperimentRecord).update(loaded)
+        await uow.commit()
+    assert await _stamp_of(storage, first.id) == stamp
+
+
+async def test_the_rows_of_a_unit_still_open_are_never_below_another_units_horizon(
+    storage: Storage,
+) -> None:
+    async with storage.unit_of_work() as uow:
+        parent = await create(uow, ExperimentRecord)
+        await uow.commit()
+    async with storage.unit_of_work() as writer:
+        record = await create(writer, ExperimentRecord, experiment_id=parent.experiment_id)
+        await _horizon_past(storage, await _stamp_of(storage, parent.id))
+        async with storage.unit_of_work() as reader:
+            horizon = await reader.commit_horizon()
+            # Nothing below the horizon is still to come: what the reader sees there is final.
+            seen = await reader.repo(ExperimentRecord).find(Where.lt("commit_stamp", horizon))
+        await writer.commit()
+    assert [r.id for r in seen.items] == [parent.id]
+    assert await _stamp_of(storage, record.id) >= horizon
 
 
 async def test_update_all_refuses_to_overwrite_a_row_another_unit_changed(
