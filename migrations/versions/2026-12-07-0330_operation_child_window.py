@@ -1,8 +1,8 @@
 """A parent job sends its children a window at a time and may run its own handler after them.
 
 Revision ID: 8c2d4e6f1a3b
-Revises: 3f1b7c9d2e40
-Create Date: 2026-12-08 09:00:00+00:00
+Revises: 5c2e8a41d7f3
+Create Date: 2026-12-07 03:30:00+00:00
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "8c2d4e6f1a3b"
-down_revision: str | Sequence[str] | None = "3f1b7c9d2e40"
+down_revision: str | Sequence[str] | None = "5c2e8a41d7f3"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
