@@ -792,7 +792,15 @@ class SqlRepository(Generic[E]):
         params = check_changes(self._type, changes)
         sets = [_assignment(self._info, name, params) for name in list(params)]
         sets += ["version = version + 1", "updated_at = %(_now)s"]
-        clauses = [f"{_q(self._info.pk)} = %(_key)s", *_conditions(self._info, where, params)]
+        clauses = [f"{_q(self._info.pk)} = %(_key)s"]
+        checks = _conditions(self._info, where, params)
+        if checks:
+            # Checks of the one row the key finds, never a way to find it: as a condition the
+            # planner cannot match to an index, so that it always takes the primary key. (A
+            # claim's `status = 'pending'` on the (status, lease_expires_at) index read every
+            # pending row, thousands under a backlog, when stale statistics made both look
+            # alike.) A condition that is null is false either way.
+            clauses.append(f"({' AND '.join(checks)}) IS TRUE")
         if self._uow._autocommit and not self._uow.durable:
             clauses.append(_RELAXED)
         params.update(_key=entity_id, _now=utcnow())
