@@ -10,7 +10,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -38,6 +38,7 @@ from app.operations.submit import JobSubmitter, mark_unsent
 from app.operations.transitions import TERMINAL, Transition, move, transition
 from app.queue.names import OperationKind
 from app.queue.port import JobQueue
+from app.storage.entity import Entity
 from app.storage.protocol import Append, IfNull, Increment, Storage, UnitOfWork, Where
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[["JobContext"], Awaitable[Any]]
 # A write inside the transaction of a job's outcome.
 Write = Callable[[UnitOfWork], Awaitable[Any]]
+# One that follows the rows added with the outcome, told the keys of those that were new.
+AfterRows = Callable[[UnitOfWork, Collection[Any]], Awaitable[Any]]
 
 # Every status the runner writes by a conditional update; checked against the table at import.
 CLAIM = transition(OperationStatus.PENDING, OperationStatus.RUNNING)
@@ -85,10 +88,24 @@ class Claim:
     progress: dict[str, Any] = field(default_factory=dict)
     held_at: float = field(default_factory=time.monotonic)  # when it last was seen held
     lost: bool = False
-    # What must commit with this attempt's outcome, and only with it (`write_with_outcome`).
+    # What must commit with this attempt's outcome, and only with it: rows added if new
+    # (`add_with_outcome`), what follows them, and other writes (`write_with_outcome`).
+    rows: list[Entity] = field(default_factory=list)
+    after_rows: list[AfterRows] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
     # What a child counts as in its parent's progress once it completes (`count_as`).
     label: str | None = None
+
+    @property
+    def transactional(self) -> bool:
+        """Whether what commits with the outcome needs a transaction: rows alone go in the
+        outcome's own statement."""
+        return bool(self.after_rows or self.writes)
+
+    @property
+    def carries(self) -> bool:
+        """Whether anything must commit with the outcome."""
+        return bool(self.rows or self.after_rows or self.writes)
 
     def held(self, step: Transition | None = None) -> tuple[Where, Where]:
         """The conditions under which the job is still this claim's, and `step` may be taken.
@@ -149,6 +166,19 @@ class JobContext:
         """Have the parent of this child count it under `label` in its progress (`passed`,
         say) when this attempt completes it, in the same transaction as the outcome."""
         self.claim.label = label
+
+    def add_with_outcome(self, rows: Sequence[Entity], then: AfterRows | None = None) -> None:
+        """Have `rows` (of any entity types) added, those whose keys are new, with this
+        attempt's outcome, as `write_with_outcome` has its writes run; `then(uow, new)` runs
+        after them in the same transaction, told the keys of the rows that were new (to charge
+        a budget once per new usage record, say).
+
+        Rows with no `then` and no other writes cost nothing more than the outcome itself: on
+        PostgreSQL they go in the outcome's own statement (`write_where_adding`).
+        """
+        self.claim.rows.extend(rows)
+        if then is not None:
+            self.claim.after_rows.append(then)
 
     async def save(self, write: Callable[[UnitOfWork], Awaitable[Any]], **progress: Any) -> None:
         """Run `write` and record `progress` in one transaction, committed only while the claim
@@ -334,7 +364,10 @@ class OperationRunner:
         """
         now = utcnow()
         token = uuid.uuid4().hex
-        async with self.storage.unit_of_work(autocommit=True) as uow:
+        # Not durable: a claim lost with a crash of the database leaves the job pending (the
+        # sweeper sends it again) and this attempt unable to write its outcome, so the job
+        # runs once more; the outcome's durable commit makes the claim before it durable too.
+        async with self.storage.unit_of_work(autocommit=True, durable=False) as uow:
             claimed = await uow.repo(Operation).update_where(
                 operation_id,
                 {
@@ -388,8 +421,11 @@ class OperationRunner:
                 return
 
     async def _write(self, claim: Claim, changes: dict[str, Any]) -> bool:
-        """Write `changes` to the job while the claim holds; False if it no longer does."""
-        async with self.storage.unit_of_work(autocommit=True) as uow:
+        """Write `changes` to the job while the claim holds; False if it no longer does.
+
+        Not durable: a lease renewal or a progress count lost with a crash of the database
+        costs at most a run again, as the lost claim does."""
+        async with self.storage.unit_of_work(autocommit=True, durable=False) as uow:
             written = await uow.repo(Operation).write_where(
                 claim.operation_id, changes, *claim.held()
             )
@@ -405,32 +441,47 @@ class OperationRunner:
         changes: dict[str, Any],
         then: Callable[[UnitOfWork, Operation], Awaitable[Any]] | None = None,
     ) -> bool:
-        """Take `step` with `changes` if the claim still holds, then `then` and the claim's
-        writes in the same unit.
+        """Take `step` with `changes` if the claim still holds, then `then` and what the claim
+        carries in the same unit.
 
-        Without `then` or writes it is one conditional statement; with them, a transaction
-        (retried whole when what they touch changed meanwhile). The rows most contended are
-        locked last, so they are held the shortest time: for a child, its parent's (which every
-        sibling's outcome counts on), so `then` comes after the writes; for any other job, the
-        rows the writes lock (a budget every job charges), so they come after `then`.
+        Without `then`, and carrying only rows (a job's usage records and logs), it is one
+        conditional statement that adds the rows if it applies (`write_where_adding`); with
+        more, a transaction (retried whole when what it touches changed meanwhile). The rows
+        most contended are locked last, so they are held the shortest time: for a child, its
+        parent's (which every sibling's outcome counts on), so `then` comes after the rows and
+        writes; for any other job, the rows the writes lock (a budget every job charges), so
+        they come after `then`.
         """
         changes = {**changes, **step.changes}
         held = claim.held(step)
         while True:
             try:
-                if then is None and not claim.writes:
+                if then is None and not claim.transactional:
                     async with self.storage.unit_of_work(autocommit=True) as uow:
-                        if await uow.repo(Operation).write_where(
-                            claim.operation_id, changes, *held
-                        ):
-                            return True
+                        repo = uow.repo(Operation)
+                        if claim.rows:
+                            applied = (
+                                await repo.write_where_adding(
+                                    claim.operation_id, changes, *held, adding=claim.rows
+                                )
+                                is not None
+                            )
+                        else:
+                            applied = await repo.write_where(claim.operation_id, changes, *held)
+                    if applied:
+                        return True
                     await self._dropped(claim)
                     return False
                 async with self.storage.unit_of_work() as uow:
                     repo = uow.repo(Operation)
                     written: Operation | None = None
-                    if then is None:  # only the claim's writes: the row need not be read back
-                        held_still = await repo.write_where(claim.operation_id, changes, *held)
+                    new: Collection[Any] = ()
+                    if then is None:  # the row need not be read back
+                        added = await repo.write_where_adding(
+                            claim.operation_id, changes, *held, adding=claim.rows
+                        )
+                        held_still = added is not None
+                        new = added or ()
                     else:
                         written = await repo.update_where(claim.operation_id, changes, *held)
                         held_still = written is not None
@@ -438,13 +489,16 @@ class OperationRunner:
                         await uow.rollback()
                         await self._dropped(claim)
                         return False
-                    last = written is not None and written.parent_id is not None
-                    if then is not None and written is not None and not last:
-                        await then(uow, written)
-                    for write in claim.writes:
-                        await write(uow)
-                    if then is not None and written is not None and last:
-                        await then(uow, written)
+                    if then is not None and written is not None:
+                        new = await _add_rows(uow, claim.rows)
+                        last = written.parent_id is not None
+                        if not last:
+                            await then(uow, written)
+                        await _carried(uow, claim, new)
+                        if last:
+                            await then(uow, written)
+                    else:
+                        await _carried(uow, claim, new)
                     await uow.commit()
                     return True
             except StaleVersion:
@@ -455,7 +509,7 @@ class OperationRunner:
         are, alone, when the job was cancelled while this attempt held it (no other attempt
         will make its calls again), and are dropped when another attempt has the job."""
         log.info("job %s: outcome dropped, lease no longer held", claim.operation_id)
-        if claim.writes:
+        if claim.carries:
             await self._commit_cancelled(claim)
 
     async def _commit_cancelled(self, claim: Claim) -> None:
@@ -469,8 +523,7 @@ class OperationRunner:
                         or current.lease_token != claim.token
                     ):
                         return
-                    for write in claim.writes:
-                        await write(uow)
+                    await _carried(uow, claim, await _add_rows(uow, claim.rows))
                     await uow.commit()
                     return
             except StaleVersion:
@@ -777,6 +830,27 @@ class OperationRunner:
             )
             await uow.commit()
         return removed
+
+
+async def _add_rows(uow: UnitOfWork, rows: Sequence[Entity]) -> list[Any]:
+    """Inside `uow`: add those of `rows` whose keys are new, one `add_missing` per type; the
+    keys of the rows added."""
+    by_type: dict[type[Entity], list[Entity]] = {}
+    for row in rows:
+        by_type.setdefault(type(row), []).append(row)
+    new: list[Any] = []
+    for entity_type, group in by_type.items():
+        new += await uow.repo(entity_type).add_missing(group)
+    return new
+
+
+async def _carried(uow: UnitOfWork, claim: Claim, new: Collection[Any]) -> None:
+    """Inside `uow`, once the claim's rows are in (`new`: the keys of those that were new):
+    what follows them, then the claim's other writes."""
+    for after in claim.after_rows:
+        await after(uow, new)
+    for write in claim.writes:
+        await write(uow)
 
 
 def _ran(status: str, started: float) -> dict[str, Any]:

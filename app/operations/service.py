@@ -32,6 +32,9 @@ from app.storage.reads import get_existing, read_page
 
 log = logging.getLogger(__name__)
 
+# How many submit rounds (INSERT, commit, sends) may be under way at once.
+SUBMIT_ROUNDS = 4
+
 
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
@@ -80,7 +83,12 @@ class OperationService:
     ) -> None:
         self._storage = storage
         self.jobs = JobSubmitter(storage, queue, max_attempts=max_attempts)
-        self._inserts = GroupInsert(storage, Operation)
+        # Submits arriving together share an INSERT (and its commit) and then their sends;
+        # a few rounds at a time, so a submit waits for its own round only.
+        self._inserts = GroupInsert(
+            storage, Operation, in_flight=SUBMIT_ROUNDS, then=self.jobs.send
+        )
+        self._inserts_unsent = GroupInsert(storage, Operation, in_flight=SUBMIT_ROUNDS)
         # Where `operation.cancelled` goes (the webhooks' sink, which submits its deliveries
         # through a `JobSubmitter` of its own).
         self.events = events
@@ -121,8 +129,9 @@ class OperationService:
             )
             span.set_attribute("gateway.operation.id", operation.id)
             try:
-                # Grouped with concurrent submits: one statement, committed on its own.
-                await self._inserts.add(operation)
+                # Grouped with concurrent submits: one statement, committed on its own, then
+                # the round's sends.
+                await (self._inserts if send else self._inserts_unsent).add(operation)
             except DuplicateKey:
                 if idempotency_key is None:
                     raise
@@ -131,8 +140,6 @@ class OperationService:
                 if existing is None:
                     raise
                 return existing, False
-            if send:
-                await self.jobs.send([operation])
         return operation, True
 
     async def submit_parent(

@@ -7,6 +7,7 @@ the broker does not take leaves the row for the sweeper (`mark_unsent`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -118,13 +119,19 @@ class JobSubmitter:
         uow.on_commit(lambda: self.send(operations))
 
     async def send(self, operations: list[Operation]) -> None:
-        """Send committed jobs; one the broker does not take is left for the sweeper."""
-        for operation in operations:
-            try:
-                await self._queue.send(operation.id, OperationKind(operation.kind))
-            except Exception:
-                log.warning("broker unreachable; job %s left for the sweeper", operation.id)
-                await mark_unsent(self._storage, operation.id)
+        """Send committed jobs, all at once (on Redis, their sends share a write); one the
+        broker does not take is left for the sweeper. Never raises."""
+        if len(operations) == 1:
+            await self._send_one(operations[0])
+            return
+        await asyncio.gather(*(self._send_one(operation) for operation in operations))
+
+    async def _send_one(self, operation: Operation) -> None:
+        try:
+            await self._queue.send(operation.id, OperationKind(operation.kind))
+        except Exception:
+            log.warning("broker unreachable; job %s left for the sweeper", operation.id)
+            await mark_unsent(self._storage, operation.id)
 
 
 def enqueue_span(kind: OperationKind) -> tracing.SpanHandle:

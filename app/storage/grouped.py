@@ -1,13 +1,14 @@
 """Group commit: entities added by concurrent callers go to storage together.
 
 Each caller waits until its own entity is committed, as with a unit of work of its own, but
-callers that arrive while one round is being written are written by the next round in one
-statement (`app.core.rounds`).
+callers that arrive while rounds are being written are written by the next round in one
+statement (`app.core.rounds`). What follows a commit (`then`: a job's send) is done by the
+round for all of its entities at once, before their callers return.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic
 
 from app.core.errors import DomainError
@@ -18,14 +19,33 @@ from app.storage.protocol import E, Storage
 class GroupInsert(Generic[E]):
     """Inserts of one entity type, grouped (see the module docstring)."""
 
-    def __init__(self, storage: Storage, entity_type: type[E]) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        entity_type: type[E],
+        *,
+        in_flight: int = 1,
+        then: Callable[[list[E]], Awaitable[None]] | None = None,
+    ) -> None:
+        """`in_flight`: how many rounds may be written at once (each on a connection of its
+        own); `then`: what to do with the entities of a round once they are committed, which
+        must not raise (their callers are told they were added either way)."""
         self._storage = storage
         self._type = entity_type
-        self._rounds: Rounds[E] = Rounds(self._insert)
+        self._then = then
+        self._rounds: Rounds[E] = Rounds(self._round, in_flight=in_flight)
 
     async def add(self, entity: E) -> None:
         """Insert `entity`; returns once it is committed, raises what its insert raised."""
         await self._rounds.submit(entity)
+
+    async def _round(self, entities: Sequence[E]) -> list[BaseException | None]:
+        outcomes = await self._insert(entities)
+        if self._then is not None:
+            added = [e for e, failed in zip(entities, outcomes, strict=True) if failed is None]
+            if added:
+                await self._then(added)
+        return outcomes
 
     async def _insert(self, entities: Sequence[E]) -> list[BaseException | None]:
         try:

@@ -111,7 +111,8 @@ class MemoryStorage:
     def __init__(self, store: MemoryStore | None = None) -> None:
         self.store = store or MemoryStore()
 
-    def unit_of_work(self, *, autocommit: bool = False) -> MemoryUnitOfWork:
+    def unit_of_work(self, *, autocommit: bool = False, durable: bool = True) -> MemoryUnitOfWork:
+        # Nothing here outlives the process: every commit is as durable as any other.
         return MemoryUnitOfWork(self.store, autocommit=autocommit)
 
     async def check(self) -> None:
@@ -518,13 +519,38 @@ class MemoryRepository(Generic[E]):
     async def write_where(self, entity_id: Any, changes: Mapping[str, Any], *where: Where) -> bool:
         return self._write_where(entity_id, changes, where) is not None
 
+    async def write_where_adding(
+        self,
+        entity_id: Any,
+        changes: Mapping[str, Any],
+        *where: Where,
+        adding: Sequence[Entity],
+    ) -> list[Any] | None:
+        repos = [MemoryRepository(self._uow, type(entity)) for entity in adding]
+        rows = [repo._dump(entity) for repo, entity in zip(repos, adding, strict=True)]
+        added: list[Any] = []
+
+        def add() -> None:
+            for repo, row in zip(repos, rows, strict=True):
+                key = row[repo._info.pk]
+                if self._uow._current(repo._info, key) is None:
+                    added.append(repo._stage_new(row)[repo._info.pk])
+
+        if self._write_where(entity_id, changes, where, then=add) is None:
+            return None
+        return added
+
     def _write_where(
-        self, entity_id: Any, changes: Mapping[str, Any], where: Sequence[Where]
+        self,
+        entity_id: Any,
+        changes: Mapping[str, Any],
+        where: Sequence[Where],
+        then: Callable[[], None] | None = None,
     ) -> Row | None:
         self._uow._usable()
         conds = _normalise(where, self._info)
         checked = check_changes(self._type, changes)  # refused whether or not a row matches
-        with self._uow._write():
+        with self._uow._write():  # in autocommit, `then`'s writes commit with this one or none
             current = self._uow._current(self._info, entity_id)
             if current is None or not _matches(current, conds):
                 return None
@@ -533,6 +559,8 @@ class MemoryRepository(Generic[E]):
                 setattr(entity, name, apply_change(getattr(entity, name), change))
             row = self._dump(entity)
             self._rewrite(entity_id, row, current)
+            if then is not None:
+                then()
         return row
 
     async def update_all(self, changes: Mapping[str, Any], *where: Where) -> int:

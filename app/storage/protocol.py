@@ -217,6 +217,22 @@ class Repository(Protocol[E]):
         """
         ...
 
+    async def write_where_adding(
+        self,
+        entity_id: Any,
+        changes: Mapping[str, Any],
+        *where: Where,
+        adding: Sequence[Entity],
+    ) -> list[Any] | None:
+        """`write_where`, and, only if it applied, `add_missing` of `adding` (entities of any
+        types), as one step (one statement on PostgreSQL): the keys of the entities inserted,
+        in the order given, or None when the write did not apply and nothing was added.
+
+        A job's outcome and the rows that are part of it (its usage) commit this way in one
+        round trip: neither is ever written without the other.
+        """
+        ...
+
     async def delete(self, entity_id: Any) -> bool:
         """Remove the entity (and what cascades from it); False when it did not exist."""
         ...
@@ -314,12 +330,18 @@ class Storage(Protocol):
 
     name: str
 
-    def unit_of_work(self, *, autocommit: bool = False) -> UnitOfWork:
+    def unit_of_work(self, *, autocommit: bool = False, durable: bool = True) -> UnitOfWork:
         """A new unit of work (use it with `async with`).
 
         With `autocommit`, every write is committed by itself as it happens and `rollback`
         undoes nothing: for work whose one write is a conditional `update_where`, which then
         costs one statement instead of a transaction's three.
+
+        Not `durable`, its commits may be made without waiting for them to reach the disk
+        (PostgreSQL's asynchronous commit; in an autocommit unit, that of its `update_where`
+        and `write_where`): a crash of the database server may then lose the last of them,
+        never part of one, and never one that a later durable commit saw (the later one makes
+        it durable too). For writes whose loss only repeats work: a job's claim, its lease.
         """
         ...
 

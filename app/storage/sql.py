@@ -15,6 +15,7 @@ from typing import Any, Generic
 
 import asyncpg
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from app.core.clock import utcnow
 from app.core.database_url import parse_database_url
@@ -27,6 +28,7 @@ from app.core.errors import (
     StaleVersion,
     Unavailable,
 )
+from app.storage.entity import Entity
 from app.storage.mapping import (
     TableInfo,
     check_changes,
@@ -70,6 +72,13 @@ async def _prepare(conn: asyncpg.Connection) -> None:
             name, schema="pg_catalog", encoder=json_dumps, decoder=json_loads, format="text"
         )
 
+
+_BEGIN = "BEGIN"
+# One simple query, so one round trip: the transaction's commit does not wait for the WAL flush.
+_BEGIN_RELAXED = "BEGIN; SET LOCAL synchronous_commit TO off"
+# A condition that is always true and sets the same for the implicit transaction of the one
+# statement it is part of (the setting is read when that transaction commits).
+_RELAXED = "set_config('synchronous_commit', 'off', true) IS NOT NULL"
 
 # Seconds the client waits beyond the server's statement timeout before giving up on the link.
 CLIENT_TIMEOUT_MARGIN = 2.0
@@ -175,6 +184,8 @@ def make_database(
     )
 
 
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
 
@@ -202,12 +213,13 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
-_CONDITION_PARAM = re.compile(r"_c\d+_(\w+)")
+_CONDITION_PARAM = re.compile(r"_[ca]\d+_(\w+)")
 
 
 def _column_of(name: str, info: TableInfo | None) -> str | None:
     """The column a parameter stands for: values are named after their column, conditions'
-    as `_c<n>_<column>`, the key as `_key`; the others stand for none."""
+    as `_c<n>_<column>`, the rows `write_where_adding` adds as `_a<n>_<column>`, the key as
+    `_key`; the others stand for none."""
     if name == "_key":
         return info.pk if info is not None else None
     condition = _CONDITION_PARAM.fullmatch(name)
@@ -307,8 +319,8 @@ class SqlStorage:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def unit_of_work(self, *, autocommit: bool = False) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.database, autocommit=autocommit)
+    def unit_of_work(self, *, autocommit: bool = False, durable: bool = True) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.database, autocommit=autocommit, durable=durable)
 
     async def check(self) -> None:
         async with self.unit_of_work() as uow:
@@ -325,11 +337,19 @@ class SqlUnitOfWork(UnitOfWorkBase):
     the BEGIN and ROLLBACK round trips of the many units of work that only read. Under READ
     COMMITTED every statement takes a fresh snapshot anyway, so those reads see what they
     would have seen inside the transaction. With `autocommit`, writes run that way too.
+
+    Not `durable`, a transaction begins with `SET LOCAL synchronous_commit TO off` in the
+    round trip of its BEGIN, and an autocommit `update_where` or `write_where` sets it for its
+    own implicit transaction by a condition of the statement: either way the commit returns
+    without waiting for the WAL flush, at no extra round trip.
     """
 
-    def __init__(self, database: Database, *, autocommit: bool = False) -> None:
+    def __init__(
+        self, database: Database, *, autocommit: bool = False, durable: bool = True
+    ) -> None:
         super().__init__(autocommit=autocommit)
         self._database = database
+        self.durable = durable
         self._conn: asyncpg.Connection | None = None
         self._in_transaction = False
         self._lost = False  # the connection failed: the pool must not hand it out again
@@ -395,7 +415,7 @@ class SqlUnitOfWork(UnitOfWorkBase):
             conn = await self._database.acquire()
             self._conn = conn
         if write and not self._autocommit and not self._in_transaction:
-            await conn.execute("BEGIN")
+            await conn.execute(_BEGIN if self.durable else _BEGIN_RELAXED)
             self._in_transaction = True
         return conn
 
@@ -612,6 +632,56 @@ def _assignment(info: TableInfo, name: str, params: dict[str, Any]) -> str:
     return f"{column} = %({name})s"
 
 
+@cache
+def _adding(info: TableInfo, group: int) -> str:
+    """The insert of `write_where_adding`'s rows of one table (the `group`-th): one array
+    parameter per column, each cast to its column's type (a JSON column's as text, its
+    elements being JSON documents), inserted only if `_written` holds a row."""
+    names = tuple(c.name for c in info.table.columns)
+    arrays = ", ".join(f"%({_array_param(group, n)})s::{_array_type(info, n)}" for n in names)
+    values = ", ".join(f"{_q(n)}::jsonb" if n in info.json_columns else _q(n) for n in names)
+    columns = ", ".join(_q(n) for n in names)
+    return (
+        f"INSERT INTO {_q(info.name)} ({columns}) SELECT {values} FROM unnest({arrays}) "
+        f'AS "_rows"({columns}) WHERE EXISTS (SELECT FROM "_written") '
+        f"ON CONFLICT ({_q(info.pk)}) DO NOTHING RETURNING {_q(info.pk)}"
+    )
+
+
+def _array_param(group: int, column: str) -> str:
+    return f"_a{group}_{column}"
+
+
+_MODIFIERS = re.compile(r"\(.*\)")
+
+
+def _array_type(info: TableInfo, column: str) -> str:
+    """The array type a column's values travel in: the column's type without its length or
+    precision (a cast to `varchar(n)` would cut a longer value, where the insert refuses it),
+    JSON as text."""
+    if column in info.json_columns:
+        return "text[]"
+    kind = info.table.columns[column].type.compile(dialect=_DIALECT)
+    return f"{_MODIFIERS.sub('', kind).strip()}[]"
+
+
+def _columns_of(info: TableInfo, group: int, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The array parameters of `rows` of one table: a list per column, JSON encoded here."""
+    arrays: dict[str, Any] = {}
+    for column in info.table.columns:
+        name = column.name
+        values = [row[name] for row in rows]
+        if name in info.json_columns:
+            try:
+                values = [None if v is None else json_dumps(v) for v in values]
+            except TypeError as exc:
+                raise InvalidInput(
+                    f"{info.kind}.{name} is not JSON-serialisable: {exc}", param=name
+                ) from exc
+        arrays[_array_param(group, name)] = values
+    return arrays
+
+
 def _where(clauses: Sequence[str]) -> str:
     return f" WHERE {' AND '.join(clauses)}" if clauses else ""
 
@@ -692,13 +762,58 @@ class SqlRepository(Generic[E]):
         query, params = self._update_where(entity_id, changes, where)
         return await self._uow._execute(query, params, self._info) > 0
 
+    async def write_where_adding(
+        self,
+        entity_id: Any,
+        changes: Mapping[str, Any],
+        *where: Where,
+        adding: Sequence[Entity],
+    ) -> list[Any] | None:
+        # One statement: the update, and an insert per entity type reading the update's
+        # RETURNING, so that rows are added only if it applied. Each type's rows travel as one
+        # array per column (`unnest`): the statement's text, so its prepared plan, is the same
+        # whatever the number of rows.
+        update, params = self._update_where(entity_id, changes, where)
+        groups: dict[type[Entity], list[dict[str, Any]]] = {}
+        for entity in adding:
+            groups.setdefault(type(entity), []).append(to_row(entity))
+        ctes = [f'"_written" AS ({update} RETURNING 1)']
+        found = ['EXISTS (SELECT FROM "_written")']
+        for i, (entity_type, rows) in enumerate(groups.items()):
+            info = table_info(entity_type)
+            ctes.append(f'"_added_{i}" AS ({_adding(info, i)})')
+            found.append(f'ARRAY(SELECT {_q(info.pk)} FROM "_added_{i}")')
+            params.update(_columns_of(info, i, rows))
+        query = f"WITH {', '.join(ctes)} SELECT {', '.join(found)}"
+        stored = await self._uow._fetch(query, params, self._info, write=True)
+        if not stored or not stored[0][0]:
+            return None
+        new = {
+            (t, k) for (t, _), keys in zip(groups.items(), stored[0][1:], strict=True) for k in keys
+        }
+        return [
+            key
+            for entity in adding
+            if (type(entity), key := getattr(entity, table_info(type(entity)).pk)) in new
+        ]
+
     def _update_where(
         self, entity_id: Any, changes: Mapping[str, Any], where: Sequence[Where]
     ) -> tuple[str, dict[str, Any]]:
         params = check_changes(self._type, changes)
         sets = [_assignment(self._info, name, params) for name in list(params)]
         sets += ["version = version + 1", "updated_at = %(_now)s"]
-        clauses = [f"{_q(self._info.pk)} = %(_key)s", *_conditions(self._info, where, params)]
+        clauses = [f"{_q(self._info.pk)} = %(_key)s"]
+        checks = _conditions(self._info, where, params)
+        if checks:
+            # Checks of the one row the key finds, never a way to find it: as a condition the
+            # planner cannot match to an index, so that it always takes the primary key. (A
+            # claim's `status = 'pending'` on the (status, lease_expires_at) index read every
+            # pending row, thousands under a backlog, when stale statistics made both look
+            # alike.) A condition that is null is false either way.
+            clauses.append(f"({' AND '.join(checks)}) IS TRUE")
+        if self._uow._autocommit and not self._uow.durable:
+            clauses.append(_RELAXED)
         params.update(_key=entity_id, _now=utcnow())
         query = f"UPDATE {_q(self._info.name)} SET {', '.join(sets)}{_where(clauses)}"
         return query, params

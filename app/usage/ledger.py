@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.core.errors import DuplicateKey, StaleVersion, Unavailable
+from app.storage.entity import Entity
 from app.storage.protocol import Storage, UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,21 @@ class CallUsage:
 
 
 class UsageRows(Protocol):
-    """Writes calls' usage inside a unit of work (`UsageService.write_usage`)."""
+    """Writes calls' usage inside a unit of work (`UsageService`)."""
 
-    async def write_usage(self, uow: UnitOfWork, calls: Sequence[CallUsage]) -> int: ...
+    async def write_usage(self, uow: UnitOfWork, calls: Sequence[CallUsage]) -> int:
+        """Add the calls' rows whose ids are new and charge their budgets for the new ones."""
+        ...
+
+    def usage_rows(self, calls: Sequence[CallUsage]) -> list[Entity]:
+        """The calls' usage records and execution logs, as entities to add."""
+        ...
+
+    async def charge_new(
+        self, uow: UnitOfWork, calls: Sequence[CallUsage], new: Collection[Any]
+    ) -> None:
+        """Charge the budgets of the calls whose usage records were new (their ids in `new`)."""
+        ...
 
 
 class UsageLedger(Protocol):
@@ -54,30 +67,35 @@ class UsageLedger(Protocol):
 
 
 class OutcomeWrites(Protocol):
-    """A running job, which commits writes with its outcome (`JobContext`)."""
+    """A running job, which commits rows with its outcome (`JobContext`)."""
 
-    def write_with_outcome(self, write: Callable[[UnitOfWork], Awaitable[Any]]) -> None: ...
+    def add_with_outcome(
+        self,
+        rows: Sequence[Entity],
+        then: Callable[[UnitOfWork, Collection[Any]], Awaitable[Any]] | None = None,
+    ) -> None: ...
 
 
 class JobUsage:
     """The usage of the calls one job attempt makes, committed with the attempt's outcome.
 
     A worker that dies mid-job commits neither the outcome nor the usage; the attempt that
-    finishes the job writes both, so every finished job is paid for exactly once.
+    finishes the job writes both, so every finished job is paid for exactly once. A call
+    charged to no budget adds only its rows, which go in the outcome's own statement.
     """
 
     def __init__(self, rows: UsageRows, job: OutcomeWrites) -> None:
         self._rows = rows
         self._job = job
-        self._calls: list[CallUsage] = []
 
     async def record(self, usage: CallUsage) -> None:
-        if not self._calls:
-            self._job.write_with_outcome(self._write)
-        self._calls.append(usage)
+        then = None
+        if usage.budget_ids and int(usage.record.get("cost_micros") or 0) > 0:
 
-    async def _write(self, uow: UnitOfWork) -> None:
-        await self._rows.write_usage(uow, self._calls)
+            async def then(uow: UnitOfWork, new: Collection[Any]) -> None:
+                await self._rows.charge_new(uow, [usage], new)
+
+        self._job.add_with_outcome(self._rows.usage_rows([usage]), then)
 
 
 class UsageWriter:

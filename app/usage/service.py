@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
@@ -119,14 +119,29 @@ class UsageService:
         logs = [construct(ExecutionLog, **call.log) for call in calls]
         new = set(await uow.repo(UsageRecord).add_missing(records))
         await uow.repo(ExecutionLog).add_missing(logs)
+        await self.charge_new(uow, calls, new)
+        return len(new)
+
+    def usage_rows(self, calls: Sequence[CallUsage]) -> list[Entity]:
+        """The calls' usage records and execution logs, to add with a job's outcome."""
+        return [
+            *(construct(UsageRecord, **call.record) for call in calls),
+            *(construct(ExecutionLog, **call.log) for call in calls),
+        ]
+
+    async def charge_new(
+        self, uow: UnitOfWork, calls: Sequence[CallUsage], new: Collection[Any]
+    ) -> None:
+        """Inside `uow`: charge each budget the calls were admitted against with the cost of
+        those whose usage records were new (their ids in `new`), so a record written again
+        charges nothing more."""
         spend: dict[str, int] = {}
-        for call, record in zip(calls, records, strict=True):
-            cost = int(record.cost_micros)
-            if record.id in new and cost > 0:
+        for call in calls:
+            cost = int(call.record.get("cost_micros") or 0)
+            if cost > 0 and call.record["id"] in new:
                 for budget_id in call.budget_ids:
                     spend[budget_id] = spend.get(budget_id, 0) + cost
         await self._budgets.charge(uow, spend)
-        return len(new)
 
     async def records(
         self,

@@ -107,6 +107,9 @@ class FakeContext:
     def write_with_outcome(self, write: Any) -> None:
         self.writes.append(write)
 
+    def add_with_outcome(self, rows: Any, then: Any = None) -> None:
+        self.writes.append((rows, then))
+
 
 async def test_a_queued_call_is_checked_against_the_key_when_it_runs(
     client: httpx.AsyncClient,

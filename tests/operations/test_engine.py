@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -331,16 +332,45 @@ async def test_finished_jobs_cannot_be_cancelled(
 # ---- writes that commit with the outcome (a job's usage) -------------------------------------
 
 
-def write_record(ctx: JobContext, record_id: str) -> None:
-    """Have a usage record commit with the attempt's outcome, as a job's calls do."""
+# How a handler has a row commit with its outcome: a write of its own, the row alone (in the
+# outcome's statement), or the row and a write told which rows were new (a budget's charge).
+CARRIED = ["write", "rows", "rows-then"]
 
-    async def write(uow: UnitOfWork) -> None:
-        record = UsageRecord(
-            id=record_id, usage_type=UsageType.CHAT_COMPLETION, operation_id=ctx.operation.id
-        )
-        await uow.repo(UsageRecord).add_missing([record])
 
-    ctx.write_with_outcome(write)
+@pytest.fixture(params=CARRIED)
+def carry(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def write_record(ctx: JobContext, record_id: str, carry: str = "write") -> None:
+    """Have a usage record commit with the attempt's outcome, as a job's calls do; with
+    `rows-then`, a second record `<id>-charged` follows it once it is known to be new."""
+    record = UsageRecord(
+        id=record_id, usage_type=UsageType.CHAT_COMPLETION, operation_id=ctx.operation.id
+    )
+    if carry == "write":
+
+        async def write(uow: UnitOfWork) -> None:
+            await uow.repo(UsageRecord).add_missing([record])
+
+        ctx.write_with_outcome(write)
+        return
+    if carry == "rows":
+        ctx.add_with_outcome([record])
+        return
+
+    async def charge(uow: UnitOfWork, new: Collection[Any]) -> None:
+        assert list(new) == [record_id]
+        charged = UsageRecord(id=f"{record_id}-charged", usage_type=UsageType.CHAT_COMPLETION)
+        await uow.repo(UsageRecord).add(charged)
+
+    ctx.add_with_outcome([record], charge)
+
+
+def with_charges(carry: str, *ids: str) -> list[str]:
+    """The records `write_record` leaves for `ids`."""
+    charged = [f"{i}-charged" for i in ids] if carry == "rows-then" else []
+    return sorted([*ids, *charged])
 
 
 async def record_ids(storage: Storage) -> list[str]:
@@ -349,44 +379,44 @@ async def record_ids(storage: Storage) -> list[str]:
 
 
 async def test_writes_made_with_the_outcome_commit_with_the_completed_job(
-    service: OperationService, queue: RecordingQueue, storage: Storage
+    service: OperationService, queue: RecordingQueue, storage: Storage, carry: str
 ) -> None:
     async def paid(ctx: JobContext) -> str:
-        write_record(ctx, "usage-1")
+        write_record(ctx, "usage-1", carry)
         assert await record_ids(storage) == []  # not before the outcome
         return "done"
 
     operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
     assert await runner_with(storage, queue, paid).execute(operation.id)
     assert (await load(storage, operation.id)).status == OperationStatus.COMPLETED
-    assert await record_ids(storage) == ["usage-1"]
+    assert await record_ids(storage) == with_charges(carry, "usage-1")
 
 
 async def test_the_writes_of_a_worker_that_died_never_commit_and_the_rerun_writes_its_own(
-    service: OperationService, queue: RecordingQueue, storage: Storage
+    service: OperationService, queue: RecordingQueue, storage: Storage, carry: str
 ) -> None:
     operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
     dead = runner_with(storage, queue, echo, worker="dead")
     claimed = await dead.claim(operation.id)
     assert claimed is not None
-    write_record(JobContext(dead, *claimed), "usage-dead")  # ... and the worker dies
+    write_record(JobContext(dead, *claimed), "usage-dead", carry)  # ... and the worker dies
     await asyncio.sleep(FAST.lease + 0.05)
     assert (await dead.sweep()).recovered == 1
 
     async def rerun(ctx: JobContext) -> str:
-        write_record(ctx, "usage-rerun")
+        write_record(ctx, "usage-rerun", carry)
         return "done"
 
     assert await runner_with(storage, queue, rerun, worker="fresh").execute(operation.id)
     assert await dead._complete(claimed[0], claimed[1], "late") is False  # woke up too late
-    assert await record_ids(storage) == ["usage-rerun"]
+    assert await record_ids(storage) == with_charges(carry, "usage-rerun")
 
 
 async def test_a_failed_attempt_commits_its_writes_with_the_retry(
-    service: OperationService, queue: RecordingQueue, storage: Storage
+    service: OperationService, queue: RecordingQueue, storage: Storage, carry: str
 ) -> None:
     async def paid_then_flaky(ctx: JobContext) -> str:
-        write_record(ctx, f"usage-{ctx.attempt}")
+        write_record(ctx, f"usage-{ctx.attempt}", carry)
         if ctx.attempt == 1:
             raise Transient("upstream answered 503 after a call that counted")
         return "ok"
@@ -395,19 +425,19 @@ async def test_a_failed_attempt_commits_its_writes_with_the_retry(
     runner = runner_with(storage, queue, paid_then_flaky)
     await runner.execute(operation.id)
     assert (await load(storage, operation.id)).status == OperationStatus.PENDING
-    assert await record_ids(storage) == ["usage-1"]
+    assert await record_ids(storage) == with_charges(carry, "usage-1")
     await runner.execute(operation.id)
     assert (await load(storage, operation.id)).status == OperationStatus.COMPLETED
-    assert await record_ids(storage) == ["usage-1", "usage-2"]
+    assert await record_ids(storage) == with_charges(carry, "usage-1", "usage-2")
 
 
 async def test_a_job_cancelled_mid_run_still_commits_the_writes_of_its_attempt(
-    service: OperationService, queue: RecordingQueue, storage: Storage
+    service: OperationService, queue: RecordingQueue, storage: Storage, carry: str
 ) -> None:
     called = asyncio.Event()
 
     async def paid_then_stepwise(ctx: JobContext) -> str:
-        write_record(ctx, "usage-before-cancel")
+        write_record(ctx, "usage-before-cancel", carry)
         called.set()
         for _ in range(100):
             await asyncio.sleep(0.02)
@@ -422,7 +452,7 @@ async def test_a_job_cancelled_mid_run_still_commits_the_writes_of_its_attempt(
     await service.cancel(operation.id, owner=ALICE)
     await asyncio.wait_for(task, timeout=5)
     assert (await load(storage, operation.id)).status == OperationStatus.CANCELLED
-    assert await record_ids(storage) == ["usage-before-cancel"]
+    assert await record_ids(storage) == with_charges(carry, "usage-before-cancel")
 
 
 # ---- idempotency -----------------------------------------------------------------------------
@@ -486,6 +516,29 @@ async def test_a_parent_finishes_when_its_last_child_does_with_counts(
     assert stored.status == OperationStatus.COMPLETED
     assert stored.result == {"total": 5, "completed": 4, "failed": 1, "cancelled": 0}
     assert stored.progress == {"completed": 5, "total": 5}
+
+
+async def test_the_writes_of_children_commit_with_their_outcome_and_the_parents_count(
+    service: OperationService, queue: RecordingQueue, storage: Storage, carry: str
+) -> None:
+    async def paid(ctx: JobContext) -> str:
+        write_record(ctx, f"usage-{ctx.operation.input['n']}", carry)
+        if ctx.operation.input["n"] == 1:
+            raise InvalidInput("bad line")  # a failed line was paid for too
+        return "ok"
+
+    parent = await service.submit_parent(
+        kind=OperationKind.BATCH,
+        input={"file": "f-1"},
+        owner=ALICE,
+        children=[ChildSpec(CHAT, {"n": i}) for i in range(3)],
+    )
+    children = await service.list(owner=ALICE, parent_id=parent.id, limit=10)
+    runner = runner_with(storage, queue, paid)
+    await asyncio.gather(*(runner.execute(c.id) for c in children.items))
+    stored = await load(storage, parent.id)
+    assert stored.result == {"total": 3, "completed": 2, "failed": 1, "cancelled": 0}
+    assert await record_ids(storage) == with_charges(carry, "usage-0", "usage-1", "usage-2")
 
 
 async def test_cancelling_a_parent_cancels_its_unfinished_children(

@@ -993,6 +993,155 @@ async def test_add_missing_still_refuses_another_unique_key_taken(storage: Stora
     assert sorted(await snapshot(storage)) == ["op-0001"]
 
 
+# ---- write_where_adding -------------------------------------------------------------------
+
+
+async def logs_of(storage: Storage) -> dict[str, dict[str, Any]]:
+    async with storage.unit_of_work() as uow:
+        page = await uow.repo(ExecutionLog).find()
+    return {entry.id: comparable(entry) for entry in page.items}
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
+async def test_write_where_adding_writes_and_adds_the_new_rows_of_every_type(
+    storage: Storage, autocommit: bool
+) -> None:
+    await add_ops(storage, [op(1, status=RUNNING, lease_token="t")])
+    async with storage.unit_of_work() as uow:
+        await uow.repo(UsageRecord).add(record(2, cost_micros=5))
+        await uow.commit()
+    entry = log(1, input={"messages": [{"role": "user", "content": "hi"}]}, output=[1, [2, 3]])
+    third = record(3, model_id=None)
+    async with storage.unit_of_work(autocommit=autocommit) as uow:
+        added = await uow.repo(Operation).write_where_adding(
+            "op-0001",
+            {"status": OperationStatus.COMPLETED, "result": {"answer": [1, [2]]}},
+            Where.eq("status", RUNNING),
+            Where.eq("lease_token", "t"),
+            adding=[record(1), entry, record(2, cost_micros=99), third],
+        )
+        await uow.commit()
+    assert added == ["usage-0001", "log-0001", "usage-0003"]
+    written = await current(storage)
+    assert written.status == OperationStatus.COMPLETED
+    assert written.result == {"answer": [1, [2]]}
+    assert written.version == 2
+    assert sorted(await usage_ids(storage)) == ["usage-0001", "usage-0002", "usage-0003"]
+    async with storage.unit_of_work() as uow:
+        kept = await uow.repo(UsageRecord).get("usage-0002")
+        stored_third = await uow.repo(UsageRecord).get("usage-0003")
+    assert kept is not None and kept.cost_micros == 5  # the row already there is not compared
+    assert stored_third is not None and comparable(stored_third) == comparable(third)
+    assert await logs_of(storage) == {"log-0001": comparable(entry)}
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
+async def test_write_where_adding_that_does_not_match_adds_nothing(
+    storage: Storage, autocommit: bool
+) -> None:
+    await add_ops(storage, [op(1, status=RUNNING, lease_token="t")])
+    before = await snapshot(storage)
+    async with storage.unit_of_work(autocommit=autocommit) as uow:
+        repo = uow.repo(Operation)
+        for key, token in (("op-0001", "another"), ("op-0404", "t")):
+            assert (
+                await repo.write_where_adding(
+                    key,
+                    {"status": OperationStatus.COMPLETED},
+                    Where.eq("lease_token", token),
+                    adding=[record(1), log(1)],
+                )
+                is None
+            )
+        await uow.commit()
+    assert await snapshot(storage) == before
+    assert await usage_ids(storage) == []
+    assert await logs_of(storage) == {}
+
+
+async def test_write_where_adding_of_nothing_is_write_where(storage: Storage) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work(autocommit=True) as uow:
+        repo = uow.repo(Operation)
+        assert await repo.write_where_adding("op-0001", {"attempts": 7}, adding=[]) == []
+    assert (await current(storage)).attempts == 7
+
+
+async def test_write_where_adding_in_a_normal_unit_commits_with_it_or_not_at_all(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work() as uow:
+        await uow.repo(Operation).write_where_adding("op-0001", {"attempts": 7}, adding=[log(1)])
+        assert await logs_of(storage) == {}
+        await uow.rollback()
+    assert (await current(storage)).attempts == 1
+    assert await logs_of(storage) == {}
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
+async def test_write_where_adding_a_row_refused_writes_nothing(
+    storage: Storage, autocommit: bool
+) -> None:
+    await add_ops(storage, [op(1, owner_key_id="key-a", idempotency_key="k1"), op(2)])
+    before = await snapshot(storage)
+    bad = record(2)
+    bad.input_tokens = "many"  # type: ignore[assignment]  # table models do not validate
+    refusals: list[tuple[list[Any], type[Exception]]] = [
+        ([record(1), bad], InvalidInput),
+        ([log(1, output={"when": object()})], InvalidInput),
+        ([op(3, owner_key_id="key-a", idempotency_key="k1")], DuplicateKey),
+    ]
+    for adding, error in refusals:
+        async with storage.unit_of_work(autocommit=autocommit) as uow:
+            with pytest.raises(error):
+                await uow.repo(Operation).write_where_adding(
+                    "op-0002", {"attempts": 9}, adding=adding
+                )
+    assert await snapshot(storage) == before
+    assert await usage_ids(storage) == []
+    assert await logs_of(storage) == {}
+
+
+# ---- units that are not durable -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["normal", "autocommit"])
+async def test_a_unit_that_is_not_durable_writes_what_a_durable_one_would(
+    storage: Storage, autocommit: bool
+) -> None:
+    await add_ops(storage, [op(1, status=PENDING), op(2)])
+    async with storage.unit_of_work(autocommit=autocommit, durable=False) as uow:
+        repo = uow.repo(Operation)
+        claimed = await repo.update_where(
+            "op-0001", {"status": RUNNING, "attempts": Increment(1)}, Where.eq("status", PENDING)
+        )
+        assert claimed is not None and claimed.attempts == 2
+        assert (
+            await repo.update_where("op-0001", {"attempts": 0}, Where.eq("status", PENDING)) is None
+        )
+        assert await repo.write_where("op-0002", {"lease_token": "t"})
+        await repo.add(op(3))
+        await uow.commit()
+    first, second = await current(storage, "op-0001"), await current(storage, "op-0002")
+    assert (first.status, first.attempts, second.lease_token) == (RUNNING, 2, "t")
+    assert sorted(await snapshot(storage)) == ["op-0001", "op-0002", "op-0003"]
+
+
+@pytest.mark.postgres
+async def test_a_postgres_transaction_that_is_not_durable_commits_asynchronously(
+    postgres: SqlStorage,
+) -> None:
+    await add_ops(postgres, [op(1)])
+    for durable, setting in ((True, "on"), (False, "off")):
+        async with postgres.unit_of_work(durable=durable) as uow:
+            await uow.repo(Operation).write_where("op-0001", {"attempts": Increment(1)})
+            shown = await uow._fetch("SHOW synchronous_commit", {}, None)
+            await uow.commit()
+        assert shown[0][0] == setting
+    assert (await current(postgres)).attempts == 3
+
+
 INVALID_VALUES: dict[str, tuple[str, Any]] = {
     "unknown-status": ("status", "exploded"),
     "not-a-number": ("attempts", "many"),
