@@ -8,12 +8,15 @@ round for all of its entities at once, before their callers return.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic
 
 from app.core.errors import DomainError
 from app.core.rounds import Rounds
 from app.storage.protocol import E, Storage
+
+log = logging.getLogger(__name__)
 
 
 class GroupInsert(Generic[E]):
@@ -44,7 +47,10 @@ class GroupInsert(Generic[E]):
         if self._then is not None:
             added = [e for e, failed in zip(entities, outcomes, strict=True) if failed is None]
             if added:
-                await self._then(added)
+                try:
+                    await self._then(added)
+                except Exception:  # they are committed: their callers are told so
+                    log.exception("what follows the insert of %d rows failed", len(added))
         return outcomes
 
     async def _insert(self, entities: Sequence[E]) -> list[BaseException | None]:
