@@ -632,54 +632,79 @@ def _assignment(info: TableInfo, name: str, params: dict[str, Any]) -> str:
     return f"{column} = %({name})s"
 
 
+# Up to this many rows of one table travel as one parameter per value; more, as one array per
+# column (PostgreSQL takes at most 65,535 parameters in a statement).
+_VALUES_ROWS = 32
+
+
 @cache
-def _adding(info: TableInfo, group: int) -> str:
-    """The insert of `write_where_adding`'s rows of one table (the `group`-th): one array
-    parameter per column, each cast to its column's type (a JSON column's as text, its
-    elements being JSON documents), inserted only if `_written` holds a row."""
+def _adding(info: TableInfo, group: int, count: int) -> str:
+    """The insert of `write_where_adding`'s `count` rows of one table (the `group`-th), inserted
+    only if `_written` holds a row, from a VALUES list or, past `_VALUES_ROWS` rows, from one
+    array per column. Each value is cast to its column's type (JSON as text, holding a JSON
+    document). Scalar parameters where they can: the driver encodes an array with several type
+    checks per element, which cost more than the rest of the statement; the statement's text,
+    so its prepared plan, is one per number of rows up to `_VALUES_ROWS`, then one."""
     names = tuple(c.name for c in info.table.columns)
-    arrays = ", ".join(f"%({_array_param(group, n)})s::{_array_type(info, n)}" for n in names)
+    casts = [(n, _value_type(info, n)) for n in names]
+    if count <= _VALUES_ROWS:
+        rows = ", ".join(
+            "(" + ", ".join(f"%({_value_param(group, r, n)})s::{kind}" for n, kind in casts) + ")"
+            for r in range(count)
+        )
+        source = f"(VALUES {rows})"
+    else:
+        arrays = ", ".join(f"%({_value_param(group, None, n)})s::{kind}[]" for n, kind in casts)
+        source = f"unnest({arrays})"
     values = ", ".join(f"{_q(n)}::jsonb" if n in info.json_columns else _q(n) for n in names)
     columns = ", ".join(_q(n) for n in names)
     return (
-        f"INSERT INTO {_q(info.name)} ({columns}) SELECT {values} FROM unnest({arrays}) "
+        f"INSERT INTO {_q(info.name)} ({columns}) SELECT {values} FROM {source} "
         f'AS "_rows"({columns}) WHERE EXISTS (SELECT FROM "_written") '
         f"ON CONFLICT ({_q(info.pk)}) DO NOTHING RETURNING {_q(info.pk)}"
     )
 
 
-def _array_param(group: int, column: str) -> str:
-    return f"_a{group}_{column}"
+def _value_param(group: int, row: int | None, column: str) -> str:
+    return f"_a{group}_{column}" if row is None else f"_a{group}_{row}_{column}"
 
 
 _MODIFIERS = re.compile(r"\(.*\)")
 
 
-def _array_type(info: TableInfo, column: str) -> str:
-    """The array type a column's values travel in: the column's type without its length or
+def _value_type(info: TableInfo, column: str) -> str:
+    """The type a column's value travels in: the column's type without its length or
     precision (a cast to `varchar(n)` would cut a longer value, where the insert refuses it),
     JSON as text."""
     if column in info.json_columns:
-        return "text[]"
+        return "text"
     kind = info.table.columns[column].type.compile(dialect=_DIALECT)
-    return f"{_MODIFIERS.sub('', kind).strip()}[]"
+    return _MODIFIERS.sub("", kind).strip()
 
 
-def _columns_of(info: TableInfo, group: int, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The array parameters of `rows` of one table: a list per column, JSON encoded here."""
-    arrays: dict[str, Any] = {}
-    for column in info.table.columns:
-        name = column.name
-        values = [row[name] for row in rows]
-        if name in info.json_columns:
-            try:
-                values = [None if v is None else json_dumps(v) for v in values]
-            except TypeError as exc:
-                raise InvalidInput(
-                    f"{info.kind}.{name} is not JSON-serialisable: {exc}", param=name
-                ) from exc
-        arrays[_array_param(group, name)] = values
-    return arrays
+def _values_of(info: TableInfo, group: int, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The parameters of `rows` of one table, as `_adding` takes them: one per value, or one
+    list per column; JSON encoded here."""
+    json_columns = info.json_columns
+    encoded = [
+        {n: _json_param(info, n, v) if n in json_columns else v for n, v in row.items()}
+        for row in rows
+    ]
+    if len(rows) > _VALUES_ROWS:
+        names = [c.name for c in info.table.columns]
+        return {_value_param(group, None, n): [row[n] for row in encoded] for n in names}
+    return {_value_param(group, r, n): v for r, row in enumerate(encoded) for n, v in row.items()}
+
+
+def _json_param(info: TableInfo, name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json_dumps(value)
+    except TypeError as exc:
+        raise InvalidInput(
+            f"{info.kind}.{name} is not JSON-serialisable: {exc}", param=name
+        ) from exc
 
 
 def _where(clauses: Sequence[str]) -> str:
@@ -770,9 +795,7 @@ class SqlRepository(Generic[E]):
         adding: Sequence[Entity],
     ) -> list[Any] | None:
         # One statement: the update, and an insert per entity type reading the update's
-        # RETURNING, so that rows are added only if it applied. Each type's rows travel as one
-        # array per column (`unnest`): the statement's text, so its prepared plan, is the same
-        # whatever the number of rows.
+        # RETURNING, so that rows are added only if it applied.
         update, params = self._update_where(entity_id, changes, where)
         groups: dict[type[Entity], list[dict[str, Any]]] = {}
         for entity in adding:
@@ -781,9 +804,9 @@ class SqlRepository(Generic[E]):
         found = ['EXISTS (SELECT FROM "_written")']
         for i, (entity_type, rows) in enumerate(groups.items()):
             info = table_info(entity_type)
-            ctes.append(f'"_added_{i}" AS ({_adding(info, i)})')
+            ctes.append(f'"_added_{i}" AS ({_adding(info, i, len(rows))})')
             found.append(f'ARRAY(SELECT {_q(info.pk)} FROM "_added_{i}")')
-            params.update(_columns_of(info, i, rows))
+            params.update(_values_of(info, i, rows))
         query = f"WITH {', '.join(ctes)} SELECT {', '.join(found)}"
         stored = await self._uow._fetch(query, params, self._info, write=True)
         if not stored or not stored[0][0]:

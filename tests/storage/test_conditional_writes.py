@@ -1059,6 +1059,33 @@ async def test_write_where_adding_that_does_not_match_adds_nothing(
     assert await logs_of(storage) == {}
 
 
+async def test_write_where_adding_of_a_hundred_rows_of_a_type_adds_each_new_one(
+    storage: Storage,
+) -> None:
+    # A job that made many calls carries many rows: past a few dozen they travel another way.
+    await add_ops(storage, [op(1, status=RUNNING, lease_token="t")])
+    async with storage.unit_of_work() as uow:
+        await uow.repo(UsageRecord).add(record(50, cost_micros=5))
+        await uow.commit()
+    records = [record(i, cost_micros=i) for i in range(1, 101)]
+    entries = [log(i, output={"n": i}) for i in range(1, 101)]
+    async with storage.unit_of_work(autocommit=True) as uow:
+        added = await uow.repo(Operation).write_where_adding(
+            "op-0001",
+            {"status": OperationStatus.COMPLETED},
+            Where.eq("lease_token", "t"),
+            adding=[*records, *entries],
+        )
+    assert added == [r.id for r in records if r.id != "usage-0050"] + [e.id for e in entries]
+    assert sorted(await usage_ids(storage)) == sorted(r.id for r in records)
+    async with storage.unit_of_work() as uow:
+        last = await uow.repo(UsageRecord).get("usage-0100")
+        kept = await uow.repo(UsageRecord).get("usage-0050")
+    assert last is not None and comparable(last) == comparable(records[-1])
+    assert kept is not None and kept.cost_micros == 5
+    assert await logs_of(storage) == {e.id: comparable(e) for e in entries}
+
+
 async def test_write_where_adding_of_nothing_is_write_where(storage: Storage) -> None:
     await add_ops(storage, [op(1)])
     async with storage.unit_of_work(autocommit=True) as uow:
