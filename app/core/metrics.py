@@ -174,7 +174,15 @@ LEASE_RECOVERIES = Family(
 QUEUE_DEPTH = Family(
     Gauge(
         "gateway_queue_depth",
-        "Pending jobs per queue (delayed retries included), read from the operations table.",
+        "Pending jobs per queue (delayed retries included, held children not), read from the "
+        "operations table.",
+        ["queue"],
+    )
+)
+QUEUE_HELD = Family(
+    Gauge(
+        "gateway_queue_held_jobs",
+        "Children held back by their parent's window per queue (sent as earlier ones finish).",
         ["queue"],
     )
 )

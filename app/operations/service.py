@@ -23,7 +23,7 @@ from app.operations.submit import (
     enqueue_span,
     request_hash,
 )
-from app.operations.transitions import TERMINAL, move
+from app.operations.transitions import TERMINAL, move, transition
 from app.queue.names import OperationKind
 from app.queue.port import JobQueue
 from app.storage.grouped import GroupInsert
@@ -311,6 +311,14 @@ class OperationService:
         return operation
 
 
+# The moves of a parent's unfinished children when it is cancelled (checked at import).
+_CHILD_CANCELS = (
+    transition(OperationStatus.PENDING, OperationStatus.CANCELLED),
+    transition(OperationStatus.RUNNING, OperationStatus.CANCELLED),
+)
+_CHILD_CANCELLED = dict(_CHILD_CANCELS[0].changes)
+
+
 async def cancel_in(
     uow: UnitOfWork,
     operation_id: str,
@@ -336,16 +344,12 @@ async def cancel_in(
     operation.lease_expires_at = None
     operation.error_type, operation.error_message = "cancelled", "cancelled by request"
     if operation.children_total:
-        children = await repo.find(
+        # One statement for every unfinished child, however many are held.
+        operation.children_cancelled += await repo.update_all(
+            {**_CHILD_CANCELLED, "finished_at": now, "lease_expires_at": None},
             Where.eq("parent_id", operation.id),
-            Where.in_("status", [OperationStatus.PENDING, OperationStatus.RUNNING]),
+            Where.in_("status", [t.source for t in _CHILD_CANCELS]),
         )
-        for child in children.items:
-            move(child, OperationStatus.CANCELLED)
-            child.finished_at = now
-            child.lease_expires_at = None
-            await repo.update(child)
-            operation.children_cancelled += 1
     operation = await repo.update(operation)
     await emit_finished(events, uow, operation)
     if operation.parent_id is not None:

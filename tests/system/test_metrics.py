@@ -209,7 +209,7 @@ async def test_metrics_port_serves_them_without_credentials_on_loopback() -> Non
             await client.get(f"http://127.0.0.1:{port}/metrics")
 
 
-async def test_queue_gauges_count_pending_jobs_per_queue_and_age_the_oldest(
+async def test_queue_gauges_count_sent_pending_jobs_per_queue_age_the_oldest_and_count_held_ones(
     storage: Storage,
 ) -> None:
     now = utcnow()
@@ -217,7 +217,12 @@ async def test_queue_gauges_count_pending_jobs_per_queue_and_age_the_oldest(
     def job(n: int, kind: OperationKind, queue: str, age: float, **more: Any) -> Operation:
         created = now - timedelta(seconds=age)
         return Operation(
-            id=f"op-{n}", kind=kind, queue=queue, created_at=created, updated_at=created, **more
+            id=f"op-{n}",
+            kind=kind,
+            queue=queue,
+            created_at=created,
+            updated_at=created,
+            **{"send_count": 1, **more},
         )
 
     chat, hooks = OperationKind.CHAT_COMPLETION, OperationKind.WEBHOOK_DELIVERY
@@ -228,6 +233,9 @@ async def test_queue_gauges_count_pending_jobs_per_queue_and_age_the_oldest(
             job(3, hooks, "webhooks", 120),
             job(4, chat, "chat", 600, status=OperationStatus.RUNNING),  # not waiting
             job(5, chat, "chat", 900, status=OperationStatus.COMPLETED),
+            # Children held back by their parent's window wait for it, not for a worker.
+            job(7, chat, "chat", 3000, send_count=0, enqueued_at=None),
+            job(8, chat, "chat", 3000, send_count=0, enqueued_at=None),
         ):
             await uow.repo(Operation).add(item)
         await uow.commit()
@@ -244,6 +252,8 @@ async def test_queue_gauges_count_pending_jobs_per_queue_and_age_the_oldest(
     assert 30 <= gauge("gateway_queue_oldest_job_age_seconds", "chat") < 40
     assert 120 <= gauge("gateway_queue_oldest_job_age_seconds", "webhooks") < 130
     assert gauge("gateway_queue_oldest_job_age_seconds", "embeddings") == 0
+    assert gauge("gateway_queue_held_jobs", "chat") == 2
+    assert gauge("gateway_queue_held_jobs", "webhooks") == 0
 
     # Within `max_age` a scrape reuses the last figures: no query per scrape.
     async with storage.unit_of_work() as uow:
