@@ -656,7 +656,11 @@ def _adding(info: TableInfo, group: int, count: int) -> str:
     else:
         arrays = ", ".join(f"%({_value_param(group, None, n)})s::{kind}[]" for n, kind in casts)
         source = f"unnest({arrays})"
-    values = ", ".join(f"{_q(n)}::jsonb" if n in info.json_columns else _q(n) for n in names)
+    # The commit stamp is the inserting transaction's id, as for any insert (`_table`).
+    values = ", ".join(
+        _XACT_ID if n == info.stamp else f"{_q(n)}::jsonb" if n in info.json_columns else _q(n)
+        for n in names
+    )
     columns = ", ".join(_q(n) for n in names)
     return (
         f"INSERT INTO {_q(info.name)} ({columns}) SELECT {values} FROM {source} "

@@ -589,6 +589,23 @@ async def test_a_row_committed_after_a_horizon_was_read_is_stamped_at_or_above_i
     assert await _stamp_of(storage, first.id) == stamp
 
 
+async def test_a_row_added_with_a_conditional_write_is_stamped_as_any_insert(
+    storage: Storage,
+) -> None:
+    await add_ops(storage, [op(1)])
+    async with storage.unit_of_work() as uow:
+        first = await create(uow, ExperimentRecord)
+        await uow.commit()
+    after = await _horizon_past(storage, await _stamp_of(storage, first.id))
+    carried = build(ExperimentRecord, experiment_id=first.experiment_id, commit_stamp=0)
+    async with storage.unit_of_work(autocommit=True) as uow:
+        added = await uow.repo(Operation).write_where_adding(
+            "op-0001", {"attempts": 2}, adding=[carried]
+        )
+    assert added == [carried.id]
+    assert await _stamp_of(storage, carried.id) >= after  # not the 0 the entity carried
+
+
 async def test_the_rows_of_a_unit_still_open_are_never_below_another_units_horizon(
     storage: Storage,
 ) -> None:
