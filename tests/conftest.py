@@ -17,6 +17,9 @@ from app.storage.protocol import Storage
 from tests.redis_servers import RedisServer
 from tests.tls import Certificates, make_certificates
 
+# The fixtures of the tests that start real processes (`processes`, `clean`, `submitter`).
+pytest_plugins = ["tests.processes"]
+
 # A test process builds many apps: freezing the heap at each start-up (`app.core.heap`) would
 # keep every earlier app's reference cycles for the rest of the session.
 os.environ.setdefault("GC_SETTLE", "false")

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import TEST_DATABASE_URL, drop_database
-from tests.operations.test_processes import ADMIN_KEY, Processes, env_for, free_port, wait_until
+from tests.processes import ADMIN_KEY, Processes, env_for, free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

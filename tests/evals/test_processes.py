@@ -22,7 +22,7 @@ from app.operations.presence import PRESENCE_KEY
 from app.storage.sql import SqlStorage, make_database
 from tests.gateway.conftest import store_models
 from tests.gateway.upstream import FakeUpstream, UpstreamThread
-from tests.operations.test_processes import (
+from tests.processes import (
     ADMIN_KEY,
     Processes,
     env_for,

@@ -22,13 +22,11 @@ from app.credentials.entities import Provider
 from app.storage.sql import SqlStorage, make_database
 from tests.gateway.conftest import UPSTREAM_SECRET, store_models
 from tests.gateway.upstream import FakeUpstream, UpstreamThread
-from tests.operations.test_processes import (
+from tests.processes import (
     ADMIN_KEY,
     Processes,
-    clean,  # noqa: F401 (a fixture)
     env_for,
     httpx_client,
-    processes,  # noqa: F401 (a fixture)
     wait_until,
 )
 
@@ -165,8 +163,8 @@ def prepare(api: Any) -> None:
 
 
 def test_a_batch_whose_worker_is_killed_completes_with_each_call_answered_once(
-    clean: tuple[str, str],  # noqa: F811
-    processes: Processes,  # noqa: F811
+    clean: tuple[str, str],
+    processes: Processes,
     upstream: CountingUpstream,
 ) -> None:
     database_url, redis_url = clean
@@ -228,8 +226,8 @@ def test_a_batch_whose_worker_is_killed_completes_with_each_call_answered_once(
 
 
 def test_a_batch_cancelled_on_the_workers_makes_no_call_after_it_stops(
-    clean: tuple[str, str],  # noqa: F811
-    processes: Processes,  # noqa: F811
+    clean: tuple[str, str],
+    processes: Processes,
     upstream: CountingUpstream,
 ) -> None:
     database_url, redis_url = clean

@@ -28,7 +28,7 @@ from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
 from tests.gateway.conftest import UPSTREAM_SECRET, store_models
 from tests.gateway.upstream import FakeUpstream, UpstreamThread
-from tests.operations.test_processes import ADMIN_KEY, Processes, env_for, wait_until
+from tests.processes import ADMIN_KEY, Processes, env_for, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

@@ -11,14 +11,12 @@ import httpx
 import orjson
 import pytest
 
-from tests.operations.test_processes import (
+from tests.processes import (
     ADMIN_KEY,
     Processes,
     chat,
-    clean,  # noqa: F401 (a fixture)
     env_for,
     free_port,
-    processes,  # noqa: F401 (a fixture)
     wait_until,
 )
 
@@ -44,8 +42,8 @@ def _answers(url: str) -> bool:
 
 
 def test_api_and_worker_processes_write_json_lines_with_the_job_context(
-    clean: tuple[str, str],  # noqa: F811
-    processes: Processes,  # noqa: F811
+    clean: tuple[str, str],
+    processes: Processes,
     tmp_path: Path,
 ) -> None:
     database_url, redis_url = clean

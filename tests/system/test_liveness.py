@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.system import liveness
-from tests.operations.test_processes import Processes, env_for, free_port
+from tests.processes import Processes, env_for, free_port
 
 
 @pytest.fixture

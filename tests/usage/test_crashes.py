@@ -10,25 +10,19 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-import redis
 import redis.asyncio as aioredis
 
-from app.access.service import ApiKeyService
-from app.config import Settings
 from app.operations.service import OperationService
-from app.queue.broker import build_broker
 from app.queue.names import OperationKind
-from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from tests.conftest import truncate_all
-from tests.operations.test_processes import (
+from tests.processes import (
     ADMIN_KEY,
     OWNER,
     Processes,
@@ -43,36 +37,6 @@ from tests.usage.test_api import ADMIN, app_on, serve, services_of
 from tests.usage.test_chat_metering import CALL, add_priced_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
-
-
-@pytest.fixture
-def clean(database_url: str, redis_url: str) -> tuple[str, str]:
-    truncate_all(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
-    return database_url, redis_url
-
-
-@pytest.fixture
-async def submitter(clean: tuple[str, str]) -> AsyncIterator[OperationService]:
-    database_url, redis_url = clean
-    settings = Settings(**env_for(database_url, redis_url, PROCESS_ROLE="api"))  # type: ignore[arg-type]
-    storage = SqlStorage(make_database(database_url))
-    await ApiKeyService(storage).ensure_key(
-        key_id=OWNER.key_id or "admin", name="test", secret=ADMIN_KEY, admin=True
-    )
-    queue = build_queue(settings, build_broker(settings))
-    yield OperationService(storage, queue)
-    await queue.aclose()
-    await storage.close()
 
 
 def count_by_operation(database_url: str, table: str) -> dict[str, int]:

@@ -27,7 +27,7 @@ from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from app.webhooks.service import WebhookConfig, WebhookService
 from tests.conftest import truncate_all
-from tests.operations.test_processes import Processes, env_for, wait_until
+from tests.processes import Processes, env_for, wait_until
 from tests.webhooks.receiver import Received, Reply, ThreadedReceiver, verify
 
 pytestmark = pytest.mark.slow
