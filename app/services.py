@@ -27,8 +27,8 @@ from app.experiments.batches import BatchRunner
 from app.experiments.jobs import experiment_handlers
 from app.experiments.live import LiveExperiments
 from app.experiments.service import ExperimentService
-from app.gateway.cache import Embedder, build_response_cache
-from app.gateway.calls import GatewayCalls
+from app.gateway.cache import build_response_cache
+from app.gateway.calls import GatewayCalls, Keyless
 from app.gateway.chains import ChainService
 from app.gateway.chat import ChatService, UpstreamSettings
 from app.gateway.jobs import gateway_handlers
@@ -222,14 +222,19 @@ def build_services(
     # The default rate limits may come from the app configuration.
     invalidation.on(CONFIG_TOPIC, lambda _key: accounting.metering.forget("defaults"))
     live_experiments = LiveExperiments(storage, invalidation)
+    embeddings = (
+        CacheEmbeddings(settings.CACHE_SEMANTIC_MODEL) if settings.CACHE_SEMANTIC_MODEL else None
+    )
     calls = GatewayCalls(
         chat,
         accounting.metering,
         keys,
         operations,
-        cache=build_response_cache(settings, redis=redis, embed=_embedder(chat, settings)),
+        cache=build_response_cache(settings, redis=redis, embed=embeddings),
         variants=live_experiments,
     )
+    if embeddings is not None:
+        embeddings.calls = calls
     knowledge = KnowledgeService(
         storage,
         operations,
@@ -307,18 +312,21 @@ def build_services(
     )
 
 
-def _embedder(chat: ChatService, settings: Settings) -> Embedder | None:
-    """The semantic cache's embeddings: CACHE_SEMANTIC_MODEL through the gateway's own route
-    (not metered: they are the gateway's own cost, made on behalf of the call being cached)."""
-    model = settings.CACHE_SEMANTIC_MODEL
-    if model is None:
-        return None
+class CacheEmbeddings:
+    """The semantic cache's embeddings: CACHE_SEMANTIC_MODEL through the gateway's one call
+    path, recorded as the gateway's own usage (no key, no team: made on behalf of the call being
+    cached, not billed to its caller; a global budget counts them). `calls` is set once built
+    (the calls hold the cache that holds this)."""
 
-    async def embed(texts: list[str]) -> list[list[float]]:
-        answer = await chat.embed(EmbeddingRequest(model=model, input=texts))
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.calls: GatewayCalls | None = None
+
+    async def __call__(self, texts: list[str]) -> list[list[float]]:
+        if self.calls is None:
+            raise RuntimeError("the semantic cache's embeddings are not wired to the gateway yet")
+        answer = await self.calls.embed(Keyless(), EmbeddingRequest(model=self.model, input=texts))
         return [list(item["embedding"]) for item in answer.body["data"]]
-
-    return embed
 
 
 def _search_index(settings: Settings, storage: Storage) -> SearchIndex:

@@ -24,11 +24,14 @@ from app.gateway.cache import (
     completion_chunks,
     tenant_of,
 )
+from app.logs.entities import ExecutionLog
 from app.main import create_app
 from app.models.entities import Model
 from app.operations.runner import OperationRunner
 from app.services import Services, build_handlers
 from app.storage.memory import MemoryStorage
+from app.storage.protocol import Storage
+from app.usage.entities import UsageRecord, UsageType
 from tests.fakes import RecordingQueue
 
 ALICE_TEAM = tenant_of("team-a", "key-1")
@@ -469,3 +472,35 @@ async def test_an_async_job_goes_through_the_same_cache(cached_app: FastAPI) -> 
         assert direct.headers["x-gateway-cache"] == "hit"
         job = await http.get(f"/v1/operations/{accepted.json()['operation_id']}")
         assert job.json()["result"] == direct.json()
+
+
+# ---- the semantic cache's own embeddings ------------------------------------------------------
+
+
+async def test_the_semantic_caches_embeddings_are_recorded_as_the_gateways_own_usage(
+    storage: Storage,
+) -> None:
+    # A semantic lookup calls the embedding model: an upstream call like any, so it leaves a
+    # usage record and a log, with no key or team (the caller is billed for its chat only).
+    settings = Settings(
+        BROKER="stub", CACHE_BACKEND="memory", CACHE_SEMANTIC_MODEL="mock-embedding"
+    )
+    application = create_app(settings, storage=storage, queue=RecordingQueue(storage))
+    async with application.router.lifespan_context(application):
+        async with await http_for(application) as http:
+            first = await http.post("/v1/chat/completions", json=chat_body("a question"))
+            again = await http.post("/v1/chat/completions", json=chat_body("a question, again"))
+        assert first.status_code == again.status_code == 200, (first.text, again.text)
+        assert again.headers["x-gateway-cache"] == "miss"  # not similar enough, still looked up
+        async with storage.unit_of_work() as uow:
+            records = (await uow.repo(UsageRecord).find(order_by=["created_at"])).items
+            logs = await uow.repo(ExecutionLog).count()
+    chats = [r for r in records if r.usage_type == UsageType.CHAT_COMPLETION]
+    embeddings = [r for r in records if r.usage_type == UsageType.EMBEDDING]
+    assert len(chats) == 2 and all(r.api_key_id is not None for r in chats)
+    assert len(embeddings) == 2  # one lookup per call
+    assert {(r.api_key_id, r.team_id, r.model_id) for r in embeddings} == {
+        (None, None, "mock-embedding")
+    }
+    assert all(r.input_tokens > 0 for r in embeddings)
+    assert logs == len(records) == 4
