@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -99,6 +100,14 @@ def answer_headers(
     if cost_micros is not None:
         headers[COST_HEADER] = usd(cost_micros)
     return headers
+
+
+def stated_cost_micros(headers: Mapping[str, str]) -> int:
+    """A call's cost as its answer's headers state it (USD, to the micro-dollar); 0 if none."""
+    try:
+        return int(Decimal(headers.get(COST_HEADER, "0")) * 1_000_000)
+    except InvalidOperation:
+        return 0
 
 
 class CallSource(StrEnum):

@@ -14,7 +14,7 @@ from typing import Protocol
 import orjson
 
 from app.core.errors import InvalidInput
-from app.gateway.calls import DIRECT, CallContext, Caller, GatewayCalls
+from app.gateway.calls import DIRECT, CallContext, Caller, GatewayCalls, stated_cost_micros
 from app.gateway.schemas import ChatCompletionRequest
 from app.knowledge.schemas import GradeVerdict
 
@@ -74,6 +74,10 @@ class Grading:
     verdict: GradeVerdict
     graded: list[Graded]
     kept: list[Graded]
+    # What the judge's calls used, all together.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micros: int = 0
 
 
 def read_score(answer: str) -> float | None:
@@ -114,6 +118,8 @@ async def grade(
     caller.ensure_can_call(judge_model)
     gate = asyncio.Semaphore(CONCURRENCY)
 
+    used = [0, 0, 0]  # prompt tokens, completion tokens, cost
+
     async def judged(chunk: Gradable) -> Graded:
         request = ChatCompletionRequest.model_validate(
             {
@@ -132,6 +138,10 @@ async def grade(
         async with gate:
             completion = await calls.complete(caller, request, context)
             await completion.settle()
+        usage = completion.body.get("usage") or {}
+        used[0] += int(usage.get("prompt_tokens") or 0)
+        used[1] += int(usage.get("completion_tokens") or 0)
+        used[2] += stated_cost_micros(completion.headers)
         choices = completion.body.get("choices") or [{}]
         content = (choices[0].get("message") or {}).get("content") or ""
         score = read_score(str(content))
@@ -147,4 +157,4 @@ async def grade(
         verdict = GradeVerdict.INCORRECT
     wanted = {GradeVerdict.CORRECT} | ({GradeVerdict.AMBIGUOUS} if include_ambiguous else set())
     kept = sorted((g for g in graded if g.verdict in wanted), key=lambda g: -(g.score or 0.0))
-    return Grading(verdict, graded, kept)
+    return Grading(verdict, graded, kept, *used)

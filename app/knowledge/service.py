@@ -29,7 +29,15 @@ from app.core.errors import (
 )
 from app.core.ids import new_id
 from app.core.invalidation import InvalidationBus
-from app.gateway.calls import DIRECT, CallContext, Caller, CallSource, GatewayCalls
+from app.gateway.calls import (
+    DIRECT,
+    CallContext,
+    Caller,
+    CallSource,
+    Embedded,
+    GatewayCalls,
+    stated_cost_micros,
+)
 from app.gateway.schemas import EmbeddingRequest
 from app.knowledge.chunking import Chunking, Piece, chunk
 from app.knowledge.entities import (
@@ -119,6 +127,15 @@ class Ingestion(Protocol):
     async def checkpoint(self) -> None: ...
 
     async def set_progress(self, **progress: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Searched:
+    """A search's results and what its query's embedding used (nothing for a keyword search)."""
+
+    results: SearchResults
+    prompt_tokens: int = 0
+    cost_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -742,6 +759,17 @@ class KnowledgeService:
         """The chunks of the base's ready documents that best match the query, for `caller` (a
         key needs the base's permission; a keyless job owner has no key permissions to check);
         the query's embedding is a call in `context`."""
+        return (await self.search_using(caller, base_id, request, context=context)).results
+
+    async def search_using(
+        self,
+        caller: Caller,
+        base_id: str,
+        request: SearchRequest,
+        *,
+        context: CallContext = DIRECT,
+    ) -> Searched:
+        """`search`, with what its query's embedding used."""
         # Refused before the base is looked up: a key without it learns nothing of it.
         if isinstance(caller, Principal):
             caller.ensure_can_use(Resource.KNOWLEDGE_BASES, base_id, param="knowledge_base_id")
@@ -755,9 +783,11 @@ class KnowledgeService:
         vector_hits: list[Hit] = []
         keyword_hits: list[Hit] = []
         model: str | None = None
+        embedded: Embedded | None = None
         depth = top_k if request.mode is not SearchMode.HYBRID else max(top_k, FUSION_DEPTH)
         if request.mode is not SearchMode.KEYWORD:
-            vector, model = await self._embed_query(caller, base, request.query, context)
+            embedded = await self._embed_query(caller, base, request.query, context)
+            vector, model = _vectors(embedded.body, 1)[0], embedded.model_id
             floor = min_score if request.mode is SearchMode.VECTOR else None
             vector_hits = await self.index.search(
                 base, vector, top_k=depth, min_score=floor, where=where
@@ -772,11 +802,19 @@ class KnowledgeService:
             ranked = [(h.chunk_id, h.score) for h in keyword_hits]
         else:
             ranked = _fused(vector_hits, keyword_hits)[:top_k]
-        return SearchResults(
+        results = SearchResults(
             knowledge_base_id=base_id,
             mode=request.mode,
             model=model,
             data=await self._hits(ranked, vector_hits, keyword_hits),
+        )
+        if embedded is None:
+            return Searched(results)
+        usage = embedded.body.get("usage") or {}
+        return Searched(
+            results,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            cost_micros=stated_cost_micros(embedded.headers),
         )
 
     async def grade(
@@ -805,7 +843,7 @@ class KnowledgeService:
 
     async def _embed_query(
         self, caller: Caller, base: KnowledgeBase, query: str, context: CallContext
-    ) -> tuple[list[float], str]:
+    ) -> Embedded:
         if base.embedding_model_id is None:
             raise InvalidInput(f"knowledge base '{base.id}' has no embedding model")
         config = _config(base)
@@ -818,7 +856,7 @@ class KnowledgeService:
             ),
             context,
         )
-        return _vectors(embedded.body, 1)[0], embedded.model_id
+        return embedded
 
     async def _hits(
         self, ranked: list[tuple[str, float]], vector: list[Hit], keyword: list[Hit]

@@ -23,6 +23,26 @@ class _Document:
     content: str
 
 
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A step's search: the documents, and what embedding the query used."""
+
+    documents: list[dict[str, Any]]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grades:
+    """A step's grading: what the step outputs, and what the judge's calls used."""
+
+    output: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micros: int = 0
+
+
 def _document(hit: SearchHit) -> dict[str, Any]:
     return {
         "id": hit.chunk_id,
@@ -57,15 +77,19 @@ class KnowledgeSteps:
         filter: Mapping[str, Any] | None,
         *,
         context: CallContext,
-    ) -> list[dict[str, Any]]:
+    ) -> Found:
         request = SearchRequest(
             query=query,
             top_k=top_k,
             min_score=min_score,
             filter=dict(filter) if filter is not None else None,
         )
-        found = await self._knowledge.search(caller, kb_id, request, context=context)
-        return [_document(hit) for hit in found.data]
+        found = await self._knowledge.search_using(caller, kb_id, request, context=context)
+        return Found(
+            [_document(hit) for hit in found.results.data],
+            prompt_tokens=found.prompt_tokens,
+            cost_micros=found.cost_micros,
+        )
 
     async def grade(
         self,
@@ -76,7 +100,7 @@ class KnowledgeSteps:
         thresholds: Mapping[str, float],
         *,
         context: CallContext,
-    ) -> dict[str, Any]:
+    ) -> Grades:
         """The documents graded by `judge_model`: those at or above the step's `threshold`
         (CRAG's upper threshold; `lower` marks the ambiguous band) are the relevant ones."""
         upper = float(thresholds.get("upper", thresholds.get("threshold", Thresholds().upper)))
@@ -96,7 +120,7 @@ class KnowledgeSteps:
         relevant = [
             {**given[g.chunk.chunk_id], "relevance": scores[g.chunk.chunk_id]} for g in grading.kept
         ]
-        return {
+        output = {
             "verdict": grading.verdict.value,
             "documents": relevant,
             "relevant_documents": relevant,
@@ -104,3 +128,9 @@ class KnowledgeSteps:
             "relevant_count": len(relevant),
             "threshold": upper,
         }
+        return Grades(
+            output,
+            prompt_tokens=grading.prompt_tokens,
+            completion_tokens=grading.completion_tokens,
+            cost_micros=grading.cost_micros,
+        )

@@ -9,6 +9,34 @@ from typing import Any, Protocol
 from app.gateway.calls import CallContext, Caller
 
 
+class Used(Protocol):
+    """What a step's calls used, all together: what its step record shows."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int: ...
+
+    @property
+    def cost_micros(self) -> int: ...
+
+
+class Found(Used, Protocol):
+    """The chunks nearest to a query: each `{id, content, score, source?, metadata?}`."""
+
+    @property
+    def documents(self) -> list[dict[str, Any]]: ...
+
+
+class Grades(Used, Protocol):
+    """Chunks graded by a judge model: at least `{documents: [the relevant ones], scores:
+    {id: score}}`."""
+
+    @property
+    def output(self) -> dict[str, Any]: ...
+
+
 class KnowledgeSearch(Protocol):
     """Search and grading of knowledge bases, for `caller` (its permissions, limits, budget)."""
 
@@ -26,8 +54,8 @@ class KnowledgeSearch(Protocol):
         filter: Mapping[str, Any] | None,
         *,
         context: CallContext,
-    ) -> list[dict[str, Any]]:
-        """The chunks nearest to `query`: each `{id, content, score, source?, metadata?}`."""
+    ) -> Found:
+        """The chunks nearest to `query`, and what embedding the query used."""
         ...
 
     async def grade(
@@ -39,7 +67,7 @@ class KnowledgeSearch(Protocol):
         thresholds: Mapping[str, float],
         *,
         context: CallContext,
-    ) -> dict[str, Any]:
-        """`chunks` graded for relevance to `query` by `judge_model` (CRAG): at least
-        `{documents: [the relevant ones], scores: {id: score}}`."""
+    ) -> Grades:
+        """`chunks` graded for relevance to `query` by `judge_model` (CRAG), and what the
+        judge's calls used."""
         ...

@@ -16,6 +16,7 @@ import pytest
 from app.core.clock import utcnow
 from app.credentials.entities import Provider
 from app.gateway.calls import CallContext, Caller
+from app.knowledge.steps import Found, Grades
 from app.models.entities import Model
 from app.models.schemas import ModelParameters
 from app.operations.entities import Operation, OperationStatus
@@ -118,13 +119,14 @@ class Library:
         filter: Mapping[str, Any] | None,
         *,
         context: CallContext,
-    ) -> list[dict[str, Any]]:
+    ) -> Found:
         self.searches.append((caller.key_id, kb_id, query))
         self.contexts.append(context)
-        return [
+        documents = [
             {"id": "d1", "content": f"about {query}", "score": 0.9},
             {"id": "d2", "content": "off topic", "score": 0.4},
         ][:top_k]
+        return Found(documents, prompt_tokens=4, cost_micros=1)
 
     async def grade(
         self,
@@ -135,9 +137,10 @@ class Library:
         thresholds: Mapping[str, float],
         *,
         context: CallContext,
-    ) -> dict[str, Any]:
+    ) -> Grades:
         kept = [dict(c) for c in chunks if c["score"] >= thresholds["threshold"]]
-        return {"documents": kept, "scores": {c["id"]: c["score"] for c in chunks}}
+        output = {"documents": kept, "scores": {c["id"]: c["score"] for c in chunks}}
+        return Grades(output, prompt_tokens=30, completion_tokens=6, cost_micros=5)
 
 
 @pytest.fixture
@@ -278,7 +281,14 @@ async def test_a_six_step_workflow_runs_and_records_every_step_and_its_usage(
     chat_records = [r for r in records if r.model_id == "llm"]
     llm_steps = [s for s in steps if s["type"] == "chat_completion"]
     assert sum(s["prompt_tokens"] for s in llm_steps) == sum(r.input_tokens for r in chat_records)
+    # The search's and the grading's step records show what their calls used, as the records do.
+    embedding = [r for r in records if r.model_id == "mock-embedding"]
+    judge = [r for r in records if r.model_id == "judge"]
+    assert steps[1]["prompt_tokens"] == sum(r.input_tokens for r in embedding) > 0
+    assert steps[2]["prompt_tokens"] == sum(r.input_tokens for r in judge) > 0
+    assert steps[2]["completion_tokens"] == sum(r.output_tokens for r in judge) > 0
     assert run["usage"]["prompt_tokens"] == sum(s["prompt_tokens"] for s in steps)
+    assert run["usage"]["prompt_tokens"] == sum(r.input_tokens for r in records)
 
 
 async def test_end_workflow_ends_the_run_with_its_value(

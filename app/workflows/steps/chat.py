@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
 from app.core.errors import InvalidInput
-from app.gateway.calls import COST_HEADER
+from app.gateway.calls import stated_cost_micros
 from app.gateway.schemas import ChatCompletionRequest
 from app.workflows.definition import ChatCompletionStep
 from app.workflows.references import as_text
@@ -52,14 +51,6 @@ def request_of(step: ChatCompletionStep, env: StepEnv) -> dict[str, Any]:
     return body
 
 
-def cost_micros(headers: dict[str, str]) -> int:
-    """The call's cost as its answer states it (USD, to the micro-dollar)."""
-    try:
-        return int(Decimal(headers.get(COST_HEADER, "0")) * 1_000_000)
-    except InvalidOperation:
-        return 0
-
-
 async def execute(step: ChatCompletionStep, env: StepEnv) -> StepResult:
     body = request_of(step, env)
     try:
@@ -91,5 +82,5 @@ async def execute(step: ChatCompletionStep, env: StepEnv) -> StepResult:
         input=body,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        cost_micros=cost_micros(completion.headers),
+        cost_micros=stated_cost_micros(completion.headers),
     )

@@ -24,4 +24,10 @@ async def execute(step: CragScoringStep, env: StepEnv) -> StepResult:
     graded = await knowledge.grade(
         env.caller, query, documents, step.model_id, thresholds, context=env.context
     )
-    return StepResult(output=graded, input={"query": query, "documents": len(documents)})
+    return StepResult(
+        output=graded.output,
+        input={"query": query, "documents": len(documents)},
+        prompt_tokens=graded.prompt_tokens,
+        completion_tokens=graded.completion_tokens,
+        cost_micros=graded.cost_micros,
+    )

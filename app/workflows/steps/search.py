@@ -26,7 +26,7 @@ def documents_xml(documents: list[dict[str, Any]]) -> str:
 async def execute(step: KnowledgeBaseSearchStep, env: StepEnv) -> StepResult:
     knowledge = knowledge_of(env)
     query = as_text(env.resolve(step.query))
-    documents = await knowledge.search(
+    found = await knowledge.search(
         env.caller,
         step.knowledge_base_id,
         query,
@@ -35,6 +35,7 @@ async def execute(step: KnowledgeBaseSearchStep, env: StepEnv) -> StepResult:
         env.resolve(step.filter),
         context=env.context,
     )
+    documents = found.documents
     output = {
         "documents": documents,
         "documents_xml": documents_xml(documents),
@@ -42,4 +43,10 @@ async def execute(step: KnowledgeBaseSearchStep, env: StepEnv) -> StepResult:
         "knowledge_base_id": step.knowledge_base_id,
         "query": query,
     }
-    return StepResult(output=output, input={"query": query, "top_k": step.top_k})
+    return StepResult(
+        output=output,
+        input={"query": query, "top_k": step.top_k},
+        prompt_tokens=found.prompt_tokens,
+        completion_tokens=found.completion_tokens,
+        cost_micros=found.cost_micros,
+    )
