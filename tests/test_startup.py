@@ -37,15 +37,6 @@ def fresh_database() -> Iterator[str]:
     drop_database(url)
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def ready(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200

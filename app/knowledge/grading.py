@@ -14,7 +14,14 @@ from typing import Protocol
 import orjson
 
 from app.core.errors import InvalidInput
-from app.gateway.calls import DIRECT, CallContext, Caller, GatewayCalls, stated_cost_micros
+from app.gateway.calls import (
+    DIRECT,
+    CallContext,
+    Caller,
+    Completion,
+    GatewayCalls,
+    stated_cost_micros,
+)
 from app.gateway.schemas import ChatCompletionRequest
 from app.knowledge.schemas import GradeVerdict
 
@@ -118,9 +125,7 @@ async def grade(
     caller.ensure_can_call(judge_model)
     gate = asyncio.Semaphore(CONCURRENCY)
 
-    used = [0, 0, 0]  # prompt tokens, completion tokens, cost
-
-    async def judged(chunk: Gradable) -> Graded:
+    async def judged(chunk: Gradable) -> tuple[Graded, Completion]:
         request = ChatCompletionRequest.model_validate(
             {
                 "model": judge_model,
@@ -138,16 +143,14 @@ async def grade(
         async with gate:
             completion = await calls.complete(caller, request, context)
             await completion.settle()
-        usage = completion.body.get("usage") or {}
-        used[0] += int(usage.get("prompt_tokens") or 0)
-        used[1] += int(usage.get("completion_tokens") or 0)
-        used[2] += stated_cost_micros(completion.headers)
         choices = completion.body.get("choices") or [{}]
         content = (choices[0].get("message") or {}).get("content") or ""
         score = read_score(str(content))
-        return Graded(chunk, score, limits.verdict(score or 0.0))
+        return Graded(chunk, score, limits.verdict(score or 0.0)), completion
 
-    graded = list(await asyncio.gather(*(judged(c) for c in chunks[:max_chunks])))
+    answers = await asyncio.gather(*(judged(c) for c in chunks[:max_chunks]))
+    graded = [g for g, _ in answers]
+    usages = [c.body.get("usage") or {} for _, c in answers]
     verdicts = {g.verdict for g in graded}
     if GradeVerdict.CORRECT in verdicts:
         verdict = GradeVerdict.CORRECT
@@ -157,4 +160,11 @@ async def grade(
         verdict = GradeVerdict.INCORRECT
     wanted = {GradeVerdict.CORRECT} | ({GradeVerdict.AMBIGUOUS} if include_ambiguous else set())
     kept = sorted((g for g in graded if g.verdict in wanted), key=lambda g: -(g.score or 0.0))
-    return Grading(verdict, graded, kept, *used)
+    return Grading(
+        verdict,
+        graded,
+        kept,
+        prompt_tokens=sum(int(u.get("prompt_tokens") or 0) for u in usages),
+        completion_tokens=sum(int(u.get("completion_tokens") or 0) for u in usages),
+        cost_micros=sum(stated_cost_micros(c.headers) for _, c in answers),
+    )

@@ -8,7 +8,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -34,15 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 BATCH = 5
 SENTENCES = 600  # a chunk each, or two: over 100 embedding calls of 50 ms
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture

@@ -7,21 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app.system import liveness
 from tests.processes import Processes, env_for, free_port
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path)
-    yield started
-    started.stop_all()
-
 
 DEPARTED_PID = 2**22 + 1  # above Linux's pid_max: never a running process
 

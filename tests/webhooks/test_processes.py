@@ -7,14 +7,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import orjson
 import psycopg
 import pytest
-import redis
 
 from app.config import Settings
 from app.core.crypto import SecretBox
@@ -26,7 +24,6 @@ from app.queue.names import OperationKind
 from app.queue.port import build_queue
 from app.storage.sql import SqlStorage, make_database
 from app.webhooks.service import WebhookConfig, WebhookService
-from tests.conftest import truncate_all
 from tests.processes import Processes, env_for, wait_until
 from tests.webhooks.receiver import Received, Reply, ThreadedReceiver, verify
 
@@ -34,22 +31,6 @@ pytestmark = pytest.mark.slow
 
 EVENTS = 150
 JOBS = 5
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
-
-
-@pytest.fixture
-def clean(database_url: str, redis_url: str) -> tuple[str, str]:
-    truncate_all(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
-    return database_url, redis_url
 
 
 def worker_env(database_url: str, redis_url: str) -> dict[str, str]:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 
 from app.config import Settings
 from app.core.redis import build_redis
@@ -23,7 +21,6 @@ from app.queue.port import build_queue
 from app.services import Services, build_services
 from app.storage.sql import SqlStorage, make_database
 from app.workflows.schemas import WorkflowCreate
-from tests.conftest import truncate_all
 from tests.gateway.conftest import UPSTREAM_SECRET, store_models
 from tests.gateway.upstream import FakeUpstream, UpstreamThread
 from tests.processes import ADMIN_KEY, Processes, env_for, wait_until
@@ -33,22 +30,6 @@ pytestmark = pytest.mark.slow
 TEXTS = ["one", "two", "three", "four", "five"]
 # Each chat call takes this long at the upstream: long enough to kill a worker inside one.
 CALL_SECONDS = 1.0
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.stop_all()
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"---- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
-
-
-@pytest.fixture
-def clean(database_url: str, redis_url: str) -> tuple[str, str]:
-    truncate_all(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
-    return database_url, redis_url
 
 
 @pytest.fixture
