@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from app.core.errors import Unavailable
+from app.experiments.assignment import bucket
 from app.experiments.entities import Experiment, ExperimentRecord, RecordSource, TargetKind
 from app.experiments.live import RecordWriter
 from app.storage.protocol import Storage, Where
@@ -68,12 +69,19 @@ async def test_calls_are_left_alone_without_a_running_experiment_on_their_model(
 
 
 async def test_a_failing_variant_records_its_errors(gateway: Gateway) -> None:
+    salt = "a-failing-variant"
     body = experiment(
-        variants=[variant("control", 1, control=True), variant("broken", 99, model="broken")]
+        unit="user",
+        salt=salt,
+        variants=[variant("control", 1, control=True), variant("broken", 99, model="broken")],
     )
     await gateway.running(body)
+    # A user outside control's 1 % (its first 100 buckets): the assignment is not left to chance.
+    user = next(u for u in (f"user-{i}" for i in range(1000)) if bucket(salt, u) >= 100)
 
-    response = await gateway.http.post("/v1/chat/completions", json=chat(), headers=ADMIN_HEADERS)
+    response = await gateway.http.post(
+        "/v1/chat/completions", json=chat(user=user), headers=ADMIN_HEADERS
+    )
 
     assert response.status_code >= 400
     (record,) = await gateway.records()
