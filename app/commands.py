@@ -12,7 +12,11 @@ from app.access.teams import ADMIN_TEAM_ID
 from app.config import Settings
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     import httpx
+
+    from app.queue.names import OperationKind
 
 
 async def create_admin_key(settings: Settings, *, name: str) -> str:
@@ -57,6 +61,9 @@ class LocalQueue:
             asyncio.get_running_loop().call_later(delay, self._jobs.put_nowait, operation_id)
         else:
             self._jobs.put_nowait(operation_id)
+
+    async def waiting_since(self) -> dict[OperationKind, datetime]:
+        return {}  # the jobs it holds are this process's own: none is ever lost in transit
 
     async def work(self, execute: Callable[[str], Awaitable[object]], *, slots: int = 1) -> None:
         """Execute the jobs as they come, up to `slots` at once (a worker's threads: a test

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -774,8 +774,21 @@ class OperationRunner:
                 continue
 
     async def _resend_unsent(self, report: SweepReport) -> int:
+        """Send again the pending jobs whose message may be lost: those whose send failed, and
+        those sent `resend_after` ago (then twice that, and so on) that never ran.
+
+        Ago by their queue's clock: while a queue still holds a message sent before a job's, the
+        job is waiting its turn in a backlog, not lost, so a queue's clock is when the oldest
+        message it holds was sent (now, if it holds none, or the broker cannot tell). A backlog
+        is thus not sent again on every tick, which would only lengthen it.
+        """
         now = utcnow()
-        stale_before = now - timedelta(seconds=self.timings.resend_after)
+        behind = {kind: sent for kind, sent in (await self._queue_clocks()).items() if sent < now}
+        clocks: list[tuple[datetime, list[OperationKind] | None]] = [(now, None)]
+        if behind:
+            caught_up = [kind for kind in OperationKind if kind not in behind]
+            clocks = [(now, caught_up), *((sent, [kind]) for kind, sent in behind.items())]
+        due: list[Operation] = []
         async with self.storage.unit_of_work() as uow:
             repo = uow.repo(Operation)
             never = await repo.find(
@@ -785,19 +798,23 @@ class OperationRunner:
                 order_by=["created_at"],
                 limit=self.timings.sweep_batch,
             )
-            stale = await repo.find(
-                Where.eq("status", OperationStatus.PENDING),
-                Where.lt("enqueued_at", stale_before),
-                order_by=["created_at"],
-                limit=self.timings.sweep_batch,
-            )
-        due = list(never.items)
-        for operation in stale.items:
-            # Back off per job: a long backlog must not be re-sent on every tick.
-            assert operation.enqueued_at is not None
-            wait = self.timings.resend_after * 2 ** min(max(operation.send_count - 1, 0), 6)
-            if operation.enqueued_at + timedelta(seconds=wait) <= now:
-                due.append(operation)
+            due += never.items
+            for clock, kinds in clocks:
+                of_kinds = [Where.in_("kind", [k.value for k in kinds])] if kinds else []
+                stale = await repo.find(
+                    Where.eq("status", OperationStatus.PENDING),
+                    Where.lt("enqueued_at", clock - timedelta(seconds=self.timings.resend_after)),
+                    *of_kinds,
+                    order_by=["created_at"],
+                    limit=self.timings.sweep_batch,
+                )
+                for operation in stale.items:
+                    # Back off per job: a message lost again is not re-sent on every tick.
+                    assert operation.enqueued_at is not None
+                    backoff = 2 ** min(max(operation.send_count - 1, 0), 6)
+                    wait = self.timings.resend_after * backoff
+                    if operation.enqueued_at + timedelta(seconds=wait) <= clock:
+                        due.append(operation)
         resent = 0
         for operation in due:
             if operation.run_after is not None and operation.run_after > now:
@@ -818,6 +835,15 @@ class OperationRunner:
             except StaleVersion:
                 pass  # it moved on meanwhile (claimed, cancelled): the send was a harmless extra
         return resent
+
+    async def _queue_clocks(self) -> Mapping[OperationKind, datetime]:
+        """When the oldest message each queue holds was sent; none known if the broker is
+        unreachable (the sends that follow fail and wait for the next tick anyway)."""
+        try:
+            return await self.queue.waiting_since()
+        except Exception:
+            log.warning("cannot read the queues' backlog; judging sends by the clock alone")
+            return {}
 
     async def purge_finished(self) -> int:
         """Delete finished top-level jobs (and their children) older than the retention."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import current_millis, dq_name
 
 from app.config import BrokerKind, Settings
@@ -20,12 +23,29 @@ from app.queue.names import ACTORS, QUEUES, OperationKind
 # How long a send may wait on Redis before it counts as failed (the outbox sends it later).
 SEND_TIMEOUT_SECONDS = 10.0
 
+# The message at the head of each Dramatiq queue named in KEYS, or false for an empty one: the
+# oldest still waiting, as Dramatiq pushes at a queue's tail and fetches from its head.
+_HEADS = """
+local heads = {}
+for i, queue in ipairs(KEYS) do
+    local id = redis.call("lindex", queue, 0)
+    heads[i] = id and redis.call("hget", queue .. ".msgs", id) or false
+end
+return heads
+"""
+
 
 class JobQueue(Protocol):
     """Sends a job's id to the workers of its kind; raises `Unavailable` if it cannot."""
 
     async def send(self, operation_id: str, kind: OperationKind, *, delay: float = 0.0) -> None:
         """Hand the job over (after `delay` seconds); the job row must already be committed."""
+        ...
+
+    async def waiting_since(self) -> Mapping[OperationKind, datetime]:
+        """When the oldest message still waiting in each kind's queue was sent, for the queues
+        that hold any, as far as the broker can tell: how far behind its queue is, so that a
+        job waiting in a backlog is not taken for one whose message was lost."""
         ...
 
 
@@ -48,6 +68,11 @@ class DramatiqQueue:
             broker.declare_queue(queue)
         self._rounds: Rounds[_Send] = Rounds(self._hand_over)
         self._direct = RedisEnqueue(broker, direct) if direct is not None else None
+        self._heads = (
+            broker.client.register_script(_HEADS)
+            if direct is None and isinstance(broker, RedisBroker)
+            else None
+        )
 
     def _message(self, operation_id: str, kind: OperationKind) -> dramatiq.Message[Any]:
         return dramatiq.Message(
@@ -87,9 +112,30 @@ class DramatiqQueue:
         except Exception as exc:
             raise Unavailable(f"the job broker is unreachable: {type(exc).__name__}") from exc
 
+    async def waiting_since(self) -> Mapping[OperationKind, datetime]:
+        kinds = list(QUEUES)
+        heads: list[bytes | None]
+        if self._direct is not None:
+            heads = await self._direct.heads([QUEUES[kind] for kind in kinds])
+        elif self._heads is not None and isinstance(self.broker, RedisBroker):  # fakeredis
+            keys = [f"{self.broker.namespace}:{QUEUES[kind]}" for kind in kinds]
+            heads = await asyncio.to_thread(self._heads, keys)
+        elif isinstance(self.broker, StubBroker):
+            waiting = [self.broker.queues.get(QUEUES[kind]) for kind in kinds]
+            heads = [q.queue[0] if q is not None and q.queue else None for q in waiting]
+        else:
+            return {}
+        return {kind: _sent_at(head) for kind, head in zip(kinds, heads, strict=True) if head}
+
     async def aclose(self) -> None:
         if self._direct is not None:
             await self._direct.client.aclose()
+
+
+def _sent_at(encoded: bytes) -> datetime:
+    """When the Dramatiq message `encoded` was sent."""
+    millis = dramatiq.Message.decode(encoded).message_timestamp
+    return datetime.fromtimestamp(millis / 1000, UTC)
 
 
 class RedisEnqueue:
@@ -111,6 +157,13 @@ class RedisEnqueue:
         self._dispatch = client.register_script(
             source.decode() if isinstance(source, bytes) else str(source)
         )
+        self._heads = client.register_script(_HEADS)
+
+    async def heads(self, queue_names: list[str]) -> list[bytes | None]:
+        """The message at the head of each queue (the oldest waiting), None for an empty one."""
+        keys = [f"{self.broker.namespace}:{name}" for name in queue_names]
+        heads: list[bytes | None] = await self._heads(keys=keys)
+        return heads
 
     async def enqueue(
         self, queue_name: str, actor_name: str, args: tuple[Any, ...], delay_ms: int | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from dramatiq import Message, Middleware
 from dramatiq.brokers.redis import RedisBroker
 
 from app.config import Settings
+from app.core.clock import utcnow
 from app.core.errors import Unavailable
 from app.core.redis_pipe import PipelinedRedis
 from app.queue.broker import build_broker
@@ -160,3 +162,41 @@ async def test_an_unreachable_redis_fails_the_send_as_unavailable_and_a_later_on
     assert isinstance(broker, RedisBroker)
     messages = await asyncio.to_thread(received, broker, QUEUES[CHAT])
     assert [m.args for m in messages] == [("op_next",)]
+
+
+# ---- how far behind the queues are -------------------------------------------------------------
+
+
+async def test_a_queue_says_when_its_oldest_waiting_message_was_sent(
+    queue: DramatiqQueue,
+) -> None:
+    broker = queue.broker
+    assert isinstance(broker, RedisBroker)
+    assert await queue.waiting_since() == {}  # nothing waits anywhere
+    before = utcnow() - timedelta(milliseconds=1)  # message stamps are whole milliseconds
+    await queue.send("op_first", CHAT)
+    await asyncio.sleep(0.05)
+    await queue.send("op_second", CHAT)
+    after_first = utcnow()
+    waiting = await queue.waiting_since()
+    assert set(waiting) == {CHAT}  # the webhooks queue holds nothing
+    assert before <= waiting[CHAT] < after_first - timedelta(milliseconds=40)  # the first's
+    consumer = broker.consume(QUEUES[CHAT], prefetch=1, timeout=100)
+    try:
+        proxy = await asyncio.to_thread(next, consumer)  # takes the first off the queue
+        assert proxy is not None and proxy.args == ("op_first",)
+        assert before + timedelta(milliseconds=40) < (await queue.waiting_since())[CHAT]
+        consumer.ack(proxy)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize("kind", ["stub", "fakeredis"])
+async def test_the_in_process_brokers_say_how_far_behind_their_queues_are(kind: str) -> None:
+    settings = Settings(BROKER=kind)  # type: ignore[arg-type]
+    port = build_queue(settings, build_broker(settings))
+    assert await port.waiting_since() == {}
+    before = utcnow() - timedelta(milliseconds=1)
+    await port.send("op_waiting", WEBHOOK)
+    waiting = await port.waiting_since()
+    assert set(waiting) == {WEBHOOK} and before <= waiting[WEBHOOK] <= utcnow()

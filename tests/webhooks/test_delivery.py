@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -41,6 +41,9 @@ class TimedQueue:
 
     async def send(self, operation_id: str, kind: OperationKind, *, delay: float = 0.0) -> None:
         self.sent.append((asyncio.get_running_loop().time() + delay, operation_id))
+
+    async def waiting_since(self) -> dict[OperationKind, datetime]:
+        return {}
 
 
 @dataclass
