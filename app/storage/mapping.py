@@ -312,17 +312,22 @@ def construct(entity: type[E], **values: Any) -> E:
     fields = _plain_fields(entity)
     if fields is None:
         built = typing.cast(E, entity.model_construct(**values))
-    else:
-        # What `model_construct` does for a model without aliases, extras or post-init hooks,
-        # every field given, without its per-field lookups (a third of reading a row).
-        built = entity.__new__(entity)
-        _set = object.__setattr__
-        _set(built, "__dict__", {name: values[name] for name in fields})
-        _set(built, "__pydantic_fields_set__", set(fields))
-        _set(built, "__pydantic_extra__", None)
-        _set(built, "__pydantic_private__", None)
-    # Table models keep their attributes through SQLAlchemy instrumentation, which needs a state.
-    manager._new_state_if_none(built)
+        manager._new_state_if_none(built)
+        return built
+    # What `model_construct` does for a model without aliases, extras or post-init hooks,
+    # every field given, without its per-field lookups (a third of reading a row); and what
+    # SQLModel's `__new__` does, which sets the same three slots.
+    built = object.__new__(entity)
+    _set = object.__setattr__
+    _set(built, "__dict__", {name: values[name] for name in fields})
+    _set(built, "__pydantic_fields_set__", set(fields))
+    _set(built, "__pydantic_extra__", None)
+    _set(built, "__pydantic_private__", None)
+    # Table models keep their attributes through SQLAlchemy instrumentation, which needs a
+    # state. The instance is new, so it has none: `_new_state_if_none` would first look for one,
+    # and a missing attribute costs a raised AttributeError in pydantic's `__getattr__` (half
+    # of building a row).
+    manager._state_setter(built, manager._state_constructor(built, manager))
     return built
 
 
