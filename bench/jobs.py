@@ -213,6 +213,19 @@ def counts(db: psycopg.Connection[Any]) -> dict[str, int]:
     return {str(status): int(n) for status, n in rows}
 
 
+def unfinished(db: psycopg.Connection[Any]) -> tuple[int, int]:
+    """How many jobs are pending or running, and how many failed: what the end-to-end run polls
+    for every 20 ms. It reads the status index's few entries of unfinished and failed jobs, not
+    every row as `counts` does (~3 ms of the database's CPU per poll at 4,000 rows, and growing:
+    a share of the CPU the measured run shares the machine with)."""
+    row = db.execute(
+        "SELECT count(*) FILTER (WHERE status <> 'failed'), count(*) FILTER (WHERE status = "
+        "'failed') FROM operations WHERE status IN ('pending', 'running', 'failed')"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 async def submit_many(
     client: aiohttp.ClientSession, n: int
 ) -> tuple[list[str], list[float], float]:
@@ -263,7 +276,6 @@ def end_to_end(db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, Any]:
     asyncio.run(warmup())
     wait_for("warm-up jobs", lambda: counts(db).get("completed", 0) >= WARMUP_JOBS, 60, every=0.05)
 
-    target = WARMUP_JOBS + E2E_JOBS
     done_at: list[float] = []
 
     async def run() -> tuple[list[str], list[float], float, float]:
@@ -275,10 +287,10 @@ def end_to_end(db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, Any]:
     ids, latencies, first, submitted = asyncio.run(run())
 
     def all_done() -> bool:
-        now = counts(db)
-        if now.get("failed", 0):
-            raise RuntimeError(f"some jobs failed: {now}")
-        if now.get("completed", 0) >= target:
+        left, failed = unfinished(db)
+        if failed:
+            raise RuntimeError(f"some jobs failed: {counts(db)}")
+        if left == 0:
             done_at.append(time.perf_counter())
             return True
         return False
