@@ -11,6 +11,10 @@ process it starts runs in its own session and is killed on the way out.
 3. poll latency: GET /v1/operations/{id} at a fixed rate against completed jobs
 4. recovery: SIGKILL the worker process holding a running job's lease; time until another worker
    re-claims it (its heartbeat stops: target 2 s, the lease being 5 s) and until it completes
+
+Runs 1 and 2 also print the CPU a job costs, summed over every process involved (the workers,
+the API, PostgreSQL, Redis, the bench's own client), from /proc: where all cores are busy, the
+ratio of the two runs' rates is about the inverse of the ratio of these figures.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class Processes:
     def __init__(self) -> None:
         self.logs = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
@@ -93,6 +98,7 @@ class Processes:
         )
         log.close()
         self.procs.append(proc)
+        self.named[name] = proc
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
@@ -119,6 +125,72 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
+
+
+def descendants(pid: int) -> list[int]:
+    found = [pid]
+    for child in children(pid):
+        found += descendants(child)
+    return found
+
+
+def _cpu_of(pid: int) -> tuple[str, float]:
+    """A process's name and the CPU seconds it has used (user + system), from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "", 0.0
+    name, fields = (
+        text[text.index("(") + 1 : text.rindex(")")],
+        text[text.rindex(")") + 2 :].split(),
+    )
+    return name, (int(fields[11]) + int(fields[12])) / TICKS
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by each kind of process between two samples: each process tree the
+    bench started (by the name it gave it), PostgreSQL's, Redis's, and the bench's own (its
+    HTTP client, or the raw baseline's sender). On a machine whose cores are all busy, the
+    CPU a job costs in all of them is what bounds its rate."""
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """Every process of interest now: its group and its CPU seconds so far."""
+        found: dict[int, tuple[str, float]] = {os.getpid(): ("bench", _cpu_of(os.getpid())[1])}
+        for name, proc in self.procs.named.items():
+            if proc.poll() is None:
+                for pid in descendants(proc.pid):
+                    found[pid] = (name, _cpu_of(pid)[1])
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) not in found:
+                comm, seconds = _cpu_of(int(entry.name))
+                if comm in ("postgres", "redis-server"):
+                    found[int(entry.name)] = (comm.removesuffix("-server"), seconds)
+        return found
+
+    @staticmethod
+    def per_job(
+        before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], jobs: int
+    ) -> dict[str, float]:
+        """Milliseconds of CPU per job by group, most first (a process that ended between the
+        samples is left out; none of the bench's do)."""
+        used: dict[str, float] = {}
+        for pid, (group, seconds) in after.items():
+            used[group] = used.get(group, 0.0) + seconds - before.get(pid, (group, 0.0))[1]
+        ranked = sorted(used.items(), key=lambda item: -item[1])
+        return {group: seconds * 1000 / jobs for group, seconds in ranked if seconds > 0}
+
+
+def show_cpu(label: str, per_job: dict[str, float]) -> str:
+    total = sum(per_job.values())
+    parts = ", ".join(f"{group} {ms:.2f}" for group, ms in per_job.items())
+    print(f"  CPU per job, {label}: {total:.2f} ms ({parts})")
+    return f"{total:.2f} ms"
 
 
 def admin_url() -> tuple[str, str]:
@@ -162,7 +234,10 @@ def percentile_ms(values: Sequence[float], q: int) -> float:
 # ---- 1. raw Dramatiq ---------------------------------------------------------------------------
 
 
-def raw_dramatiq(procs: Processes, db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, float]:
+def raw_dramatiq(
+    procs: Processes, db: psycopg.Connection[Any], r: redis.Redis
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Jobs per second of each raw actor, and the CPU per job of the one-INSERT run."""
     # The raw actors read where to go from the environment, in this process as in theirs.
     os.environ["RAW_BENCH_REDIS_URL"], os.environ["RAW_BENCH_DSN"] = REDIS_URL, DATABASE_URL
     from bench import _raw_actors as raw
@@ -180,6 +255,8 @@ def raw_dramatiq(procs: Processes, db: psycopg.Connection[Any], r: redis.Redis) 
                 actor.send(i)
             wait_for("raw warm-up", lambda: int(r.get(raw.DONE) or 0) >= 16, 30)
             r.delete(raw.DONE)
+            meter = CpuMeter(procs)
+            before = meter.sample()
             began = time.perf_counter()
             for i in range(RAW_JOBS):
                 actor.send(i)
@@ -190,12 +267,13 @@ def raw_dramatiq(procs: Processes, db: psycopg.Connection[Any], r: redis.Redis) 
                 every=0.002,
             )
             seconds = time.perf_counter() - began
+            cpu = meter.per_job(before, meter.sample(), RAW_JOBS)
             r.delete(raw.DONE)
             results[name] = RAW_JOBS / seconds
             print(f"  raw {name:<6}: {RAW_JOBS} jobs in {seconds:.2f} s = {results[name]:,.0f}/s")
         rows = db.execute(f"SELECT count(*) FROM {raw.TABLE}").fetchone()
         print(f"  rows inserted by the insert actor: {rows[0] if rows else 0} (incl. 16 warm-up)")
-        return results
+        return results, cpu
     finally:
         procs.stop(worker)
 
@@ -263,7 +341,7 @@ def client() -> aiohttp.ClientSession:
     )
 
 
-def end_to_end(db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, Any]:
+def end_to_end(procs: Processes, db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, Any]:
     # As the raw baseline waits for its 2 processes to boot, wait for both worker processes to
     # stamp their heartbeat (they do once booted, before consuming): a process still importing
     # the app would otherwise spend the measured seconds booting, not running jobs.
@@ -277,6 +355,8 @@ def end_to_end(db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, Any]:
     wait_for("warm-up jobs", lambda: counts(db).get("completed", 0) >= WARMUP_JOBS, 60, every=0.05)
 
     done_at: list[float] = []
+    meter = CpuMeter(procs)
+    before = meter.sample()
 
     async def run() -> tuple[list[str], list[float], float, float]:
         async with client() as http:
@@ -298,6 +378,7 @@ def end_to_end(db: psycopg.Connection[Any], r: redis.Redis) -> dict[str, Any]:
     wait_for("every job to complete", all_done, 120, every=0.02)
     seconds = done_at[0] - first
     return {
+        "cpu": meter.per_job(before, meter.sample(), E2E_JOBS),
         "ids": ids,
         "submit_seconds": submitted - first,
         "submit_p50": percentile_ms(latencies, 50),
@@ -431,7 +512,8 @@ def main() -> int:
         )
         with psycopg.connect(DATABASE_URL, autocommit=True) as db:
             print("\n1. raw Dramatiq (2 processes x 8 threads)")
-            raw = raw_dramatiq(procs, db, r)
+            raw, raw_cpu = raw_dramatiq(procs, db, r)
+            raw_total = show_cpu("raw + INSERT", raw_cpu)
             summary.append(("raw dramatiq no-op", f"{raw['noop']:,.0f} jobs/s", ""))
             summary.append(("raw dramatiq + 1 INSERT", f"{raw['insert']:,.0f} jobs/s", ""))
 
@@ -451,7 +533,7 @@ def main() -> int:
                     return False
 
             wait_for("/ready", ready, 30, every=0.1)
-            e2e = end_to_end(db, r)
+            e2e = end_to_end(procs, db, r)
             ratio = e2e["rate"] / raw["insert"]
             print(
                 f"  {E2E_JOBS} jobs: submitted in {e2e['submit_seconds']:.2f} s, all completed "
@@ -462,8 +544,10 @@ def main() -> int:
                 f" (concurrency {CONCURRENCY})"
             )
             print(f"  ratio to raw + INSERT: {ratio:.0%} (target >= 50 %)")
+            e2e_total = show_cpu("end to end", e2e["cpu"])
             summary.append(("end-to-end", f"{e2e['rate']:,.0f} jobs/s", ""))
             summary.append(("end-to-end / raw+INSERT", f"{ratio:.0%}", ok(ratio >= 0.50)))
+            summary.append(("CPU per job, e2e / raw+INSERT", f"{e2e_total} / {raw_total}", ""))
             summary.append(
                 (
                     "submit latency p50 / p99",
