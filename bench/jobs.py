@@ -134,6 +134,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_of(pid: int) -> tuple[str, float]:
     """A process's name and the CPU seconds it has used (user + system), from /proc."""
     try:
@@ -145,9 +148,6 @@ def _cpu_of(pid: int) -> tuple[str, float]:
         text[text.rindex(")") + 2 :].split(),
     )
     return name, (int(fields[11]) + int(fields[12])) / TICKS
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

@@ -102,12 +102,32 @@ def answer_headers(
     return headers
 
 
-def stated_cost_micros(headers: Mapping[str, str]) -> int:
-    """A call's cost as its answer's headers state it (USD, to the micro-dollar); 0 if none."""
-    try:
-        return int(Decimal(headers.get(COST_HEADER, "0")) * 1_000_000)
-    except InvalidOperation:
-        return 0
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """What calls used as their answers state it: tokens from the body's `usage`, cost from the
+    cost header (USD, to the micro-dollar). Adds up over several calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micros: int = 0
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any], headers: Mapping[str, str]) -> Spent:
+        usage = body.get("usage") or {}
+        try:
+            cost = int(Decimal(headers.get(COST_HEADER, "0")) * 1_000_000)
+        except InvalidOperation:
+            cost = 0
+        return cls(
+            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), cost
+        )
+
+    def __add__(self, other: Spent) -> Spent:
+        return Spent(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cost_micros + other.cost_micros,
+        )
 
 
 class CallSource(StrEnum):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import orjson
@@ -20,7 +20,7 @@ from app.gateway.calls import (
     Caller,
     Completion,
     GatewayCalls,
-    stated_cost_micros,
+    Spent,
 )
 from app.gateway.schemas import ChatCompletionRequest
 from app.knowledge.schemas import GradeVerdict
@@ -82,9 +82,7 @@ class Grading:
     graded: list[Graded]
     kept: list[Graded]
     # What the judge's calls used, all together.
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_micros: int = 0
+    spent: Spent = field(default_factory=Spent)
 
 
 def read_score(answer: str) -> float | None:
@@ -150,7 +148,6 @@ async def grade(
 
     answers = await asyncio.gather(*(judged(c) for c in chunks[:max_chunks]))
     graded = [g for g, _ in answers]
-    usages = [c.body.get("usage") or {} for _, c in answers]
     verdicts = {g.verdict for g in graded}
     if GradeVerdict.CORRECT in verdicts:
         verdict = GradeVerdict.CORRECT
@@ -160,11 +157,5 @@ async def grade(
         verdict = GradeVerdict.INCORRECT
     wanted = {GradeVerdict.CORRECT} | ({GradeVerdict.AMBIGUOUS} if include_ambiguous else set())
     kept = sorted((g for g in graded if g.verdict in wanted), key=lambda g: -(g.score or 0.0))
-    return Grading(
-        verdict,
-        graded,
-        kept,
-        prompt_tokens=sum(int(u.get("prompt_tokens") or 0) for u in usages),
-        completion_tokens=sum(int(u.get("completion_tokens") or 0) for u in usages),
-        cost_micros=sum(stated_cost_micros(c.headers) for _, c in answers),
-    )
+    spent = sum((Spent.of(c.body, c.headers) for _, c in answers), Spent())
+    return Grading(verdict, graded, kept, spent)

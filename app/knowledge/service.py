@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.access.permissions import Resource
@@ -36,7 +36,7 @@ from app.gateway.calls import (
     CallSource,
     Embedded,
     GatewayCalls,
-    stated_cost_micros,
+    Spent,
 )
 from app.gateway.schemas import EmbeddingRequest
 from app.knowledge.chunking import Chunking, Piece, chunk
@@ -134,8 +134,7 @@ class Searched:
     """A search's results and what its query's embedding used (nothing for a keyword search)."""
 
     results: SearchResults
-    prompt_tokens: int = 0
-    cost_micros: int = 0
+    spent: Spent = field(default_factory=Spent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -810,12 +809,7 @@ class KnowledgeService:
         )
         if embedded is None:
             return Searched(results)
-        usage = embedded.body.get("usage") or {}
-        return Searched(
-            results,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            cost_micros=stated_cost_micros(embedded.headers),
-        )
+        return Searched(results, Spent.of(embedded.body, embedded.headers))
 
     async def grade(
         self,

@@ -5,11 +5,11 @@ and it answers in the plain documents those steps pass on."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import NotFound
-from app.gateway.calls import CallContext, Caller
+from app.gateway.calls import CallContext, Caller, Spent
 from app.knowledge.grading import LOWER, Thresholds
 from app.knowledge.schemas import SearchHit, SearchRequest
 from app.knowledge.service import KnowledgeService
@@ -28,9 +28,7 @@ class Found:
     """A step's search: the documents, and what embedding the query used."""
 
     documents: list[dict[str, Any]]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_micros: int = 0
+    spent: Spent = field(default_factory=Spent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +36,7 @@ class Grades:
     """A step's grading: what the step outputs, and what the judge's calls used."""
 
     output: dict[str, Any]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_micros: int = 0
+    spent: Spent = field(default_factory=Spent)
 
 
 def _document(hit: SearchHit) -> dict[str, Any]:
@@ -85,11 +81,7 @@ class KnowledgeSteps:
             filter=dict(filter) if filter is not None else None,
         )
         found = await self._knowledge.search_using(caller, kb_id, request, context=context)
-        return Found(
-            [_document(hit) for hit in found.results.data],
-            prompt_tokens=found.prompt_tokens,
-            cost_micros=found.cost_micros,
-        )
+        return Found([_document(hit) for hit in found.results.data], found.spent)
 
     async def grade(
         self,
@@ -128,9 +120,4 @@ class KnowledgeSteps:
             "relevant_count": len(relevant),
             "threshold": upper,
         }
-        return Grades(
-            output,
-            prompt_tokens=grading.prompt_tokens,
-            completion_tokens=grading.completion_tokens,
-            cost_micros=grading.cost_micros,
-        )
+        return Grades(output, grading.spent)

@@ -68,11 +68,8 @@ class DramatiqQueue:
             broker.declare_queue(queue)
         self._rounds: Rounds[_Send] = Rounds(self._hand_over)
         self._direct = RedisEnqueue(broker, direct) if direct is not None else None
-        self._heads = (
-            broker.client.register_script(_HEADS)
-            if direct is None and isinstance(broker, RedisBroker)
-            else None
-        )
+        if direct is None and isinstance(broker, RedisBroker):
+            self._heads = broker.client.register_script(_HEADS)
 
     def _message(self, operation_id: str, kind: OperationKind) -> dramatiq.Message[Any]:
         return dramatiq.Message(
@@ -115,11 +112,12 @@ class DramatiqQueue:
     async def waiting_since(self) -> Mapping[OperationKind, datetime]:
         kinds = list(QUEUES)
         heads: list[bytes | None]
-        if self._direct is not None:
-            heads = await self._direct.heads([QUEUES[kind] for kind in kinds])
-        elif self._heads is not None and isinstance(self.broker, RedisBroker):  # fakeredis
+        if isinstance(self.broker, RedisBroker):
             keys = [f"{self.broker.namespace}:{QUEUES[kind]}" for kind in kinds]
-            heads = await asyncio.to_thread(self._heads, keys)
+            if self._direct is not None:
+                heads = await self._direct.heads(keys)
+            else:  # fakeredis: through the broker's own client, on a thread
+                heads = await asyncio.to_thread(self._heads, keys)
         elif isinstance(self.broker, StubBroker):
             waiting = [self.broker.queues.get(QUEUES[kind]) for kind in kinds]
             heads = [q.queue[0] if q is not None and q.queue else None for q in waiting]
@@ -159,9 +157,9 @@ class RedisEnqueue:
         )
         self._heads = client.register_script(_HEADS)
 
-    async def heads(self, queue_names: list[str]) -> list[bytes | None]:
-        """The message at the head of each queue (the oldest waiting), None for an empty one."""
-        keys = [f"{self.broker.namespace}:{name}" for name in queue_names]
+    async def heads(self, keys: list[str]) -> list[bytes | None]:
+        """The message at the head of each queue (the oldest waiting), None for an empty one;
+        `keys` are the queues' keys (the broker's namespace, a colon, the queue's name)."""
         heads: list[bytes | None] = await self._heads(keys=keys)
         return heads
 

@@ -6,35 +6,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from app.gateway.calls import CallContext, Caller
+from app.gateway.calls import CallContext, Caller, Spent
 
 
-class Used(Protocol):
-    """What a step's calls used, all together: what its step record shows."""
-
-    @property
-    def prompt_tokens(self) -> int: ...
-
-    @property
-    def completion_tokens(self) -> int: ...
-
-    @property
-    def cost_micros(self) -> int: ...
-
-
-class Found(Used, Protocol):
-    """The chunks nearest to a query: each `{id, content, score, source?, metadata?}`."""
+class Found(Protocol):
+    """The chunks nearest to a query: each `{id, content, score, source?, metadata?}`; and
+    what embedding the query used (what the step's record shows)."""
 
     @property
     def documents(self) -> list[dict[str, Any]]: ...
 
+    @property
+    def spent(self) -> Spent: ...
 
-class Grades(Used, Protocol):
+
+class Grades(Protocol):
     """Chunks graded by a judge model: at least `{documents: [the relevant ones], scores:
-    {id: score}}`."""
+    {id: score}}`; and what the judge's calls used."""
 
     @property
     def output(self) -> dict[str, Any]: ...
+
+    @property
+    def spent(self) -> Spent: ...
 
 
 class KnowledgeSearch(Protocol):

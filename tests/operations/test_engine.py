@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -108,20 +108,28 @@ async def test_a_send_lost_after_commit_is_resent_once_stale(
     assert queue.ids() == [operation.id]
 
 
-async def test_a_job_waiting_in_a_backlog_is_not_resent_until_its_queue_moves_past_it(
+async def unsent(
     service: OperationService, queue: RecordingQueue, storage: Storage
-) -> None:
+) -> tuple[Operation, datetime]:
+    """A job submitted whose message is then lost, and when it was enqueued."""
     operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
     queue.sent.clear()
     stored = await load(storage, operation.id)
     assert stored.enqueued_at is not None
+    return operation, stored.enqueued_at
+
+
+async def test_a_job_waiting_in_a_backlog_is_not_resent_until_its_queue_moves_past_it(
+    service: OperationService, queue: RecordingQueue, storage: Storage
+) -> None:
+    operation, enqueued_at = await unsent(service, queue, storage)
     runner = runner_with(storage, queue, echo)
     await asyncio.sleep(FAST.resend_after + 0.05)  # stale by the wall clock
     # Its queue still holds a message sent before it: it waits its turn, it is not lost.
-    queue.waiting = {CHAT: stored.enqueued_at - timedelta(seconds=1)}
+    queue.waiting = {CHAT: enqueued_at - timedelta(seconds=1)}
     assert (await runner.sweep()).resent == 0
     # Another kind's backlog says nothing about this one.
-    queue.waiting = {OperationKind.WEBHOOK_DELIVERY: stored.enqueued_at - timedelta(seconds=1)}
+    queue.waiting = {OperationKind.WEBHOOK_DELIVERY: enqueued_at - timedelta(seconds=1)}
     assert (await runner.sweep()).resent == 1
     assert queue.ids() == [operation.id]
 
@@ -129,16 +137,13 @@ async def test_a_job_waiting_in_a_backlog_is_not_resent_until_its_queue_moves_pa
 async def test_a_lost_send_is_resent_once_its_queue_has_moved_past_it(
     service: OperationService, queue: RecordingQueue, storage: Storage
 ) -> None:
-    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
-    queue.sent.clear()  # as if the message vanished
-    stored = await load(storage, operation.id)
-    assert stored.enqueued_at is not None
+    operation, enqueued_at = await unsent(service, queue, storage)
     runner = runner_with(storage, queue, echo)
     await asyncio.sleep(FAST.resend_after * 2 + 0.05)
     # The oldest message still queued was sent after it, but not resend_after after it yet.
-    queue.waiting = {CHAT: stored.enqueued_at + timedelta(seconds=FAST.resend_after / 2)}
+    queue.waiting = {CHAT: enqueued_at + timedelta(seconds=FAST.resend_after / 2)}
     assert (await runner.sweep()).resent == 0
-    queue.waiting = {CHAT: stored.enqueued_at + timedelta(seconds=FAST.resend_after * 1.5)}
+    queue.waiting = {CHAT: enqueued_at + timedelta(seconds=FAST.resend_after * 1.5)}
     assert (await runner.sweep()).resent == 1
     assert queue.ids() == [operation.id]
 
@@ -146,8 +151,7 @@ async def test_a_lost_send_is_resent_once_its_queue_has_moved_past_it(
 async def test_stale_sends_are_judged_by_the_clock_when_the_broker_cannot_say(
     service: OperationService, queue: RecordingQueue, storage: Storage
 ) -> None:
-    operation, _ = await service.submit(kind=CHAT, input={}, owner=ALICE)
-    queue.sent.clear()
+    operation, _ = await unsent(service, queue, storage)
     runner = runner_with(storage, queue, echo)
     await asyncio.sleep(FAST.resend_after + 0.05)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.core.errors import Unavailable
 from app.core.outbound import OutboundClient
 from app.credentials.service import CredentialService
-from app.gateway.calls import CallContext, Caller, GatewayCalls
+from app.gateway.calls import CallContext, Caller, GatewayCalls, Spent
 from app.storage.protocol import Storage
 from app.workflows.definition import Step
 from app.workflows.knowledge import KnowledgeSearch
@@ -36,9 +36,7 @@ class StepResult:
 
     output: Any
     input: Any = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_micros: int = 0
+    spent: Spent = field(default_factory=Spent)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.core.errors import InvalidInput
-from app.gateway.calls import stated_cost_micros
+from app.gateway.calls import Spent
 from app.gateway.schemas import ChatCompletionRequest
 from app.workflows.definition import ChatCompletionStep
 from app.workflows.references import as_text
@@ -80,7 +80,5 @@ async def execute(step: ChatCompletionStep, env: StepEnv) -> StepResult:
     return StepResult(
         output=output,
         input=body,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        cost_micros=stated_cost_micros(completion.headers),
+        spent=Spent.of(answer, completion.headers),
     )

@@ -27,7 +27,5 @@ async def execute(step: CragScoringStep, env: StepEnv) -> StepResult:
     return StepResult(
         output=graded.output,
         input={"query": query, "documents": len(documents)},
-        prompt_tokens=graded.prompt_tokens,
-        completion_tokens=graded.completion_tokens,
-        cost_micros=graded.cost_micros,
+        spent=graded.spent,
     )

@@ -46,7 +46,5 @@ async def execute(step: KnowledgeBaseSearchStep, env: StepEnv) -> StepResult:
     return StepResult(
         output=output,
         input={"query": query, "top_k": step.top_k},
-        prompt_tokens=found.prompt_tokens,
-        completion_tokens=found.completion_tokens,
-        cost_micros=found.cost_micros,
+        spent=found.spent,
     )
